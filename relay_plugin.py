@@ -811,9 +811,9 @@ class RelayHandler(CustomLogger):
         key = json.dumps(block, sort_keys=True, default=str)
         if key not in self._model_plans:
             try:
-                self._model_plans[key] = self.config.plan.overridden(block, lambda k: f"model_info.relay.{k} of {model}")
+                self._model_plans[key] = self.config.plan.overridden(block, lambda k: f"model_info.relay.{k}")
             except ConfigError as exc:
-                log.error("relay: %s; the relay is skipped for this model", exc)
+                log.error("relay: model %s: %s; the relay is skipped for this model", model, exc)
                 self._model_plans[key] = exc
         return self._model_plans[key]
 

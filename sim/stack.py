@@ -1,0 +1,203 @@
+"""Start and stop the local stack: the simulated providers and a LiteLLM proxy with the relay plugin.
+
+Used by ``make run`` (``python -m sim.stack run``), by the pytest fixtures and by the load tests, so
+the three bring servers up the same way: on loopback, on free ports, and stopped afterwards.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = ROOT / "relay_plugin.py"
+DEV_MASTER_KEY = "sk-relay-dev-master-key"
+LITELLM = Path(sys.executable).parent / "litellm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log_path: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early, with the log's tail, if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:g}s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a process started by this module (its whole process group)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass
+class Simulator:
+    proc: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def start_simulator(log_path: Path, port: int = 0, *args: str) -> Simulator:
+    """Run ``python -m sim.providers`` and wait for its ``SIM_READY <url>`` line."""
+    port = port or free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sim.providers", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/_sim/health", proc, timeout=30, log_path=log_path)
+    return Simulator(proc, url, log_path)
+
+
+def simulated_provider_env(sim_url: str) -> dict[str, str]:
+    """Provider settings that point every entry of proxy_config.yaml at the simulator."""
+    return {
+        "OLLAMA_API_BASE": sim_url,
+        "OPENAI_API_BASE": sim_url + "/v1",
+        "OPENAI_API_KEY": "sk-sim-not-a-real-key",
+        "ANTHROPIC_API_BASE": sim_url,
+        "ANTHROPIC_API_KEY": "sk-ant-sim-not-a-real-key",
+    }
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen
+    url: str
+    master_key: str
+    log_path: Path
+    workdir: Path
+    env: dict = field(default_factory=dict)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def proxy_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY=DEV_MASTER_KEY, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdir: Path | None = None,
+                log_dir: Path | None = None, timeout: float = 90) -> Proxy:
+    """Run ``litellm --config`` with ``env`` (on top of a clean environment) and wait until it is live.
+
+    With ``workdir`` the config and relay_plugin.py are copied there first, so the plugin is loaded
+    from the config's directory exactly as an operator's drop-in is.
+    """
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PLUGIN, workdir / PLUGIN.name)
+        if config_path.parent != workdir:
+            shutil.copy(config_path, workdir / config_path.name)
+        config_path = workdir / config_path.name
+    port = port or free_port()
+    full_env = proxy_env(env)
+    log_path = (log_dir or config_path.parent) / f"proxy-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health/liveliness", proc, timeout=timeout, log_path=log_path)
+    except Exception:
+        stop(proc)
+        raise
+    return Proxy(proc, url, full_env["LITELLM_MASTER_KEY"], log_path, config_path.parent, full_env)
+
+
+def run() -> None:
+    """``make run``: the whole thing locally on simulated models, until Ctrl-C."""
+    state = ROOT / ".run"
+    state.mkdir(exist_ok=True)
+    sim = start_simulator(state / "simulator.log", int(os.environ.get("SIM_PORT", "0")))
+    env = {k: v for k, v in simulated_provider_env(sim.url).items() if not os.environ.get(k)}
+    if os.environ.get("OPENAI_API_KEY") and not os.environ.get("OPENAI_API_BASE"):
+        env["OPENAI_API_BASE"] = "https://api.openai.com/v1"
+    if os.environ.get("ANTHROPIC_API_KEY") and not os.environ.get("ANTHROPIC_API_BASE"):
+        env["ANTHROPIC_API_BASE"] = "https://api.anthropic.com"
+    relay_defaults = {
+        "RELAY_MODE": "refine",
+        "RELAY_SECONDARY_MODEL": "gpt-4o-mini",
+        "RELAY_APPLY_TO": "local-*,mock-*",
+        "RELAY_ESCALATE_MODEL": "claude-haiku",
+        "RELAY_CONSENSUS_MODELS": "gpt-4o-mini,claude-haiku",
+        "RELAY_LOG_LEVEL": "info",
+    }
+    env.update({k: os.environ.get(k, v) for k, v in relay_defaults.items()})
+    env.update({k: v for k, v in os.environ.items() if k.startswith("RELAY_")})
+    env["LITELLM_MASTER_KEY"] = os.environ.get("LITELLM_MASTER_KEY", DEV_MASTER_KEY)
+    port = int(os.environ.get("PORT", "4000"))
+    print(f"starting the LiteLLM proxy with the relay on 127.0.0.1:{port} (simulated providers at {sim.url}) ...", flush=True)
+    try:
+        proxy = start_proxy(ROOT / "proxy_config.yaml", env, port=port, log_dir=state)
+    except Exception:
+        sim.stop()
+        raise
+    key = proxy.master_key
+    print(f"""
+relay is running.
+  URL          {proxy.url}
+  master key   {key}
+  proxy log    {proxy.log_path}
+  mode         {env['RELAY_MODE']} (secondary {env['RELAY_SECONDARY_MODEL']}; set RELAY_* to change)
+
+try it:
+  curl -si {proxy.url}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
+    -d '{{"model": "local-llama", "messages": [{{"role": "user", "content": "Why is the sky blue?"}}]}}' | grep -i '^x-relay'
+
+Ctrl-C stops the proxy and the simulator.""", flush=True)
+    try:
+        proxy.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
+        sim.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["run"]:
+        run()
+    else:
+        sys.exit("usage: python -m sim.stack run")

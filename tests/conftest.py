@@ -1,0 +1,158 @@
+"""Shared fixtures. Environment first: relay_plugin reads RELAY_* once, at import."""
+
+import os
+
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+for _name in [n for n in os.environ if n.startswith("RELAY_")]:
+    del os.environ[_name]
+# A valid configuration for importing the module in-process; unit tests build their own RelayConfig.
+os.environ["RELAY_SECONDARY_MODEL"] = "openai/unit-test-secondary"
+
+import json
+import uuid
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+import yaml
+
+from sim import stack
+
+#: A key-shaped fake secret given to the secondary entries; it must never show up in a log or header.
+FAKE_PROVIDER_KEY = "sk-relaytest-FAKEKEY-0123456789abcdefABCDEF"
+
+
+class SimControl:
+    """The running simulator, as tests see it: what it received, and its knobs."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    def requests(self, token: str | None = None, path: str | None = None) -> list[dict]:
+        """Recorded requests, optionally only those whose body mentions ``token``."""
+        params = {"path": path} if path else {}
+        records = self.http.get("/_sim/requests", params=params).json()
+        records = records["requests"] if isinstance(records, dict) else records
+        return [r for r in records if token is None or token in json.dumps(r.get("body"))]
+
+    def configure(self, **knobs) -> dict:
+        response = self.http.post("/_sim/config", json=knobs)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict:
+        return self.http.get("/_sim/stats").json()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("relay")
+
+
+@pytest.fixture(scope="session")
+def sim_server(workdir):
+    server = stack.start_simulator(workdir / "simulator.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sim(sim_server) -> SimControl:
+    return SimControl(sim_server.url)
+
+
+@pytest.fixture
+def token() -> str:
+    """A unique word to put in a prompt, so a test finds its own requests in the simulator."""
+    return "tok" + uuid.uuid4().hex[:12]
+
+
+def model_entry(name: str, model: str, api_base: str, relay: dict | None = None, **params) -> dict:
+    entry = {"model_name": name, "litellm_params": {"model": model, "api_base": api_base, **params}}
+    if relay is not None:
+        entry["model_info"] = {"relay": relay}
+    return entry
+
+
+def write_config(directory: Path, model_list: list[dict]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_list": model_list,
+        "litellm_settings": {"callbacks": "relay_plugin.proxy_handler_instance", "drop_params": True},
+        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+    }, sort_keys=False))
+    return path
+
+
+def relay_test_models(sim_url: str) -> list[dict]:
+    """The models every test proxy serves: primaries on the simulated Ollama, secondaries on the
+    simulated OpenAI and Anthropic APIs, and one primary per mode through a ``relay:`` block."""
+    ollama = lambda name, relay=None: model_entry(name, "ollama_chat/llama3", sim_url, relay)  # noqa: E731
+    return [
+        ollama("llama"),
+        ollama("llama-guard", {"mode": "guard"}),
+        ollama("llama-guard-error", {"mode": "guard", "guard_action": "error"}),
+        ollama("llama-annotate", {"mode": "annotate"}),
+        ollama("llama-append", {"mode": "annotate", "annotate_target": "append"}),
+        ollama("llama-escalate", {"mode": "escalate"}),
+        ollama("llama-consensus", {"mode": "consensus"}),
+        ollama("llama-shadow", {"mode": "shadow"}),
+        ollama("llama-closed", {"mode": "refine", "fail_mode": "closed"}),
+        ollama("llama-guard-closed", {"mode": "guard", "fail_mode": "closed"}),
+        ollama("llama-bad", {"mode": "telepathy"}),
+        model_entry("llama-generate", "ollama/llama3", sim_url),
+        model_entry("openai-primary", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
+        model_entry("unrelayed", "ollama_chat/llama3", sim_url),
+        model_entry("sec", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
+        model_entry("sec-claude", "anthropic/claude-3-5-haiku-20241022", sim_url, api_key=FAKE_PROVIDER_KEY),
+        model_entry("premium", "openai/gpt-4o", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
+    ]
+
+
+BASE_RELAY_ENV = {
+    "RELAY_SECONDARY_MODEL": "sec",
+    "RELAY_ESCALATE_MODEL": "premium",
+    "RELAY_CONSENSUS_MODELS": "sec,sec-claude",
+    "RELAY_APPLY_TO": "llama*,openai-primary",
+    "RELAY_LOG_LEVEL": "info",
+    "RELAY_TIMEOUT_S": "5",
+    "RELAY_DEADLINE_S": "10",
+}
+
+
+class ProxyHandle:
+    """A running proxy plus ready-made clients for it."""
+
+    def __init__(self, proxy: stack.Proxy):
+        self.proxy = proxy
+        self.url = proxy.url
+        self.key = proxy.master_key
+        self.openai = openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.master_key, max_retries=0, timeout=60)
+        self.anthropic = anthropic.Anthropic(base_url=proxy.url, api_key=proxy.master_key, max_retries=0, timeout=60)
+
+    def chat(self, model: str, content: str, **kwargs):
+        """A chat completion; returns the raw response (``.headers``, ``.parse()``)."""
+        return self.openai.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": content}], **kwargs)
+
+    def log(self) -> str:
+        return self.proxy.log_text()
+
+
+def start_test_proxy(workdir: Path, name: str, sim_url: str, env: dict, model_list=None, port: int = 0) -> ProxyHandle:
+    directory = workdir / name
+    config = write_config(directory, model_list or relay_test_models(sim_url))
+    proxy = stack.start_proxy(config, env, port=port, workdir=directory)
+    return ProxyHandle(proxy)
+
+
+@pytest.fixture(scope="session")
+def proxy(workdir, sim) -> ProxyHandle:
+    """The main test proxy: every mode by model, client overrides `opt_in`, secondaries via the router."""
+    handle = start_test_proxy(workdir, "main", sim.url, {**BASE_RELAY_ENV, "RELAY_CLIENT_OVERRIDE": "opt_in"})
+    yield handle
+    handle.proxy.stop()
