@@ -303,7 +303,7 @@ class RelayConfig:
         values = {}
         for var in VARIABLES:
             raw = env.get("RELAY_" + var.name)
-            if raw is None or (raw.strip() == "" and var.default is None):
+            if raw is None or not raw.strip():  # set but empty counts as unset
                 values[var.name.lower()] = var.default
             else:
                 values[var.name.lower()] = _parse_value(var, raw, "RELAY_" + var.name)
