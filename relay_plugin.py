@@ -41,6 +41,7 @@ Dependencies: the standard library and litellm. Nothing else is imported.
 
 import asyncio
 import contextvars
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ import re
 import secrets
 import sys
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, fields, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable, Final, Mapping
@@ -94,12 +95,15 @@ class ConfigError(RelayError):
 class SecondaryError(RelayError):
     """A secondary call did not give a usable answer. ``reason`` goes into ``failed:<reason>``."""
 
-    def __init__(self, reason: str, detail: str = "", *, retryable: bool = False, retry_after: float | None = None):
+    def __init__(self, reason: str, detail: str = "", *, retryable: bool = False, retry_after: float | None = None,
+                 skipped: bool = False):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.retryable = retryable
         self.retry_after = retry_after
+        #: refused before reaching the provider (breaker open, budget, unpriced): ``skipped:<reason>``
+        self.skipped = skipped
 
 
 # =================================================================================================
@@ -210,7 +214,23 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("SECONDARY_MAX_TOKENS", _number(int, 1), 1024, "Explicit output limit of every secondary call."),
     _Var("TIMEOUT_S", _number(float, 0, low_open=True), 20.0, "Bound of each secondary call, in seconds."),
     _Var("DEADLINE_S", _number(float, 0, low_open=True), 45.0, "Bound of all relay work for one request (fan-out and escalation included), in seconds."),
-    _Var("FAIL_MODE", _choice("open", "closed"), "open", "`open`: a failed relay returns the primary answer unchanged. `closed`: guard blocks what it could not judge; other modes answer 503.", plan=True),
+    _Var("FAIL_MODE", _choice("open", "closed"), "open", "`open`: a failed or skipped relay returns the primary answer unchanged. `closed`: guard blocks what it could not judge; other modes answer 503 naming the reason.", plan=True),
+    _Var("RETRIES", _number(int, 0, 10), 1, "Retries of a secondary call after a retryable error (429, 5xx, connection, timeout), with full-jitter exponential backoff, honouring `Retry-After`, never past the deadline."),
+    _Var("RETRY_BASE_S", _number(float, 0, low_open=True), 0.25, "First backoff step of the retries, in seconds (doubles each retry)."),
+    _Var("RETRY_MAX_S", _number(float, 0, low_open=True), 4.0, "Longest single backoff, in seconds."),
+    _Var("BREAKER_FAILURE_RATE", _number(float, 0, 1, low_open=True), 0.5, "Failure rate (failures, timeouts and slow calls) over the window that opens a secondary model's circuit breaker."),
+    _Var("BREAKER_WINDOW", _number(int, 1), 20, "Number of most recent calls the failure rate is computed over."),
+    _Var("BREAKER_MIN_CALLS", _number(int, 1), 10, "Calls the window must hold before the breaker may open."),
+    _Var("BREAKER_SLOW_S", _number(float, 0, low_open=True), 10.0, "A successful call slower than this counts as a failure for the breaker."),
+    _Var("BREAKER_COOLDOWN_S", _number(float, 0, low_open=True), 30.0, "How long an open breaker stays open before it lets probes through."),
+    _Var("BREAKER_PROBES", _number(int, 1), 1, "Concurrent probe calls admitted when half-open; that many successes close it, one failure reopens it."),
+    _Var("BUDGET_USD", _number(float, 0), None, "Cap on all secondary spend per budget window, in USD (unset: no cap)."),
+    _Var("BUDGET_USD_PER_KEY", _number(float, 0), None, "Cap on the secondary spend caused by each caller API key per window, in USD (unset: no cap)."),
+    _Var("MAX_CALLS", _number(int, 0), None, "Cap on the number of secondary calls per window (unset: no cap)."),
+    _Var("BUDGET_WINDOW_S", _number(float, 0, low_open=True), 86400.0, "Length of the budget window, in seconds (fixed windows aligned to the epoch)."),
+    _Var("ALLOW_UNPRICED", _parse_bool, False, "With a USD cap set, allow secondaries whose price is unknown (they reserve and settle 0). Otherwise they are `skipped:unpriced`."),
+    _Var("CACHE_TTL_S", _number(float, 0), 0.0, "Reuse an identical secondary result (same model, instructions, conversation and answer) for this long; 0 turns the cache off."),
+    _Var("CACHE_MAX_ENTRIES", _number(int, 1), 2048, "Bound on the number of cached secondary results."),
     _Var("GUARD_POLICY", _text, DEFAULT_GUARD_POLICY, "Policy the guard judges against.", plan=True),
     _Var("GUARD_MESSAGE", _text, DEFAULT_GUARD_MESSAGE, "Refusal text that replaces a blocked answer.", plan=True),
     _Var("GUARD_ACTION", _choice("replace", "error"), "replace", "`replace`: refusal with `finish_reason: content_filter`; `error`: HTTP 400 naming the reason.", plan=True),
@@ -267,7 +287,8 @@ class Plan:
             if var is None or not var.plan:
                 allowed = ", ".join(sorted(v.name.lower() for v in VARIABLES if v.plan))
                 raise ConfigError(f"{where(str(key))} is not a relay setting: allowed: {allowed}")
-            changes[var.name.lower()] = _parse_value(var, raw, where(var.name.lower()))
+            if raw is not None:  # null (YAML `key:` or JSON null) leaves the setting as it is
+                changes[var.name.lower()] = _parse_value(var, raw, where(var.name.lower()))
         plan = replace(self, **changes)
         plan.check(where)
         return plan
@@ -297,6 +318,27 @@ class RelayConfig:
     deadline_s: float
     shadow_max_in_flight: int
     log_level: str
+    retries: int
+    retry_base_s: float
+    retry_max_s: float
+    breaker_failure_rate: float
+    breaker_window: int
+    breaker_min_calls: int
+    breaker_slow_s: float
+    breaker_cooldown_s: float
+    breaker_probes: int
+    budget_usd: float | None
+    budget_usd_per_key: float | None
+    max_calls: int | None
+    budget_window_s: float
+    allow_unpriced: bool
+    cache_ttl_s: float
+    cache_max_entries: int
+
+    @property
+    def budgeted(self) -> bool:
+        """True when any cap is set: every secondary call then reserves before it runs."""
+        return self.budget_usd is not None or self.budget_usd_per_key is not None or self.max_calls is not None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "RelayConfig":
@@ -364,7 +406,9 @@ def _clip(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     marker = f"\n[... {len(text) - limit} characters cut ...]\n"
-    keep = max(limit - len(marker), 0)
+    if limit < len(marker) + 16:  # no room for the marker: a plain cut
+        return text[:limit]
+    keep = limit - len(marker)
     return text[: keep // 2] + marker + text[len(text) - (keep - keep // 2):]
 
 
@@ -634,6 +678,219 @@ def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[s
 
 
 # =================================================================================================
+# Resilience: circuit breaker, budget and cache, behind one small store interface
+# =================================================================================================
+
+STATE_CLOSED: Final = "closed"
+STATE_OPEN: Final = "open"
+STATE_HALF_OPEN: Final = "half_open"
+#: failure reasons that say the secondary is unhealthy; the others (a rejected request, a bad verdict)
+#: are the caller's or the prompt's problem and do not count against the model
+BREAKER_FAILURES: Final = frozenset({"timeout", "rate_limited", "connection", "provider_error", "empty_response"})
+
+
+class Breaker:
+    """A circuit breaker for one secondary model: closed, open, half-open.
+
+    Opens when the failure rate over the last ``window`` calls reaches ``failure_rate`` once at least
+    ``min_calls`` were seen (slow calls count as failures); stays open ``cooldown_s``; then admits
+    exactly ``probes`` concurrent probes: that many successes close it, one failure reopens it. Time
+    is passed in (``now``, monotonic seconds), so tests move a fake clock instead of sleeping.
+    """
+
+    __slots__ = ("failure_rate", "min_calls", "cooldown_s", "probes", "state", "results", "opened_at",
+                 "probes_in_flight", "probe_successes", "opened_count")
+
+    def __init__(self, *, failure_rate: float, window: int, min_calls: int, cooldown_s: float, probes: int):
+        self.failure_rate, self.min_calls, self.cooldown_s, self.probes = failure_rate, min_calls, cooldown_s, probes
+        self.state = STATE_CLOSED
+        self.results: deque[bool] = deque(maxlen=window)  #: True for each failed call, newest last
+        self.opened_at = 0.0
+        self.probes_in_flight = 0
+        self.probe_successes = 0
+        self.opened_count = 0  #: transitions to open, ever
+
+    def __repr__(self) -> str:
+        return (f"<Breaker {self.state} failures={sum(self.results)}/{len(self.results)} "
+                f"probes={self.probes_in_flight}/{self.probes} opened={self.opened_count}>")
+
+    def current_state(self, now: float) -> str:
+        if self.state == STATE_OPEN and now - self.opened_at >= self.cooldown_s:
+            self.half_open()
+        return self.state
+
+    def allows(self, now: float) -> bool:
+        """The cheap "may I?" check: would :meth:`acquire` give a permit now?"""
+        state = self.current_state(now)
+        return state == STATE_CLOSED or (state == STATE_HALF_OPEN and self.probes_in_flight < self.probes)
+
+    def acquire(self, now: float) -> str | None:
+        """A permit (``"call"`` or ``"probe"``) or None when the call must not be made."""
+        state = self.current_state(now)
+        if state == STATE_CLOSED:
+            return "call"
+        if state == STATE_HALF_OPEN and self.probes_in_flight < self.probes:
+            self.probes_in_flight += 1
+            return "probe"
+        return None
+
+    def record(self, permit: str, failed: bool, now: float) -> None:
+        """The outcome of a call made under ``permit``."""
+        if permit == "probe":
+            self.probes_in_flight -= 1
+            if self.state != STATE_HALF_OPEN:
+                return
+            if failed:
+                self.open(now)
+            else:
+                self.probe_successes += 1
+                if self.probe_successes >= self.probes:
+                    self.close()
+            return
+        if self.state != STATE_CLOSED:  # a call admitted before the breaker opened
+            return
+        self.results.append(failed)
+        if len(self.results) >= self.min_calls and sum(self.results) >= self.failure_rate * len(self.results):
+            self.open(now)
+
+    def release(self, permit: str) -> None:
+        """Give a permit back without an outcome (the call was cancelled or never made)."""
+        if permit == "probe":
+            self.probes_in_flight -= 1
+
+    def open(self, now: float) -> None:
+        self.state, self.opened_at = STATE_OPEN, now
+        self.results.clear()
+        self.probe_successes = 0
+        self.opened_count += 1
+
+    def half_open(self) -> None:
+        self.state, self.probes_in_flight, self.probe_successes = STATE_HALF_OPEN, 0, 0
+
+    def close(self) -> None:
+        self.state = STATE_CLOSED
+        self.results.clear()
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Amounts held on budget counters until the call settles or is released."""
+
+    counters: tuple[tuple[str, float], ...]  #: (counter name, amount held)
+
+
+class LocalStore:
+    """In-process state: budget counters, breakers and the result cache.
+
+    Every operation completes without awaiting anything, so on one event loop each is atomic. A
+    shared store (Redis) implements the same coroutines, each as one server-side script.
+    """
+
+    def __init__(self, config: "RelayConfig"):
+        self.config = config
+        self.counters: dict[str, float] = {}  #: name -> spent + currently reserved
+        self.breakers: dict[str, Breaker] = {}
+        self.cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<LocalStore counters={len(self.counters)} breakers={len(self.breakers)} cache={len(self.cache)}>"
+
+    # ----- budget -----
+    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
+        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else nothing."""
+        if any(self.counters.get(name, 0.0) + amount > limit + 1e-12 for name, limit, amount in holds):
+            return None
+        for name, _, amount in holds:
+            self.counters[name] = self.counters.get(name, 0.0) + amount
+        return Reservation(tuple((name, amount) for name, _, amount in holds))
+
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
+        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
+        for name, held in reservation.counters:
+            self.counters[name] = self.counters.get(name, 0.0) - held + actual.get(name, held)
+
+    async def release(self, reservation: Reservation) -> None:
+        for name, held in reservation.counters:
+            self.counters[name] = self.counters.get(name, 0.0) - held
+
+    async def counter(self, name: str) -> float:
+        return self.counters.get(name, 0.0)
+
+    # ----- breakers -----
+    def _breaker(self, model: str) -> Breaker:
+        breaker = self.breakers.get(model)
+        if breaker is None:
+            c = self.config
+            breaker = self.breakers[model] = Breaker(
+                failure_rate=c.breaker_failure_rate, window=c.breaker_window, min_calls=c.breaker_min_calls,
+                cooldown_s=c.breaker_cooldown_s, probes=c.breaker_probes)
+        return breaker
+
+    async def breaker_acquire(self, model: str, now: float) -> str | None:
+        return self._breaker(model).acquire(now)
+
+    async def breaker_record(self, model: str, permit: str, failed: bool | None, now: float) -> None:
+        """``failed`` None: the call never completed; the permit is given back."""
+        breaker = self._breaker(model)
+        if failed is None:
+            breaker.release(permit)
+        else:
+            breaker.record(permit, failed, now)
+
+    async def breaker_state(self, model: str, now: float) -> str:
+        return self._breaker(model).current_state(now)
+
+    # ----- cache -----
+    async def cache_get(self, key: str, now: float) -> str | None:
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self.cache[key]
+            return None
+        self.cache.move_to_end(key)
+        return entry[1]
+
+    async def cache_put(self, key: str, text: str, now: float) -> None:
+        self.cache[key] = (now + self.config.cache_ttl_s, text)
+        self.cache.move_to_end(key)
+        while len(self.cache) > self.config.cache_max_entries:
+            self.cache.popitem(last=False)
+
+
+def _price_of(model: str) -> tuple[float, float] | None:
+    """Worst-case ``(input, output)`` USD per token of a secondary, or None when it is unknown.
+
+    A ``model_name`` of the proxy is priced from its deployments (``model_info`` / ``litellm_params``
+    custom prices first, then litellm's cost map), taking the most expensive deployment.
+    """
+    router = _proxy_router()
+    deployments = router.get_model_list(model_name=model) if router is not None and model in (router.model_names or ()) else None
+    candidates = []
+    for deployment in deployments or [{"litellm_params": {"model": model}, "model_info": {}}]:
+        params = dict(deployment.get("litellm_params") or {})
+        info = dict(deployment.get("model_info") or {})
+        price = None
+        for source in (info, params):
+            if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
+                price = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
+                break
+        if price is None:
+            try:
+                cost_map = litellm.get_model_info(model=info.get("base_model") or params.get("model") or model)
+                price = (float(cost_map["input_cost_per_token"]), float(cost_map["output_cost_per_token"]))
+            except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
+                return None
+        candidates.append(price)
+    return (max(p[0] for p in candidates), max(p[1] for p in candidates)) if candidates else None
+
+
+#: prompt-token estimates get this headroom, so a reservation stays an upper bound of the real cost
+PROMPT_TOKEN_MARGIN: Final = 1.25
+PROMPT_TOKEN_OVERHEAD: Final = 16
+
+
+# =================================================================================================
 # The relay's result for one request
 # =================================================================================================
 
@@ -649,6 +906,11 @@ class Outcome:
     cost_usd: float = 0.0
     reason: str = ""
     override: str = ""
+    cache: str = ""  #: "", "hit", "miss" or "partial" (some calls of the request hit)
+
+    def note_cache(self, hit: bool) -> None:
+        seen = "hit" if hit else "miss"
+        self.cache = seen if self.cache in ("", seen) else "partial"
 
     def headers(self) -> dict[str, str]:
         headers = {
@@ -662,6 +924,8 @@ class Outcome:
             headers["x-relay-reason"] = _header_safe(self.reason)
         if self.override:
             headers["x-relay-override"] = self.override
+        if self.cache:
+            headers["x-relay-cache"] = self.cache
         return headers
 
     def as_dict(self) -> dict[str, Any]:
@@ -676,8 +940,10 @@ class Outcome:
 
 
 def _header_safe(text: str) -> str:
+    """One line of printable ASCII, at most 200 characters, no edge whitespace: a legal header value."""
     text = scrub_secrets(" ".join(text.split()))
-    return text.encode("ascii", "replace").decode("ascii")[:200]
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text[:200].strip()
 
 
 @dataclass
@@ -714,12 +980,19 @@ class RelayRejected(RelayError):
 class RelayHandler(CustomLogger):
     """The proxy callback. ``proxy_handler_instance`` at the bottom of this file is the one to register."""
 
-    def __init__(self, config: RelayConfig, *, complete: Callable[..., Any] | None = None, rng: random.Random | None = None):
+    def __init__(self, config: RelayConfig, *, complete: Callable[..., Any] | None = None, store: Any = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 rng: random.Random | None = None):
         super().__init__()
         self.config = config
         #: the call that reaches a secondary: ``await complete(model, messages, max_tokens=, timeout=, depth=)``
         self._complete = complete or _litellm_complete
+        #: budget counters, breakers and cache (LocalStore, or a shared store with the same coroutines)
+        self.store = store or LocalStore(config)
+        self.clock = clock  #: monotonic seconds: deadlines, breaker cooldowns, slow calls
+        self.wall = wall  #: epoch seconds: budget windows and cache expiry, comparable across processes
         self._rng = rng or random.Random()
+        self._prices: dict[str, tuple[float, float] | None] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._model_plans: dict[str, Plan | ConfigError] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -855,16 +1128,18 @@ class RelayHandler(CustomLogger):
             outcome.outcome = f"skipped:{surface.skip}"
             return outcome
         if plan.mode == "shadow":
-            return self._start_shadow(plan, data, surface, outcome, depth)
+            return self._start_shadow(plan, data, surface, outcome, depth, _key_id(user_api_key_dict))
 
-        run = _Run(self, plan, depth, outcome)
+        run = _Run(self, plan, depth, outcome, _key_id(user_api_key_dict))
         try:
             async with asyncio.timeout(self.config.deadline_s):
                 await MODE_RUNNERS[plan.mode](run, data, surface)
         except (SecondaryError, TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, SecondaryError) else "timeout"
-            detail = exc.detail if isinstance(exc, SecondaryError) else f"relay deadline of {self.config.deadline_s:g}s passed"
-            outcome.outcome, outcome.reason = f"failed:{reason}", detail or reason
+            if isinstance(exc, SecondaryError):
+                kind, reason, detail = ("skipped" if exc.skipped else "failed"), exc.reason, exc.detail
+            else:
+                kind, reason, detail = "failed", "timeout", f"relay deadline of {self.config.deadline_s:g}s passed"
+            outcome.outcome, outcome.reason = f"{kind}:{reason}", detail or reason
             log.warning("relay %s failed: %s %s", plan.mode, reason, scrub_secrets(detail))
             self._fail(plan, surface, outcome)
         finally:
@@ -882,7 +1157,7 @@ class RelayHandler(CustomLogger):
             return
         raise RelayRejected(503, f"relay {plan.mode} failed ({outcome.outcome}): {outcome.reason}; fail-closed", outcome)
 
-    def _start_shadow(self, plan: Plan, data: dict, surface: Surface, outcome: Outcome, depth: int) -> Outcome:
+    def _start_shadow(self, plan: Plan, data: dict, surface: Surface, outcome: "Outcome", depth: int, key_id: str | None) -> "Outcome":
         if self._rng.random() >= plan.sample_rate:
             outcome.outcome = "skipped:sampled_out"
             return outcome
@@ -891,18 +1166,20 @@ class RelayHandler(CustomLogger):
             return outcome
         outcome.models = [plan.secondary_model]
         prepared = self._prepare(data, surface.get_text())
-        task = asyncio.create_task(self._shadow(plan, prepared, depth), name="relay-shadow")
+        task = asyncio.create_task(self._shadow(plan, prepared, depth, key_id), name="relay-shadow")
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
         return outcome
 
-    async def _shadow(self, plan: Plan, prepared: Prepared, depth: int) -> None:
+    async def _shadow(self, plan: Plan, prepared: Prepared, depth: int, key_id: str | None) -> None:
         token = _IN_RELAY.set(True)
         shadow = Outcome("shadow", "relayed", [])
-        run = _Run(self, plan, depth, shadow)
+        run = _Run(self, plan, depth, shadow, key_id)
+        instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
         try:
             async with asyncio.timeout(self.config.deadline_s):
-                reply = await run.call(plan.secondary_model, review_messages(plan.annotate_prompt or ANNOTATE_INSTRUCTIONS, prepared))
+                reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                                       key=(instructions, prepared.turns, prepared.answer))
             self.stats["shadow:done"] += 1
             log.info("relay shadow analysis by %s (cost_usd=%.8f): %s", reply.model, reply.cost_usd, _clip(reply.text, 2000))
         except (SecondaryError, TimeoutError) as exc:
@@ -911,6 +1188,12 @@ class RelayHandler(CustomLogger):
             log.warning("relay shadow analysis failed: %s", reason)
         finally:
             _IN_RELAY.reset(token)
+
+    def price(self, model: str) -> tuple[float, float] | None:
+        """``(input, output)`` USD per token of a secondary model, looked up once."""
+        if model not in self._prices:
+            self._prices[model] = _price_of(model)
+        return self._prices[model]
 
     def _prepare(self, data: Mapping[str, Any], answer: str) -> Prepared:
         return Prepared.build(conversation_of(data), answer, redact_pii=self.config.redact, max_chars=self.config.max_input_chars)
@@ -922,30 +1205,117 @@ class RelayHandler(CustomLogger):
 
 
 class _Run:
-    """One request's relay work: calls secondaries and accumulates models and cost on the outcome."""
+    """One request's relay work: every secondary call goes through :meth:`call`, which applies the
+    cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
+    adds the models called and their cost to the outcome."""
 
-    __slots__ = ("handler", "plan", "depth", "outcome")
+    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at")
 
-    def __init__(self, handler: RelayHandler, plan: Plan, depth: int, outcome: Outcome):
-        self.handler, self.plan, self.depth, self.outcome = handler, plan, depth, outcome
-
-    async def call(self, model: str, messages: list[dict]) -> Reply:
-        if model not in self.outcome.models:
-            self.outcome.models.append(model)
-        config = self.handler.config
-        reply = await self.handler._complete(
-            model, messages, max_tokens=config.secondary_max_tokens, timeout=config.timeout_s, depth=self.depth + 1,
-        )
-        self.outcome.cost_usd += reply.cost_usd
-        return reply
+    def __init__(self, handler: "RelayHandler", plan: Plan, depth: int, outcome: "Outcome", key_id: str | None = None):
+        self.handler, self.plan, self.depth, self.outcome, self.key_id = handler, plan, depth, outcome, key_id
+        self.deadline_at = handler.clock() + handler.config.deadline_s
 
     def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
         return self.handler._prepare(data, surface.get_text())
 
+    async def call(self, model: str, messages: list[dict], *, key: tuple = ()) -> Reply:
+        """One secondary answer. ``key`` names what the answer depends on, for the cache."""
+        handler, config = self.handler, self.handler.config
+        if model not in self.outcome.models:
+            self.outcome.models.append(model)
+        cache_key = _cache_key(model, key) if config.cache_ttl_s > 0 and key else None
+        if cache_key is not None:
+            cached = await handler.store.cache_get(cache_key, handler.wall())
+            self.outcome.note_cache(cached is not None)
+            if cached is not None:
+                return Reply(model, cached, 0.0)
+        attempt = 0
+        while True:
+            try:
+                reply = await self._attempt(model, messages)
+                break
+            except SecondaryError as exc:
+                if not exc.retryable or attempt >= config.retries:
+                    raise
+                delay = min(config.retry_max_s, config.retry_base_s * 2 ** attempt) * handler._rng.random()
+                delay = max(delay, exc.retry_after or 0.0)
+                if handler.clock() + delay >= self.deadline_at:
+                    raise
+                attempt += 1
+                handler.stats["retries"] += 1
+                await asyncio.sleep(delay)
+        self.outcome.cost_usd += reply.cost_usd
+        if cache_key is not None:
+            await handler.store.cache_put(cache_key, reply.text, handler.wall())
+        return reply
+
+    async def _attempt(self, model: str, messages: list[dict]) -> Reply:
+        handler, config, store = self.handler, self.handler.config, self.handler.store
+        permit = await store.breaker_acquire(model, handler.clock())
+        if permit is None:
+            raise SecondaryError("breaker_open", f"the circuit breaker of {model} is open", skipped=True)
+        failed: bool | None = None  # None: no outcome to record, the permit goes back
+        spent: float | None = None  # None: the call never reached the provider, the reservation goes back
+        reservation = None
+        try:
+            if config.budgeted:
+                reservation = await self._reserve(model, messages)
+            started = handler.clock()
+            remaining = self.deadline_at - started
+            reply = await handler._complete(
+                model, messages, max_tokens=config.secondary_max_tokens,
+                timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1)
+            spent = reply.cost_usd
+            failed = handler.clock() - started > config.breaker_slow_s
+            return reply
+        except SecondaryError as exc:
+            if not exc.skipped:
+                spent, failed = 0.0, exc.reason in BREAKER_FAILURES
+            raise
+        finally:
+            if reservation is not None:
+                if spent is None:
+                    await store.release(reservation)
+                else:
+                    await store.settle(reservation, {name: spent for name, _ in reservation.counters if name.startswith("spend:")})
+            await store.breaker_record(model, permit, failed, handler.clock())
+
+    async def _reserve(self, model: str, messages: list[dict]) -> Reservation:
+        """Hold the call's worst-case cost (and one call) on every cap that applies, or refuse."""
+        handler, config = self.handler, self.handler.config
+        window = int(handler.wall() // config.budget_window_s)
+        holds: list[tuple[str, float, float]] = []
+        per_key = config.budget_usd_per_key is not None and self.key_id is not None
+        if config.budget_usd is not None or per_key:
+            price = handler.price(model)
+            if price is None and not config.allow_unpriced:
+                raise SecondaryError("unpriced", f"no price is known for {model} (RELAY_ALLOW_UNPRICED=true allows it)", skipped=True)
+            worst = 0.0
+            if price is not None:
+                prompt_tokens = litellm.token_counter(model=model, messages=messages)
+                worst = (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + config.secondary_max_tokens * price[1]
+            if config.budget_usd is not None:
+                holds.append((f"spend:{window}", config.budget_usd, worst))
+            if per_key:
+                holds.append((f"spend:key:{self.key_id}:{window}", config.budget_usd_per_key, worst))
+        if config.max_calls is not None:
+            holds.append((f"calls:{window}", float(config.max_calls), 1.0))
+        reservation = await handler.store.reserve(holds)
+        if reservation is None:
+            raise SecondaryError("budget", f"the relay budget of this window cannot cover a call to {model}", skipped=True)
+        return reservation
+
+
+def _cache_key(model: str, key: tuple) -> str:
+    return hashlib.sha256(json.dumps([model, *key], sort_keys=True, default=str).encode()).hexdigest()
+
 
 async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
-    reply = await run.call(plan.secondary_model, review_messages(plan.refine_prompt or REFINE_INSTRUCTIONS, run.prepared(data, surface)))
+    prepared = run.prepared(data, surface)
+    instructions = plan.refine_prompt or REFINE_INSTRUCTIONS
+    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                           key=(instructions, prepared.turns, prepared.answer))
     if reply.text.strip() != surface.get_text().strip():
         surface.set_text(reply.text)
         run.outcome.outcome = "modified"
@@ -953,8 +1323,10 @@ async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
 
 async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
+    prepared = run.prepared(data, surface)
     instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
-    reply = await run.call(plan.secondary_model, review_messages(instructions, run.prepared(data, surface)))
+    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                           key=(instructions, prepared.turns, prepared.answer))
     verdict, reason = parse_verdict(reply.text)
     if verdict == "block":
         run.outcome.outcome, run.outcome.reason = "blocked", reason or "blocked by policy"
@@ -963,14 +1335,17 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
         _block(plan, surface, run.outcome)
 
 
-def _block(plan: Plan, surface: Surface, outcome: Outcome) -> None:
+def _block(plan: Plan, surface: Surface, outcome: "Outcome") -> None:
     surface.set_text(plan.guard_message)
     surface.mark_filtered()
 
 
 async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
-    reply = await run.call(plan.secondary_model, review_messages(plan.annotate_prompt or ANNOTATE_INSTRUCTIONS, run.prepared(data, surface)))
+    prepared = run.prepared(data, surface)
+    instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
+    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                           key=(instructions, prepared.turns, prepared.answer))
     if plan.annotate_target == "append":
         surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{reply.text}")
         run.outcome.outcome = "modified"
@@ -981,12 +1356,13 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
 async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
-    judged = await run.call(plan.secondary_model, review_messages(JUDGE_INSTRUCTIONS, prepared))
+    judged = await run.call(plan.secondary_model, review_messages(JUDGE_INSTRUCTIONS, prepared),
+                            key=(JUDGE_INSTRUCTIONS, prepared.turns, prepared.answer))
     score, reason = parse_judge_score(judged.text)
     run.outcome.reason = f"score {score:g}: {reason}"
     if score >= plan.escalate_threshold:
         return
-    premium = await run.call(plan.escalate_model, prepared.turns)
+    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns))
     surface.set_text(premium.text)
     run.outcome.outcome = "escalated"
 
@@ -994,7 +1370,9 @@ async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
 async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
-    members = await asyncio.gather(*(run.call(m, prepared.turns) for m in plan.consensus_models), return_exceptions=True)
+    members = await asyncio.gather(
+        *(run.call(m, prepared.turns, key=("answer", prepared.turns)) for m in plan.consensus_models),
+        return_exceptions=True)
     candidates = {"primary": prepared.answer}
     failures = []
     for model, member in zip(plan.consensus_models, members):
@@ -1006,7 +1384,8 @@ async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
             raise member
     if len(candidates) == 1:
         raise SecondaryError("consensus_members", "every consensus member failed: " + "; ".join(failures))
-    merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates))
+    merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates),
+                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates))
     surface.set_text(merged.text)
     run.outcome.outcome = "modified"
     if failures:
@@ -1082,14 +1461,13 @@ def _classify_error(model: str, exc: Exception) -> SecondaryError:
         return SecondaryError("timeout", detail, retryable=True)
     if isinstance(exc, litellm.RateLimitError) or status == 429:
         return SecondaryError("rate_limited", detail, retryable=True, retry_after=_retry_after(exc))
-    if isinstance(exc, litellm.APIConnectionError) and not isinstance(status, int):
-        return SecondaryError("connection", detail, retryable=True)
+    if isinstance(exc, (litellm.APIConnectionError, OSError)) or "connection error" in detail.lower():
+        return SecondaryError("connection", detail, retryable=True)  # litellm reports some as a 500
     if isinstance(status, int) and status >= 500 or isinstance(exc, (litellm.InternalServerError, litellm.ServiceUnavailableError)):
         return SecondaryError("provider_error", detail, retryable=True)
     if isinstance(status, int) and 400 <= status < 500:
         return SecondaryError("provider_rejected", detail)
-    return SecondaryError("connection" if isinstance(exc, (OSError, litellm.APIConnectionError)) else "error", detail,
-                          retryable=isinstance(exc, (OSError, litellm.APIConnectionError)))
+    return SecondaryError("error", detail)
 
 
 def _retry_after(exc: Exception) -> float | None:
@@ -1131,6 +1509,12 @@ def _client_block(block: Any) -> dict[str, Any] | None:
     if not isinstance(block, dict):
         raise ConfigError(f"metadata.relay={block!r} is invalid: allowed: an object or its JSON text")
     return block
+
+
+def _key_id(user_api_key_dict: Any) -> str | None:
+    """A stable, non-reversible id of the caller's API key, for per-key budgets."""
+    key = getattr(user_api_key_dict, "api_key", None) or getattr(user_api_key_dict, "token", None)
+    return hashlib.sha256(str(key).encode()).hexdigest()[:16] if key else None
 
 
 def _is_internal(data: Mapping[str, Any]) -> bool:

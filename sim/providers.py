@@ -28,7 +28,8 @@ Admin (JSON, not recorded):
     GET  /_sim/requests[?model=X][&path=/v1/messages]     recorded requests, oldest first
     GET  /_sim/stats                                      hit counters, in-flight, cancelled
     POST /_sim/reset                                      clear recordings/counters, re-seed RNG
-    GET|POST /_sim/config                                 read / change the knobs below
+    GET|POST /_sim/config                                 read / change the knobs below, and
+                                                          force_markers {"<model>": "SIM:HTTP429"}
     GET  /_sim/health                                     {"ok": true}
 
 Every non-admin request is recorded (the last 10,000) as {id, path, model, headers, body,
@@ -126,6 +127,9 @@ class SimConfig:
     retry_after: float = 1.0
     seed: int | None = None
     model_config: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Markers added to every request for a model, e.g. {"gpt-4o-mini": "SIM:HTTP429"}: lets a test make
+    # one secondary misbehave without the marker appearing in (and breaking) the primary's prompt.
+    force_markers: dict[str, str] = field(default_factory=dict)
 
     def for_model(self, model: str) -> SimConfig:
         """This config with the per-model overrides for `model` applied."""
@@ -1077,14 +1081,17 @@ class SimServer:
 
     def configure(self, **changes: Any) -> dict[str, Any]:
         """Change knobs at runtime (same names as POST /_sim/config); returns the config."""
-        unknown = set(changes) - set(KNOB_NAMES) - {"seed", "model_config"}
+        unknown = set(changes) - set(KNOB_NAMES) - {"seed", "model_config", "force_markers"}
         if unknown:
             raise ValueError(f"cannot change {sorted(unknown)} at runtime")
         knobs = check_knobs({k: v for k, v in changes.items() if k in KNOB_NAMES})
         model_config = check_model_config(changes.get("model_config", self.config.model_config))
         seed = check_seed(changes.get("seed", self.config.seed))
+        force_markers = changes.get("force_markers", self.config.force_markers)
+        if not isinstance(force_markers, dict) or not all(isinstance(v, str) for v in force_markers.values()):
+            raise ValueError("force_markers must be an object of model -> marker text")
         self.config = dataclasses.replace(
-            self.config, **knobs, model_config=model_config, seed=seed
+            self.config, **knobs, model_config=model_config, seed=seed, force_markers=dict(force_markers)
         )
         if "seed" in changes:
             self.rng = random.Random(seed)
@@ -1261,6 +1268,9 @@ class SimServer:
             return self._answered(record, web.json_response(error, status=400))
 
         req = api.parse(body)
+        forced = self.config.force_markers.get(req.model)
+        if forced:
+            req.prompt_text += "\n" + forced
         config = self.config.for_model(req.model)
         plan = self._plan(req, config)
         record["outcome"] = plan.answer.kind if plan.answer else plan.kind
