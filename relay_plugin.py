@@ -40,6 +40,7 @@ Dependencies: the standard library and litellm. Nothing else is imported.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -242,7 +243,16 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1), 32, "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
     _Var("REFINE_PROMPT", _text, None, "Replaces the refine instructions (the delimiters and data rule are always added).", plan=True),
     _Var("ANNOTATE_PROMPT", _text, None, "Replaces the annotate/shadow instructions.", plan=True),
+    _Var("STREAM_GUARD", _choice("buffer", "window"), "buffer", "Guard on streams: `buffer` holds the whole answer until judged; `window` judges and releases it window by window.", plan=True),
+    _Var("STREAM_WINDOW_CHARS", _number(int, 1), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
+    _Var("STREAM_HEARTBEAT_S", _number(float, 0, low_open=True), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
     _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
+    _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL` is set, else `local`. `redis` without `RELAY_REDIS_URL` uses LiteLLM's `REDIS_HOST` / `REDIS_PORT` / `REDIS_PASSWORD`."),
+    _Var("REDIS_URL", _text, None, "Redis of the shared state: a `redis://`, `rediss://` or `unix://` URL (it may carry the password). Setting it implies `RELAY_STATE=redis`."),
+    _Var("REDIS_PREFIX", _text, "relay", "Namespace of every Redis key the relay writes. Instances that share a prefix share budgets, caps, breakers and cache, and must share those settings."),
+    _Var("STATE_FAILURE", _choice("closed", "local"), "closed", "Redis unreachable or slower than `RELAY_REDIS_TIMEOUT_S`: `closed` skips the relay (`skipped:state_unavailable`, then `RELAY_FAIL_MODE` applies), since no cap can be guaranteed; `local` uses this process's own state meanwhile (caps then hold per process), logged once per outage."),
+    _Var("REDIS_TIMEOUT_S", _number(float, 0, low_open=True), 0.25, "Connect and reply timeout of each Redis operation, in seconds."),
+    _Var("REDIS_RETRY_S", _number(float, 0, low_open=True), 1.0, "After a Redis failure, requests do not try Redis again for this long, so an outage does not add a timeout to each of them."),
 )
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
 #: metadata.relay keys a client may set under RELAY_CLIENT_OVERRIDE=opt_in
@@ -267,6 +277,7 @@ class Plan:
     sample_rate: float
     refine_prompt: str | None
     annotate_prompt: str | None
+    stream_guard: str
 
     def check(self, where: Callable[[str], str]) -> None:
         """Cross-field rules; ``where(field)`` names the field's source for the message."""
@@ -281,6 +292,13 @@ class Plan:
 
     def overridden(self, block: Mapping[str, Any], where: Callable[[str], str]) -> "Plan":
         """A copy with ``block``'s keys (lower-case plan names) parsed and applied, then checked."""
+        plan = replace(self, **Plan.parse_block(block, where))
+        plan.check(where)
+        return plan
+
+    @staticmethod
+    def parse_block(block: Mapping[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+        """``block``'s settings parsed one by one (no cross-field rules): ConfigError on the first bad one."""
         changes = {}
         for key, raw in block.items():
             var = _BY_NAME.get(str(key).upper())
@@ -289,9 +307,7 @@ class Plan:
                 raise ConfigError(f"{where(str(key))} is not a relay setting: allowed: {allowed}")
             if raw is not None:  # null (YAML `key:` or JSON null) leaves the setting as it is
                 changes[var.name.lower()] = _parse_value(var, raw, where(var.name.lower()))
-        plan = replace(self, **changes)
-        plan.check(where)
-        return plan
+        return changes
 
 
 def _parse_value(var: _Var, raw: Any, label: str) -> Any:
@@ -317,6 +333,8 @@ class RelayConfig:
     timeout_s: float
     deadline_s: float
     shadow_max_in_flight: int
+    stream_window_chars: int
+    stream_heartbeat_s: float
     log_level: str
     retries: int
     retry_base_s: float
@@ -334,6 +352,12 @@ class RelayConfig:
     allow_unpriced: bool
     cache_ttl_s: float
     cache_max_entries: int
+    state: str | None
+    redis_url: str | None
+    redis_prefix: str
+    state_failure: str
+    redis_timeout_s: float
+    redis_retry_s: float
 
     @property
     def budgeted(self) -> bool:
@@ -699,7 +723,7 @@ class Breaker:
     """
 
     __slots__ = ("failure_rate", "min_calls", "cooldown_s", "probes", "state", "results", "opened_at",
-                 "probes_in_flight", "probe_successes", "opened_count")
+                 "probes_in_flight", "probe_successes", "opened_count", "period")
 
     def __init__(self, *, failure_rate: float, window: int, min_calls: int, cooldown_s: float, probes: int):
         self.failure_rate, self.min_calls, self.cooldown_s, self.probes = failure_rate, min_calls, cooldown_s, probes
@@ -709,6 +733,7 @@ class Breaker:
         self.probes_in_flight = 0
         self.probe_successes = 0
         self.opened_count = 0  #: transitions to open, ever
+        self.period = 0  #: numbers the half-open periods; a probe permit names the period it belongs to
 
     def __repr__(self) -> str:
         return (f"<Breaker {self.state} failures={sum(self.results)}/{len(self.results)} "
@@ -725,21 +750,26 @@ class Breaker:
         return state == STATE_CLOSED or (state == STATE_HALF_OPEN and self.probes_in_flight < self.probes)
 
     def acquire(self, now: float) -> str | None:
-        """A permit (``"call"`` or ``"probe"``) or None when the call must not be made."""
+        """A permit (``"call"`` or ``"probe:<period>"``) or None when the call must not be made."""
         state = self.current_state(now)
         if state == STATE_CLOSED:
             return "call"
         if state == STATE_HALF_OPEN and self.probes_in_flight < self.probes:
             self.probes_in_flight += 1
-            return "probe"
+            return f"probe:{self.period}"
         return None
+
+    def _current_probe(self, permit: str) -> bool:
+        """True for a probe permit of the running half-open period (a late one from an earlier period
+        must neither free a slot nor count towards closing)."""
+        return self.state == STATE_HALF_OPEN and permit == f"probe:{self.period}"
 
     def record(self, permit: str, failed: bool, now: float) -> None:
         """The outcome of a call made under ``permit``."""
-        if permit == "probe":
-            self.probes_in_flight -= 1
-            if self.state != STATE_HALF_OPEN:
+        if permit.startswith("probe"):
+            if not self._current_probe(permit):
                 return
+            self.probes_in_flight -= 1
             if failed:
                 self.open(now)
             else:
@@ -755,7 +785,7 @@ class Breaker:
 
     def release(self, permit: str) -> None:
         """Give a permit back without an outcome (the call was cancelled or never made)."""
-        if permit == "probe":
+        if self._current_probe(permit):
             self.probes_in_flight -= 1
 
     def open(self, now: float) -> None:
@@ -766,6 +796,7 @@ class Breaker:
 
     def half_open(self) -> None:
         self.state, self.probes_in_flight, self.probe_successes = STATE_HALF_OPEN, 0, 0
+        self.period += 1
 
     def close(self) -> None:
         self.state = STATE_CLOSED
@@ -891,6 +922,466 @@ PROMPT_TOKEN_OVERHEAD: Final = 16
 
 
 # =================================================================================================
+# Shared state in Redis: one budget, one breaker and one cache for every worker and instance
+# =================================================================================================
+
+#: a Redis URL must use one of these schemes (redis-py's own)
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+#: budget counters live one window plus the deadline plus this, so a late settle still finds its counter
+COUNTER_GRACE_S: Final = 60.0
+#: a breaker untouched this long (beyond its cooldown) is forgotten: a fresh closed breaker
+BREAKER_IDLE_S: Final = 3600.0
+#: a half-open probe permit not given back within the deadline plus this is dropped (its process died)
+PROBE_LEASE_MARGIN_S: Final = 5.0
+#: connections one process opens to Redis at most (operations take well under a millisecond each)
+REDIS_MAX_CONNECTIONS: Final = 64
+
+# Each script is one atomic read-modify-write on the server. Amounts are decimal text (INCRBYFLOAT);
+# breaker time is the server's clock in milliseconds (TIME), plus an offset that tests move.
+_LUA_RESERVE: Final = """
+-- KEYS: counters. ARGV[1]: lifetime (ms) of a counter this creates; then limit, amount per counter.
+for i = 1, #KEYS do
+  local held = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if held + tonumber(ARGV[2 * i + 1]) > tonumber(ARGV[2 * i]) + 1e-12 then return 0 end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[2 * i + 1])
+  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"""
+_LUA_ADJUST: Final = """
+-- settle and release. KEYS: counters; ARGV: the change of each. An expired counter is not recreated.
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBYFLOAT', KEYS[i], ARGV[i]) end
+end
+return 1
+"""
+_LUA_BREAKER: Final = """
+-- One breaker: a hash with state, opened_at (ms), results ('0'/'1' per call, newest last), successes,
+-- opened (count) and one field 'p:<token>' = lease end (ms) per half-open probe in flight.
+-- ARGV[1]: clock offset (ms); ARGV[2]: idle lifetime (ms); ARGV[3]: cooldown (ms); ARGV[4]: operation.
+local key, op = KEYS[1], ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+
+local function drop_probes()
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(field, 1, 2) == 'p:' then redis.call('HDEL', key, field) end
+  end
+end
+local function open()
+  drop_probes()
+  redis.call('HSET', key, 'state', 'open', 'opened_at', now, 'results', '', 'successes', 0)
+  redis.call('HINCRBY', key, 'opened', 1)
+end
+local function close()
+  drop_probes()
+  redis.call('HSET', key, 'state', 'closed', 'results', '')
+end
+local function current_state()
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  if state == 'open' and now - tonumber(redis.call('HGET', key, 'opened_at')) >= tonumber(ARGV[3]) then
+    drop_probes()
+    redis.call('HSET', key, 'state', 'half_open', 'successes', 0)
+    state = 'half_open'
+  end
+  return state
+end
+
+local result = false
+if op == 'state' then
+  result = current_state()
+elseif op == 'acquire' then
+  -- ARGV[5]: probes; ARGV[6]: probe lease (ms); ARGV[7]: token
+  local state = current_state()
+  if state == 'closed' then
+    result = 'call'
+  elseif state == 'half_open' then
+    local fields, live = redis.call('HGETALL', key), 0
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'p:' then
+        if tonumber(fields[i + 1]) <= now then redis.call('HDEL', key, fields[i]) else live = live + 1 end
+      end
+    end
+    if live < tonumber(ARGV[5]) then
+      redis.call('HSET', key, 'p:' .. ARGV[7], now + tonumber(ARGV[6]))
+      result = 'probe:' .. ARGV[7]
+    end
+  end
+else
+  -- record. ARGV[5]: permit; ARGV[6]: '1' failed, '0' succeeded, '' given back; ARGV[7]: probes;
+  -- ARGV[8]: window; ARGV[9]: min calls; ARGV[10]: failure rate
+  local permit, failed = ARGV[5], ARGV[6]
+  if string.sub(permit, 1, 6) == 'probe:' then
+    -- a probe token exists only in the half-open period that issued it: a stale one counts for nothing
+    if redis.call('HDEL', key, 'p:' .. string.sub(permit, 7)) == 1 and failed ~= '' then
+      if failed == '1' then
+        open()
+      elseif redis.call('HINCRBY', key, 'successes', 1) >= tonumber(ARGV[7]) then
+        close()
+      end
+    end
+  elseif failed ~= '' and (redis.call('HGET', key, 'state') or 'closed') == 'closed' then
+    local window = tonumber(ARGV[8])
+    local results = (redis.call('HGET', key, 'results') or '') .. failed
+    if #results > window then results = string.sub(results, -window) end
+    local _, failures = string.gsub(results, '1', '')
+    if #results >= tonumber(ARGV[9]) and failures >= tonumber(ARGV[10]) * #results then
+      open()
+    else
+      redis.call('HSET', key, 'results', results)
+    end
+  end
+end
+if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[2]) end
+return result
+"""
+_LUA_CACHE_PUT: Final = """
+-- KEYS[1]: the entry; KEYS[2]: the index (entry keys by write time).
+-- ARGV: value, lifetime (ms), now (epoch s), ttl (s), most entries
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if excess > 0 then
+  local evicted = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #evicted, 2 do redis.call('DEL', evicted[i]) end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class SharedReservation(Reservation):
+    """Holds made in Redis: they are settled or released there, never in a fallback store."""
+
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
+
+
+class RedisStore:
+    """LocalStore's coroutines on one Redis, shared by every process that uses the same key prefix.
+
+    Each read-modify-write is one Lua script, atomic across processes: reserve-if-all-fit, settle,
+    release, breaker transitions and half-open permits. Keys: ``<prefix>:budget:<counter>`` (expire one
+    window after they are created, plus the deadline and a grace), ``<prefix>:breaker:<model>`` (expires
+    after an idle hour plus the cooldown), ``<prefix>:cache:<key>`` and ``<prefix>:cache-index`` (expire
+    with the cache TTL; the oldest-written entries are dropped beyond ``RELAY_CACHE_MAX_ENTRIES``).
+
+    Breakers run on the Redis server's clock, not on the ``now`` argument: every process has its own
+    monotonic clock and they cannot be compared. A probe permit is a lease: one that a dead process never
+    gave back expires after the deadline. The cache compares ``now`` (epoch seconds) with each entry's
+    expiry, and Redis drops the entry after its TTL. Redis errors propagate (see :class:`FailoverStore`).
+    """
+
+    def __init__(self, config: "RelayConfig", client: Any, *, where: str = "redis"):
+        from redis.exceptions import RedisError  # imported only when Redis state is enabled
+
+        self.config = config
+        self.client = client  #: a ``redis.asyncio.Redis`` with ``decode_responses=True``
+        self.prefix = config.redis_prefix
+        self.where = where  #: the server, for log lines (no password)
+        #: what a failing Redis raises
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        #: added to the server clock in the breaker scripts: tests move it instead of sleeping
+        self.clock_offset_s = 0.0
+        self._reserve = client.register_script(_LUA_RESERVE)
+        self._adjust = client.register_script(_LUA_ADJUST)
+        self._breaker_script = client.register_script(_LUA_BREAKER)
+        self._cache_put = client.register_script(_LUA_CACHE_PUT)
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.where} prefix={self.prefix!r}>"
+
+    def key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    # ----- budget -----
+    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
+        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else nothing."""
+        if holds:
+            c = self.config
+            lifetime = _ms(c.budget_window_s + c.deadline_s + COUNTER_GRACE_S)
+            args: list[Any] = [lifetime]
+            for _, limit, amount in holds:
+                args += [repr(float(limit)), repr(float(amount))]
+            if not await self._reserve(keys=[self.key("budget", name) for name, _, _ in holds], args=args):
+                return None
+        return SharedReservation(tuple((name, float(amount)) for name, _, amount in holds))
+
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
+        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
+        await self._change([(name, actual.get(name, held) - held) for name, held in reservation.counters])
+
+    async def release(self, reservation: Reservation) -> None:
+        await self._change([(name, -held) for name, held in reservation.counters])
+
+    async def _change(self, deltas: list[tuple[str, float]]) -> None:
+        deltas = [(name, delta) for name, delta in deltas if delta]
+        if deltas:
+            await self._adjust(keys=[self.key("budget", n) for n, _ in deltas], args=[repr(float(d)) for _, d in deltas])
+
+    async def counter(self, name: str) -> float:
+        return float(await self.client.get(self.key("budget", name)) or 0.0)
+
+    # ----- breakers -----
+    async def _breaker(self, model: str, op: str, *args: Any) -> Any:
+        c = self.config
+        return await self._breaker_script(
+            keys=[self.key("breaker", model)],
+            args=[round(self.clock_offset_s * 1000), _ms(BREAKER_IDLE_S + c.breaker_cooldown_s),
+                  _ms(c.breaker_cooldown_s), op, *args])
+
+    async def breaker_acquire(self, model: str, now: float) -> str | None:
+        """``"call"``, ``"probe:<token>"`` or None; ``now`` is not used (the server's clock is)."""
+        c = self.config
+        return await self._breaker(model, "acquire", c.breaker_probes, _ms(c.deadline_s + PROBE_LEASE_MARGIN_S),
+                                   secrets.token_hex(8))
+
+    async def breaker_record(self, model: str, permit: str, failed: bool | None, now: float) -> None:
+        """``failed`` None: the call never completed; the permit is given back."""
+        if permit == "call" and failed is None:
+            return
+        c = self.config
+        await self._breaker(model, "record", permit, "" if failed is None else str(int(failed)), c.breaker_probes,
+                            c.breaker_window, c.breaker_min_calls, repr(c.breaker_failure_rate))
+
+    async def breaker_state(self, model: str, now: float) -> str:
+        return await self._breaker(model, "state")
+
+    # ----- cache -----
+    async def cache_get(self, key: str, now: float) -> str | None:
+        entry = await self.client.get(self.key("cache", key))
+        if entry is None:
+            return None
+        expires, _, text = entry.partition("|")
+        return text if float(expires) > now else None
+
+    async def cache_put(self, key: str, text: str, now: float) -> None:
+        ttl = self.config.cache_ttl_s
+        await self._cache_put(keys=[self.key("cache", key), f"{self.prefix}:cache-index"],
+                              args=[f"{now + ttl!r}|{text}", _ms(ttl), repr(now), repr(ttl), self.config.cache_max_entries])
+
+
+class FailoverStore:
+    """Shared state first; while it fails, ``RELAY_STATE_FAILURE`` decides.
+
+    ``closed``: the operations a relay needs before calling (cache lookup, breaker permit, reservation)
+    raise ``SecondaryError("state_unavailable", skipped=True)``, so the relay is skipped and the client
+    keeps the primary answer (or gets what ``RELAY_FAIL_MODE=closed`` says). ``local``: they use the
+    in-process ``fallback`` store. Either way, what runs after a call (settle, release, breaker record,
+    cache put) never raises: a hold made in Redis that cannot be settled stays counted until its window
+    ends, and a probe permit that cannot be given back expires by itself.
+
+    One ERROR line when an outage starts, one INFO line when Redis answers again. After a failure Redis
+    is not tried for ``retry_s``; redis-py reconnects by itself on the next try.
+    """
+
+    def __init__(self, primary: RedisStore, fallback: LocalStore, *, mode: str, retry_s: float, bound_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.primary, self.fallback, self.mode = primary, fallback, mode
+        self.retry_s = retry_s  #: seconds without trying Redis after a failure
+        self.bound_s = bound_s  #: longest wait on one Redis operation, whatever redis-py does
+        self.clock = clock
+        self.down_since: float | None = None  #: clock time the current outage started, None while up
+        self.outages = 0  #: outages seen, ever
+        self.lost = 0  #: settlements, releases and breaker records that could not reach Redis
+        self._retry_at = 0.0
+        self._announced = False
+
+    def __repr__(self) -> str:
+        state = "up" if self.down_since is None else "down"
+        return f"<FailoverStore {self.primary!r} {state} on_failure={self.mode} outages={self.outages} lost={self.lost}>"
+
+    async def _shared(self, op: str, call: Callable[[], Any]) -> tuple[bool, Any]:
+        """``(True, result)`` of one Redis operation, or ``(False, None)`` when Redis is down."""
+        if self.down_since is not None and self.clock() < self._retry_at:
+            return False, None
+        try:
+            async with asyncio.timeout(self.bound_s):
+                result = await call()
+        except self.primary.errors as exc:
+            self._retry_at = self.clock() + self.retry_s
+            if self.down_since is None:
+                self.down_since = self.clock()
+                self.outages += 1
+                log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
+                          "again every %gs.", self.primary.where, scrub_secrets(f"{type(exc).__name__}: {exc}"), op,
+                          "Relays are skipped (RELAY_STATE_FAILURE=closed) until it is back."
+                          if self.mode == "closed" else
+                          "This process uses its own budget, caps, breakers and cache (RELAY_STATE_FAILURE=local) "
+                          "until it is back: caps hold per process meanwhile.", self.retry_s)
+            return False, None
+        if self.down_since is not None:
+            log.info("relay: shared state in Redis (%s) is back after %.1fs (%d settlements or breaker records "
+                     "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since, self.lost)
+            self.down_since = None
+        elif not self._announced:
+            log.info("relay: shared state in Redis (%s), key prefix %r", self.primary.where, self.primary.prefix)
+        self._announced = True
+        return True, result
+
+    async def _needed(self, op: str, call: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """What a relay needs before it calls: from Redis, else from ``fallback`` or a skip."""
+        ok, result = await self._shared(op, call)
+        return result if ok else await self._unavailable(op, fallback)
+
+    async def _unavailable(self, op: str, fallback: Callable[[], Any]) -> Any:
+        if self.mode == "local":
+            return await fallback()
+        raise SecondaryError("state_unavailable", f"the shared state in Redis is unavailable ({op}); no cap can be "
+                             "guaranteed (RELAY_STATE_FAILURE=closed)", skipped=True)
+
+    async def _after(self, op: str, call: Callable[[], Any]) -> None:
+        ok, _ = await self._shared(op, call)
+        if not ok:
+            self.lost += 1
+            log.info("relay: %s not written to Redis (unavailable)", op)
+
+    # ----- budget -----
+    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
+        return await self._needed("reserve", lambda: self.primary.reserve(holds), lambda: self.fallback.reserve(holds))
+
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
+        if isinstance(reservation, SharedReservation):
+            await self._after("settle", lambda: self.primary.settle(reservation, actual))
+        else:
+            await self.fallback.settle(reservation, actual)
+
+    async def release(self, reservation: Reservation) -> None:
+        if isinstance(reservation, SharedReservation):
+            await self._after("release", lambda: self.primary.release(reservation))
+        else:
+            await self.fallback.release(reservation)
+
+    async def counter(self, name: str) -> float:
+        return await self._needed("counter", lambda: self.primary.counter(name), lambda: self.fallback.counter(name))
+
+    # ----- breakers: a permit remembers the store that issued it -----
+    async def breaker_acquire(self, model: str, now: float) -> tuple[Any, str] | None:
+        ok, permit = await self._shared("breaker acquire", lambda: self.primary.breaker_acquire(model, now))
+        store: Any = self.primary
+        if not ok:
+            permit = await self._unavailable("breaker acquire", lambda: self.fallback.breaker_acquire(model, now))
+            store = self.fallback
+        return None if permit is None else (store, permit)
+
+    async def breaker_record(self, model: str, permit: tuple[Any, str], failed: bool | None, now: float) -> None:
+        store, inner = permit
+        if store is self.primary:
+            await self._after("breaker record", lambda: self.primary.breaker_record(model, inner, failed, now))
+        else:
+            await self.fallback.breaker_record(model, inner, failed, now)
+
+    async def breaker_state(self, model: str, now: float) -> str:
+        return await self._needed("breaker state", lambda: self.primary.breaker_state(model, now),
+                                  lambda: self.fallback.breaker_state(model, now))
+
+    # ----- cache -----
+    async def cache_get(self, key: str, now: float) -> str | None:
+        return await self._needed("cache lookup", lambda: self.primary.cache_get(key, now),
+                                  lambda: self.fallback.cache_get(key, now))
+
+    async def cache_put(self, key: str, text: str, now: float) -> None:
+        ok, _ = await self._shared("cache write", lambda: self.primary.cache_put(key, text, now))
+        if not ok and self.mode == "local":
+            await self.fallback.cache_put(key, text, now)
+
+
+def _masked_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        return parts._replace(netloc=f"{parts.username or ''}:***@{netloc}").geturl()
+    except ValueError:
+        return "(an unparseable URL)"
+
+
+def redis_url_of(config: "RelayConfig", env: Mapping[str, str]) -> str | None:
+    """The Redis URL of the shared state, or None for in-process state.
+
+    ``RELAY_STATE`` (unset: ``redis`` when ``RELAY_REDIS_URL`` is set), then ``RELAY_REDIS_URL``, else
+    LiteLLM's own ``REDIS_HOST`` / ``REDIS_PORT`` / ``REDIS_PASSWORD``. Raises :class:`ConfigError`.
+    """
+    from urllib.parse import quote, urlsplit
+
+    state = config.state or ("redis" if config.redis_url else "local")
+    if state == "local":
+        return None
+    if config.redis_url:
+        try:
+            scheme = urlsplit(config.redis_url).scheme.lower()
+        except ValueError:
+            scheme = ""
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigError(f"RELAY_REDIS_URL={_masked_url(config.redis_url)!r} is invalid: allowed: a "
+                              "redis://, rediss:// or unix:// URL")
+        return config.redis_url
+    host = (env.get("REDIS_HOST") or "").strip()
+    if not host:
+        raise ConfigError("RELAY_REDIS_URL is missing: allowed: a redis://, rediss:// or unix:// URL, or LiteLLM's "
+                          "REDIS_HOST (with REDIS_PORT, REDIS_PASSWORD), required when RELAY_STATE is redis")
+    port = (env.get("REDIS_PORT") or "").strip() or "6379"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"REDIS_PORT={port!r} is invalid: allowed: a TCP port, 1 to 65535")
+    password = env.get("REDIS_PASSWORD") or ""
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def redis_client(url: str, timeout_s: float) -> Any:
+    """A ``redis.asyncio`` client as the shared state uses it: ``timeout_s`` on connects and replies, one
+    immediate retry on a fresh connection (a pooled one may be dead after a Redis restart) but none
+    after a timeout (that is the failure policy's to handle), at most ``REDIS_MAX_CONNECTIONS``."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=timeout_s, decode_responses=True,
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    return aioredis.Redis.from_pool(pool)
+
+
+def make_store(config: "RelayConfig", env: Mapping[str, str] = os.environ) -> "LocalStore | FailoverStore":
+    """The store the handler uses: LocalStore, or Redis (RELAY_STATE=redis) with LocalStore as the fallback.
+
+    ``redis`` is imported here, only when Redis state is enabled. Raises :class:`ConfigError`.
+    """
+    local = LocalStore(config)
+    url = redis_url_of(config, env)
+    if url is None:
+        return local
+    try:
+        import redis.asyncio  # noqa: F401 - the check; redis_client imports what it uses
+    except ImportError:
+        raise ConfigError("RELAY_STATE=redis is invalid here: allowed: only where the redis package is installed "
+                          "(pip install redis)") from None
+    primary = RedisStore(config, redis_client(url, config.redis_timeout_s), where=_masked_url(url))
+    return FailoverStore(primary, local, mode=config.state_failure, retry_s=config.redis_retry_s,
+                         bound_s=3 * config.redis_timeout_s)
+
+
+def _load_store(config: "RelayConfig") -> "LocalStore | FailoverStore":
+    try:
+        return make_store(config)
+    except ConfigError as exc:
+        print(f"relay_plugin: invalid configuration: {exc}", file=sys.stderr, flush=True)
+        if "litellm.proxy.proxy_server" in sys.modules:
+            os._exit(2)  # inside the proxy: stop now, with the one line above and no traceback
+        raise SystemExit(2) from None
+
+
+# =================================================================================================
 # The relay's result for one request
 # =================================================================================================
 
@@ -963,6 +1454,7 @@ class Reply:
 _IN_RELAY: Final = contextvars.ContextVar("relay_in_progress", default=False)
 _RESULT_KEY: Final = "relay_result"  #: where the Outcome waits for the headers hook (metadata bucket)
 _CLIENT_KEY: Final = "relay"  #: the client's override block inside request metadata
+_STREAM_KEY: Final = "relay_stream_decision"  #: the headers hook's decision, reused by the stream hook
 DEPTH_HEADER: Final = "x-relay-depth"
 _SEEN_MAX: Final = 50_000
 
@@ -1014,7 +1506,7 @@ class RelayHandler(CustomLogger):
         block = metadata[_CLIENT_KEY]
         try:
             block = _client_block(block)
-            self.config.plan.overridden(block, lambda key: f"metadata.relay.{key}") if block else None
+            Plan.parse_block(block or {}, lambda key: f"metadata.relay.{key}")
         except ConfigError as exc:
             raise _http_error(400, f"relay: {exc}") from None
         internal = data.setdefault("litellm_metadata", {}) if "litellm_metadata" in data else metadata
@@ -1024,15 +1516,8 @@ class RelayHandler(CustomLogger):
         return data
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: "UserAPIKeyAuth", response: Any) -> Any:
-        if not self.config.plan.enabled or _IN_RELAY.get():
+        if not self.config.plan.enabled or _IN_RELAY.get() or not self._first_time(data):
             return response
-        call_id = data.get("litellm_call_id")
-        if call_id:
-            if call_id in self._seen:
-                return response
-            self._seen[call_id] = None
-            if len(self._seen) > _SEEN_MAX:
-                self._seen.popitem(last=False)
         token = _IN_RELAY.set(True)
         try:
             outcome = await self._relay(data, response, user_api_key_dict)
@@ -1050,11 +1535,51 @@ class RelayHandler(CustomLogger):
     ) -> dict[str, str] | None:
         if not self.config.plan.enabled:
             return None
-        outcome = _bucket(data).get(_RESULT_KEY)
-        if outcome is None and response is not None and data.get("stream") and not _is_internal(data):
-            outcome = Outcome(self.config.plan.mode, "skipped:streaming", [])
-            self.stats[outcome.outcome] += 1
+        bucket = _bucket(data)
+        outcome = bucket.get(_RESULT_KEY)
+        if outcome is None and response is not None and data.get("stream"):
+            # a stream: the headers leave now, before the relay has run; decide what will happen
+            plan, outcome, depth = bucket[_STREAM_KEY] = self._decide(data)
+            if plan is not None:
+                return {"x-relay-mode": plan.mode, "x-relay-outcome": "pending",
+                        "x-relay-secondary-model": ",".join(_planned_models(plan))}
         return outcome.headers() if outcome is not None else None
+
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: "UserAPIKeyAuth", response: Any,
+                                                      request_data: dict) -> Any:
+        """Streams: the same modes, under the contract in the "Streams" section below."""
+        if not self.config.plan.enabled or _IN_RELAY.get() or not self._first_time(request_data):
+            async for chunk in response:
+                yield chunk
+            return
+        plan, outcome, depth = _bucket(request_data).pop(_STREAM_KEY, None) or self._decide(request_data)
+        if plan is None:
+            self._record(request_data, outcome)
+            async for chunk in response:
+                yield chunk
+            return
+        stream = StreamRelay(self, _Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), request_data)
+        finished = False
+        try:
+            async for chunk in stream.run_stream(response):
+                yield chunk
+            finished = True
+        finally:
+            if not finished and outcome.outcome in ("relayed", "pending"):
+                outcome.outcome = "failed:client_disconnected"
+            self._record(request_data, outcome)
+
+    def _first_time(self, data: Mapping[str, Any]) -> bool:
+        """False when this litellm_call_id was relayed before (a hook that fires twice relays once)."""
+        call_id = data.get("litellm_call_id")
+        if not call_id:
+            return True
+        if call_id in self._seen:
+            return False
+        self._seen[call_id] = None
+        if len(self._seen) > _SEEN_MAX:
+            self._seen.popitem(last=False)
+        return True
 
     def _record(self, data: dict, outcome: Outcome) -> None:
         self.stats[outcome.outcome] += 1
@@ -1109,28 +1634,39 @@ class RelayHandler(CustomLogger):
 
     # ----- running the modes ----------------------------------------------------------------------
 
-    async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> Outcome:
-        started = time.perf_counter()
+    def _decide(self, data: Mapping[str, Any]) -> tuple[Plan | None, "Outcome", int]:
+        """``(plan, outcome, depth)``: the plan is None when this request is not relayed (outcome says why)."""
+        mode = self.config.plan.mode
         if _is_internal(data):
-            return Outcome(self.config.plan.mode, "skipped:internal", [])
+            return None, Outcome(mode, "skipped:internal", []), 0
         depth = _request_depth(data)
         if depth >= self.config.max_depth:
-            return Outcome(self.config.plan.mode, "skipped:depth", [])
+            return None, Outcome(mode, "skipped:depth", []), depth
         plan, skip, note = self.plan_for(data)
         if plan is None:
-            result = Outcome(self.config.plan.mode, f"skipped:{skip}", [], override=note)
-            if skip == "model_config":
-                result.outcome = "failed:model_config"
-            return result
+            outcome = "failed:model_config" if skip == "model_config" else f"skipped:{skip}"
+            return None, Outcome(mode, outcome, [], override=note), depth
+        return plan, Outcome(plan.mode, "relayed", [], override=note), depth
+
+    async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> "Outcome":
+        plan, outcome, depth = self._decide(data)
+        if plan is None:
+            return outcome
         surface = Surface(response)
-        outcome = Outcome(plan.mode, "relayed", [], override=note)
         if surface.skip:
             outcome.outcome = f"skipped:{surface.skip}"
             return outcome
         if plan.mode == "shadow":
-            return self._start_shadow(plan, data, surface, outcome, depth, _key_id(user_api_key_dict))
+            return self._start_shadow(plan, self._prepare(data, surface.get_text()), outcome, depth, _key_id(user_api_key_dict))
+        await self._execute(_Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), data, surface)
+        return outcome
 
-        run = _Run(self, plan, depth, outcome, _key_id(user_api_key_dict))
+    async def _execute(self, run: "_Run", data: Mapping[str, Any], surface: Any) -> None:
+        """Run the plan's mode under the deadline; a failure gets the fail policy, never an exception."""
+        plan, outcome = run.plan, run.outcome
+        started = time.perf_counter()
+        run.deadline_at = self.clock() + self.config.deadline_s
+        token = _IN_RELAY.set(True)
         try:
             async with asyncio.timeout(self.config.deadline_s):
                 await MODE_RUNNERS[plan.mode](run, data, surface)
@@ -1140,24 +1676,26 @@ class RelayHandler(CustomLogger):
             else:
                 kind, reason, detail = "failed", "timeout", f"relay deadline of {self.config.deadline_s:g}s passed"
             outcome.outcome, outcome.reason = f"{kind}:{reason}", detail or reason
-            log.warning("relay %s failed: %s %s", plan.mode, reason, scrub_secrets(detail))
+            log.warning("relay %s %s: %s %s", plan.mode, kind, reason, scrub_secrets(detail))
             self._fail(plan, surface, outcome)
         finally:
-            outcome.latency_ms = (time.perf_counter() - started) * 1000
-        return outcome
+            _IN_RELAY.reset(token)
+            outcome.latency_ms += (time.perf_counter() - started) * 1000
+        if run.analysis is not None:
+            surface.attach({**outcome.as_dict(), "analysis": run.analysis})
 
-    def _fail(self, plan: Plan, surface: Surface, outcome: Outcome) -> None:
+    def _fail(self, plan: Plan, surface: Any, outcome: "Outcome") -> None:
         """Apply RELAY_FAIL_MODE to a failed relay."""
         if plan.fail_mode == "open":
             return
-        if plan.mode == "guard":
+        if plan.mode == "guard" and plan.guard_action == "replace":
             outcome.outcome = "blocked"
             outcome.reason = f"unjudged ({outcome.reason}); fail-closed"
             _block(plan, surface, outcome)
             return
         raise RelayRejected(503, f"relay {plan.mode} failed ({outcome.outcome}): {outcome.reason}; fail-closed", outcome)
 
-    def _start_shadow(self, plan: Plan, data: dict, surface: Surface, outcome: "Outcome", depth: int, key_id: str | None) -> "Outcome":
+    def _start_shadow(self, plan: Plan, prepared: Prepared, outcome: "Outcome", depth: int, key_id: str | None) -> "Outcome":
         if self._rng.random() >= plan.sample_rate:
             outcome.outcome = "skipped:sampled_out"
             return outcome
@@ -1165,7 +1703,6 @@ class RelayHandler(CustomLogger):
             outcome.outcome = "skipped:shadow_busy"
             return outcome
         outcome.models = [plan.secondary_model]
-        prepared = self._prepare(data, surface.get_text())
         task = asyncio.create_task(self._shadow(plan, prepared, depth, key_id), name="relay-shadow")
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
@@ -1209,11 +1746,12 @@ class _Run:
     cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
     adds the models called and their cost to the outcome."""
 
-    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at")
+    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis")
 
     def __init__(self, handler: "RelayHandler", plan: Plan, depth: int, outcome: "Outcome", key_id: str | None = None):
         self.handler, self.plan, self.depth, self.outcome, self.key_id = handler, plan, depth, outcome, key_id
         self.deadline_at = handler.clock() + handler.config.deadline_s
+        self.analysis: str | None = None  #: annotate's analysis, attached once the outcome is final
 
     def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
         return self.handler._prepare(data, surface.get_text())
@@ -1350,7 +1888,7 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
         surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{reply.text}")
         run.outcome.outcome = "modified"
     else:
-        surface.attach({**run.outcome.as_dict(), "analysis": reply.text})
+        run.analysis = reply.text
 
 
 async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
@@ -1399,6 +1937,463 @@ MODE_RUNNERS: Final = {
     "escalate": _run_escalate,
     "consensus": _run_consensus,
 }
+
+
+# =================================================================================================
+# Streams: the same modes for stream=true clients
+# =================================================================================================
+#
+# The contract, per mode (README "Streaming"):
+#   shadow, annotate   chunks pass through as they arrive; the end of the stream (finish chunk and
+#                      what follows) is held while annotate's analysis runs, then released with the
+#                      analysis appended (RELAY_ANNOTATE_TARGET=append) and the `relay` object.
+#   guard              RELAY_STREAM_GUARD=buffer holds the whole answer until judged; =window judges
+#                      each RELAY_STREAM_WINDOW_CHARS of text before releasing it, so a block stops
+#                      the stream before the offending window reaches the client.
+#   refine, escalate,  the primary is buffered; the final answer is then streamed to the client,
+#   consensus          straight from the secondary's own stream when its answer is the final text.
+# Headers leave before the outcome is known: streams say `x-relay-outcome: pending`, and the outcome,
+# models, latency and cost travel in a `relay` object on the stream's last event.
+
+#: how the final answer of a buffered mode is cut into chunks when it is not streamed by the secondary
+_EMIT_PIECE: Final = 64
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i:i + _EMIT_PIECE] for i in range(0, len(text), _EMIT_PIECE)] or [""]
+
+
+class StreamSurface:
+    """The Surface of a stream: the text gathered so far, and what the mode decided about it."""
+
+    __slots__ = ("text", "original", "filtered", "relay", "skip", "kind")
+
+    def __init__(self, text: str):
+        self.text = self.original = text
+        self.filtered = False
+        self.relay: dict | None = None
+        self.skip = None
+        self.kind = "stream"
+
+    def get_text(self) -> str:
+        return self.text
+
+    def set_text(self, text: str) -> None:
+        self.text = text
+
+    def mark_filtered(self) -> None:
+        self.filtered = True
+
+    def attach(self, relay: dict) -> None:
+        self.relay = relay
+
+
+class ChunkFormat:
+    """How one endpoint's stream carries text. Chunks are classified as:
+    ``text`` (a text delta), ``tool`` (a tool call: the relay leaves the stream alone),
+    ``end`` (the first chunk of the stream's end: finish reason, block stop, text done), ``other``."""
+
+    def kind(self, chunk: Any) -> str:
+        raise NotImplementedError
+
+    def text(self, chunk: Any) -> str:
+        raise NotImplementedError
+
+    def text_chunk(self, template: Any, text: str) -> Any:
+        """A text delta chunk like ``template`` carrying ``text``."""
+        raise NotImplementedError
+
+    def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
+        """The stream's end chunks, told the final text, the filter decision and the relay object."""
+        raise NotImplementedError
+
+    def heartbeat(self, template: Any) -> Any:
+        """A chunk that carries nothing, sent while relay work runs (None: the format has none)."""
+        return self.text_chunk(template, "")
+
+
+class _ChatChunks(ChunkFormat):
+    """/v1/chat/completions (ModelResponseStream) and /v1/completions (TextCompletionResponse)."""
+
+    def kind(self, chunk: Any) -> str:
+        choices = getattr(chunk, "choices", None) or []
+        if any(getattr(c, "index", 0) for c in choices):
+            return "tool"  # n > 1: several answers interleaved, nothing single to work on
+        if not choices:
+            return "other"
+        choice = choices[0]
+        delta = getattr(choice, "delta", None)
+        if delta is not None and (getattr(delta, "tool_calls", None) or getattr(delta, "function_call", None)):
+            return "tool"
+        if choice.finish_reason:
+            return "end"
+        return "text" if self.text(chunk) else "other"
+
+    def text(self, chunk: Any) -> str:
+        choice = chunk.choices[0]
+        delta = getattr(choice, "delta", None)
+        return (delta.content if delta is not None else getattr(choice, "text", None)) or ""
+
+    def text_chunk(self, template: Any, text: str) -> Any:
+        chunk = template.model_copy(deep=True)
+        choice = chunk.choices[0]
+        if getattr(choice, "delta", None) is not None:
+            choice.delta.content = text
+        else:
+            choice.text = text
+        choice.finish_reason = None
+        return chunk
+
+    def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
+        for chunk in tail:
+            choices = getattr(chunk, "choices", None) or []
+            if filtered and choices and choices[0].finish_reason:
+                choices[0].finish_reason = "content_filter"
+        if not tail:
+            return tail
+        # a last chunk of its own: no choices, the relay object on top (as "usage" chunks carry usage);
+        # the empty provider_specific_fields keeps the proxy from taking it for an injected usage chunk
+        last = tail[-1]
+        relay_chunk = type(last)(id=last.id, created=last.created, model=last.model, choices=[])
+        relay_chunk.provider_specific_fields = {}
+        setattr(relay_chunk, "relay", relay)
+        return [*tail, relay_chunk]
+
+
+class _MessagesChunks(ChunkFormat):
+    """/v1/messages: Anthropic SSE events, as the bytes the proxy writes."""
+
+    @staticmethod
+    def parse(chunk: Any) -> dict:
+        if isinstance(chunk, (bytes, bytearray)):
+            chunk = chunk.decode("utf-8", "replace")
+        if isinstance(chunk, str):
+            for line in chunk.splitlines():
+                if line.startswith("data:"):
+                    try:
+                        value = json.loads(line[5:].strip())
+                        return value if isinstance(value, dict) else {}
+                    except ValueError:
+                        return {}
+            return {}
+        return chunk if isinstance(chunk, dict) else {}
+
+    @staticmethod
+    def encode(event: dict) -> bytes:
+        return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
+
+    def kind(self, chunk: Any) -> str:
+        event = self.parse(chunk)
+        kind = event.get("type")
+        if kind == "content_block_start" and (event.get("content_block") or {}).get("type") != "text":
+            return "tool"
+        if kind == "content_block_delta":
+            return "text" if (event.get("delta") or {}).get("type") == "text_delta" else "tool"
+        if kind in ("content_block_stop", "message_delta", "message_stop"):
+            return "end"
+        return "other"
+
+    def text(self, chunk: Any) -> str:
+        return (self.parse(chunk).get("delta") or {}).get("text") or ""
+
+    def text_chunk(self, template: Any, text: str) -> Any:
+        event = self.parse(template)
+        return self.encode({"type": "content_block_delta", "index": event.get("index", 0),
+                            "delta": {"type": "text_delta", "text": text}})
+
+    def heartbeat(self, template: Any) -> Any:
+        return self.encode({"type": "ping"})
+
+    def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
+        out = []
+        for chunk in tail:
+            event = self.parse(chunk)
+            if event.get("type") == "message_delta":
+                if filtered:
+                    event.setdefault("delta", {})["stop_reason"] = "refusal"
+                event["relay"] = relay
+                chunk = self.encode(event)
+            out.append(chunk)
+        return out
+
+
+class _ResponsesChunks(ChunkFormat):
+    """/v1/responses: typed stream events; the ``done`` events repeat the whole text and are patched."""
+
+    def kind(self, chunk: Any) -> str:
+        kind = str(getattr(getattr(chunk, "type", None), "value", getattr(chunk, "type", "")))
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            item = getattr(chunk, "item", None)
+            if _field(item, "type") not in (None, "message"):
+                return "tool"
+        if kind == "response.output_text.delta":
+            return "text"
+        if kind in ("response.output_text.done", "response.content_part.done", "response.output_item.done",
+                    "response.completed", "response.incomplete"):
+            return "end"
+        return "other"
+
+    def text(self, chunk: Any) -> str:
+        return getattr(chunk, "delta", "") or ""
+
+    def text_chunk(self, template: Any, text: str) -> Any:
+        chunk = template.model_copy(deep=True)
+        chunk.delta = text
+        return chunk
+
+    def heartbeat(self, template: Any) -> Any:
+        return None  # the Responses stream has no event that carries nothing
+
+    def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
+        for chunk in tail:
+            kind = self.kind(chunk)
+            if hasattr(chunk, "text") and isinstance(getattr(chunk, "text"), str):
+                chunk.text = final_text
+            part = getattr(chunk, "part", None)
+            if part is not None and _field(part, "type") == "output_text":
+                _set_field(part, "text", final_text)
+            item = getattr(chunk, "item", None)
+            if item is not None:
+                _set_parts_text(_field(item, "content"), final_text)
+            response = getattr(chunk, "response", None)
+            if response is not None and kind == "end":
+                for item in getattr(response, "output", None) or []:
+                    _set_parts_text(_field(item, "content"), final_text)
+                if filtered:
+                    response.status = "incomplete"
+                    response.incomplete_details = {"reason": "content_filter"}
+                setattr(response, "relay", relay)
+        return tail
+
+
+def _set_parts_text(parts: Any, text: str) -> None:
+    first = True
+    for part in parts or []:
+        if _field(part, "type") == "output_text":
+            _set_field(part, "text", text if first else "")
+            first = False
+
+
+def chunk_format(chunk: Any) -> ChunkFormat | None:
+    """The format of a stream, from its first chunk (None: not a stream the relay understands)."""
+    if isinstance(chunk, (litellm.ModelResponseStream, litellm.TextCompletionResponse)):
+        return _ChatChunks()
+    if isinstance(chunk, (bytes, bytearray, str)) and b"event:" in (chunk if isinstance(chunk, (bytes, bytearray)) else chunk.encode()):
+        return _MessagesChunks()
+    if type(chunk).__module__.startswith("litellm.types.llms.openai") and hasattr(chunk, "type"):
+        return _ResponsesChunks()
+    return None
+
+
+class StreamRelay:
+    """One stream's relay: reads the primary's chunks and yields what the client receives."""
+
+    def __init__(self, handler: "RelayHandler", run: "_Run", data: Mapping[str, Any]):
+        self.handler, self.run, self.data = handler, run, data
+        self.plan, self.outcome = run.plan, run.outcome
+        self.fmt: ChunkFormat | None = None
+
+    def relay_object(self, surface: StreamSurface | None = None) -> dict:
+        return {**((surface.relay or {}) if surface else {}), **self.outcome.as_dict()}
+
+    async def run_stream(self, upstream: Any) -> Any:
+        if self.plan.mode in ("shadow", "annotate"):
+            stream = self._pass_through(upstream)
+        elif self.plan.mode == "guard" and self.plan.stream_guard == "window":
+            stream = self._windowed(upstream)
+        else:
+            stream = self._buffered(upstream)
+        async for chunk in stream:
+            yield chunk
+
+    def _classify(self, chunk: Any) -> str:
+        if self.fmt is None:
+            self.fmt = chunk_format(chunk)
+            if self.fmt is None:
+                return "unknown"
+        return self.fmt.kind(chunk)
+
+    async def _pass_through(self, upstream: Any) -> Any:
+        """shadow / annotate: text goes out as it arrives; the end waits for the analysis."""
+        texts, tail, template, skip = [], [], None, None
+        async for chunk in upstream:
+            kind = "end" if tail else self._classify(chunk)
+            if kind in ("tool", "unknown"):
+                skip = skip or ("tool_calls" if kind == "tool" else "unsupported_response")
+            if kind == "end" and skip is None:
+                tail.append(chunk)
+                continue
+            if kind == "text":
+                texts.append(self.fmt.text(chunk))
+                template = template or chunk
+            yield chunk
+        text = "".join(texts)
+        if skip or not text:
+            self.outcome.outcome = f"skipped:{skip or 'no_text'}"
+            for chunk in self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail:
+                yield chunk
+            return
+        surface = StreamSurface(text)
+        if self.plan.mode == "shadow":
+            self.handler._start_shadow(self.plan, self.handler._prepare(self.data, text), self.outcome,
+                                       self.run.depth, self.run.key_id)
+        else:
+            async for beat in self._execute(surface, template):
+                yield beat
+            if surface.text != text and surface.text.startswith(text):
+                yield self.fmt.text_chunk(template, surface.text[len(text):])
+        for chunk in self.fmt.close(tail, surface.text, surface.filtered, self.relay_object(surface)):
+            yield chunk
+
+    async def _buffered(self, upstream: Any) -> Any:
+        """refine / escalate / consensus / guard=buffer: nothing leaves before the final answer is known."""
+        body, tail, texts, template, skip = [], [], [], None, None
+        async for chunk in upstream:
+            kind = "end" if tail else self._classify(chunk)
+            if kind in ("tool", "unknown"):
+                skip = skip or ("tool_calls" if kind == "tool" else "unsupported_response")
+            if kind == "end":
+                tail.append(chunk)
+                continue
+            body.append(chunk)
+            if kind == "text":
+                texts.append(chunk)
+                template = template or chunk
+        text = "".join(self.fmt.text(c) for c in texts) if self.fmt else ""
+        if skip or not text:
+            self.outcome.outcome = f"skipped:{skip or 'no_text'}"
+            for chunk in body + (self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail):
+                yield chunk
+            return
+        surface = StreamSurface(text)
+        async for beat in self._execute(surface, template):
+            yield beat
+        if surface.text == text:  # unchanged: the primary's own chunks, exactly
+            for chunk in body:
+                yield chunk
+        else:
+            text_ids = {id(c) for c in texts}
+            for chunk in body:
+                if id(chunk) not in text_ids:
+                    yield chunk
+                elif chunk is template:
+                    for piece in _pieces(surface.text):
+                        yield self.fmt.text_chunk(template, piece)
+        for chunk in self.fmt.close(tail, surface.text, surface.filtered, self.relay_object(surface)):
+            yield chunk
+
+    async def _windowed(self, upstream: Any) -> Any:
+        """guard=window: each window of text is judged before it is released."""
+        window = self.handler.config.stream_window_chars
+        released, held, tail, template, skip = "", [], [], None, None
+        surface = StreamSurface("")
+        async for chunk in upstream:
+            kind = "end" if tail else self._classify(chunk)
+            if kind in ("tool", "unknown") and skip is None:
+                skip = "tool_calls" if kind == "tool" else "unsupported_response"
+            if skip is not None:  # nothing to judge: from here on the stream passes through
+                for pending in held + [chunk]:
+                    yield pending
+                held = []
+                continue
+            if kind == "end":
+                tail.append(chunk)
+                continue
+            held.append(chunk)
+            if kind == "text":
+                template = template or chunk
+            pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text")
+            if len(pending) >= window:
+                async for beat in self._judge(surface, released + pending, template):
+                    yield beat
+                if surface.filtered:
+                    async for out in self._refuse(template, released, surface, upstream):
+                        yield out
+                    return
+                released += pending
+                for allowed in held:
+                    yield allowed
+                held = []
+        if skip is not None:
+            self.outcome.outcome = f"skipped:{skip}"
+            return
+        pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text") if self.fmt else ""
+        if pending:
+            async for beat in self._judge(surface, released + pending, template):
+                yield beat
+        if pending and surface.filtered:
+            async for out in self._refuse(template, released, surface, None, tail):
+                yield out
+            return
+        if not released and not pending:
+            self.outcome.outcome = "skipped:no_text"
+        for chunk in held:
+            yield chunk
+        for chunk in self.fmt.close(tail, released + pending, False, self.relay_object(surface)) if self.fmt else tail:
+            yield chunk
+
+    async def _judge(self, surface: StreamSurface, text: str, template: Any) -> Any:
+        """Judge ``text`` (the whole answer so far); ``surface.filtered`` tells the verdict. Yields heartbeats.
+        A failure to judge one window sticks to the outcome even when a later window is judged."""
+        before = self.outcome.outcome
+        surface.text = surface.original = text
+        async for beat in self._execute(surface, template):
+            yield beat
+        if before.startswith(("failed:", "skipped:")) and self.outcome.outcome == "relayed":
+            self.outcome.outcome = before
+
+    async def _refuse(self, template: Any, released: str, surface: StreamSurface, upstream: Any, tail: list | None = None) -> Any:
+        """The guard blocked: stop reading the primary, send the refusal and a content-filter end."""
+        closer = getattr(upstream, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+        refusal = ("\n\n" if released else "") + self.plan.guard_message
+        yield self.fmt.text_chunk(template, refusal)
+        end = tail or self._synthetic_end(template)
+        for chunk in self.fmt.close(end, released + refusal, True, self.relay_object(surface)):
+            yield chunk
+
+    async def _execute(self, surface: StreamSurface, template: Any) -> Any:
+        """Run the mode as for a non-streaming response, yielding heartbeats while it works; when the
+        client goes away (this generator is closed), the work is cancelled with it."""
+        work = asyncio.ensure_future(self._mode(surface))
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=self.handler.config.stream_heartbeat_s)
+                beat = None if work.done() else self.fmt.heartbeat(template)
+                if beat is not None:
+                    yield beat
+            work.result()
+        finally:
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+
+    async def _mode(self, surface: StreamSurface) -> None:
+        """The mode itself; errors a stream cannot answer with (its status is sent) become refusals."""
+        try:
+            await self.handler._execute(self.run, self.data, surface)
+        except RelayRejected as rejected:
+            if self.plan.mode != "guard":  # fail-closed: the status line is gone, end the stream with an error
+                raise _http_error(rejected.status, rejected.message) from None
+            self.outcome.outcome = "blocked"
+            _block(self.plan, surface, self.outcome)  # guard_action=error cannot be a 400 any more
+
+    def _synthetic_end(self, template: Any) -> list:
+        """End chunks for a stream cut before the primary sent its own."""
+        if isinstance(self.fmt, _ChatChunks):
+            end = self.fmt.text_chunk(template, "")
+            end.choices[0].finish_reason = "content_filter"
+            return [end]
+        if isinstance(self.fmt, _MessagesChunks):
+            index = self.fmt.parse(template).get("index", 0)
+            return [_MessagesChunks.encode({"type": "content_block_stop", "index": index}),
+                    _MessagesChunks.encode({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": None},
+                                            "usage": {"output_tokens": 0}}),
+                    _MessagesChunks.encode({"type": "message_stop"})]
+        return []
 
 
 # =================================================================================================
@@ -1511,6 +2506,15 @@ def _client_block(block: Any) -> dict[str, Any] | None:
     return block
 
 
+def _planned_models(plan: Plan) -> list[str]:
+    """The secondaries a plan may call, in the order its mode calls them."""
+    if plan.mode == "escalate":
+        return [plan.secondary_model, plan.escalate_model]
+    if plan.mode == "consensus":
+        return [*plan.consensus_models, plan.secondary_model]
+    return [plan.secondary_model]
+
+
 def _key_id(user_api_key_dict: Any) -> str | None:
     """A stable, non-reversible id of the caller's API key, for per-key budgets."""
     key = getattr(user_api_key_dict, "api_key", None) or getattr(user_api_key_dict, "token", None)
@@ -1563,4 +2567,4 @@ else:
         logging.getLogger("relay").addHandler(_handler)
         logging.getLogger("relay").propagate = False
     CONFIG: Final = _load_config()
-    proxy_handler_instance: Final = RelayHandler(CONFIG)
+    proxy_handler_instance: Final = RelayHandler(CONFIG, store=_load_store(CONFIG))

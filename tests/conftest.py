@@ -104,6 +104,9 @@ def relay_test_models(sim_url: str) -> list[dict]:
         ollama("llama-closed", {"mode": "refine", "fail_mode": "closed"}),
         ollama("llama-guard-closed", {"mode": "guard", "fail_mode": "closed"}),
         ollama("llama-bad", {"mode": "telepathy"}),
+        ollama("llama-guard-window", {"mode": "guard", "stream_guard": "window"}),
+        model_entry("mock-window", "openai/gpt-4o-mini", sim_url + "/v1", {"mode": "guard", "stream_guard": "window"},
+                    mock_response=WINDOW_ANSWER),
         model_entry("llama-generate", "ollama/llama3", sim_url),
         model_entry("openai-primary", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
         model_entry("unrelayed", "ollama_chat/llama3", sim_url),
@@ -113,6 +116,10 @@ def relay_test_models(sim_url: str) -> list[dict]:
     ]
 
 
+#: a primary answer whose third window (of RELAY_STREAM_WINDOW_CHARS=40) is one the guard blocks
+WINDOW_ANSWER = ("The first forty characters are all fine. " "And the next forty characters are fine. "
+                 "But SIM:BLOCK marks this window as bad. " "This last window must never be seen.")
+
 BASE_RELAY_ENV = {
     "RELAY_SECONDARY_MODEL": "sec",
     "RELAY_ESCALATE_MODEL": "premium",
@@ -121,6 +128,7 @@ BASE_RELAY_ENV = {
     "RELAY_LOG_LEVEL": "info",
     "RELAY_TIMEOUT_S": "5",
     "RELAY_DEADLINE_S": "10",
+    "RELAY_STREAM_WINDOW_CHARS": "40",
 }
 
 
@@ -156,3 +164,16 @@ def proxy(workdir, sim) -> ProxyHandle:
     handle = start_test_proxy(workdir, "main", sim.url, {**BASE_RELAY_ENV, "RELAY_CLIENT_OVERRIDE": "opt_in"})
     yield handle
     handle.proxy.stop()
+
+
+# ----- Redis: real redis-server processes for the shared state (tests/redis_support.py) ------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir):
+    """One redis-server for the session; tests that stop or pause a server start their own."""
+    from tests.redis_support import RedisServer
+
+    server = RedisServer(workdir / "redis").start()
+    yield server
+    server.stop()

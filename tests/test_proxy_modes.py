@@ -236,10 +236,10 @@ def test_embeddings_are_not_touched(proxy):
     assert caught.value.status_code < 500 or "relay" not in str(caught.value.message)
 
 
-def test_a_stream_passes_through_and_says_so(proxy, token):
+def test_a_stream_outside_apply_to_passes_through_and_says_why(proxy, token):
     with proxy.openai.chat.completions.with_streaming_response.create(
-            model="llama", messages=[{"role": "user", "content": f"Hi {token}"}], stream=True) as raw:
-        assert raw.headers["x-relay-outcome"] == "skipped:streaming"
+            model="unrelayed", messages=[{"role": "user", "content": f"Hi {token}"}], stream=True) as raw:
+        assert raw.headers["x-relay-outcome"] == "skipped:not_applied"
         text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
     assert text == f"llama3 says: Hi {token}"
 

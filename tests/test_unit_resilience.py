@@ -1,0 +1,974 @@
+"""The resilience layer, in process: circuit breaker, budget, retries, deadline and cache.
+
+Time never passes by sleeping: the breaker and retries read an injected monotonic ``clock``, the budget
+windows and cache an injected ``wall`` clock, and tests move them. Only the deadline (an
+``asyncio.timeout`` on the event loop) runs on real time, with a deadline of a few hundredths of a second.
+"""
+
+import asyncio
+import itertools
+import random
+from types import SimpleNamespace
+
+import litellm
+import pytest
+from fastapi import HTTPException
+
+import relay_plugin
+from relay_plugin import Breaker, LocalStore, RelayConfig, RelayHandler, Reply, SecondaryError
+
+_real_sleep = asyncio.sleep  # some tests replace asyncio.sleep with a recorder
+_call_ids = itertools.count()
+
+MODEL = "sec"
+CLOSED, OPEN, HALF_OPEN = relay_plugin.STATE_CLOSED, relay_plugin.STATE_OPEN, relay_plugin.STATE_HALF_OPEN
+
+#: Binary-exact prices, so budget figures compare with ==. With 8 prompt tokens and 38 output tokens the
+#: worst case of one call is ((8 * 1.25 + 16) + 38) / 1024 = 64 / 1024 = 0.0625 USD.
+PRICE = (2.0 ** -10, 2.0 ** -10)
+PROMPT_TOKENS = 8
+MAX_TOKENS = "38"
+WORST = 0.0625
+ACTUAL = 0.046875  # what one call really costs: 48 / 1024, below the worst case
+
+
+def is_probe(permit) -> bool:
+    """Probe permits name the half-open period they belong to: ``probe:<n>``."""
+    return isinstance(permit, str) and permit.startswith("probe:")
+
+
+def probes_in(permits) -> int:
+    return sum(is_probe(p) for p in permits)
+
+
+# ----- fakes and helpers ------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Secondary:
+    """A fake ``complete``: records every call, may wait on a gate, move the clock, fail or answer."""
+
+    def __init__(self, text: str = "refined", cost: float = 0.0, *, gate: asyncio.Event | None = None,
+                 fail=None, clock: FakeClock | None = None, takes: float = 0.0, blocked: set | None = None,
+                 on_call=None):
+        self.text, self.cost, self.gate, self.clock, self.takes = text, cost, gate, clock, takes
+        #: None, a SecondaryError factory, or a list of them consumed one per call (None in it: answer)
+        self.fail = fail
+        self.blocked = blocked  #: models that wait forever (the gate applies to all when None)
+        self.on_call = on_call
+        self.calls: list[dict] = []
+        self.cancelled: list[str] = []
+
+    async def __call__(self, model, messages, *, max_tokens, timeout, depth):
+        self.calls.append({"model": model, "messages": messages, "max_tokens": max_tokens,
+                           "timeout": timeout, "depth": depth})
+        if self.on_call is not None:
+            self.on_call(model)
+        try:
+            if self.blocked is not None and model in self.blocked:
+                await asyncio.Event().wait()
+            elif self.gate is not None:
+                await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(model)
+            raise
+        if self.clock is not None:
+            self.clock.advance(self.takes)
+        fail = self.fail.pop(0) if isinstance(self.fail, list) else self.fail
+        if fail is not None:
+            raise fail()
+        return Reply(model, self.text, self.cost)
+
+
+def failing(reason: str, *, retryable: bool = False, retry_after: float | None = None):
+    return lambda: SecondaryError(reason, f"fake {reason}", retryable=retryable, retry_after=retry_after)
+
+
+def config(**env: str) -> RelayConfig:
+    """A config from ``NAME=value`` pairs (without the RELAY_ prefix), secondary ``sec``, no retries."""
+    values = {"RELAY_SECONDARY_MODEL": MODEL, "RELAY_RETRIES": "0"}
+    values.update({f"RELAY_{name}": value for name, value in env.items()})
+    return RelayConfig.from_env(values)
+
+
+def handler_for(cfg: RelayConfig, fake: Secondary, clock: FakeClock | None = None,
+                wall: FakeClock | None = None) -> RelayHandler:
+    return RelayHandler(cfg, complete=fake, clock=clock or FakeClock(), wall=wall or FakeClock(0.0),
+                        rng=random.Random(0))
+
+
+def priced(monkeypatch, handler: RelayHandler, price=PRICE) -> None:
+    """Make the worst-case estimate of every call exactly ``WORST`` (with ``SECONDARY_MAX_TOKENS=38``)."""
+    monkeypatch.setattr(handler, "price", lambda model: price)
+    monkeypatch.setattr(relay_plugin.litellm, "token_counter", lambda *args, **kwargs: PROMPT_TOKENS)
+
+
+def primary_response(text: str = "primary") -> litellm.ModelResponse:
+    return litellm.ModelResponse(
+        choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop", "index": 0}], model="m")
+
+
+def request(metadata: dict | None = None) -> dict:
+    return {"model": "llama", "messages": [{"role": "user", "content": "q"}],
+            "litellm_call_id": f"call-{next(_call_ids)}", "metadata": dict(metadata or {})}
+
+
+async def relay(handler: RelayHandler, answer: str = "primary", *, key: str | None = "sk-caller-a",
+                metadata: dict | None = None, response=None):
+    """Run the success hook for one request; returns ``(outcome, response)``."""
+    data = request(metadata)
+    response = response if response is not None else primary_response(answer)
+    user = SimpleNamespace(api_key=key)
+    await handler.async_post_call_success_hook(data, user, response)
+    return relay_plugin._bucket(data)["relay_result"], response
+
+
+async def until(condition, limit: int = 10_000) -> None:
+    """Let the event loop run until ``condition()`` holds (never waits on real time)."""
+    for _ in range(limit):
+        if condition():
+            return
+        await _real_sleep(0)
+    raise AssertionError("the condition never held")
+
+
+def bare_breaker(**overrides) -> Breaker:
+    settings = {"failure_rate": 0.5, "window": 10, "min_calls": 4, "cooldown_s": 30.0, "probes": 3}
+    settings.update(overrides)
+    return Breaker(**settings)
+
+
+def trip(breaker: Breaker, clock: FakeClock, failures: int = 4) -> None:
+    for _ in range(failures):
+        breaker.record(breaker.acquire(clock()), True, clock())
+
+
+async def trip_store(handler: RelayHandler, model: str = MODEL) -> None:
+    """Open ``model``'s breaker through the store interface, with as many failures as the minimum."""
+    for _ in range(handler.config.breaker_min_calls):
+        permit = await handler.store.breaker_acquire(model, handler.clock())
+        await handler.store.breaker_record(model, permit, True, handler.clock())
+    assert handler.store.breakers[model].state == OPEN
+
+
+BREAKER_ENV = {"BREAKER_MIN_CALLS": "4", "BREAKER_WINDOW": "10", "BREAKER_FAILURE_RATE": "0.5",
+               "BREAKER_COOLDOWN_S": "30", "BREAKER_PROBES": "3", "BREAKER_SLOW_S": "2"}
+
+
+def breaker_config(**env: str) -> RelayConfig:
+    return config(**{**BREAKER_ENV, **env})
+
+
+# ----- breaker: the bare state machine ----------------------------------------------------------------
+
+
+def test_a_half_open_breaker_admits_exactly_the_configured_probes_among_fifty_callers():
+    clock = FakeClock()
+    breaker = bare_breaker(probes=3)
+    trip(breaker, clock)
+    clock.advance(30)
+
+    permits = [breaker.acquire(clock()) for _ in range(50)]
+
+    assert probes_in(permits) == 3
+    assert permits.count(None) == 47
+    assert all(is_probe(p) for p in permits[:3])
+    assert breaker.probes_in_flight == 3
+
+
+async def test_the_store_admits_exactly_the_configured_probes_to_fifty_concurrent_callers():
+    clock = FakeClock()
+    store = LocalStore(breaker_config())
+    for _ in range(4):
+        await store.breaker_record(MODEL, await store.breaker_acquire(MODEL, clock()), True, clock())
+    clock.advance(30)
+
+    permits = await asyncio.gather(*(store.breaker_acquire(MODEL, clock()) for _ in range(50)))
+
+    assert probes_in(permits) == 3
+    assert permits.count(None) == 47
+    assert await store.breaker_state(MODEL, clock()) == HALF_OPEN
+
+
+def test_fifty_simultaneous_failures_open_the_breaker_exactly_once():
+    clock = FakeClock()
+    breaker = bare_breaker()
+    permits = [breaker.acquire(clock()) for _ in range(50)]  # all admitted while closed
+    assert permits == ["call"] * 50
+
+    for permit in permits:
+        breaker.record(permit, True, clock())
+
+    assert breaker.opened_count == 1
+    assert breaker.state == OPEN
+    assert breaker.opened_at == clock()
+
+
+def test_the_breaker_is_still_open_just_before_the_cooldown_ends_and_half_open_once_it_has():
+    clock = FakeClock()
+    breaker = bare_breaker()
+    trip(breaker, clock)
+    opened_at = clock()
+
+    clock.now = opened_at + 30 - 1e-6
+    assert breaker.current_state(clock()) == OPEN
+    assert breaker.allows(clock()) is False
+    assert breaker.acquire(clock()) is None
+
+    clock.now = opened_at + 30
+    assert breaker.current_state(clock()) == HALF_OPEN
+    assert breaker.allows(clock()) is True
+    assert is_probe(breaker.acquire(clock()))
+
+
+def test_fewer_failed_calls_than_the_minimum_never_open_the_breaker():
+    clock = FakeClock()
+    breaker = bare_breaker(min_calls=4)
+
+    trip(breaker, clock, failures=3)
+    assert breaker.state == CLOSED
+    assert breaker.opened_count == 0
+    assert list(breaker.results) == [True, True, True]
+
+    trip(breaker, clock, failures=1)
+    assert breaker.state == OPEN
+    assert breaker.opened_count == 1
+
+
+def test_the_failure_rate_must_reach_the_threshold_over_the_window():
+    clock = FakeClock()
+    breaker = bare_breaker(failure_rate=0.5, min_calls=4)
+    for failed in (False, False, True):
+        breaker.record(breaker.acquire(clock()), failed, clock())
+    breaker.record(breaker.acquire(clock()), False, clock())  # 1 of 4 failed: 25 %
+    assert breaker.state == CLOSED
+
+    breaker.record(breaker.acquire(clock()), True, clock())  # 2 of 5: 40 %
+    assert breaker.state == CLOSED
+    breaker.record(breaker.acquire(clock()), True, clock())  # 3 of 6: 50 %
+    assert breaker.state == OPEN
+
+
+def test_one_failed_probe_reopens_the_breaker_and_restarts_the_cooldown():
+    clock = FakeClock()
+    breaker = bare_breaker(probes=3)
+    trip(breaker, clock)
+    clock.advance(30)
+    first, second = breaker.acquire(clock()), breaker.acquire(clock())
+
+    breaker.record(first, False, clock())
+    assert breaker.state == HALF_OPEN
+    clock.advance(1)
+    breaker.record(second, True, clock())
+
+    assert breaker.state == OPEN
+    assert breaker.opened_count == 2
+    assert breaker.opened_at == clock()
+    clock.advance(30 - 1e-6)
+    assert breaker.acquire(clock()) is None
+    clock.advance(1e-6)
+    assert is_probe(breaker.acquire(clock()))
+
+
+def test_as_many_probe_successes_as_configured_probes_close_the_breaker():
+    clock = FakeClock()
+    breaker = bare_breaker(probes=3)
+    trip(breaker, clock)
+    clock.advance(30)
+    probes = [breaker.acquire(clock()) for _ in range(3)]
+
+    breaker.record(probes[0], False, clock())
+    breaker.record(probes[1], False, clock())
+    assert breaker.state == HALF_OPEN
+    breaker.record(probes[2], False, clock())
+
+    assert breaker.state == CLOSED
+    assert len(breaker.results) == 0
+    assert breaker.acquire(clock()) == "call"
+    assert breaker.opened_count == 1
+
+
+def test_a_released_probe_permit_lets_another_probe_in():
+    clock = FakeClock()
+    breaker = bare_breaker(probes=1)
+    trip(breaker, clock)
+    clock.advance(30)
+    probe = breaker.acquire(clock())
+    assert breaker.acquire(clock()) is None
+
+    breaker.release(probe)
+
+    assert breaker.probes_in_flight == 0
+    assert breaker.state == HALF_OPEN
+    assert is_probe(breaker.acquire(clock()))
+
+
+@pytest.mark.parametrize("late_probe_ends", ["succeeded", "cancelled"])
+def test_a_probe_still_running_from_an_earlier_half_open_period_does_not_widen_the_next_one(late_probe_ends):
+    clock = FakeClock()
+    breaker = bare_breaker(probes=2)
+    trip(breaker, clock)
+    clock.advance(30)
+    failing_probe, late_probe = breaker.acquire(clock()), breaker.acquire(clock())
+    breaker.record(failing_probe, True, clock())  # reopens while late_probe is still running
+    clock.advance(30)
+    assert breaker.current_state(clock()) == HALF_OPEN
+
+    if late_probe_ends == "succeeded":
+        breaker.record(late_probe, False, clock())
+    else:
+        breaker.release(late_probe)
+    permits = [breaker.acquire(clock()) for _ in range(5)]
+
+    assert probes_in(permits) == 2, f"{permits} {breaker!r}"
+    assert breaker.probes_in_flight == 2
+
+
+def test_breaker_repr_names_the_state_failures_probes_and_open_count():
+    clock = FakeClock()
+    breaker = bare_breaker(probes=3)
+    assert repr(breaker) == "<Breaker closed failures=0/0 probes=0/3 opened=0>"
+
+    breaker.record(breaker.acquire(clock()), True, clock())
+    breaker.record(breaker.acquire(clock()), False, clock())
+    assert repr(breaker) == "<Breaker closed failures=1/2 probes=0/3 opened=0>"
+
+    trip(breaker, clock, failures=2)
+    assert repr(breaker) == "<Breaker open failures=0/0 probes=0/3 opened=1>"
+
+    clock.advance(30)
+    breaker.acquire(clock())
+    breaker.acquire(clock())
+    assert repr(breaker) == "<Breaker half_open failures=0/0 probes=2/3 opened=1>"
+
+
+async def test_local_store_repr_counts_its_counters_breakers_and_cache_entries():
+    store = LocalStore(config(CACHE_TTL_S="60"))
+    assert repr(store) == "<LocalStore counters=0 breakers=0 cache=0>"
+
+    await store.reserve([("spend:0", 1.0, 0.5), ("calls:0", 5.0, 1.0)])
+    await store.breaker_acquire(MODEL, 0.0)
+    await store.cache_put("k", "text", 0.0)
+
+    assert repr(store) == "<LocalStore counters=2 breakers=1 cache=1>"
+
+
+# ----- breaker: through RelayHandler ------------------------------------------------------------------
+
+
+async def test_a_half_open_breaker_lets_exactly_the_configured_probes_reach_the_secondary_among_fifty_relays():
+    clock, gate = FakeClock(), asyncio.Event()
+    fake = Secondary(gate=gate)
+    handler = handler_for(breaker_config(BREAKER_PROBES="3"), fake, clock)
+    await trip_store(handler)
+    clock.advance(30)
+
+    running = asyncio.gather(*(relay(handler) for _ in range(50)))
+    await until(lambda: len(fake.calls) + handler.stats["skipped:breaker_open"] == 50)
+
+    assert len(fake.calls) == 3  # all fifty are in flight together; three of them reached the fake
+    assert handler.store.breakers[MODEL].probes_in_flight == 3
+    gate.set()
+    outcomes = [outcome.outcome for outcome, _ in await running]
+
+    assert outcomes.count("modified") == 3
+    assert outcomes.count("skipped:breaker_open") == 47
+    assert len(fake.calls) == 3
+    assert handler.store.breakers[MODEL].state == CLOSED
+
+
+async def test_fifty_concurrent_failing_relays_open_the_breaker_exactly_once():
+    clock, gate = FakeClock(), asyncio.Event()
+    fake = Secondary(gate=gate, fail=failing("provider_error", retryable=True))
+    handler = handler_for(breaker_config(), fake, clock)
+
+    running = asyncio.gather(*(relay(handler) for _ in range(50)))
+    await until(lambda: len(fake.calls) == 50)
+    gate.set()
+    outcomes = [outcome.outcome for outcome, _ in await running]
+
+    assert outcomes == ["failed:provider_error"] * 50
+    breaker = handler.store.breakers[MODEL]
+    assert breaker.opened_count == 1
+    assert breaker.state == OPEN
+
+
+async def test_slow_successful_calls_alone_open_the_breaker():
+    clock = FakeClock()
+    fake = Secondary(clock=clock, takes=2.5)  # slower than BREAKER_SLOW_S=2, and successful
+    handler = handler_for(breaker_config(), fake, clock)
+
+    outcomes = [(await relay(handler))[0].outcome for _ in range(4)]
+
+    assert outcomes == ["modified"] * 4
+    assert handler.store.breakers[MODEL].state == OPEN
+    assert handler.store.breakers[MODEL].opened_count == 1
+    blocked, _ = await relay(handler)
+    assert blocked.outcome == "skipped:breaker_open"
+    assert len(fake.calls) == 4
+
+
+async def test_calls_that_take_exactly_the_slow_threshold_are_not_slow():
+    clock = FakeClock()
+    fake = Secondary(clock=clock, takes=2.0)
+    handler = handler_for(breaker_config(), fake, clock)
+
+    for _ in range(8):
+        assert (await relay(handler))[0].outcome == "modified"
+
+    breaker = handler.store.breakers[MODEL]
+    assert breaker.state == CLOSED
+    assert list(breaker.results) == [False] * 8
+
+
+async def test_fewer_failed_relays_than_the_minimum_never_open_the_breaker():
+    fake = Secondary(fail=failing("provider_error"))
+    handler = handler_for(breaker_config(BREAKER_MIN_CALLS="5"), fake)
+
+    for _ in range(4):
+        assert (await relay(handler))[0].outcome == "failed:provider_error"
+    assert handler.store.breakers[MODEL].state == CLOSED
+
+    assert (await relay(handler))[0].outcome == "failed:provider_error"
+    assert handler.store.breakers[MODEL].state == OPEN
+    assert (await relay(handler))[0].outcome == "skipped:breaker_open"
+    assert len(fake.calls) == 5
+
+
+async def test_a_probe_cancelled_mid_call_gives_its_permit_back():
+    clock, gate = FakeClock(), asyncio.Event()
+    fake = Secondary(gate=gate)
+    handler = handler_for(breaker_config(BREAKER_PROBES="1"), fake, clock)
+    await trip_store(handler)
+    clock.advance(30)
+    probe = asyncio.create_task(relay(handler))
+    await until(lambda: len(fake.calls) == 1)
+    assert handler.store.breakers[MODEL].probes_in_flight == 1
+    assert (await relay(handler))[0].outcome == "skipped:breaker_open"  # the one permit is taken
+
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+
+    assert fake.cancelled == [MODEL]
+    breaker = handler.store.breakers[MODEL]
+    assert breaker.probes_in_flight == 0
+    assert breaker.state == HALF_OPEN
+    gate.set()
+    outcome, _ = await relay(handler)
+    assert outcome.outcome == "modified"
+    assert len(fake.calls) == 2
+    assert breaker.state == CLOSED
+
+
+async def test_one_failed_probe_relay_reopens_the_breaker():
+    clock = FakeClock()
+    fake = Secondary(fail=[None, failing("timeout", retryable=True)])
+    handler = handler_for(breaker_config(BREAKER_PROBES="3"), fake, clock)
+    await trip_store(handler)
+    clock.advance(30)
+
+    assert (await relay(handler))[0].outcome == "modified"
+    assert handler.store.breakers[MODEL].state == HALF_OPEN
+    assert (await relay(handler))[0].outcome == "failed:timeout"
+
+    breaker = handler.store.breakers[MODEL]
+    assert breaker.state == OPEN
+    assert breaker.opened_count == 2
+    assert (await relay(handler))[0].outcome == "skipped:breaker_open"
+    assert len(fake.calls) == 2
+
+
+async def test_as_many_successful_probe_relays_as_configured_probes_close_the_breaker():
+    clock = FakeClock()
+    fake = Secondary()
+    handler = handler_for(breaker_config(BREAKER_PROBES="2"), fake, clock)
+    await trip_store(handler)
+    clock.advance(30)
+
+    assert (await relay(handler))[0].outcome == "modified"
+    assert handler.store.breakers[MODEL].state == HALF_OPEN
+    assert (await relay(handler))[0].outcome == "modified"
+
+    assert handler.store.breakers[MODEL].state == CLOSED
+    assert handler.store.breakers[MODEL].opened_count == 1
+
+
+async def test_rejected_requests_do_not_count_against_the_model():
+    fake = Secondary(fail=failing("provider_rejected"))
+    handler = handler_for(breaker_config(), fake)
+
+    outcomes = [(await relay(handler))[0].outcome for _ in range(8)]
+
+    assert outcomes == ["failed:provider_rejected"] * 8
+    breaker = handler.store.breakers[MODEL]
+    assert breaker.state == CLOSED
+    assert list(breaker.results) == [False] * 8
+
+
+async def test_bad_verdicts_do_not_count_against_the_model():
+    fake = Secondary(text="I think it is fine.")  # not the strict JSON verdict
+    handler = handler_for(breaker_config(MODE="guard"), fake)
+
+    outcomes = [(await relay(handler))[0].outcome for _ in range(8)]
+
+    assert outcomes == ["failed:bad_verdict"] * 8
+    breaker = handler.store.breakers[MODEL]
+    assert breaker.state == CLOSED
+    assert list(breaker.results) == [False] * 8
+
+
+async def test_while_open_the_relay_is_skipped_and_the_secondary_is_not_called():
+    clock = FakeClock()
+    fake = Secondary()
+    handler = handler_for(breaker_config(), fake, clock)
+    await trip_store(handler)
+    clock.advance(30 - 1e-6)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "skipped:breaker_open"
+    assert outcome.reason == "the circuit breaker of sec is open"
+    assert outcome.headers()["x-relay-outcome"] == "skipped:breaker_open"
+    assert outcome.headers()["x-relay-secondary-model"] == "sec"
+    assert response.choices[0].message.content == "primary"
+    assert fake.calls == []
+    assert handler.stats["skipped:breaker_open"] == 1
+
+
+# ----- budget -----------------------------------------------------------------------------------------
+
+
+async def test_a_thousand_relays_released_together_spend_no_more_than_a_cap_that_affords_a_hundred_calls(monkeypatch):
+    gate, wall = asyncio.Event(), FakeClock(1_000_000.0)
+    fake = Secondary(cost=ACTUAL, gate=gate)
+    handler = handler_for(config(BUDGET_USD="6.25", SECONDARY_MAX_TOKENS=MAX_TOKENS), fake, wall=wall)
+    priced(monkeypatch, handler)
+    spend = f"spend:{int(wall.now // 86400)}"
+
+    running = asyncio.gather(*(relay(handler) for _ in range(1000)))
+    await until(lambda: len(fake.calls) + handler.stats["skipped:budget"] == 1000)
+    reserved_at_peak = handler.store.counters[spend]
+    gate.set()
+    results = await running
+
+    assert reserved_at_peak == 100 * WORST == 6.25
+    outcomes = [outcome.outcome for outcome, _ in results]
+    assert outcomes.count("modified") == 100
+    assert outcomes.count("skipped:budget") == 900
+    assert len(fake.calls) == 100
+    actual_total = sum(outcome.cost_usd for outcome, _ in results)
+    assert actual_total == 100 * ACTUAL == 4.6875
+    assert handler.store.counters == {spend: actual_total}  # nothing stays reserved
+    assert handler.store.counters[spend] <= 6.25
+
+
+async def test_per_key_caps_isolate_the_keys(monkeypatch):
+    fake = Secondary(cost=ACTUAL)
+    handler = handler_for(config(BUDGET_USD_PER_KEY=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    priced(monkeypatch, handler)
+
+    first_a, _ = await relay(handler, key="sk-key-a")
+    second_a, response = await relay(handler, key="sk-key-a")
+    first_b, _ = await relay(handler, key="sk-key-b")
+
+    assert first_a.outcome == "modified"
+    assert second_a.outcome == "skipped:budget"
+    assert response.choices[0].message.content == "primary"
+    assert first_b.outcome == "modified"
+    assert len(fake.calls) == 2
+    key_a, key_b = relay_plugin._key_id(SimpleNamespace(api_key="sk-key-a")), relay_plugin._key_id(SimpleNamespace(api_key="sk-key-b"))
+    assert handler.store.counters == {f"spend:key:{key_a}:0": ACTUAL, f"spend:key:{key_b}:0": ACTUAL}
+
+
+async def test_the_budget_window_rolls_over(monkeypatch):
+    wall = FakeClock(0.0)
+    fake = Secondary(cost=ACTUAL)
+    handler = handler_for(config(BUDGET_USD=str(WORST), BUDGET_WINDOW_S="60", SECONDARY_MAX_TOKENS=MAX_TOKENS),
+                          fake, wall=wall)
+    priced(monkeypatch, handler)
+
+    assert (await relay(handler))[0].outcome == "modified"
+    wall.now = 59.999
+    assert (await relay(handler))[0].outcome == "skipped:budget"
+    wall.now = 60.0
+    assert (await relay(handler))[0].outcome == "modified"
+
+    assert len(fake.calls) == 2
+    assert handler.store.counters == {"spend:0": ACTUAL, "spend:1": ACTUAL}
+
+
+async def test_max_calls_caps_the_number_of_secondary_calls_per_window(monkeypatch):
+    fake = Secondary(cost=ACTUAL)
+    handler = handler_for(config(MAX_CALLS="2"), fake)
+    monkeypatch.setattr(handler, "price", lambda model: None)  # a count cap needs no price
+
+    outcomes = [(await relay(handler))[0].outcome for _ in range(3)]
+
+    assert outcomes == ["modified", "modified", "skipped:budget"]
+    assert len(fake.calls) == 2
+    assert handler.store.counters == {"calls:0": 2.0}
+
+
+async def test_a_budget_refusal_is_skipped_budget_and_leaves_the_answer_alone():
+    fake = Secondary()
+    handler = handler_for(config(MAX_CALLS="0"), fake)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "skipped:budget"
+    assert outcome.reason == "the relay budget of this window cannot cover a call to sec"
+    assert outcome.headers()["x-relay-cost-usd"] == "0.00000000"
+    assert response.choices[0].message.content == "primary"
+    assert fake.calls == []
+    assert handler.store.counters == {}
+
+
+async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a_call(monkeypatch):
+    seen_during_call = []
+    fake = Secondary(cost=ACTUAL, fail=[None, failing("provider_rejected")])
+    handler = handler_for(config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    fake.on_call = lambda model: seen_during_call.append(dict(handler.store.counters))
+    priced(monkeypatch, handler)
+
+    assert (await relay(handler))[0].outcome == "modified"
+    failed, _ = await relay(handler)
+
+    assert failed.outcome == "failed:provider_rejected"
+    # the reservation was held while each call ran
+    assert seen_during_call == [{"spend:0": WORST, "calls:0": 1.0}, {"spend:0": ACTUAL + WORST, "calls:0": 2.0}]
+    # the failed call reached the provider: its spend settles at 0, the call itself stays counted
+    assert handler.store.counters == {"spend:0": ACTUAL, "calls:0": 2.0}
+    assert failed.cost_usd == 0.0
+
+
+async def test_a_cancelled_call_gives_its_whole_reservation_back(monkeypatch):
+    gate = asyncio.Event()
+    fake = Secondary(cost=ACTUAL, gate=gate)
+    handler = handler_for(config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    priced(monkeypatch, handler)
+    gate.set()
+    await relay(handler)
+    before = dict(handler.store.counters)
+    assert before == {"spend:0": ACTUAL, "calls:0": 1.0}
+    gate.clear()
+
+    task = asyncio.create_task(relay(handler))
+    await until(lambda: len(fake.calls) == 2)
+    assert handler.store.counters == {"spend:0": ACTUAL + WORST, "calls:0": 2.0}
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert fake.cancelled == [MODEL]
+    assert handler.store.counters == before
+
+
+async def test_a_call_cut_by_the_deadline_gives_its_reservation_and_probe_permit_back(monkeypatch):
+    clock = FakeClock()
+    fake = Secondary(cost=ACTUAL, blocked={MODEL})
+    handler = handler_for(config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS,
+                                 DEADLINE_S="0.05", TIMEOUT_S="0.05", **BREAKER_ENV), fake, clock)
+    priced(monkeypatch, handler)
+    await trip_store(handler)
+    clock.advance(30)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.outcome == "failed:timeout"
+    assert handler.store.counters == {"spend:0": 0.0, "calls:0": 0.0}
+    assert handler.store.breakers[MODEL].probes_in_flight == 0
+
+
+async def test_an_unpriced_secondary_is_skipped_when_a_usd_cap_is_set(monkeypatch):
+    fake = Secondary()
+    handler = handler_for(config(BUDGET_USD="1"), fake)
+    monkeypatch.setattr(handler, "price", lambda model: None)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "skipped:unpriced"
+    assert outcome.reason == "no price is known for sec (RELAY_ALLOW_UNPRICED=true allows it)"
+    assert response.choices[0].message.content == "primary"
+    assert fake.calls == []
+    assert handler.store.counters == {}
+
+
+async def test_an_unpriced_secondary_is_allowed_with_allow_unpriced_and_settles_its_actual_cost(monkeypatch):
+    fake = Secondary(cost=0.25)
+    handler = handler_for(config(BUDGET_USD="1", ALLOW_UNPRICED="true"), fake)
+    monkeypatch.setattr(handler, "price", lambda model: None)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.outcome == "modified"
+    assert len(fake.calls) == 1
+    assert handler.store.counters == {"spend:0": 0.25}
+
+
+async def test_fail_closed_guard_blocks_the_answer_when_the_budget_refuses():
+    fake = Secondary(text='{"verdict": "allow", "reason": "ok"}')
+    handler = handler_for(config(MODE="guard", FAIL_MODE="closed", MAX_CALLS="0"), fake)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "blocked"
+    assert outcome.reason == "unjudged (the relay budget of this window cannot cover a call to sec); fail-closed"
+    assert response.choices[0].message.content == relay_plugin.DEFAULT_GUARD_MESSAGE
+    assert response.choices[0].finish_reason == "content_filter"
+    assert fake.calls == []
+
+
+async def test_fail_closed_refine_answers_503_when_the_budget_refuses():
+    fake = Secondary()
+    handler = handler_for(config(FAIL_MODE="closed", MAX_CALLS="0"), fake)
+    data = request()
+
+    with pytest.raises(HTTPException) as raised:
+        await handler.async_post_call_success_hook(data, SimpleNamespace(api_key="k"), primary_response())
+
+    assert raised.value.status_code == 503
+    assert raised.value.detail == ("relay refine failed (skipped:budget): the relay budget of this window "
+                                   "cannot cover a call to sec; fail-closed")
+    assert raised.value.headers["x-relay-outcome"] == "skipped:budget"
+    assert relay_plugin._bucket(data)["relay_result"].outcome == "skipped:budget"
+    assert fake.calls == []
+
+
+# ----- retries ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """Replace asyncio.sleep with a recorder that moves the test's fake clock instead of waiting."""
+    record = SimpleNamespace(delays=[], clock=FakeClock())
+
+    async def fake_sleep(delay, result=None):
+        record.delays.append(delay)
+        record.clock.advance(delay)
+        await _real_sleep(0)
+        return result
+
+    monkeypatch.setattr(relay_plugin.asyncio, "sleep", fake_sleep)
+    return record
+
+
+async def test_a_retryable_error_is_retried_exactly_relay_retries_times_then_fails(sleeps):
+    fake = Secondary(fail=failing("provider_error", retryable=True))
+    handler = handler_for(config(RETRIES="3"), fake, sleeps.clock)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "failed:provider_error"
+    assert len(fake.calls) == 4
+    assert len(sleeps.delays) == 3
+    assert handler.stats["retries"] == 3
+    assert response.choices[0].message.content == "primary"
+
+
+async def test_a_retried_call_that_then_succeeds_is_relayed(sleeps):
+    fake = Secondary(cost=0.5, fail=[failing("connection", retryable=True), None])
+    handler = handler_for(config(RETRIES="3"), fake, sleeps.clock)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "modified"
+    assert response.choices[0].message.content == "refined"
+    assert len(fake.calls) == 2
+    assert outcome.cost_usd == 0.5
+    assert handler.stats["retries"] == 1
+
+
+async def test_a_non_retryable_error_is_not_retried(sleeps):
+    fake = Secondary(fail=failing("provider_rejected", retryable=False))
+    handler = handler_for(config(RETRIES="3"), fake, sleeps.clock)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.outcome == "failed:provider_rejected"
+    assert len(fake.calls) == 1
+    assert sleeps.delays == []
+    assert handler.stats["retries"] == 0
+
+
+async def test_retry_after_is_honoured(sleeps):
+    fake = Secondary(fail=[failing("rate_limited", retryable=True, retry_after=2.5), None])
+    handler = handler_for(config(RETRIES="1", RETRY_BASE_S="0.25"), fake, sleeps.clock)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.outcome == "modified"
+    assert len(sleeps.delays) == 1
+    assert sleeps.delays[0] >= 2.5
+    assert sleeps.delays == [2.5]  # the jitter (at most 0.25 s) is below the server's wish
+
+
+async def test_no_retry_starts_when_retry_after_reaches_past_the_deadline(sleeps):
+    fake = Secondary(fail=failing("rate_limited", retryable=True, retry_after=5.0))
+    handler = handler_for(config(RETRIES="3", DEADLINE_S="1", TIMEOUT_S="1"), fake, sleeps.clock)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.outcome == "failed:rate_limited"
+    assert len(fake.calls) == 1
+    assert sleeps.delays == []
+    assert handler.stats["retries"] == 0
+
+
+async def test_retries_stop_once_the_next_backoff_would_end_past_the_deadline(sleeps):
+    fake = Secondary(fail=failing("rate_limited", retryable=True, retry_after=4.0))
+    handler = handler_for(config(RETRIES="5", DEADLINE_S="10", TIMEOUT_S="5"), fake, sleeps.clock)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.outcome == "failed:rate_limited"
+    assert sleeps.delays == [4.0, 4.0]  # at 8 s a third wait of 4 s would end at the 10 s deadline
+    assert [call["timeout"] for call in fake.calls] == [5.0, 5.0, 2.0]  # the last call gets what is left
+
+
+async def test_backoff_delays_are_full_jitter_under_the_exponential_cap(sleeps):
+    fake = Secondary(fail=failing("provider_error", retryable=True))
+    handler = handler_for(config(RETRIES="5", RETRY_BASE_S="0.25", RETRY_MAX_S="1", DEADLINE_S="60"),
+                          fake, sleeps.clock)
+
+    await relay(handler)
+
+    caps = [min(1.0, 0.25 * 2 ** n) for n in range(5)]
+    assert caps == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert len(sleeps.delays) == 5
+    assert all(0 <= delay <= cap for delay, cap in zip(sleeps.delays, caps))
+    same_seed = random.Random(0)
+    assert sleeps.delays == [cap * same_seed.random() for cap in caps]
+
+
+# ----- deadline ---------------------------------------------------------------------------------------
+
+
+def other_tasks() -> set:
+    return asyncio.all_tasks() - {asyncio.current_task()}
+
+
+async def test_a_secondary_slower_than_the_deadline_fails_with_timeout_and_leaves_no_task_running():
+    fake = Secondary(blocked={MODEL})
+    handler = handler_for(config(DEADLINE_S="0.05", TIMEOUT_S="0.05"), fake)
+    assert other_tasks() == set()
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "failed:timeout"
+    assert outcome.reason == "relay deadline of 0.05s passed"
+    assert response.choices[0].message.content == "primary"
+    assert fake.cancelled == [MODEL]
+    assert other_tasks() == set()
+
+
+async def test_the_consensus_fan_out_is_cancelled_as_a_whole_at_the_deadline():
+    fake = Secondary(blocked={"c1", "c2"})
+    handler = handler_for(config(MODE="consensus", CONSENSUS_MODELS="c1,c2", DEADLINE_S="0.05", TIMEOUT_S="0.05"), fake)
+
+    outcome, response = await relay(handler)
+
+    assert outcome.outcome == "failed:timeout"
+    assert sorted(call["model"] for call in fake.calls) == ["c1", "c2"]
+    assert sorted(fake.cancelled) == ["c1", "c2"]
+    assert response.choices[0].message.content == "primary"
+    assert other_tasks() == set()
+
+
+# ----- cache ------------------------------------------------------------------------------------------
+
+
+async def test_an_identical_request_reuses_the_cached_result():
+    wall = FakeClock(0.0)
+    fake = Secondary(cost=0.125)
+    handler = handler_for(config(CACHE_TTL_S="60"), fake, wall=wall)
+
+    first, _ = await relay(handler)
+    second, response = await relay(handler)
+
+    assert len(fake.calls) == 1
+    assert first.headers()["x-relay-cache"] == "miss"
+    assert first.headers()["x-relay-cost-usd"] == "0.12500000"
+    assert second.outcome == "modified"
+    assert response.choices[0].message.content == "refined"
+    assert second.headers()["x-relay-cache"] == "hit"
+    assert second.headers()["x-relay-cost-usd"] == "0.00000000"
+
+
+async def test_a_cached_result_expires_after_the_ttl():
+    wall = FakeClock(0.0)
+    fake = Secondary()
+    handler = handler_for(config(CACHE_TTL_S="60"), fake, wall=wall)
+    await relay(handler)
+
+    wall.now = 59.999
+    assert (await relay(handler))[0].cache == "hit"
+    wall.now = 60.0
+    expired, _ = await relay(handler)
+
+    assert expired.cache == "miss"
+    assert len(fake.calls) == 2
+
+
+async def test_the_cache_bound_evicts_the_oldest_entry():
+    fake = Secondary()
+    handler = handler_for(config(CACHE_TTL_S="60", CACHE_MAX_ENTRIES="2"), fake)
+    for answer in ("answer a", "answer b", "answer c"):
+        await relay(handler, answer)
+    assert len(fake.calls) == 3
+    assert len(handler.store.cache) == 2
+
+    assert (await relay(handler, "answer b"))[0].cache == "hit"
+    assert (await relay(handler, "answer c"))[0].cache == "hit"
+    assert (await relay(handler, "answer a"))[0].cache == "miss"
+    assert len(fake.calls) == 4
+
+
+async def test_a_different_answer_misses_the_cache():
+    fake = Secondary()
+    handler = handler_for(config(CACHE_TTL_S="60"), fake)
+
+    first, _ = await relay(handler, "primary")
+    other, _ = await relay(handler, "another primary")
+
+    assert (first.cache, other.cache) == ("miss", "miss")
+    assert len(fake.calls) == 2
+
+
+async def test_a_different_mode_misses_the_cache():
+    fake = Secondary()
+    handler = handler_for(config(CACHE_TTL_S="60", CLIENT_OVERRIDE="opt_in"), fake)
+
+    refined, _ = await relay(handler)
+    annotated, _ = await relay(handler, metadata={"relay": {"mode": "annotate"}})
+    annotated_again, _ = await relay(handler, metadata={"relay": {"mode": "annotate"}})
+
+    assert (refined.mode, refined.cache) == ("refine", "miss")
+    assert (annotated.mode, annotated.cache) == ("annotate", "miss")
+    assert (annotated_again.mode, annotated_again.cache) == ("annotate", "hit")
+    assert len(fake.calls) == 2
+
+
+async def test_without_a_ttl_nothing_is_cached():
+    fake = Secondary()
+    handler = handler_for(config(), fake)
+
+    first, _ = await relay(handler)
+    second, _ = await relay(handler)
+
+    assert len(fake.calls) == 2
+    assert "x-relay-cache" not in first.headers()
+    assert "x-relay-cache" not in second.headers()
+    assert handler.store.cache == {}
