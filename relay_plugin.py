@@ -1561,8 +1561,9 @@ class RelayHandler(CustomLogger):
         stream = StreamRelay(self, _Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), request_data)
         finished = False
         try:
-            async for chunk in stream.run_stream(response):
-                yield chunk
+            async with contextlib.aclosing(stream.run_stream(response)) as inner:
+                async for chunk in inner:
+                    yield chunk
             finished = True
         finally:
             if not finished and outcome.outcome in ("relayed", "pending"):
@@ -1746,18 +1747,23 @@ class _Run:
     cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
     adds the models called and their cost to the outcome."""
 
-    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis")
+    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis", "sink", "streamed")
 
     def __init__(self, handler: "RelayHandler", plan: Plan, depth: int, outcome: "Outcome", key_id: str | None = None):
         self.handler, self.plan, self.depth, self.outcome, self.key_id = handler, plan, depth, outcome, key_id
         self.deadline_at = handler.clock() + handler.config.deadline_s
         self.analysis: str | None = None  #: annotate's analysis, attached once the outcome is final
+        #: streams only: where the text of a call that makes the final answer goes as it arrives
+        self.sink: Callable[[str], Any] | None = None
+        self.streamed = ""  #: what went through the sink
 
     def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
         return self.handler._prepare(data, surface.get_text())
 
-    async def call(self, model: str, messages: list[dict], *, key: tuple = ()) -> Reply:
-        """One secondary answer. ``key`` names what the answer depends on, for the cache."""
+    async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False) -> Reply:
+        """One secondary answer. ``key`` names what the answer depends on, for the cache; ``final``
+        says the answer becomes the client's answer, so a stream may send it on as it arrives."""
+        sink = self.sink if final else None
         handler, config = self.handler, self.handler.config
         if model not in self.outcome.models:
             self.outcome.models.append(model)
@@ -1766,15 +1772,17 @@ class _Run:
             cached = await handler.store.cache_get(cache_key, handler.wall())
             self.outcome.note_cache(cached is not None)
             if cached is not None:
+                if sink is not None:
+                    await self._emit(sink, cached)
                 return Reply(model, cached, 0.0)
         attempt = 0
         while True:
             try:
-                reply = await self._attempt(model, messages)
+                reply = await self._attempt(model, messages, sink)
                 break
             except SecondaryError as exc:
-                if not exc.retryable or attempt >= config.retries:
-                    raise
+                if not exc.retryable or attempt >= config.retries or self.streamed:
+                    raise  # a stream that began cannot start over
                 delay = min(config.retry_max_s, config.retry_base_s * 2 ** attempt) * handler._rng.random()
                 delay = max(delay, exc.retry_after or 0.0)
                 if handler.clock() + delay >= self.deadline_at:
@@ -1787,7 +1795,11 @@ class _Run:
             await handler.store.cache_put(cache_key, reply.text, handler.wall())
         return reply
 
-    async def _attempt(self, model: str, messages: list[dict]) -> Reply:
+    async def _emit(self, sink: Callable[[str], Any], text: str) -> None:
+        self.streamed += text
+        await sink(text)
+
+    async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None) -> Reply:
         handler, config, store = self.handler, self.handler.config, self.handler.store
         permit = await store.breaker_acquire(model, handler.clock())
         if permit is None:
@@ -1800,9 +1812,10 @@ class _Run:
                 reservation = await self._reserve(model, messages)
             started = handler.clock()
             remaining = self.deadline_at - started
+            streaming = {"on_delta": lambda text: self._emit(sink, text)} if sink is not None else {}
             reply = await handler._complete(
                 model, messages, max_tokens=config.secondary_max_tokens,
-                timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1)
+                timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
             spent = reply.cost_usd
             failed = handler.clock() - started > config.breaker_slow_s
             return reply
@@ -1853,7 +1866,7 @@ async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
     prepared = run.prepared(data, surface)
     instructions = plan.refine_prompt or REFINE_INSTRUCTIONS
     reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer))
+                           key=(instructions, prepared.turns, prepared.answer), final=True)
     if reply.text.strip() != surface.get_text().strip():
         surface.set_text(reply.text)
         run.outcome.outcome = "modified"
@@ -1900,7 +1913,7 @@ async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     run.outcome.reason = f"score {score:g}: {reason}"
     if score >= plan.escalate_threshold:
         return
-    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns))
+    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns), final=True)
     surface.set_text(premium.text)
     run.outcome.outcome = "escalated"
 
@@ -1923,7 +1936,7 @@ async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
     if len(candidates) == 1:
         raise SecondaryError("consensus_members", "every consensus member failed: " + "; ".join(failures))
     merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates),
-                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates))
+                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates), final=True)
     surface.set_text(merged.text)
     run.outcome.outcome = "modified"
     if failures:
@@ -1957,6 +1970,10 @@ MODE_RUNNERS: Final = {
 
 #: how the final answer of a buffered mode is cut into chunks when it is not streamed by the secondary
 _EMIT_PIECE: Final = 64
+
+
+#: what a stream says when the secondary broke off after its first token: the primary answer follows
+INTERRUPTED_NOTE: Final = "\n\n[relay: the reviewed answer was interrupted; the original answer follows]\n\n"
 
 
 def _pieces(text: str) -> list[str]:
@@ -2203,8 +2220,9 @@ class StreamRelay:
             stream = self._windowed(upstream)
         else:
             stream = self._buffered(upstream)
-        async for chunk in stream:
-            yield chunk
+        async with contextlib.aclosing(stream) as inner:
+            async for chunk in inner:
+                yield chunk
 
     def _classify(self, chunk: Any) -> str:
         if self.fmt is None:
@@ -2238,16 +2256,18 @@ class StreamRelay:
             self.handler._start_shadow(self.plan, self.handler._prepare(self.data, text), self.outcome,
                                        self.run.depth, self.run.key_id)
         else:
-            async for beat in self._execute(surface, template):
-                yield beat
+            async with contextlib.aclosing(self._execute(surface, template)) as inner:
+                async for beat in inner:
+                    yield beat
             if surface.text != text and surface.text.startswith(text):
                 yield self.fmt.text_chunk(template, surface.text[len(text):])
         for chunk in self.fmt.close(tail, surface.text, surface.filtered, self.relay_object(surface)):
             yield chunk
 
     async def _buffered(self, upstream: Any) -> Any:
-        """refine / escalate / consensus / guard=buffer: nothing leaves before the final answer is known."""
-        body, tail, texts, template, skip = [], [], [], None, None
+        """refine / escalate / consensus / guard=buffer: no text leaves before the final answer is known;
+        when a secondary's answer is the final answer, it streams straight to the client."""
+        body, tail, texts, skip = [], [], [], None
         async for chunk in upstream:
             kind = "end" if tail else self._classify(chunk)
             if kind in ("tool", "unknown"):
@@ -2258,27 +2278,32 @@ class StreamRelay:
             body.append(chunk)
             if kind == "text":
                 texts.append(chunk)
-                template = template or chunk
         text = "".join(self.fmt.text(c) for c in texts) if self.fmt else ""
         if skip or not text:
             self.outcome.outcome = f"skipped:{skip or 'no_text'}"
             for chunk in body + (self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail):
                 yield chunk
             return
+        template = texts[0]
+        lead = body[:body.index(template)]  # what precedes the text (role chunk, message and block starts)
+        for chunk in lead:
+            yield chunk
         surface = StreamSurface(text)
-        async for beat in self._execute(surface, template):
-            yield beat
-        if surface.text == text:  # unchanged: the primary's own chunks, exactly
-            for chunk in body:
+        async with contextlib.aclosing(self._execute(surface, template, stream_final=True)) as inner:
+            async for chunk in inner:
                 yield chunk
+        streamed = self.run.streamed
+        if not streamed and surface.text == text:  # unchanged: the primary's own chunks, exactly
+            rest = body[len(lead):]
         else:
+            if streamed and surface.text != streamed:  # the secondary broke off mid-answer: keep the answer
+                surface.text = streamed + INTERRUPTED_NOTE + text
             text_ids = {id(c) for c in texts}
-            for chunk in body:
-                if id(chunk) not in text_ids:
-                    yield chunk
-                elif chunk is template:
-                    for piece in _pieces(surface.text):
-                        yield self.fmt.text_chunk(template, piece)
+            rest = [c for c in body[len(lead):] if id(c) not in text_ids]
+            for piece in _pieces(surface.text[len(streamed):]) if len(surface.text) > len(streamed) else ():
+                yield self.fmt.text_chunk(template, piece)
+        for chunk in rest:
+            yield chunk
         for chunk in self.fmt.close(tail, surface.text, surface.filtered, self.relay_object(surface)):
             yield chunk
 
@@ -2304,11 +2329,13 @@ class StreamRelay:
                 template = template or chunk
             pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text")
             if len(pending) >= window:
-                async for beat in self._judge(surface, released + pending, template):
-                    yield beat
+                async with contextlib.aclosing(self._judge(surface, released + pending, template)) as inner:
+                    async for beat in inner:
+                        yield beat
                 if surface.filtered:
-                    async for out in self._refuse(template, released, surface, upstream):
-                        yield out
+                    async with contextlib.aclosing(self._refuse(template, released, surface, upstream)) as inner:
+                        async for out in inner:
+                            yield out
                     return
                 released += pending
                 for allowed in held:
@@ -2319,11 +2346,13 @@ class StreamRelay:
             return
         pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text") if self.fmt else ""
         if pending:
-            async for beat in self._judge(surface, released + pending, template):
-                yield beat
+            async with contextlib.aclosing(self._judge(surface, released + pending, template)) as inner:
+                async for beat in inner:
+                    yield beat
         if pending and surface.filtered:
-            async for out in self._refuse(template, released, surface, None, tail):
-                yield out
+            async with contextlib.aclosing(self._refuse(template, released, surface, None, tail)) as inner:
+                async for out in inner:
+                    yield out
             return
         if not released and not pending:
             self.outcome.outcome = "skipped:no_text"
@@ -2337,8 +2366,9 @@ class StreamRelay:
         A failure to judge one window sticks to the outcome even when a later window is judged."""
         before = self.outcome.outcome
         surface.text = surface.original = text
-        async for beat in self._execute(surface, template):
-            yield beat
+        async with contextlib.aclosing(self._execute(surface, template)) as inner:
+            async for beat in inner:
+                yield beat
         if before.startswith(("failed:", "skipped:")) and self.outcome.outcome == "relayed":
             self.outcome.outcome = before
 
@@ -2354,18 +2384,33 @@ class StreamRelay:
         for chunk in self.fmt.close(end, released + refusal, True, self.relay_object(surface)):
             yield chunk
 
-    async def _execute(self, surface: StreamSurface, template: Any) -> Any:
-        """Run the mode as for a non-streaming response, yielding heartbeats while it works; when the
-        client goes away (this generator is closed), the work is cancelled with it."""
+    async def _execute(self, surface: StreamSurface, template: Any, stream_final: bool = False) -> Any:
+        """Run the mode as for a non-streaming response, yielding heartbeats while it works and, with
+        ``stream_final``, the text of the secondary call that makes the final answer as it arrives.
+        When the client goes away (this generator is closed), the work is cancelled with it."""
+        deltas: asyncio.Queue[str] = asyncio.Queue()
+        if stream_final:
+            self.run.sink = deltas.put
         work = asyncio.ensure_future(self._mode(surface))
         try:
-            while not work.done():
-                await asyncio.wait({work}, timeout=self.handler.config.stream_heartbeat_s)
-                beat = None if work.done() else self.fmt.heartbeat(template)
+            while True:
+                getter = asyncio.ensure_future(deltas.get())
+                done, _ = await asyncio.wait({work, getter}, timeout=self.handler.config.stream_heartbeat_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield self.fmt.text_chunk(template, getter.result())
+                    continue
+                getter.cancel()
+                if work.done():
+                    break
+                beat = self.fmt.heartbeat(template)
                 if beat is not None:
                     yield beat
+            while not deltas.empty():
+                yield self.fmt.text_chunk(template, deltas.get_nowait())
             work.result()
         finally:
+            self.run.sink = None
             if not work.done():
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -2407,8 +2452,12 @@ def _proxy_router() -> Any:
     return getattr(module, "llm_router", None) if module is not None else None
 
 
-async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int) -> Reply:
-    """One secondary call: a ``model_name`` of the proxy goes through its router, anything else to litellm."""
+async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int,
+                            on_delta: Callable[[str], Any] | None = None) -> Reply:
+    """One secondary call: a ``model_name`` of the proxy goes through its router, anything else to litellm.
+
+    With ``on_delta`` the call streams and each text delta is awaited through it as it arrives.
+    """
     kwargs: dict[str, Any] = {
         "model": model,
         "messages": messages,
@@ -2419,6 +2468,8 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
         "extra_headers": {DEPTH_HEADER: str(depth)},
         "no-log": True,
     }
+    if on_delta is not None:
+        kwargs.update(stream=True, stream_options={"include_usage": True})
     router = _proxy_router()
     try:
         async with asyncio.timeout(timeout):
@@ -2426,6 +2477,14 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
                 response = await router.acompletion(**kwargs)
             else:
                 response = await litellm.acompletion(max_retries=0, **kwargs)
+            if on_delta is not None:
+                chunks = []
+                async for chunk in response:
+                    chunks.append(chunk)
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        await on_delta(delta)
+                response = litellm.stream_chunk_builder(chunks, messages=messages) if chunks else None
     except TimeoutError:
         raise SecondaryError("timeout", f"{model} did not answer within {timeout:g}s", retryable=True) from None
     except Exception as exc:  # noqa: BLE001 - every provider error becomes a typed SecondaryError

@@ -53,6 +53,12 @@ def test_a_refined_stream_reassembles_into_the_non_streaming_answer(proxy, token
     assert finish_reason(chunks) == "stop"
 
 
+def test_a_refined_stream_streams_the_secondary_itself(proxy, sim, token):
+    stream_chat(proxy, "llama", f"{REFINABLE} {token}")
+    (secondary,) = [r for r in sim.requests(token) if r["model"] == "gpt-4o-mini"]
+    assert secondary["body"]["stream"] is True  # its first token goes straight on to the client
+
+
 def test_an_escalated_stream_carries_the_premium_answer(proxy, token):
     prompt = f"Explain gravity SIM:LOWSCORE {token}"
     _, text, chunks = stream_chat(proxy, "llama-escalate", prompt)

@@ -1,0 +1,110 @@
+"""StreamRelay in process: synthetic primary streams, a scripted secondary, no network."""
+
+import asyncio
+
+import litellm
+import pytest
+
+import relay_plugin
+from relay_plugin import INTERRUPTED_NOTE, RelayConfig, RelayHandler, Reply, SecondaryError
+
+
+def chat_stream(*pieces: str, finish: str = "stop"):
+    """A primary's chat stream: one chunk per piece, then the finish chunk."""
+    def chunk(content=None, finish_reason=None, role=None):
+        delta = {"content": content} if content is not None else {}
+        if role:
+            delta["role"] = role
+        return litellm.ModelResponseStream(id="c1", created=1, model="llama", choices=[
+            {"index": 0, "delta": delta, "finish_reason": finish_reason}])
+
+    async def stream():
+        for i, piece in enumerate(pieces):
+            yield chunk(piece, role="assistant" if i == 0 else None)
+        yield chunk(finish_reason=finish)
+    return stream()
+
+
+def handler_for(complete, **env) -> RelayHandler:
+    config = RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_RETRIES": "0",
+                                   "RELAY_STREAM_HEARTBEAT_S": "0.02", **env})
+    return RelayHandler(config, complete=complete)
+
+
+async def run(handler, stream, call_id="call-1"):
+    data = {"model": "llama", "stream": True, "messages": [{"role": "user", "content": "q"}],
+            "litellm_call_id": call_id, "metadata": {}}
+    chunks = [c async for c in handler.async_post_call_streaming_iterator_hook(None, stream, data)]
+    text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+    relay = [getattr(c, "relay") for c in chunks if hasattr(c, "relay")]
+    return chunks, text, relay[-1] if relay else None
+
+
+async def test_a_streaming_secondary_reaches_the_client_delta_by_delta():
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        assert on_delta is not None
+        for piece in ("Better ", "answer."):
+            await on_delta(piece)
+        return Reply(model, "Better answer.", 0.001)
+
+    chunks, text, relay = await run(handler_for(complete), chat_stream("pri", "mary"))
+    assert text == "Better answer."
+    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["Better ", "answer."]
+    assert relay["outcome"] == "modified" and relay["cost_usd"] == 0.001
+
+
+async def test_a_secondary_that_breaks_off_mid_answer_is_followed_by_the_primary_answer():
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        await on_delta("Half an ans")
+        raise SecondaryError("connection", "dropped", retryable=True)
+
+    _, text, relay = await run(handler_for(complete, RELAY_RETRIES="2"), chat_stream("the ", "primary"))
+    assert text == "Half an ans" + INTERRUPTED_NOTE + "the primary"
+    assert relay["outcome"] == "failed:connection"
+
+
+async def test_heartbeats_flow_while_the_secondary_works_and_carry_no_text():
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        await asyncio.sleep(0.15)
+        return Reply(model, "done", 0.0)
+
+    chunks, text, _ = await run(handler_for(complete), chat_stream("x"))
+    empty = [c for c in chunks if c.choices and c.choices[0].delta.content == ""]
+    assert len(empty) >= 3
+    assert text == "done"
+
+
+async def test_closing_the_stream_cancels_the_secondary_call():
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    handler = handler_for(complete)
+    data = {"model": "llama", "stream": True, "messages": [], "litellm_call_id": "c", "metadata": {}}
+    stream = handler.async_post_call_streaming_iterator_hook(None, chat_stream("x"), data)
+    async for _ in stream:  # the first heartbeat: the secondary is at work
+        if started.is_set():
+            break
+    await stream.aclose()  # what the proxy does when the client goes away
+    assert cancelled.is_set()
+    assert relay_plugin._bucket(data)["relay_result"].outcome == "failed:client_disconnected"
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+@pytest.mark.parametrize("mode", ["refine", "guard"])
+async def test_an_unchanged_answer_goes_out_as_the_primary_chunks(mode):
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        text = '{"verdict": "allow", "reason": "ok"}' if mode == "guard" else "same text"
+        if on_delta:
+            await on_delta(text)
+        return Reply(model, text, 0.0)
+
+    _, text, relay = await run(handler_for(complete, RELAY_MODE=mode), chat_stream("same ", "text"))
+    assert text == "same text"
+    assert relay["outcome"] == "relayed"
