@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit lock env-table clean
+.PHONY: run test unit lock env-table readme record clean
 
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,14 +25,22 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not proxy"
 
+## record: re-record cassettes/ for PROVIDER=<openai|azure|anthropic|ollama|gemini|bedrock|mistral|all>; against the real service when its key is set, EMULATOR=1: always the local emulator
+record: $(STAMP)
+	@test -n "$(PROVIDER)" || { echo "usage: make record PROVIDER=<name>|all [EMULATOR=1]" >&2; exit 2; }
+	$(PY) scripts/record_cassettes.py --provider $(PROVIDER) $(if $(EMULATOR),,--auto)
+
 ## lock: re-resolve requirements.in into requirements.lock (exact versions, hashes)
 lock:
 	$(PY) -m pip install --quiet pip-tools
 	$(PY) -m piptools compile --generate-hashes --allow-unsafe --quiet --no-emit-find-links --no-emit-index-url -o requirements.lock requirements.in
 
-## env-table: the Markdown table of every RELAY_* variable (as in README.md)
+## env-table: the Markdown table of every RELAY_* variable; `make readme` writes it into README.md
 env-table:
 	@$(PYTHON) relay_plugin.py --env-table
+
+readme:
+	$(PYTHON) -c "import re,subprocess,sys; t=subprocess.run([sys.executable,'relay_plugin.py','--env-table'],capture_output=True,text=True,check=True).stdout; p='README.md'; s=open(p).read(); open(p,'w').write(re.sub(r'(<!-- env-table -->\n).*?(<!-- /env-table -->)', lambda m: m.group(1)+t+m.group(2), s, flags=re.S))"
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache

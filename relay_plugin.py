@@ -907,10 +907,16 @@ def _price_of(model: str) -> tuple[float, float] | None:
                 price = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
                 break
         if price is None:
-            try:
-                cost_map = litellm.get_model_info(model=info.get("base_model") or params.get("model") or model)
-                price = (float(cost_map["input_cost_per_token"]), float(cost_map["output_cost_per_token"]))
-            except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
+            name = info.get("base_model") or params.get("model") or model
+            # litellm's cost map prices Ollama models under "ollama/" only; ollama_chat/ runs the same model
+            for candidate in (name, "ollama/" + name.split("/", 1)[1]) if name.startswith("ollama_chat/") else (name,):
+                try:
+                    cost_map = litellm.get_model_info(model=candidate)
+                    price = (float(cost_map["input_cost_per_token"]), float(cost_map["output_cost_per_token"]))
+                    break
+                except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
+                    continue
+            if price is None:
                 return None
         candidates.append(price)
     return (max(p[0] for p in candidates), max(p[1] for p in candidates)) if candidates else None
@@ -2518,7 +2524,7 @@ def _classify_error(model: str, exc: Exception) -> SecondaryError:
     if isinstance(exc, (litellm.APIConnectionError, OSError)) or "connection error" in detail.lower():
         return SecondaryError("connection", detail, retryable=True)  # litellm reports some as a 500
     if isinstance(status, int) and status >= 500 or isinstance(exc, (litellm.InternalServerError, litellm.ServiceUnavailableError)):
-        return SecondaryError("provider_error", detail, retryable=True)
+        return SecondaryError("provider_error", detail, retryable=True, retry_after=_retry_after(exc))
     if isinstance(status, int) and 400 <= status < 500:
         return SecondaryError("provider_rejected", detail)
     return SecondaryError("error", detail)
