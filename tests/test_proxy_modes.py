@@ -283,3 +283,49 @@ def test_anthropic_sdk_errors_are_clear_too(proxy, token):
         proxy.anthropic.messages.create(model="llama-guard-error", max_tokens=50,
                                         messages=[{"role": "user", "content": f"SIM:BLOCK {token}"}])
     assert "simulated policy violation" in str(caught.value)
+
+
+# ----- the whole matrix: every mode on every endpoint ---------------------------------------------
+
+MODE_CASES = {
+    # model: (text in the prompt, the outcome the client must see)
+    "llama": ("", "modified"),
+    "llama-guard": ("SIM:BLOCK", "blocked"),
+    "llama-annotate": ("", "relayed"),
+    "llama-escalate": ("SIM:LOWSCORE", "escalated"),
+    "llama-consensus": ("", "modified"),
+    "llama-shadow": ("", "relayed"),
+}
+
+
+def call_endpoint(proxy, endpoint: str, model: str, content: str):
+    """One non-streaming call on ``endpoint``: ``(x-relay-outcome, answer text)``."""
+    if endpoint == "chat":
+        raw = proxy.chat(model, content)
+        return raw.headers["x-relay-outcome"], raw.parse().choices[0].message.content
+    if endpoint == "completions":
+        raw = proxy.openai.completions.with_raw_response.create(model=model, prompt=content)
+        return raw.headers["x-relay-outcome"], raw.parse().choices[0].text
+    if endpoint == "messages":
+        raw = proxy.anthropic.messages.with_raw_response.create(
+            model=model, max_tokens=200, messages=[{"role": "user", "content": content}])
+        return raw.headers["x-relay-outcome"], raw.parse().content[0].text
+    raw = proxy.openai.responses.with_raw_response.create(model=model, input=content)
+    return raw.headers["x-relay-outcome"], raw.parse().output_text
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions", "messages", "responses"])
+@pytest.mark.parametrize("model", list(MODE_CASES))
+def test_every_mode_works_on_every_endpoint(proxy, token, endpoint, model):
+    marker, expected = MODE_CASES[model]
+    content = f"{marker} Question {token}".strip()
+    outcome, text = call_endpoint(proxy, endpoint, model, content)
+    assert outcome == expected
+    if expected == "blocked":
+        assert text == "I can't help with that request."
+    elif model in ("llama-annotate", "llama-shadow"):
+        assert token in text and text.startswith("llama3 says:")  # unchanged primary answer
+    elif model == "llama-escalate":
+        assert text.startswith("gpt-4o says:")
+    else:
+        assert text.startswith("gpt-4o-mini says:")
