@@ -19,6 +19,7 @@ run: $(STAMP)
 
 ## test: the whole suite, against real proxy processes on loopback
 test: $(STAMP)
+	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
 	$(PY) -m pytest
 
 ## unit: the fast in-process tests only
@@ -44,3 +45,13 @@ readme:
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache
+
+.PHONY: loadtest bench
+
+## loadtest: Locust scenarios against a local proxy with the relay, ~15 s of load each (reports in loadtest/results/; exit 1 if an invariant broke)
+loadtest: $(STAMP)
+	$(PY) -m loadtest.run
+
+## bench: the relay's cost as ratios against a proxy without the plugin, measured side by side (table in loadtest/RESULTS.md)
+bench: $(STAMP)
+	$(PY) -m loadtest.bench

@@ -36,7 +36,9 @@ prints the table of every variable. A ``relay:`` block in a model's ``model_info
 mode settings for that model; ``metadata.relay`` in a request body may override them for one request,
 within what ``RELAY_CLIENT_OVERRIDE`` allows.
 
-Dependencies: the standard library and litellm. Nothing else is imported.
+Dependencies: the standard library and litellm. ``redis`` is imported only when Redis state is on
+(``RELAY_REDIS_URL`` or ``RELAY_STATE=redis``), to share budgets, breakers and the cache across workers
+and instances (see docs/deploy.md).
 """
 
 import asyncio
@@ -1195,6 +1197,7 @@ class FailoverStore:
         self.outages = 0  #: outages seen, ever
         self.lost = 0  #: settlements, releases and breaker records that could not reach Redis
         self._retry_at = 0.0
+        self._lost_before = 0  #: ``lost`` when the current outage started
         self._announced = False
 
     def __repr__(self) -> str:
@@ -1213,6 +1216,7 @@ class FailoverStore:
             if self.down_since is None:
                 self.down_since = self.clock()
                 self.outages += 1
+                self._lost_before = self.lost
                 log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
                           "again every %gs.", self.primary.where, scrub_secrets(f"{type(exc).__name__}: {exc}"), op,
                           "Relays are skipped (RELAY_STATE_FAILURE=closed) until it is back."
@@ -1222,7 +1226,8 @@ class FailoverStore:
             return False, None
         if self.down_since is not None:
             log.info("relay: shared state in Redis (%s) is back after %.1fs (%d settlements or breaker records "
-                     "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since, self.lost)
+                     "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since,
+                     self.lost - self._lost_before)
             self.down_since = None
         elif not self._announced:
             log.info("relay: shared state in Redis (%s), key prefix %r", self.primary.where, self.primary.prefix)
