@@ -2615,6 +2615,18 @@ def _http_error(status: int, message: str, headers: dict[str, str] | None = None
 # =================================================================================================
 
 
+class DisabledRelay(CustomLogger):
+    """What ``RELAY_ENABLED=false`` loads: a callback with no hook of its own, so every request takes
+    the proxy's fast paths as if the plugin were not there (a stream is not even wrapped)."""
+
+    def __init__(self, config: RelayConfig):
+        super().__init__()
+        self.config = config
+
+    def __repr__(self) -> str:
+        return "<DisabledRelay: RELAY_ENABLED=false>"
+
+
 def _load_config() -> RelayConfig:
     try:
         return RelayConfig.from_env(os.environ)
@@ -2637,4 +2649,5 @@ else:
         logging.getLogger("relay").addHandler(_handler)
         logging.getLogger("relay").propagate = False
     CONFIG: Final = _load_config()
-    proxy_handler_instance: Final = RelayHandler(CONFIG, store=_load_store(CONFIG))
+    proxy_handler_instance: Final = (
+        RelayHandler(CONFIG, store=_load_store(CONFIG)) if CONFIG.plan.enabled else DisabledRelay(CONFIG))

@@ -451,3 +451,17 @@ def test_importing_with_a_bad_environment_exits_2_with_one_stderr_line(relay_env
 def test_importing_with_a_valid_environment_succeeds_silently():
     done = import_plugin(SECONDARY_MODEL="openai/sec")
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_disabled_relay_loads_a_callback_without_hooks_so_the_proxy_keeps_its_fast_paths():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(RELAY_ENABLED="false", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    probe = ("import relay_plugin as r; from litellm.integrations.custom_logger import CustomLogger; "
+             "own = [n for n in vars(type(r.proxy_handler_instance)) if n.startswith('async_')]; "
+             "print(type(r.proxy_handler_instance).__name__, isinstance(r.proxy_handler_instance, CustomLogger), own)")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          cwd=Path(relay_plugin.__file__).parent, timeout=60)
+    assert done.stdout.split("\n")[-2] == "DisabledRelay True []", done.stderr[-2000:]
