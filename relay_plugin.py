@@ -1496,6 +1496,8 @@ class RelayHandler(CustomLogger):
         self.wall = wall  #: epoch seconds: budget windows and cache expiry, comparable across processes
         self._rng = rng or random.Random()
         self._prices: dict[str, tuple[float, float] | None] = {}
+        #: budget counters that refused a reservation (names carry their window, so old ones never match)
+        self.refused_counters: set[str] = set()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._model_plans: dict[str, Plan | ConfigError] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -1846,25 +1848,36 @@ class _Run:
         """Hold the call's worst-case cost (and one call) on every cap that applies, or refuse."""
         handler, config = self.handler, self.handler.config
         window = int(handler.wall() // config.budget_window_s)
+        refused = SecondaryError("budget", f"the relay budget of this window cannot cover a call to {model}", skipped=True)
+        usd_caps = []
+        if config.budget_usd is not None:
+            usd_caps.append((f"spend:{window}", config.budget_usd))
+        if config.budget_usd_per_key is not None and self.key_id is not None:
+            usd_caps.append((f"spend:key:{self.key_id}:{window}", config.budget_usd_per_key))
         holds: list[tuple[str, float, float]] = []
-        per_key = config.budget_usd_per_key is not None and self.key_id is not None
-        if config.budget_usd is not None or per_key:
+        if usd_caps:
             price = handler.price(model)
             if price is None and not config.allow_unpriced:
                 raise SecondaryError("unpriced", f"no price is known for {model} (RELAY_ALLOW_UNPRICED=true allows it)", skipped=True)
             worst = 0.0
             if price is not None:
+                # every call costs at least this much: once a cap has refused in this window, check the
+                # floor first, so a spent budget refuses without counting tokens
+                floor = PROMPT_TOKEN_OVERHEAD * price[0] + config.secondary_max_tokens * price[1]
+                for name, limit in usd_caps:
+                    if name in handler.refused_counters and await handler.store.counter(name) + floor > limit:
+                        raise refused
                 prompt_tokens = litellm.token_counter(model=model, messages=messages)
                 worst = (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + config.secondary_max_tokens * price[1]
-            if config.budget_usd is not None:
-                holds.append((f"spend:{window}", config.budget_usd, worst))
-            if per_key:
-                holds.append((f"spend:key:{self.key_id}:{window}", config.budget_usd_per_key, worst))
+            holds = [(name, limit, worst) for name, limit in usd_caps]
         if config.max_calls is not None:
             holds.append((f"calls:{window}", float(config.max_calls), 1.0))
         reservation = await handler.store.reserve(holds)
         if reservation is None:
-            raise SecondaryError("budget", f"the relay budget of this window cannot cover a call to {model}", skipped=True)
+            if len(handler.refused_counters) > _SEEN_MAX:
+                handler.refused_counters.clear()
+            handler.refused_counters.update(name for name, _, _ in holds)
+            raise refused
         return reservation
 
 

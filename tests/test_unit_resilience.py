@@ -972,3 +972,17 @@ async def test_without_a_ttl_nothing_is_cached():
     assert "x-relay-cache" not in first.headers()
     assert "x-relay-cache" not in second.headers()
     assert handler.store.cache == {}
+
+
+async def test_a_spent_budget_refuses_without_counting_tokens_again(monkeypatch):
+    fake = Secondary(cost=WORST)  # each call spends its whole worst case
+    handler = handler_for(config(BUDGET_USD=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    priced(monkeypatch, handler)
+    counted = []
+    monkeypatch.setattr(relay_plugin.litellm, "token_counter", lambda *a, **k: counted.append(1) or PROMPT_TOKENS)
+
+    outcomes = [(await relay(handler))[0].outcome for _ in range(4)]
+
+    assert outcomes == ["modified", "skipped:budget", "skipped:budget", "skipped:budget"]
+    assert len(counted) == 2  # the call that fit, and the first refusal; later ones stop at the floor
+    assert len(fake.calls) == 1
