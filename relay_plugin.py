@@ -1531,14 +1531,11 @@ class RelayHandler(CustomLogger):
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: "UserAPIKeyAuth", response: Any) -> Any:
         if not self.config.plan.enabled or _IN_RELAY.get() or not self._first_time(data):
             return response
-        token = _IN_RELAY.set(True)
         try:
             outcome = await self._relay(data, response, user_api_key_dict)
         except RelayRejected as rejected:
             self._record(data, rejected.outcome)
             raise _http_error(rejected.status, rejected.message, rejected.outcome.headers()) from None
-        finally:
-            _IN_RELAY.reset(token)
         self._record(data, outcome)
         return response
 
