@@ -1687,7 +1687,10 @@ class RelayHandler(CustomLogger):
             else:
                 kind, reason, detail = "failed", "timeout", f"relay deadline of {self.config.deadline_s:g}s passed"
             outcome.outcome, outcome.reason = f"{kind}:{reason}", detail or reason
-            log.warning("relay %s %s: %s %s", plan.mode, kind, reason, scrub_secrets(detail))
+            # a refusal (breaker open, budget spent) is the guard working, on every request while it
+            # lasts: not worth a warning each time; the header and the outcome counters say it
+            log.log(logging.DEBUG if kind == "skipped" else logging.WARNING, "relay %s %s: %s %s",
+                    plan.mode, kind, reason, scrub_secrets(detail))
             self._fail(plan, surface, outcome)
         finally:
             _IN_RELAY.reset(token)
