@@ -1,0 +1,602 @@
+"""``make bench``: what the relay costs, as ratios against a proxy without the plugin, measured side by side.
+
+    python -m loadtest.bench [--rounds 4] [--duration 10s] [--latency-duration 4s] [--latency-ms 50] [--no-profile]
+
+One simulator and five proxies on the same model list, started together, then measured one at a
+time while the others sit idle:
+
+    baseline   the config without the callbacks line (no plugin)
+    disabled   the plugin loaded, RELAY_ENABLED=false
+    relay      refine with a mock_response secondary (`sec-mock`: litellm answers it without network),
+               and a primary whose secondary always answers 500 (`p-breaker`: its breaker is opened in
+               the warm-up and stays open, RELAY_BREAKER_COOLDOWN_S=3600)
+    budget     refine with RELAY_BUDGET_USD=0: every relay is refused before any call (`skipped:budget`)
+    lab        primaries whose `relay:` block points at simulated secondaries of latency L (refine,
+               shadow), or at three consensus members of latency L and an aggregator of latency A
+
+Throughput: 16 Locust users (FastHttpUser) back to back on `mock-primary` chat completions.
+Latency: one user sending 8 requests/s (one request at a time, the proxy idle in between), so the
+p50 difference is the latency the relay itself adds, not queueing behind other requests.
+
+The measurements run in rounds. A round is one Locust process that walks a timed plan (see
+``LOADTEST_PLAN`` in locustfile.py): every variant once, in an order rotated from round to round,
+with a pause between steps so nothing of one step spills into the next. Each figure is taken within
+a round (variant against the same round's baseline); the median over rounds is reported with the
+spread. Throughput is judged as capacity, requests per second of proxy CPU time: the one-worker
+proxy is CPU-bound at 16 users, so on a core of its own that is its req/s, and unlike wall-clock
+req/s it does not move when neighbours take the CPU; the wall-clock ratio is printed beside it.
+The plugin's own work is measured in process (``loadtest/inproc.py``).
+
+A figure that misses its target gets a profile: py-spy (when installed: ``.venv/bin/pip install
+py-spy``; not a project dependency) samples the proxy (``--gil``) while that variant and its
+baseline run again, and the note splits the extra CPU per request into the plugin's own code,
+litellm's work for the secondary call under the hooks, litellm's worker threads and the rest of the
+proxy, and names the functions whose self time grew most. The in-process figure is profiled with
+cProfile. Results: ``loadtest/results/bench/`` and the ``bench`` section of ``loadtest/RESULTS.md``.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest import harness as h
+
+ANSWER = "Paris is the capital of France. It lies on the Seine."
+THROUGHPUT_USERS = 16
+LATENCY_USERS, LATENCY_RATE = 1, 8.0  #: one request at a time: the relay's own added latency, no queueing
+LEAD_S, GAP_S, SETTLE_S = 2.0, 1.0, 0.5  #: before the first step (users spawn), between steps, unmeasured step start
+#: a step during which other processes used more than this (% of one core) is noisy: on 2 vCPUs a busy neighbour
+#: slows the proxy's own core too (shared caches, hyperthread siblings), so even its CPU time per request inflates
+NOISY_OTHER_PCT = 25.0
+MIN_QUIET_ROUNDS = 3
+
+
+@dataclass
+class Measure:
+    """One variant in one round."""
+
+    variant: str
+    records: list[dict]
+    seconds: float  #: length of the measured window
+    cpu_ms: float  #: the variant's proxy: CPU milliseconds per request
+    cpu: dict[str, float]  #: % of one core: proxy (this variant's), locust, other
+
+    @property
+    def rps(self) -> float:
+        return len(self.records) / self.seconds
+
+    @property
+    def p50(self) -> float:
+        return h.percentile([r["ms"] for r in self.records], 50)
+
+    @property
+    def p99(self) -> float:
+        return h.percentile([r["ms"] for r in self.records], 99)
+
+    @property
+    def relay_p50(self) -> float:
+        return h.percentile([r["relay_ms"] for r in self.records if r.get("relay_ms") is not None], 50)
+
+
+@dataclass
+class Variant:
+    name: str
+    proxy: str  #: a key of PROXIES
+    model: str
+    load: str  #: throughput | latency
+    expect: str | None  #: the x-relay-outcome every answer must carry (None: no header at all)
+    runs: list[Measure] = field(default_factory=list)  #: one per round
+
+
+def variants() -> list[Variant]:
+    return [
+        Variant("baseline", "baseline", "mock-primary", "throughput", None),
+        Variant("disabled", "disabled", "mock-primary", "throughput", None),
+        Variant("relay-mock", "relay", "mock-primary", "throughput", "modified"),
+        Variant("breaker-open", "relay", "p-breaker", "throughput", "skipped:breaker_open"),
+        Variant("budget-refused", "budget", "mock-primary", "throughput", "skipped:budget"),
+        Variant("baseline-light", "baseline", "mock-primary", "latency", None),
+        Variant("refine-L", "lab", "p-refine-slow", "latency", "modified"),
+        Variant("consensus-L", "lab", "p-consensus", "latency", "modified"),
+        Variant("shadow-L", "lab", "p-shadow", "latency", "relayed"),
+    ]
+
+
+def model_list(sim_url: str) -> list[dict]:
+    primary = "openai/mock-primary"
+    return [
+        h.mock("mock-primary", ANSWER, model=primary),
+        h.mock("sec-mock", "Paris is France's capital, on the Seine."),  # priced as gpt-4o-mini
+        h.simulated("sec-slow", "openai/bench-slow", sim_url),
+        *(h.simulated(f"m{i}", f"openai/bench-member-{i}", sim_url) for i in (1, 2, 3)),
+        h.simulated("agg", "openai/bench-aggregator", sim_url),
+        h.simulated("sec-dead", "openai/bench-dead", sim_url),
+        h.mock("p-refine-slow", ANSWER, {"mode": "refine", "secondary_model": "sec-slow"}, model=primary),
+        h.mock("p-consensus", ANSWER, {"mode": "consensus", "consensus_models": ["m1", "m2", "m3"],
+                                       "secondary_model": "agg"}, model=primary),
+        h.mock("p-shadow", ANSWER, {"mode": "shadow", "secondary_model": "sec-slow"}, model=primary),
+        h.mock("p-breaker", ANSWER, {"mode": "refine", "secondary_model": "sec-dead"}, model=primary),
+    ]
+
+
+RELAY_ENV = {"RELAY_MODE": "refine", "RELAY_SECONDARY_MODEL": "sec-mock", "RELAY_TIMEOUT_S": "5", "RELAY_DEADLINE_S": "10"}
+PROXIES = {  # name: (plugin loaded, env)
+    "baseline": (False, {}),
+    "disabled": (True, {"RELAY_ENABLED": "false"}),
+    "relay": (True, {**RELAY_ENV, "RELAY_BREAKER_COOLDOWN_S": "3600"}),
+    "budget": (True, {**RELAY_ENV, "RELAY_BUDGET_USD": "0"}),
+    "lab": (True, RELAY_ENV),
+}
+
+
+# =================================================================================================
+# Measuring: one Locust process per round walks a timed plan of steps
+# =================================================================================================
+
+
+def warm_up(proxies: dict, notes: list[str]) -> None:
+    """Every path warm (first calls build clients and caches), and the dead secondary's breaker open."""
+    for v in variants():
+        for _ in range(20):
+            h.send(proxies[v.proxy], "chat", v.model)
+    for attempt in range(100):
+        _, headers = h.send(proxies["relay"], "chat", "p-breaker")
+        if headers.get("x-relay-outcome") == "skipped:breaker_open":
+            notes.append(f"the breaker of sec-dead opened after {attempt + 1} warm-up requests")
+            return
+    notes.append("WARNING: the breaker of sec-dead did not open in the warm-up")
+
+
+def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict[str, float],
+             spy: set[str] = frozenset(), sim=None) -> tuple[list[Measure], dict[str, Path]]:
+    """One Locust process: each variant of ``order`` for ``lengths[v.load]`` seconds, one after another.
+
+    Variants named in ``spy`` are sampled by py-spy during their step (profiles of the misses)."""
+    steps, at = [], LEAD_S
+    for i, v in enumerate(order):
+        users, rate = (THROUGHPUT_USERS, 0.0) if v.load == "throughput" else (LATENCY_USERS, LATENCY_RATE)
+        steps.append({"id": i, "name": v.name, "host": proxies[v.proxy].url, "model": v.model, "kind": "chat",
+                      "users": users, "rate": rate, "start": at, "end": at + lengths[v.load]})
+        at += lengths[v.load] + GAP_S
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = directory / "plan.json"
+    plan.write_text(json.dumps({"steps": steps}, indent=1))
+    groups = {f"proxy:{name}": p.proc.pid for name, p in proxies.items()}
+    if sim is not None:
+        groups["sim"] = sim.proc.pid
+    spies = {s["name"]: directory / f"py-spy-{s['name']}.txt" for s in steps if s["name"] in spy}
+    threads = [threading.Thread(target=_spy_on_step, args=(proxies[v.proxy].proc.pid, s, directory, spies[v.name]),
+                                daemon=True) for v, s in zip(order, steps) if v.name in spies]
+    for thread in threads:
+        thread.start()
+    run = h.run_locust(proxies["baseline"], directory, users=THROUGHPUT_USERS, duration=at, mix=("chat",),
+                       models=("mock-primary",), extra_env={"LOADTEST_PLAN": str(plan)}, extra_groups=groups,
+                       sample_every=0.1)
+    for thread in threads:
+        thread.join(timeout=60)
+    measures = []
+    for v, s in zip(order, steps):
+        start, end = run.started_at + s["start"], run.started_at + s["end"]
+        mine = [r for r in run.records if r["step"] == s["id"]]
+        if v.load == "throughput":  # steady state: answers completed inside the window, CPU over the same window
+            t0, t1, used = run.sampler.window(start + SETTLE_S, end)
+            counted = [r for r in mine if t0 <= r["t"] <= t1]
+        else:  # every request of the step; CPU until the pause ends (a shadow analysis finishes after its answer)
+            t0, t1, used = run.sampler.window(start, end + GAP_S * 0.9)
+            counted = mine
+        seconds = max(t1 - t0, 1e-9)
+        proxy_cpu = used.get(f"proxy:{v.proxy}", float("nan"))
+        cpu = {"proxy": 100 * proxy_cpu / seconds, "locust": 100 * used.get("locust", 0) / seconds,
+               "other": 100 * used.get("other", 0) / seconds}
+        measures.append(Measure(v.name, counted, seconds if v.load == "throughput" else end - start,
+                                1000 * proxy_cpu / max(len(counted), 1), cpu))
+    return measures, spies
+
+
+def _spy_on_step(pid: int, step: dict, directory: Path, out: Path) -> None:
+    """Start py-spy just before ``step`` and let it sample until the step ends (the pause before it is idle)."""
+    started = directory / "records.json.started"
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    if not started.exists():
+        return
+    begin = float(started.read_text()) + step["start"] - 0.4
+    time.sleep(max(begin - time.time(), 0))
+    seconds = step["end"] - step["start"] + 0.4
+    subprocess.run([py_spy(), "record", "--pid", str(pid), "--rate", "500", "--gil", "--nonblocking",
+                    "--duration", f"{max(int(round(seconds)), 1)}", "--format", "raw", "--output", str(out)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 30)
+
+
+def valid(v: Variant, m: Measure) -> str:
+    """'' when every answer succeeded with the expected outcome, else what went wrong."""
+    problems = []
+    failed = sum(1 for r in m.records if not r["ok"])
+    if failed:
+        problems.append(f"{failed} failed")
+    if not m.records:
+        problems.append("no requests")
+    counts = Counter(r["outcome"] for r in m.records)
+    wrong = sum(c for o, c in counts.items() if o != v.expect)
+    if wrong:
+        problems.append(f"{wrong} answers not {v.expect or 'without header'}: "
+                        + ", ".join(f"{o} {c}" for o, c in counts.items() if o != v.expect))
+    return "; ".join(problems)
+
+
+# =================================================================================================
+# Figures: ratios and added latencies, per round, then the median over rounds
+# =================================================================================================
+
+
+@dataclass
+class Figure:
+    """One target. Throughput figures are judged on capacity (requests per proxy CPU-second) with the
+    wall-clock req/s ratio beside; latency figures on the client-side p50 difference with the added
+    proxy CPU per request beside."""
+
+    name: str
+    variant: str
+    base: str
+    kind: str  #: ratio (throughput) | added (p50 ms)
+    target: float
+    why: str = ""
+    rounds: str = ""  #: which rounds the value comes from
+    values: list[float] = field(default_factory=list)  #: the judged figure, per round
+    also: list[float] = field(default_factory=list)  #: the other view, per round
+    raw: list[tuple[float, ...]] = field(default_factory=list)  #: (v, base, v cpu ms, base cpu ms, relay p50 ms)
+
+    @property
+    def value(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.target if self.kind == "ratio" else self.value <= self.target
+
+
+def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float) -> list[Figure]:
+    found = [
+        Figure("throughput: plugin loaded, disabled / no plugin", "disabled", "baseline", "ratio", 0.99),
+        Figure("throughput: relay on, mock_response secondary / no plugin", "relay-mock", "baseline", "ratio", 0.90),
+        Figure("throughput: breaker open / no plugin", "breaker-open", "baseline", "ratio", 0.97),
+        Figure("throughput: budget refused / no plugin", "budget-refused", "baseline", "ratio", 0.97),
+        Figure(f"added p50: refine, secondary of latency L={latency_ms:g} ms", "refine-L", "baseline-light", "added",
+               latency_ms + 5),
+        Figure(f"added p50: consensus, 3 members of L={latency_ms:g} ms + aggregator A={aggregator_ms:g} ms",
+               "consensus-L", "baseline-light", "added", latency_ms + aggregator_ms + 5),
+        Figure(f"added p50: shadow, secondary of latency L={latency_ms:g} ms", "shadow-L", "baseline-light", "added", 1.0),
+    ]
+    for f in found:
+        pairs = list(zip(by_name[f.variant].runs, by_name[f.base].runs))
+        quiet = [(m, b) for m, b in pairs if m.cpu["other"] < NOISY_OTHER_PCT and b.cpu["other"] < NOISY_OTHER_PCT]
+        use = quiet if len(quiet) >= MIN_QUIET_ROUNDS else pairs
+        f.rounds = f"{len(use)} of {len(pairs)}" + ("" if use is quiet else ", noisy")
+        for m, base in use:
+            if f.kind == "ratio":
+                f.raw.append((m.rps, base.rps, m.cpu_ms, base.cpu_ms, float("nan")))
+                f.values.append(base.cpu_ms / m.cpu_ms)
+                f.also.append(m.rps / base.rps)
+            else:
+                f.raw.append((m.p50, base.p50, m.cpu_ms, base.cpu_ms, m.relay_p50))
+                f.values.append(m.p50 - base.p50)
+                f.also.append(m.cpu_ms - base.cpu_ms)
+    return found
+
+
+FIGURE_HEADERS = ["figure", "raw: relay vs baseline (medians)", "value", "spread", "rounds", "beside it", "target", ""]
+
+
+def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
+    rows = []
+    for f in found:
+        med = [statistics.median(x[i] for x in f.raw) for i in range(5)] if f.raw else [float("nan")] * 5
+        if f.kind == "ratio":
+            raw = f"{med[0]:.1f} vs {med[1]:.1f} req/s; {med[2]:.2f} vs {med[3]:.2f} ms CPU/req"
+            value, spread = f"{f.value:.3f}", _spread(f.values, "{:.3f}")
+            also, target = f"req/s ratio {statistics.median(f.also):.3f}", f">= {f.target:g}"
+        else:
+            raw = (f"p50 {med[0]:.1f} vs {med[1]:.1f} ms (in the relay's hook {med[4]:.1f}); "
+                   f"{med[2]:.2f} vs {med[3]:.2f} ms CPU/req")
+            value, spread = f"{f.value:+.1f} ms", _spread(f.values, "{:+.1f}")
+            also, target = f"CPU/req {statistics.median(f.also):+.2f} ms", f"<= {f.target:g} ms"
+        rows.append([f.name, raw, value, spread, f.rounds, also, target, "PASS" if f.passed else "MISS"])
+    if inproc:
+        r = inproc["refine"]
+        rows.append(["plugin's own work per relayed request (refine, in process)", f"p99 {r['p99_ms'] * 1000:.0f} us",
+                     f"p50 {r['p50_ms'] * 1000:.0f} us", "-", "-", "-", "< 500 us", "PASS" if r["p50_ms"] < 0.5 else "MISS"])
+    return rows
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{fmt.format(min(values))} .. {fmt.format(max(values))}" if len(values) > 1 else "-"
+
+
+# =================================================================================================
+# Profiles of the misses
+# =================================================================================================
+
+
+def py_spy() -> str | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.exists() else shutil.which("py-spy")
+
+
+@dataclass
+class Profile:
+    """py-spy samples of one proxy during one step (``--gil``: only the thread holding the GIL, so the
+    samples are Python CPU time), turned into CPU milliseconds per request."""
+
+    measure: Measure
+    stacks: list[tuple[list[str], int]]
+
+    @property
+    def total(self) -> int:
+        return sum(c for _, c in self.stacks)
+
+    def ms(self, count: int) -> float:
+        return count / max(self.total, 1) * self.measure.cpu_ms
+
+    def buckets(self) -> dict[str, float]:
+        found = Counter()
+        for stack, count in self.stacks:
+            found[bucket_of(stack)] += count
+        return {name: self.ms(found[name]) for name in BUCKETS}
+
+    def self_ms(self) -> Counter:
+        found = Counter()
+        for stack, count in self.stacks:
+            found[_short(stack[-1])] += count
+        return Counter({name: self.ms(c) for name, c in found.items()})
+
+
+BUCKETS = ("the plugin's own code", "the secondary call under the hooks (litellm router, async part)",
+           "worker threads (litellm runs sync completion and logging there)", "the rest of the proxy")
+
+
+def bucket_of(stack: list[str]) -> str:
+    if any("relay_plugin.py" in f for f in stack):
+        return BUCKETS[1] if any("_litellm_complete" in f for f in stack) else BUCKETS[0]
+    if stack and stack[0].startswith("Thread._bootstrap"):
+        return BUCKETS[2]
+    return BUCKETS[3]
+
+
+def profile(names: list[str], by_name: dict[str, Variant], proxies: dict, directory: Path,
+            lengths: dict[str, float], sim=None) -> dict[str, "Profile | str"]:
+    """Run ``names`` once more, one after another, each sampled by py-spy."""
+    if py_spy() is None:
+        return dict.fromkeys(names, "no profile: py-spy is not installed (.venv/bin/pip install py-spy, then make "
+                                    "bench again)")
+    measures, spies = run_plan([by_name[n] for n in names], proxies, directory, lengths, spy=set(names), sim=sim)
+    found: dict[str, Profile | str] = {}
+    for m in measures:
+        raw = spies[m.variant]
+        stacks = []
+        if raw.exists():
+            for line in raw.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if stack and count.isdigit():
+                    stacks.append((stack.split(";"), int(count)))
+        found[m.variant] = Profile(m, stacks) if stacks else "no profile: py-spy recorded no samples"
+    return found
+
+
+def explain(f: Figure, variant: "Profile | str", base: "Profile | str") -> str:
+    """Where the variant's extra CPU per request went, part by part and function by function."""
+    if isinstance(variant, str) or isinstance(base, str):
+        return variant if isinstance(variant, str) else base
+    cpu_v, cpu_b = variant.measure.cpu_ms, base.measure.cpu_ms
+    bv, bb = variant.buckets(), base.buckets()
+    own = bv[BUCKETS[0]] - bb[BUCKETS[0]]
+    parts = [f"of the {cpu_v - cpu_b:+.2f} ms of proxy CPU per request, the plugin's own code is {own:+.2f} ms and "
+             f"everything else (litellm's work for the secondary call(s): router, worker threads, logging, proxy "
+             f"hooks; and run-to-run noise) {cpu_v - cpu_b - own:+.2f} ms"
+             + (f"; the plugin's own code alone would make the ratio {cpu_b / (cpu_b + own):.3f}" if f.kind == "ratio"
+                else ""),
+             f"profiled run: {cpu_v:.2f} against {cpu_b:.2f} ms CPU per request, {variant.measure.rps:.1f} against "
+             f"{base.measure.rps:.1f} req/s, {variant.total} and {base.total} samples",
+             "by part: " + ", ".join(f"{name} {bv[name] - bb[name]:+.2f} ms" for name in BUCKETS)]
+    sv, sb = variant.self_ms(), base.self_ms()
+    grew = sorted(((sv[k] - sb.get(k, 0.0), k) for k in sv), reverse=True)[:6]
+    parts.append("largest self-time increases: " + ", ".join(f"{name} {d:+.2f} ms" for d, name in grew if d > 0))
+    if f.kind == "added" and variant.measure.relay_p50 == variant.measure.relay_p50:
+        parts.append(f"time inside the relay's hook (x-relay-latency-ms) p50 {variant.measure.relay_p50:.1f} ms, "
+                     "the secondary's simulated latency included")
+    return "; ".join(parts)
+
+
+def _short(frame: str) -> str:
+    """``func (path/file.py:12)`` -> ``func (file.py)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit('/', 1)[-1].split(':')[0]})" if where else name
+
+
+# =================================================================================================
+# Command line
+# =================================================================================================
+
+
+def run_inproc(directory: Path) -> dict:
+    profile_path = directory / "inproc-profile.txt"
+    proc = subprocess.run([sys.executable, "-m", "loadtest.inproc", "--json", "--profile", str(profile_path)],
+                          cwd=h.ROOT, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"loadtest.inproc failed:\n{proc.stderr[-3000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {r["mode"]: r for r in data["results"]} | {"_profile": profile_path}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", default="10s", help="each throughput measurement (default 10s: shorter windows "
+                        "swing by 7% or more here, 10 s by about 3%)")
+    parser.add_argument("--latency-duration", default="4s", help="each latency measurement (default 4s)")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="L: latency of the simulated secondaries")
+    parser.add_argument("--aggregator-ms", type=float, default=20.0, help="A: latency of the consensus aggregator")
+    parser.add_argument("--extra-rounds", type=int, default=3,
+                        help=f"at most this many more rounds while a figure has fewer than {MIN_QUIET_ROUNDS} quiet ones")
+    parser.add_argument("--no-profile", action="store_true", help="do not profile the misses")
+    parser.add_argument("--results", type=Path, default=h.RESULTS / "bench")
+    args = parser.parse_args(argv)
+    lengths = {"throughput": h.parse_duration(args.duration), "latency": h.parse_duration(args.latency_duration)}
+    root = args.results
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    info = h.machine()
+    notes: list[str] = []
+    began = time.monotonic()
+    all_variants = variants()
+    by_name = {v.name: v for v in all_variants}
+    print(f"relay bench: {args.rounds} rounds of {len(all_variants)} steps ({lengths['throughput']:g}s throughput, "
+          f"{lengths['latency']:g}s latency); results in {root}/", flush=True)
+
+    print("  in process: the plugin's own work per relayed request ...", end=" ", flush=True)
+    inproc = run_inproc(root)
+    print(f"refine p50 {inproc['refine']['p50_ms'] * 1000:.0f} us", flush=True)
+
+    model_config = {"bench-slow": {"latency_ms": args.latency_ms},
+                    **{f"bench-member-{i}": {"latency_ms": args.latency_ms} for i in (1, 2, 3)},
+                    "bench-aggregator": {"latency_ms": args.aggregator_ms}}
+    sim = h.start_simulator(root, model_config, force_markers={"bench-dead": "SIM:HTTP500"})
+    proxies: dict = {}
+    try:
+        print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}) ...", end=" ", flush=True)
+        with ThreadPoolExecutor(len(PROXIES)) as pool:
+            futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim.url), plugin, env)
+                       for name, (plugin, env) in PROXIES.items()}
+            for name, future in futures.items():
+                proxies[name] = future.result()
+        print("warming up ...", end=" ", flush=True)
+        warm_up(proxies, notes)
+        # a whole round under load, not counted: litellm imports modules lazily on paths it meets for the first time
+        run_plan(all_variants, proxies, root / "round-0-warm-up", {"throughput": 2.0, "latency": 2.0}, sim=sim)
+        print("done", flush=True)
+        dead_before = h.sim_get(sim.url, "/_sim/stats")["by_model"].get("bench-dead", 0)
+        rnd = 0
+        while True:
+            if rnd >= args.rounds:
+                short = [f.name for f in figures(by_name, args.latency_ms, args.aggregator_ms) if "noisy" in f.rounds]
+                if not short or rnd >= args.rounds + args.extra_rounds:
+                    break
+                print(f"  another round: fewer than {MIN_QUIET_ROUNDS} rounds with the machine quiet for "
+                      f"{len(short)} figure(s)", flush=True)
+            order = []
+            for load in ("throughput", "latency"):
+                group = [v for v in all_variants if v.load == load]
+                shift = rnd % len(group)
+                order += group[shift:] + group[:shift]
+            measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim)
+            shown = []
+            for v, m in zip(order, measures):
+                v.runs.append(m)
+                problem = valid(v, m)
+                if problem:
+                    notes.append(f"{v.name} round {rnd + 1} INVALID: {problem}")
+                shown.append(f"{v.name} {m.rps:.0f}/s" if v.load == "throughput" else f"{v.name} p50 {m.p50:.1f}ms")
+            other = statistics.median(m.cpu["other"] for m in measures)
+            print(f"  round {rnd + 1}: {', '.join(shown)} (other load {other:.0f}%)", flush=True)
+            rnd += 1
+        dead_after = h.sim_get(sim.url, "/_sim/stats")["by_model"].get("bench-dead", 0)
+        notes.append(f"calls that reached the dead secondary while its breaker was open (all rounds): "
+                     f"{dead_after - dead_before}")
+        found = figures(by_name, args.latency_ms, args.aggregator_ms)
+        misses = [f for f in found if not f.passed]
+        if misses and not args.no_profile:
+            names = list(dict.fromkeys(n for f in misses for n in (f.base, f.variant)))
+            print(f"  profiling {', '.join(names)} ...", end=" ", flush=True)
+            profiles = profile(names, by_name, proxies, root / "profiles", {"throughput": 10.0, "latency": 8.0}, sim)
+            print("done", flush=True)
+            for f in misses:
+                f.why = explain(f, profiles[f.variant], profiles[f.base])
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+        sim.stop()
+
+    text = report(found, by_name, inproc, notes, info, args, lengths, time.monotonic() - began)
+    print("\n" + text, flush=True)
+    (root / "summary.md").write_text(text + "\n")
+    if root.resolve() == (h.RESULTS / "bench").resolve():
+        h.update_results("bench", "## make bench (`python -m loadtest.bench`)\n\n" + text)
+    invalid = [n for n in notes if "INVALID" in n]
+    if invalid:  # a variant that did not do what it stands for makes its figure meaningless
+        print(f"\nINVALID measurements: {len(invalid)} (see the notes)", flush=True)
+    return 1 if invalid else 0
+
+
+def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], info: dict,
+           args: argparse.Namespace, lengths: dict[str, float], elapsed: float) -> str:
+    rows = figure_rows(found, inproc)
+    runs = [m for v in by_name.values() for m in v.runs]
+    lines = [
+        f"Machine: {h.machine_line(info)}.",
+        f"Load: throughput {THROUGHPUT_USERS} users back to back, latency {LATENCY_USERS} user at "
+        f"{LATENCY_RATE:g} req/s; chat completions on a mock_response primary. {args.rounds} rounds; a round measures "
+        f"every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), one after "
+        f"another, in an order rotated from round to round. value = median over rounds of the per-round figure "
+        f"(variant against the same round's baseline), from the rounds in which other processes used less than "
+        f"{NOISY_OTHER_PCT:g}% of a core during both steps when there were at least {MIN_QUIET_ROUNDS} such rounds "
+        f"(column rounds; up to {args.extra_rounds} extra rounds are run to get them); spread = min .. max over "
+        f"those rounds. Throughput is judged as "
+        f"capacity, requests per proxy CPU-second (the one-worker proxy is CPU-bound at 16 users, so this is its "
+        f"req/s on a core of its own; unlike req/s it does not move when neighbours take the CPU), the wall-clock "
+        f"req/s ratio beside it. Bench time {elapsed / 60:.1f} min.",
+        "",
+        h.table(FIGURE_HEADERS, rows, align="llrrrrrl"),
+        "",
+        "Per variant (medians over rounds):",
+        "",
+        h.table(["variant", "users", "req/s", "proxy CPU ms/req", "p50 ms", "p99 ms", "CPU % proxy", "CPU % locust",
+                 "CPU % other", "outcome"],
+                [[v.name, THROUGHPUT_USERS if v.load == "throughput" else LATENCY_USERS,
+                  f"{statistics.median(m.rps for m in v.runs):.1f}",
+                  f"{statistics.median(m.cpu_ms for m in v.runs):.2f}",
+                  f"{statistics.median(m.p50 for m in v.runs):.1f}",
+                  f"{statistics.median(m.p99 for m in v.runs):.1f}",
+                  f"{statistics.median(m.cpu['proxy'] for m in v.runs):.0f}",
+                  f"{statistics.median(m.cpu['locust'] for m in v.runs):.0f}",
+                  f"{statistics.median(m.cpu['other'] for m in v.runs):.0f}",
+                  v.expect or "(no header)"] for v in by_name.values() if v.runs]),
+        "",
+        f"In process (fake instant secondary, {inproc['refine']['calls']} calls per mode), the plugin's own work: "
+        + ", ".join(f"{m} p50 {r['p50_ms'] * 1000:.0f} us / p99 {r['p99_ms'] * 1000:.0f} us"
+                    for m, r in inproc.items() if not m.startswith("_")) + ".",
+    ]
+    locust_cpu = max((m.cpu["locust"] for m in runs), default=0)
+    proxy_cpu = statistics.median(m.cpu["proxy"] for m in by_name["baseline"].runs) if by_name["baseline"].runs else 0
+    lines.append(f"Load generator: Locust used at most {locust_cpu:.0f}% of a core"
+                 + (": it may have been the bottleneck, req/s may understate the proxy" if locust_cpu > 85 else
+                    f" (not the bottleneck); the baseline proxy used {proxy_cpu:.0f}% of its one core."))
+    misses = [f for f in found if not f.passed]
+    in_miss = inproc["refine"]["p50_ms"] >= 0.5
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if not misses and not in_miss:
+        lines.append("- every figure met its target")
+    other = statistics.median(m.cpu["other"] for m in runs) if runs else 0
+    if other > 30:
+        lines.append(f"- the machine was shared: other processes used a median {other:.0f}% of a core (of "
+                     f"{info['cpus']} cores) during the measurements; wall-clock req/s and latencies carry that noise")
+    for f in misses:
+        shown = f"{f.value:.3f}" if f.kind == "ratio" else f"{f.value:+.1f} ms"
+        lines.append(f"- MISS {f.name}: {shown} against {f.target:g}. Profile of {f.variant} against {f.base}: "
+                     f"{f.why or 'not profiled (--no-profile)'}")
+    if in_miss:
+        top = Path(inproc["_profile"]).read_text().splitlines()[:30]
+        lines.append("- MISS in-process plugin work; cProfile (tottime):\n\n```\n" + "\n".join(top) + "\n```")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
