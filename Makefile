@@ -55,3 +55,9 @@ loadtest: $(STAMP)
 ## bench: the relay's cost as ratios against a proxy without the plugin, measured side by side (table in loadtest/RESULTS.md)
 bench: $(STAMP)
 	$(PY) -m loadtest.bench
+
+.PHONY: bench-stream
+
+## bench-stream: time to first token and total time of streamed answers per mode, against no plugin
+bench-stream: $(STAMP)
+	$(PY) -m loadtest.streaming
