@@ -50,7 +50,9 @@ clean:
 
 ## loadtest: Locust scenarios against a local proxy with the relay, ~15 s of load each (reports in loadtest/results/; exit 1 if an invariant broke)
 loadtest: $(STAMP)
+	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
 	$(PY) -m loadtest.run
+	$(PY) -m loadtest.two_instances
 
 ## bench: the relay's cost as ratios against a proxy without the plugin, measured side by side (table in loadtest/RESULTS.md)
 bench: $(STAMP)
