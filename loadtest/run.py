@@ -111,7 +111,7 @@ def model_list(sim_url: str) -> list[dict]:
         h.mock("mock-primary", "Paris is the capital of France. It lies on the Seine.", model="openai/mock-primary"),
         h.ollama_primary("ollama-primary", sim_url),
         h.simulated("sec", "openai/gpt-4o-mini", sim_url),
-        h.simulated("sec-claude", "anthropic/claude-3-5-haiku-20241022", sim_url),
+        h.simulated("sec-claude", "anthropic/claude-haiku-4-5-20251001", sim_url),
         h.simulated("premium", "openai/gpt-4o", sim_url),
     ]
 
@@ -146,7 +146,7 @@ def run_scenario(s: Scenario, args: argparse.Namespace, root: Path) -> Result:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     shape = {"llama3": {"ttft_ms": args.ttft_ms, "tokens_per_s": args.tokens_per_s, "latency_ms": args.primary_latency_ms}}
-    for model in (SECONDARY_SIM_MODEL, "claude-3-5-haiku-20241022", "gpt-4o"):
+    for model in (SECONDARY_SIM_MODEL, "claude-haiku-4-5-20251001", "gpt-4o"):
         shape[model] = {"latency_ms": args.secondary_latency_ms}
     env = dict(s.env)
     phases: list[tuple[float, dict]] = []

@@ -111,7 +111,7 @@ def relay_test_models(sim_url: str) -> list[dict]:
         model_entry("openai-primary", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
         model_entry("unrelayed", "ollama_chat/llama3", sim_url),
         model_entry("sec", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
-        model_entry("sec-claude", "anthropic/claude-3-5-haiku-20241022", sim_url, api_key=FAKE_PROVIDER_KEY),
+        model_entry("sec-claude", "anthropic/claude-haiku-4-5-20251001", sim_url, api_key=FAKE_PROVIDER_KEY),
         model_entry("premium", "openai/gpt-4o", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
     ]
 

@@ -180,7 +180,7 @@ def test_consensus_asks_every_member_concurrently_then_merges(proxy, sim, token)
     members = [r for r in received if r["path"] in ("/v1/messages", "/v1/chat/completions")
                and "Candidate answer" not in json.dumps(r["body"])]
     merge = [r for r in received if "Candidate answer" in json.dumps(r["body"])]
-    assert sorted(r["model"] for r in members) == ["claude-3-5-haiku-20241022", "gpt-4o-mini"]
+    assert sorted(r["model"] for r in members) == ["claude-haiku-4-5-20251001", "gpt-4o-mini"]
     # both members were asked before either could have answered (each sleeps 400 ms): concurrent
     assert abs(members[0]["received_at"] - members[1]["received_at"]) < 0.3
     (merge,) = merge
