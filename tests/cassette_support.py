@@ -562,7 +562,7 @@ class StreamRun:
 
 
 async def run_stream(provider: Provider) -> StreamRun:
-    """A streamed answer straight from litellm (the relay does not stream its secondary calls yet)."""
+    """A streamed answer straight from litellm: the call the relay makes when a streaming client's final answer comes from the secondary."""
     import litellm
     import relay_plugin
 

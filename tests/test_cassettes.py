@@ -115,7 +115,7 @@ async def test_refine_gives_the_client_the_providers_answer_and_charges_its_usag
 
 @pytest.mark.parametrize("name", NAMES)
 async def test_a_streamed_answer_reassembles_to_the_providers_text_usage_and_cost(name):
-    # The relay does not stream its secondary calls yet: this is litellm.acompletion(stream=True),
+    # The relay streams a secondary only for streaming clients, through this same litellm streaming call:
     # priced the way the relay prices a secondary answer (relay_plugin._cost_of).
     provider = cs.PROVIDERS[name]
     wire = cs.wire_reply(provider, cs.cassette_path(name, "stream"))
