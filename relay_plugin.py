@@ -2007,14 +2007,12 @@ def _pieces(text: str) -> list[str]:
 class StreamSurface:
     """The Surface of a stream: the text gathered so far, and what the mode decided about it."""
 
-    __slots__ = ("text", "original", "filtered", "relay", "skip", "kind")
+    __slots__ = ("text", "original", "filtered", "relay")
 
     def __init__(self, text: str):
         self.text = self.original = text
         self.filtered = False
         self.relay: dict | None = None
-        self.skip = None
-        self.kind = "stream"
 
     def get_text(self) -> str:
         return self.text
