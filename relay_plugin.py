@@ -30,6 +30,11 @@ Every response that went through the plugin carries ``x-relay-mode``, ``x-relay-
 (``relayed`` | ``modified`` | ``blocked`` | ``escalated`` | ``skipped:<reason>`` |
 ``failed:<reason>``), ``x-relay-secondary-model``, ``x-relay-latency-ms`` and ``x-relay-cost-usd``.
 
+Streams (``stream=true``) get every mode too: the headers say ``x-relay-outcome: pending`` and the
+outcome travels in a ``relay`` object at the end of the stream (section "Streams" below). Timeouts,
+retries, a circuit breaker per secondary, budget and call caps, a result cache and a fail policy keep
+a slow, failing or expensive secondary from hurting the primary path (section "Resilience").
+
 Configuration is read from the environment once, at import, and validated; an invalid value stops
 the proxy at startup with one line naming the variable. ``python relay_plugin.py --env-table``
 prints the table of every variable. A ``relay:`` block in a model's ``model_info`` overrides the
