@@ -558,9 +558,16 @@ def render_openai_chat(req: SimRequest, answer: Answer) -> dict[str, Any]:
         choices.append(
             {"index": index, "message": message, "logprobs": None, "finish_reason": answer.finish}
         )
+    return openai_envelope("chatcmpl-", "chat.completion", req, answer, choices)
+
+
+def openai_envelope(
+    id_prefix: str, kind: str, req: SimRequest, answer: Answer, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The body around the choices of a non-streamed OpenAI chat or text completion."""
     return {
-        "id": new_id("chatcmpl-"),
-        "object": "chat.completion",
+        "id": new_id(id_prefix),
+        "object": kind,
         "created": int(time.time()),
         "model": req.model,
         "choices": choices,
@@ -642,15 +649,7 @@ def render_openai_completion(req: SimRequest, answer: Answer) -> dict[str, Any]:
         {"text": answer.text, "index": index, "logprobs": None, "finish_reason": answer.finish}
         for index in range(req.n if answer.kind != "empty" else 0)
     ]
-    return {
-        "id": new_id("cmpl-"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": req.model,
-        "choices": choices,
-        "usage": openai_usage(req, answer),
-        "system_fingerprint": None,
-    }
+    return openai_envelope("cmpl-", "text_completion", req, answer, choices)
 
 
 async def stream_openai_completion(streamer: Streamer, req: SimRequest, answer: Answer) -> None:
