@@ -2032,10 +2032,15 @@ class StreamSurface:
         self.relay = relay
 
 
+#: chunk kinds after which the relay leaves a stream alone, and the skip reason it reports
+_STREAM_SKIPS: Final = {"tool": "tool_calls", "multi": "multiple_choices", "unknown": "unsupported_response"}
+
+
 class ChunkFormat:
     """How one endpoint's stream carries text. Chunks are classified as:
-    ``text`` (a text delta), ``tool`` (a tool call: the relay leaves the stream alone),
-    ``end`` (the first chunk of the stream's end: finish reason, block stop, text done), ``other``."""
+    ``text`` (a text delta), ``tool`` (a tool call) or ``multi`` (one of n > 1 answers), after which
+    the relay leaves the stream alone, ``end`` (the first chunk of the stream's end: finish reason,
+    block stop, text done), ``other``."""
 
     def kind(self, chunk: Any) -> str:
         raise NotImplementedError
@@ -2062,7 +2067,7 @@ class _ChatChunks(ChunkFormat):
     def kind(self, chunk: Any) -> str:
         choices = getattr(chunk, "choices", None) or []
         if any(getattr(c, "index", 0) for c in choices):
-            return "tool"  # n > 1: several answers interleaved, nothing single to work on
+            return "multi"  # n > 1: several answers interleaved, nothing single to work on
         if not choices:
             return "other"
         choice = choices[0]
@@ -2263,8 +2268,7 @@ class StreamRelay:
         texts, tail, template, skip = [], [], None, None
         async for chunk in upstream:
             kind = "end" if tail else self._classify(chunk)
-            if kind in ("tool", "unknown"):
-                skip = skip or ("tool_calls" if kind == "tool" else "unsupported_response")
+            skip = skip or _STREAM_SKIPS.get(kind)
             if kind == "end" and skip is None:
                 tail.append(chunk)
                 continue
@@ -2297,8 +2301,7 @@ class StreamRelay:
         body, tail, texts, skip = [], [], [], None
         async for chunk in upstream:
             kind = "end" if tail else self._classify(chunk)
-            if kind in ("tool", "unknown"):
-                skip = skip or ("tool_calls" if kind == "tool" else "unsupported_response")
+            skip = skip or _STREAM_SKIPS.get(kind)
             if kind == "end":
                 tail.append(chunk)
                 continue
@@ -2341,8 +2344,7 @@ class StreamRelay:
         surface = StreamSurface("")
         async for chunk in upstream:
             kind = "end" if tail else self._classify(chunk)
-            if kind in ("tool", "unknown") and skip is None:
-                skip = "tool_calls" if kind == "tool" else "unsupported_response"
+            skip = skip or _STREAM_SKIPS.get(kind)
             if skip is not None:  # nothing to judge: from here on the stream passes through
                 for pending in held + [chunk]:
                     yield pending

@@ -108,3 +108,19 @@ async def test_an_unchanged_answer_goes_out_as_the_primary_chunks(mode):
     _, text, relay = await run(handler_for(complete, RELAY_MODE=mode), chat_stream("same ", "text"))
     assert text == "same text"
     assert relay["outcome"] == "relayed"
+
+
+async def test_a_stream_of_several_answers_passes_through_and_says_so():
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        raise AssertionError("no secondary call for n > 1")
+
+    async def two_answers():
+        for index in (0, 1):
+            yield litellm.ModelResponseStream(id="c1", created=1, model="llama", choices=[
+                {"index": index, "delta": {"content": f"answer {index}"}, "finish_reason": None}])
+        yield litellm.ModelResponseStream(id="c1", created=1, model="llama", choices=[
+            {"index": 0, "delta": {}, "finish_reason": "stop"}])
+
+    chunks, _, relay = await run(handler_for(complete), two_answers())
+    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["answer 0", "answer 1"]
+    assert relay["outcome"] == "skipped:multiple_choices"
