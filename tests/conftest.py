@@ -108,6 +108,7 @@ def relay_test_models(sim_url: str) -> list[dict]:
         model_entry("mock-window", "openai/gpt-4o-mini", sim_url + "/v1", {"mode": "guard", "stream_guard": "window"},
                     mock_response=WINDOW_ANSWER),
         model_entry("llama-generate", "ollama/llama3", sim_url),
+        model_entry("llama-embed", "openai/text-embedding-3-small", sim_url + "/v1", mock_response=[0.25, 0.5]),
         model_entry("openai-primary", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),
         model_entry("unrelayed", "ollama_chat/llama3", sim_url),
         model_entry("sec", "openai/gpt-4o-mini", sim_url + "/v1", api_key=FAKE_PROVIDER_KEY),

@@ -224,4 +224,4 @@ def test_no_provider_key_reaches_a_log_header_or_error(proxy, strict, sim, token
     time.sleep(0.2)
     for handle in (proxy, strict):
         assert FAKE_PROVIDER_KEY not in handle.log()
-        assert "failed:provider_error" in handle.log() or "provider_error" in handle.log()
+        assert "provider_error" in handle.log()  # the failure was logged, and the key was not
