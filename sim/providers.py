@@ -524,7 +524,8 @@ def openai_usage(req: SimRequest, answer: Answer) -> dict[str, int]:
     }
 
 
-def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
+def chat_request(body: dict[str, Any], **fields: Any) -> SimRequest:
+    """A SimRequest from a body with OpenAI/Ollama-style ``messages``; ``fields`` are the API's own."""
     messages = body.get("messages")
     prompt_text = "\n".join(messages_text(messages))
     last_user = last_user_text(messages)
@@ -532,10 +533,17 @@ def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
         model=str(body.get("model", "")),
         prompt_text=prompt_text,
         last_user_text=prompt_text if last_user is None else last_user,
+        tools=normalise_tools(body.get("tools")),
+        **fields,
+    )
+
+
+def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
+    return chat_request(
+        body,
         stream=body.get("stream") is True,
         n=positive_int(body.get("n")) or 1,
         max_tokens=openai_max_tokens(body),
-        tools=normalise_tools(body.get("tools")),
         include_usage=openai_include_usage(body),
     )
 
@@ -822,16 +830,10 @@ def ollama_final_fields(req: SimRequest, answer: Answer) -> dict[str, Any]:
 
 
 def parse_ollama_chat(body: dict[str, Any]) -> SimRequest:
-    messages = body.get("messages")
-    prompt_text = "\n".join(messages_text(messages))
-    last_user = last_user_text(messages)
-    return SimRequest(
-        model=str(body.get("model", "")),
-        prompt_text=prompt_text,
-        last_user_text=prompt_text if last_user is None else last_user,
+    return chat_request(
+        body,
         stream=body.get("stream", True) is not False,  # Ollama streams unless told not to
         max_tokens=ollama_max_tokens(body),
-        tools=normalise_tools(body.get("tools")),
     )
 
 
