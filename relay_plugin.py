@@ -60,6 +60,7 @@ import sys
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, fields, replace
+from dataclasses import field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable, Final, Mapping
 
@@ -112,6 +113,10 @@ class SecondaryError(RelayError):
         self.retry_after = retry_after
         #: refused before reaching the provider (breaker open, budget, unpriced): ``skipped:<reason>``
         self.skipped = skipped
+
+    #: what a client may read about this failure; None: ``detail`` (the relay's own words) may be shown.
+    #: Set for provider errors, whose text may name internal hosts, users or keys (those go to the log).
+    public: str | None = None
 
 
 # =================================================================================================
@@ -216,6 +221,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
     _Var("MAX_DEPTH", _number(int, 1), 1, "A request whose `x-relay-depth` header is at or above this is never relayed (recursion guard)."),
+    _Var("SIGNING_SECRET", _text, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it."),
     _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
     _Var("REDACT", _parse_bool, False, "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary model."),
     _Var("MAX_INPUT_CHARS", _number(int, 1), 24000, "Cap on the conversation plus answer text sent to a secondary (oldest conversation text is cut first)."),
@@ -308,10 +314,11 @@ class Plan:
         """``block``'s settings parsed one by one (no cross-field rules): ConfigError on the first bad one."""
         changes = {}
         for key, raw in block.items():
-            var = _BY_NAME.get(str(key).upper())
+            # ASCII names only: str.upper() maps e.g. U+017F onto "S", so a look-alike key must not match
+            var = _BY_NAME.get(key.upper()) if isinstance(key, str) and key.isascii() else None
             if var is None or not var.plan:
                 allowed = ", ".join(sorted(v.name.lower() for v in VARIABLES if v.plan))
-                raise ConfigError(f"{where(str(key))} is not a relay setting: allowed: {allowed}")
+                raise ConfigError(f"{where(ascii(key).strip(chr(39)))} is not a relay setting: allowed: {allowed}")
             if raw is not None:  # null (YAML `key:` or JSON null) leaves the setting as it is
                 changes[var.name.lower()] = _parse_value(var, raw, where(var.name.lower()))
         return changes
@@ -333,6 +340,7 @@ class RelayConfig:
     plan: Plan
     apply_to: tuple[str, ...]
     max_depth: int
+    signing_secret: str | None = field(repr=False)
     client_override: str
     redact: bool
     max_input_chars: int
@@ -428,9 +436,51 @@ def redact(text: str) -> str:
     return text
 
 
+#: the key formats of the major providers: masked in every error text, log line and header the relay
+#: writes (with every secret the proxy holds, see register_secrets, and credential fields below)
+_SECRET_SHAPES: Final = re.compile(
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{16,}"  # OpenAI, Anthropic (sk-ant-...), DeepSeek, many gateways
+    r"|\bgsk_[A-Za-z0-9]{16,}|\bhf_[A-Za-z0-9]{16,}|\bxai-[A-Za-z0-9_\-]{16,}"  # Groq, Hugging Face, xAI
+    r"|\br8_[A-Za-z0-9]{16,}|\bpplx-[A-Za-z0-9]{16,}|\bnvapi-[A-Za-z0-9_\-]{16,}|\bfw_[A-Za-z0-9]{16,}"
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bAIza[0-9A-Za-z_\-]{30,}"  # AWS access key ids, Google API keys
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}|\bxox[abpr]-[A-Za-z0-9\-]{10,}"  # GitHub, Slack
+    r"|\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"  # JWTs (Vertex, Azure AD tokens)
+    r"|(?<![A-Za-z0-9])[0-9a-fA-F]{32}(?![A-Za-z0-9])")  # Azure OpenAI and other 32-hex keys
+#: a credential field or an Authorization scheme: the name stays, the value is masked
+_SECRET_FIELDS: Final = re.compile(
+    r"(?i)(\b(?:bearer|basic)\s+"
+    r"|(?:api[-_]?key|x-api-key|access[-_]?key(?:[-_]?id)?|secret[-_]?(?:access[-_]?)?key|client[-_]?secret|password"
+    r"|passwd|authorization|auth[-_]?token|access[-_]?token|session[-_]?token|secret)[\"']?\s*[:=]\s*[\"']?"
+    r"(?:(?:bearer|basic)\s+)?)"
+    r"(?!(?:bearer|basic)\b)([^\s\"',;&}\[\]]{4,})")
+_known_secrets: set[str] = set()
+_known_pattern: list[re.Pattern] = []
+#: environment variables whose values are secrets: masked wherever they appear
+_SECRET_ENV_NAMES: Final = re.compile(r"(?i)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(?:_[A-Z0-9]+)?$")
+
+
+def register_secrets(values: Any) -> None:
+    """Remember secrets the proxy holds (api keys of deployments, key variables), so that no text the
+    relay writes ever carries one, whatever its format."""
+    new = {v.strip() for v in values if isinstance(v, str) and len(v.strip()) >= 8} - _known_secrets
+    if new:
+        _known_secrets.update(new)
+        alternatives = "|".join(re.escape(v) for v in sorted(_known_secrets, key=len, reverse=True))
+        _known_pattern[:] = [re.compile(alternatives)]
+
+
+def register_env_secrets(env: Mapping[str, str] = os.environ) -> None:
+    register_secrets(value for name, value in env.items() if _SECRET_ENV_NAMES.search(name))
+
+
 def scrub_secrets(text: str) -> str:
-    """Mask key-like tokens only: applied to every error text before it is logged or returned."""
-    return _KEYLIKE.sub("[REDACTED_KEY]", text)
+    """Mask every secret the proxy holds, every key-shaped token and every credential field: applied to
+    every error text before it is logged or returned."""
+    text = str(text)
+    for pattern in _known_pattern:
+        text = pattern.sub("[REDACTED_KEY]", text)
+    text = _SECRET_SHAPES.sub("[REDACTED_KEY]", text)
+    return _SECRET_FIELDS.sub(r"\1[REDACTED_KEY]", text)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -1433,7 +1483,7 @@ class Outcome:
             headers["x-relay-override"] = self.override
         if self.cache:
             headers["x-relay-cache"] = self.cache
-        return headers
+        return {name: _header_safe(value) for name, value in headers.items()}  # always encodable
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -1471,6 +1521,10 @@ _IN_RELAY: Final = contextvars.ContextVar("relay_in_progress", default=False)
 _RESULT_KEY: Final = "relay_result"  #: where the Outcome waits for the headers hook (metadata bucket)
 _CLIENT_KEY: Final = "relay"  #: the client's override block inside request metadata
 _STREAM_KEY: Final = "relay_stream_decision"  #: the headers hook's decision, reused by the stream hook
+_SEEN_KEY: Final = "relay_seen"  #: the mark of a request this process relayed already
+_MODEL_CONFIG_REFUSAL: Final = "relay: this model is not served: its relay settings are invalid; the proxy's log names the setting"
+#: litellm_params that hold credentials: their values are masked wherever they would appear
+_SECRET_PARAM: Final = re.compile(r"(?i)key|secret|token|password|credential")
 DEPTH_HEADER: Final = "x-relay-depth"
 _SEEN_MAX: Final = 50_000
 
@@ -1503,7 +1557,12 @@ class RelayHandler(CustomLogger):
         self._prices: dict[str, tuple[float, float] | None] = {}
         #: budget counters that refused a reservation (names carry their window, so old ones never match)
         self.refused_counters: set[str] = set()
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._proxy_checked = False
+        self._bad_models: dict[str, str] = {}  #: model_name -> why it is refused (an invalid relay block)
+        register_env_secrets()
+        self._seen_token = secrets.token_hex(16)  #: marks a request this process relayed (see _first_time)
+        if config.signing_secret:
+            _signing_key_cache[:] = [hashlib.sha256(config.signing_secret.encode()).digest()]
         self._model_plans: dict[str, Plan | ConfigError] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
         #: outcome counters, e.g. ``stats["modified"]``, ``stats["failed:timeout"]``
@@ -1517,7 +1576,13 @@ class RelayHandler(CustomLogger):
     # ----- hooks ---------------------------------------------------------------------------------
 
     async def async_pre_call_hook(self, user_api_key_dict: "UserAPIKeyAuth", cache: Any, data: dict, call_type: str) -> dict:
-        """Validate ``metadata.relay`` before the primary runs, so a bad block costs nothing."""
+        """Drop forged relay markers, then validate ``metadata.relay`` before the primary runs, so a bad
+        block costs nothing."""
+        strip_client_markers(data)
+        self._check_proxy_once()
+        refused = self._bad_models.get(str(data.get("model", "")))
+        if refused is not None and self.config.plan.enabled:
+            raise _http_error(503, refused, {"x-relay-outcome": "failed:model_config"})
         metadata = data.get("metadata")
         if not self.config.plan.enabled or not isinstance(metadata, dict) or _CLIENT_KEY not in metadata:
             return data
@@ -1534,7 +1599,7 @@ class RelayHandler(CustomLogger):
         return data
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: "UserAPIKeyAuth", response: Any) -> Any:
-        if not self.config.plan.enabled or _IN_RELAY.get() or not self._first_time(data):
+        if not self.config.plan.enabled or is_relay_call() or not self._first_time(data):
             return response
         try:
             outcome = await self._relay(data, response, user_api_key_dict)
@@ -1552,6 +1617,7 @@ class RelayHandler(CustomLogger):
             return None
         bucket = _bucket(data)
         outcome = bucket.get(_RESULT_KEY)
+        outcome = outcome if isinstance(outcome, Outcome) else None  # only the relay's own, never a client's
         if outcome is None and response is not None and data.get("stream"):
             # a stream: the headers leave now, before the relay has run; decide what will happen
             plan, outcome, depth = bucket[_STREAM_KEY] = self._decide(data)
@@ -1563,13 +1629,16 @@ class RelayHandler(CustomLogger):
     async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: "UserAPIKeyAuth", response: Any,
                                                       request_data: dict) -> Any:
         """Streams: the same modes, under the contract in the "Streams" section below."""
-        if not self.config.plan.enabled or _IN_RELAY.get() or not self._first_time(request_data):
+        if not self.config.plan.enabled or is_relay_call() or not self._first_time(request_data):
             async for chunk in response:
                 yield chunk
             return
-        plan, outcome, depth = _bucket(request_data).pop(_STREAM_KEY, None) or self._decide(request_data)
+        decision = _bucket(request_data).pop(_STREAM_KEY, None)
+        plan, outcome, depth = decision if isinstance(decision, tuple) else self._decide(request_data)
         if plan is None:
             self._record(request_data, outcome)
+            if outcome.outcome == "failed:model_config":
+                raise _http_error(503, _MODEL_CONFIG_REFUSAL)
             async for chunk in response:
                 yield chunk
             return
@@ -1586,15 +1655,14 @@ class RelayHandler(CustomLogger):
             self._record(request_data, outcome)
 
     def _first_time(self, data: Mapping[str, Any]) -> bool:
-        """False when this litellm_call_id was relayed before (a hook that fires twice relays once)."""
-        call_id = data.get("litellm_call_id")
-        if not call_id:
-            return True
-        if call_id in self._seen:
+        """False when this request was relayed before (a hook that fires twice relays once). The mark is
+        this process's random token in the request's own metadata: a client can neither set it (it is
+        not a value a client can know, and client copies are stripped) nor share it between requests,
+        as it could a ``litellm_call_id``."""
+        bucket = _bucket(data)
+        if bucket.get(_SEEN_KEY) == self._seen_token:
             return False
-        self._seen[call_id] = None
-        if len(self._seen) > _SEEN_MAX:
-            self._seen.popitem(last=False)
+        bucket[_SEEN_KEY] = self._seen_token
         return True
 
     def _record(self, data: dict, outcome: Outcome) -> None:
@@ -1611,7 +1679,7 @@ class RelayHandler(CustomLogger):
         bucket = _bucket(data)
         plan = self.config.plan
         model_block = (bucket.get("model_info") or {}).get("relay")
-        if model_block:
+        if model_block is not None:
             plan = self._model_plan(model_block, data.get("model", ""))
             if isinstance(plan, ConfigError):
                 return None, "model_config", ""
@@ -1621,13 +1689,32 @@ class RelayHandler(CustomLogger):
         plan, note = self._client_plan(plan, block) if block else (plan, "")
         return (plan if plan.enabled else None), ("" if plan.enabled else "disabled"), note
 
+    def _check_proxy_once(self) -> None:
+        """On the first request: learn the secrets the proxy holds (to mask them everywhere) and validate
+        the ``relay:`` block of every model of the proxy's model_list. A model whose block is invalid is
+        refused (HTTP 503), never served without the relay its operator configured."""
+        if self._proxy_checked:
+            return
+        self._proxy_checked = True
+        router = _proxy_router()
+        for deployment in (getattr(router, "model_list", None) or []) if router is not None else []:
+            params = deployment.get("litellm_params") or {}
+            register_secrets(v for k, v in params.items() if _SECRET_PARAM.search(str(k)))
+            block = (deployment.get("model_info") or {}).get("relay")
+            name = str(deployment.get("model_name", ""))
+            if block is not None and isinstance(self._model_plan(block, name), ConfigError):
+                self._bad_models[name] = (f"relay: model {name} is not served: its relay settings (model_info.relay) "
+                                          "are invalid; the proxy's log names the setting")
+
     def _model_plan(self, block: Mapping[str, Any], model: str) -> Plan | ConfigError:
         key = json.dumps(block, sort_keys=True, default=str)
         if key not in self._model_plans:
             try:
+                if not isinstance(block, Mapping):
+                    raise ConfigError(f"model_info.relay={block!r} is invalid: allowed: a mapping of relay settings")
                 self._model_plans[key] = self.config.plan.overridden(block, lambda k: f"model_info.relay.{k}")
             except ConfigError as exc:
-                log.error("relay: model %s: %s; the relay is skipped for this model", model, exc)
+                log.error("relay: model %s: %s; the model is refused (HTTP 503) until this is fixed", model, exc)
                 self._model_plans[key] = exc
         return self._model_plans[key]
 
@@ -1640,7 +1727,7 @@ class RelayHandler(CustomLogger):
             if plan.mode == "guard" and plan.enabled:  # an operator's guard stays on
                 refused |= set(block) & {"enabled", "mode"}
             block = {k: v for k, v in block.items() if k not in refused}
-            note = "ignored:" + ",".join(sorted(refused)) if refused else "applied"
+            note = _header_safe("ignored:" + ",".join(sorted(ascii(k).strip("'") for k in refused))) if refused else "applied"
         else:
             note = "applied"
         try:
@@ -1653,9 +1740,9 @@ class RelayHandler(CustomLogger):
     def _decide(self, data: Mapping[str, Any]) -> tuple[Plan | None, "Outcome", int]:
         """``(plan, outcome, depth)``: the plan is None when this request is not relayed (outcome says why)."""
         mode = self.config.plan.mode
-        if _is_internal(data):
+        if is_relay_call():
             return None, Outcome(mode, "skipped:internal", []), 0
-        depth = _request_depth(data)
+        depth = relay_call_depth(data)
         if depth >= self.config.max_depth:
             return None, Outcome(mode, "skipped:depth", []), depth
         plan, skip, note = self.plan_for(data)
@@ -1667,6 +1754,8 @@ class RelayHandler(CustomLogger):
     async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> "Outcome":
         plan, outcome, depth = self._decide(data)
         if plan is None:
+            if outcome.outcome == "failed:model_config":
+                raise RelayRejected(503, _MODEL_CONFIG_REFUSAL, outcome)
             return outcome
         surface = Surface(response)
         if surface.skip:
@@ -1691,7 +1780,8 @@ class RelayHandler(CustomLogger):
                 kind, reason, detail = ("skipped" if exc.skipped else "failed"), exc.reason, exc.detail
             else:
                 kind, reason, detail = "failed", "timeout", f"relay deadline of {self.config.deadline_s:g}s passed"
-            outcome.outcome, outcome.reason = f"{kind}:{reason}", detail or reason
+            outcome.outcome, outcome.reason = f"{kind}:{reason}", scrub_secrets(
+                (exc.public if isinstance(exc, SecondaryError) else None) or detail or reason)
             # a refusal (breaker open, budget spent) is the guard working, on every request while it
             # lasts: not worth a warning each time; the header and the outcome counters say it
             log.log(logging.DEBUG if kind == "skipped" else logging.WARNING, "relay %s %s: %s %s",
@@ -2493,10 +2583,9 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
         "max_tokens": max_tokens,
         "timeout": timeout,
         "num_retries": 0,  # the relay owns the retry policy of its secondary calls
-        "metadata": {"relay_internal": True, "relay_depth": depth},
-        "extra_headers": {DEPTH_HEADER: str(depth)},
         "no-log": True,
     }
+    mark_relay_call(kwargs, depth)
     if on_delta is not None:
         kwargs.update(stream=True, stream_options={"include_usage": True})
     router = _proxy_router()
@@ -2536,7 +2625,24 @@ def _cost_of(response: Any) -> float:
     return float(cost or 0.0)
 
 
+#: what a client reads about a provider error, by reason class (the provider's own text goes to the log)
+PROVIDER_ERROR_PHRASES: Final = {
+    "timeout": "the secondary model did not answer in time",
+    "rate_limited": "the secondary model's provider is rate limiting",
+    "connection": "the secondary model's provider could not be reached",
+    "provider_error": "the secondary model's provider failed",
+    "provider_rejected": "the secondary model's provider rejected the call",
+    "error": "the secondary model call failed",
+}
+
+
 def _classify_error(model: str, exc: Exception) -> SecondaryError:
+    error = _classify_provider_error(model, exc)
+    error.public = PROVIDER_ERROR_PHRASES.get(error.reason, "the secondary model call failed")
+    return error
+
+
+def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     detail = scrub_secrets(f"{model}: {name}: {str(exc)[:300]}")
@@ -2609,23 +2715,134 @@ def _key_id(user_api_key_dict: Any) -> str | None:
     return hashlib.sha256(str(key).encode()).hexdigest()[:16] if key else None
 
 
-def _is_internal(data: Mapping[str, Any]) -> bool:
-    return any(isinstance(b, Mapping) and b.get("relay_internal") for b in (data.get("metadata"), data.get("litellm_metadata")))
-
-
-def _request_depth(data: Mapping[str, Any]) -> int:
-    headers = (data.get("proxy_server_request") or {}).get("headers") or {}
-    raw = headers.get(DEPTH_HEADER) or headers.get(DEPTH_HEADER.title())
-    try:
-        return max(int(raw), 0) if raw is not None else 0
-    except ValueError:
-        return 0
-
-
 def _http_error(status: int, message: str, headers: dict[str, str] | None = None) -> Exception:
     from fastapi import HTTPException  # the proxy's own web framework, present wherever hooks run
 
     return HTTPException(status_code=status, detail=message, headers=headers)
+
+
+# =================================================================================================
+# Trust: which calls are the relay's own (unforgeable), and which secrets never leave the proxy
+# =================================================================================================
+#
+# A client must not be able to switch an operator's relay off. So nothing a client can write (a header,
+# a metadata key, a call id) is taken as "this is the relay's own call". The relay recognises its own
+# calls by:
+#   - in the same process: the ``_IN_RELAY`` ContextVar, set while relay work runs;
+#   - across HTTP (a secondary that is this proxy, or another relay-equipped one): a proof, carried
+#     twice, in the ``x-relay-depth`` header and in the body's system prompt (an intermediary may drop
+#     headers, never the prompt). The proof is ``<depth>.<unix time>.<HMAC>`` where the HMAC, keyed with
+#     RELAY_SIGNING_SECRET (else a key derived from the proxy's master key, the same on every instance),
+#     covers the depth, the time and the call's last user message: copying it onto another prompt, or
+#     using it after ``PROOF_MAX_AGE_S``, proves nothing.
+
+#: how long a proof is accepted after it was made (generous: clocks of instances drift)
+PROOF_MAX_AGE_S: Final = 600.0
+_PROOF_TOKEN: Final = re.compile(r"\A(\d{1,3})\.(\d{1,12})\.([0-9a-f]{32})\Z")
+_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call (\d{1,3}\.\d{1,12}\.[0-9a-f]{32})\]")
+#: metadata keys only the relay writes: a client's copies are dropped before any hook reads them
+RELAY_OWNED_KEYS: Final = ("relay_internal", "relay_depth", "relay_result", "relay_stream_decision", "relay_seen",
+                           "relay_judged")
+_signing_key_cache: list[bytes] = []
+
+
+def _signing_key() -> bytes:
+    """The HMAC key of the relay's proofs: RELAY_SIGNING_SECRET, else derived from the master key
+    (shared by every instance of one deployment), else a random key of this process."""
+    if _signing_key_cache:
+        return _signing_key_cache[0]
+    module = sys.modules.get("litellm.proxy.proxy_server")  # RELAY_SIGNING_SECRET: set by RelayHandler
+    secret = str(getattr(module, "master_key", None) or os.environ.get("LITELLM_MASTER_KEY") or "")
+    secret = "relay-proof-from-master-key:" + secret if secret else ""
+    key = hashlib.sha256(secret.encode()).digest() if secret else secrets.token_bytes(32)
+    if secret or "litellm.proxy.proxy_server" not in sys.modules:  # a random key may be replaced once a master key exists
+        _signing_key_cache.append(key)
+    return key
+
+
+def _proof_subject(turns: list[dict[str, str]]) -> str:
+    """What a proof is bound to: the last user message, whitespace-normalised (providers' wire formats
+    may re-split it into blocks, never change its words)."""
+    last = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+    return " ".join(last.split())
+
+
+def _proof_mac(depth: int, stamp: int, subject: str) -> str:
+    import hmac
+
+    message = f"relay-call|{depth}|{stamp}|{subject}".encode()
+    return hmac.new(_signing_key(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None) -> str:
+    """The proof that a call with this conversation is the relay's own, at ``depth``."""
+    stamp = int(time.time() if now is None else now)
+    return f"{depth}.{stamp}.{_proof_mac(depth, stamp, _proof_subject(turns))}"
+
+
+def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None) -> int:
+    """The depth a proof token proves for this conversation; 0 when it proves nothing."""
+    import hmac
+
+    match = _PROOF_TOKEN.match(token.strip()) if isinstance(token, str) else None
+    if match is None:
+        return 0
+    depth, stamp = int(match.group(1)), int(match.group(2))
+    if abs((time.time() if now is None else now) - stamp) > PROOF_MAX_AGE_S:
+        return 0
+    expected = _proof_mac(depth, stamp, _proof_subject(turns))
+    return depth if hmac.compare_digest(expected, match.group(3)) else 0
+
+
+def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
+    """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
+    goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
+    messages = [dict(m) for m in kwargs["messages"]]
+    proof = relay_proof(depth, conversation_of({"messages": messages}))
+    system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
+    if system is None:
+        messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})
+    else:
+        system["content"] = f"{system['content']}\n\n[relay-call {proof}]"
+    kwargs["messages"] = messages
+    kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), DEPTH_HEADER: proof}
+    kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "relay_internal": True, "relay_depth": depth}
+
+
+def _request_headers(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    server_request = data.get("proxy_server_request")
+    headers = server_request.get("headers") if isinstance(server_request, Mapping) else None
+    return headers if isinstance(headers, Mapping) else {}
+
+
+def relay_call_depth(data: Mapping[str, Any]) -> int:
+    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call made
+    at depth n (proven by the header or by the system prompt). Nothing else a client sends counts."""
+    turns = conversation_of(data)
+    tokens = [v for k, v in _request_headers(data).items() if isinstance(k, str) and k.lower() == DEPTH_HEADER]
+    tokens += [m.group(1) for t in turns if t["role"] == "system" for m in _PROOF_IN_PROMPT.finditer(t["content"])]
+    return max((proven_depth(token, turns) for token in tokens), default=0)
+
+
+def is_relay_call() -> bool:
+    """True while this task runs relay work: a hook that fires inside it never relays again."""
+    return _IN_RELAY.get()
+
+
+def strip_client_markers(data: dict) -> None:
+    """Drop what a client sent in the relay's own places: metadata keys only the relay writes, and an
+    ``x-relay-depth`` header that proves nothing (so nothing downstream can mistake it for a proof)."""
+    for name in ("metadata", "litellm_metadata"):
+        bucket = data.get(name)
+        if isinstance(bucket, dict):
+            for key in RELAY_OWNED_KEYS:
+                bucket.pop(key, None)
+    headers = _request_headers(data)
+    forged = [k for k, v in headers.items() if isinstance(k, str) and k.lower() == DEPTH_HEADER
+              and not proven_depth(v, conversation_of(data))]
+    if forged and isinstance(headers, dict):
+        for key in forged:
+            headers.pop(key, None)
 
 
 # =================================================================================================

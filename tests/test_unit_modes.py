@@ -278,7 +278,8 @@ async def test_redaction_masks_the_conversation_and_the_answer_before_the_second
 
 async def test_the_secondary_gets_the_next_depth_of_a_nested_request():
     fake = FakeSecondary({SEC: REFINED})
-    data = chat_data(proxy_server_request={"headers": {"x-relay-depth": "1"}})
+    data = chat_data()
+    data["proxy_server_request"] = {"headers": {"x-relay-depth": relay_plugin.relay_proof(1, relay_plugin.conversation_of(data))}}
     headers = await relay(make_handler(fake, MAX_DEPTH="3"), data, chat_response())
     assert headers["x-relay-outcome"] == "modified"
     assert [c.depth for c in fake.calls] == [2]
@@ -739,32 +740,62 @@ async def test_a_model_outside_apply_to_is_skipped_and_a_matching_one_relayed():
 
 
 @pytest.mark.parametrize("bucket", ["metadata", "litellm_metadata"])
-async def test_a_relay_internal_request_is_skipped(bucket):
+async def test_a_client_claiming_to_be_a_relay_call_in_metadata_is_relayed_all_the_same(bucket):
     fake = FakeSecondary({SEC: REFINED})
     data = chat_data(**{bucket: {"relay_internal": True, "relay_depth": 1}})
     response = chat_response()
     headers = await relay(make_handler(fake), data, response)
-    assert core(headers) == expect("refine", "skipped:internal")
-    assert (chat_text(response), fake.calls) == (PRIMARY, [])
+    assert headers["x-relay-outcome"] == "modified"
+    assert chat_text(response) == REFINED
 
 
-@pytest.mark.parametrize(("max_depth", "header", "name"), [("1", "1", "x-relay-depth"), ("2", "2", "x-relay-depth"),
-                                                           ("2", "5", "x-relay-depth"), ("1", "1", "X-Relay-Depth")])
-async def test_a_request_at_or_above_the_max_depth_is_skipped(max_depth, header, name):
+def proven(data: dict, depth: int, *, name: str = "x-relay-depth", now: float | None = None) -> dict:
+    """``data`` carrying the relay's own proof of ``depth`` in a header."""
+    token = relay_plugin.relay_proof(depth, relay_plugin.conversation_of(data), now)
+    return {**data, "proxy_server_request": {"headers": {name: token}}}
+
+
+@pytest.mark.parametrize(("max_depth", "depth", "name"), [("1", 1, "x-relay-depth"), ("2", 2, "x-relay-depth"),
+                                                          ("2", 5, "x-relay-depth"), ("1", 1, "X-Relay-Depth")])
+async def test_a_proven_relay_call_at_or_above_the_max_depth_is_skipped(max_depth, depth, name):
     fake = FakeSecondary({SEC: REFINED})
-    data = chat_data(proxy_server_request={"headers": {name: header}})
+    data = proven(chat_data(), depth, name=name)
     headers = await relay(make_handler(fake, MAX_DEPTH=max_depth), data, chat_response())
     assert core(headers) == expect("refine", "skipped:depth")
     assert fake.calls == []
 
 
-async def test_a_request_below_the_max_depth_is_relayed():
+async def test_a_proof_in_the_system_prompt_counts_when_the_header_was_dropped():
     fake = FakeSecondary({SEC: REFINED})
-    data = chat_data(proxy_server_request={"headers": {"x-relay-depth": "0"}})
+    call = {"messages": [{"role": "user", "content": QUESTION}]}
+    relay_plugin.mark_relay_call(call, 1)
+    data = chat_data(messages=call["messages"])
+    headers = await relay(make_handler(fake), data, chat_response())
+    assert core(headers) == expect("refine", "skipped:depth")
+
+
+@pytest.mark.parametrize("forged", [
+    "1", "5", " 1", "1.0", "1.1796195118.00000000000000000000000000000000", "１",
+    "proof copied from another prompt", "stale"])
+async def test_a_depth_header_without_a_valid_proof_is_ignored(forged):
+    fake = FakeSecondary({SEC: REFINED})
+    data = chat_data()
+    if forged == "proof copied from another prompt":
+        forged = relay_plugin.relay_proof(1, [{"role": "user", "content": "something else"}])
+    elif forged == "stale":
+        forged = relay_plugin.relay_proof(1, relay_plugin.conversation_of(data), time.time() - 3600)
+    data["proxy_server_request"] = {"headers": {"x-relay-depth": forged}}
     assert (await relay(make_handler(fake), data, chat_response()))["x-relay-outcome"] == "modified"
 
 
-async def test_the_same_call_id_is_relayed_only_once():
+async def test_a_request_below_the_max_depth_is_relayed():
+    fake = FakeSecondary({SEC: REFINED})
+    data = proven(chat_data(), 1)
+    assert (await relay(make_handler(fake, MAX_DEPTH="2"), data, chat_response()))["x-relay-outcome"] == "modified"
+    assert [c.depth for c in fake.calls] == [2]
+
+
+async def test_a_reused_call_id_is_relayed_again():
     fake = FakeSecondary({SEC: REFINED})
     handler = make_handler(fake)
     first = chat_data()
@@ -772,10 +803,20 @@ async def test_the_same_call_id_is_relayed_only_once():
     await relay(handler, first, chat_response())
     again = chat_response()
     headers = await relay(handler, second, again)
+    assert fake.models == [SEC, SEC]
+    assert chat_text(again) == REFINED
+    assert headers["x-relay-outcome"] == "modified"
+
+
+async def test_the_same_request_is_relayed_only_once_when_a_hook_fires_twice():
+    fake = FakeSecondary({SEC: REFINED})
+    handler = make_handler(fake)
+    data = chat_data()
+    await relay(handler, data, chat_response())
+    again = chat_response()
+    await handler.async_post_call_success_hook(data, user_api_key_dict=None, response=again)
     assert fake.models == [SEC]
     assert chat_text(again) == PRIMARY
-    assert headers is None
-    assert outcome_of(second) is None
     assert handler.stats["modified"] == 1
 
 
@@ -813,12 +854,19 @@ async def test_a_model_info_block_sets_the_mode_for_that_model():
     assert core(headers) == expect("guard", "blocked", SEC, 0.0012)
 
 
-async def test_an_invalid_model_info_block_fails_that_model_without_calling_the_secondary():
+@pytest.mark.parametrize("block", [{"mode": "bogus"}, {"gaurd_action": "error"}, "guard", {}])
+async def test_an_invalid_model_info_block_refuses_that_model_without_calling_the_secondary(block):
     fake = FakeSecondary({SEC: REFINED})
-    data = chat_data(metadata={"model_info": {"relay": {"mode": "bogus"}}})
+    data = chat_data(metadata={"model_info": {"relay": block}})
     response = chat_response()
-    headers = await relay(make_handler(fake), data, response)
-    assert core(headers) == expect("refine", "failed:model_config")
+    handler = make_handler(fake)
+    if block == {}:  # an empty block overrides nothing: the env plan applies
+        assert (await relay(handler, data, response))["x-relay-outcome"] == "modified"
+        return
+    with pytest.raises(HTTPException) as refused:
+        await relay(handler, data, response)
+    assert refused.value.status_code == 503
+    assert core(await handler.async_post_call_response_headers_hook(data, None, None)) == expect("refine", "failed:model_config")
     assert (chat_text(response), fake.calls) == (PRIMARY, [])
 
 
