@@ -611,12 +611,12 @@ class Surface:
                 return "text", "multiple_choices" if choices else "no_text"
             return "text", None if choices[0].text else "no_text"
         if isinstance(response, dict) and response.get("type") == "message":
-            blocks = response.get("content") or []
+            blocks = [b for b in response.get("content") or [] if _field(b, "type") not in _THINKING_TYPES]
             if any(isinstance(b, Mapping) and b.get("type") != "text" for b in blocks):
                 return "messages", "tool_calls" if any(b.get("type") == "tool_use" for b in blocks) else "no_text"
             return "messages", None if _content_text(blocks) else "no_text"
         if type(response).__name__ == "ResponsesAPIResponse":
-            items = list(response.output or [])
+            items = [i for i in response.output or [] if _field(i, "type") not in _THINKING_TYPES]
             if any(_field(i, "type") != "message" for i in items):
                 return "responses", "tool_calls"
             return "responses", None if _responses_text(items) else "no_text"
@@ -638,8 +638,9 @@ class Surface:
             r.choices[0].message.content = text
         elif self.kind == "text":
             r.choices[0].text = text
-        elif self.kind == "messages":
-            r["content"] = [{"type": "text", "text": text}]
+        elif self.kind == "messages":  # the thinking that led to the answer stays, the text is replaced
+            thinking = [b for b in r.get("content") or [] if _field(b, "type") in _THINKING_TYPES]
+            r["content"] = [*thinking, {"type": "text", "text": text}]
         else:
             first = True
             for item in r.output:
@@ -656,6 +657,53 @@ class Surface:
         elif self.kind == "messages":
             r["stop_reason"] = "refusal"
         else:
+            r.status = "incomplete"
+            r.incomplete_details = {"reason": "content_filter"}
+
+    def readable(self) -> list[str] | None:
+        """What a user will read, one text per answer (choice), for a guard to judge: the text, the text
+        beside tool calls and every tool call's name and arguments. Thinking and reasoning are not the
+        answer and are left out (they never hide it). None: a response the guard cannot read."""
+        r = self.response
+        if self.kind == "chat":
+            return [_joined(_content_text(c.message.content), *_tool_call_texts(c.message)) for c in r.choices or []]
+        if self.kind == "text":
+            return [c.text or "" for c in r.choices or []]
+        if self.kind == "messages":
+            return [_joined(*(_block_text(b) for b in r.get("content") or []))]
+        if self.kind == "responses":
+            return [_joined(*(_item_text(i) for i in r.output or []))]
+        return None
+
+    @property
+    def refusable(self) -> bool:
+        """True when :meth:`refuse` can rewrite this response (a kind the relay knows)."""
+        return self.kind in ("chat", "text", "messages", "responses")
+
+    def refuse(self, message: str) -> None:
+        """Replace everything a user would read (every choice, tool calls included) with ``message``."""
+        r = self.response
+        if self.kind == "chat":
+            for choice in r.choices:
+                choice.message.content = message
+                choice.message.tool_calls = None
+                if getattr(choice.message, "function_call", None) is not None:
+                    choice.message.function_call = None
+                choice.finish_reason = "content_filter"
+        elif self.kind == "text":
+            for choice in r.choices:
+                choice.text, choice.finish_reason = message, "content_filter"
+        elif self.kind == "messages":
+            r["content"] = [{"type": "text", "text": message}]
+            r["stop_reason"] = "refusal"
+        else:
+            item = {"type": "message", "id": "msg_relay_refusal", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": message, "annotations": []}]}
+            with contextlib.suppress(ImportError, ValueError):  # the typed item, as litellm's own are
+                from openai.types.responses import ResponseOutputMessage
+
+                item = ResponseOutputMessage.model_validate(item)
+            r.output = [item]
             r.status = "incomplete"
             r.incomplete_details = {"reason": "content_filter"}
 
@@ -676,6 +724,51 @@ def _set_field(obj: Any, name: str, value: Any) -> None:
         obj[name] = value
     else:
         setattr(obj, name, value)
+
+
+#: content blocks (Anthropic) and output items (Responses) that carry the model's reasoning, not its answer
+_THINKING_TYPES: Final = frozenset({"thinking", "redacted_thinking", "reasoning"})
+
+
+def _joined(*texts: str) -> str:
+    return "\n".join(t for t in texts if t)
+
+
+def _as_json(value: Any) -> str:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _tool_call_texts(message: Any) -> list[str]:
+    calls = list(getattr(message, "tool_calls", None) or [])
+    legacy = getattr(message, "function_call", None)
+    functions = [_field(c, "function") for c in calls] + ([legacy] if legacy else [])
+    return [f"[tool call {_field(f, 'name')}] {_as_json(_field(f, 'arguments') or '')}" for f in functions if f]
+
+
+def _block_text(block: Any) -> str:
+    """An Anthropic content block as the guard reads it (thinking: nothing; unknown kinds: their JSON)."""
+    kind = _field(block, "type")
+    if kind in _THINKING_TYPES:
+        return ""
+    if kind == "text":
+        return _field(block, "text") or ""
+    if kind == "tool_use":
+        return f"[tool call {_field(block, 'name')}] {_as_json(_field(block, 'input') or {})}"
+    return _as_json(block)
+
+
+def _item_text(item: Any) -> str:
+    """A Responses output item as the guard reads it (reasoning: nothing; unknown kinds: their JSON)."""
+    kind = _field(item, "type")
+    if kind in _THINKING_TYPES:
+        return ""
+    if kind == "message":
+        return "\n".join(_field(p, "text") or _field(p, "refusal") or "" for p in _field(item, "content") or [])
+    if kind == "function_call":
+        return f"[tool call {_field(item, 'name')}] {_as_json(_field(item, 'arguments') or '')}"
+    return _as_json(item)
 
 
 def _responses_text(items: Any) -> str:
@@ -1758,6 +1851,9 @@ class RelayHandler(CustomLogger):
                 raise RelayRejected(503, _MODEL_CONFIG_REFUSAL, outcome)
             return outcome
         surface = Surface(response)
+        if plan.mode == "guard" and surface.skip != "no_text":  # a guard reads every choice and tool call
+            await self._execute(_Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), data, surface)
+            return outcome
         if surface.skip:
             outcome.outcome = f"skipped:{surface.skip}"
             return outcome
@@ -1797,7 +1893,7 @@ class RelayHandler(CustomLogger):
         """Apply RELAY_FAIL_MODE to a failed relay."""
         if plan.fail_mode == "open":
             return
-        if plan.mode == "guard" and plan.guard_action == "replace":
+        if plan.mode == "guard" and plan.guard_action == "replace" and getattr(surface, "refusable", True):
             outcome.outcome = "blocked"
             outcome.reason = f"unjudged ({outcome.reason}); fail-closed"
             _block(plan, surface, outcome)
@@ -1842,7 +1938,10 @@ class RelayHandler(CustomLogger):
         return self._prices[model]
 
     def _prepare(self, data: Mapping[str, Any], answer: str) -> Prepared:
-        return Prepared.build(conversation_of(data), answer, redact_pii=self.config.redact, max_chars=self.config.max_input_chars)
+        return self._prepare_turns(conversation_of(data), answer)
+
+    def _prepare_turns(self, turns: list[dict[str, str]], answer: str) -> Prepared:
+        return Prepared.build(turns, answer, redact_pii=self.config.redact, max_chars=self.config.max_input_chars)
 
     async def drain(self) -> None:
         """Wait for in-flight shadow analyses (tests and graceful shutdown)."""
@@ -1991,13 +2090,38 @@ async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
         run.outcome.outcome = "modified"
 
 
+def guard_windows(text: str, size: int) -> list[str]:
+    """``text`` cut into windows of at most ``size`` characters that overlap a little, so that a phrase
+    cut at a boundary is whole in one of them. Every character is in at least one window."""
+    if len(text) <= size:
+        return [text]
+    overlap = min(200, size // 10)
+    step = max(size - overlap, 1)
+    return [text[i:i + size] for i in range(0, len(text) - overlap, step)]
+
+
 async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
+    """Judge everything a user will read: every answer (choice), tool calls included, each in windows
+    the judge can take whole; the strictest verdict wins. Never a partial judgment reported as whole."""
     plan = run.plan
-    prepared = run.prepared(data, surface)
+    answers = surface.readable()
+    if answers is None:
+        raise SecondaryError("unjudgeable", "the guard cannot read this kind of response")
     instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
-    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer))
-    verdict, reason = parse_verdict(reply.text)
+    size = max(run.handler.config.max_input_chars // 2, 1)  # what Prepared.build leaves an answer unclipped
+    turns = conversation_of(data)
+    verdict, reason = "allow", ""
+    for answer in answers:
+        windows = guard_windows(answer, size)
+        for number, window in enumerate(windows, 1):
+            prepared = run.handler._prepare_turns(turns, window)
+            reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                                   key=(instructions, prepared.turns, prepared.answer))
+            verdict, reason = parse_verdict(reply.text)
+            if verdict == "block":
+                break
+        if verdict == "block":
+            break
     if verdict == "block":
         run.outcome.outcome, run.outcome.reason = "blocked", reason or "blocked by policy"
         if plan.guard_action == "error":
@@ -2006,8 +2130,7 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
 
 
 def _block(plan: Plan, surface: Surface, outcome: "Outcome") -> None:
-    surface.set_text(plan.guard_message)
-    surface.mark_filtered()
+    surface.refuse(plan.guard_message)
 
 
 async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
@@ -2102,12 +2225,13 @@ def _pieces(text: str) -> list[str]:
 class StreamSurface:
     """The Surface of a stream: the text gathered so far, and what the mode decided about it."""
 
-    __slots__ = ("text", "original", "filtered", "relay")
+    __slots__ = ("text", "original", "filtered", "relay", "units")
 
     def __init__(self, text: str):
         self.text = self.original = text
         self.filtered = False
         self.relay: dict | None = None
+        self.units: list[str] | None = None  #: what a guard reads when it is more than one text
 
     def get_text(self) -> str:
         return self.text
@@ -2117,6 +2241,12 @@ class StreamSurface:
 
     def mark_filtered(self) -> None:
         self.filtered = True
+
+    def readable(self) -> list[str]:
+        return self.units if self.units is not None else [self.text]
+
+    def refuse(self, message: str) -> None:
+        self.text, self.filtered = message, True
 
     def attach(self, relay: dict) -> None:
         self.relay = relay
@@ -2149,6 +2279,18 @@ class ChunkFormat:
     def heartbeat(self, template: Any) -> Any:
         """A chunk that carries nothing, sent while relay work runs (None: the format has none)."""
         return self.text_chunk(template, "")
+
+    def readable(self, chunks: list) -> list[str] | None:
+        """What a user reads of a whole held stream, one text per answer (choice), tool calls included."""
+        raise NotImplementedError
+
+    def finish(self, chunks: list, relay: dict) -> list:
+        """A whole held stream, unchanged but for the relay object."""
+        raise NotImplementedError
+
+    def refusal(self, chunks: list, message: str, relay: dict, resume: bool = False) -> list:
+        """What replaces a whole held stream the guard blocked (``resume``: text was released already)."""
+        raise NotImplementedError
 
 
 class _ChatChunks(ChunkFormat):
@@ -2198,6 +2340,47 @@ class _ChatChunks(ChunkFormat):
         setattr(relay_chunk, "relay", relay)
         return [*tail, relay_chunk]
 
+    def readable(self, chunks: list) -> list[str]:
+        texts: dict[int, list[str]] = {}
+        calls: dict[tuple[int, Any], list[str]] = {}  #: (choice, call index) -> [name, arguments]
+        for chunk in chunks:
+            for choice in getattr(chunk, "choices", None) or []:
+                index = getattr(choice, "index", 0) or 0
+                delta = getattr(choice, "delta", None)
+                texts.setdefault(index, []).append(
+                    (getattr(delta, "content", None) if delta is not None else getattr(choice, "text", None)) or "")
+                legacy = getattr(delta, "function_call", None)
+                for n, call in [*enumerate(getattr(delta, "tool_calls", None) or []), *([("legacy", legacy)] if legacy else [])]:
+                    function = _field(call, "function") if n != "legacy" else call
+                    position = _field(call, "index") if n != "legacy" else n
+                    entry = calls.setdefault((index, n if position is None else position), ["", ""])
+                    entry[0] = entry[0] or (_field(function, "name") or "")
+                    entry[1] += _field(function, "arguments") or ""
+        return [_joined("".join(texts[i]), *(f"[tool call {name}] {arguments}"
+                                              for (c, _), (name, arguments) in calls.items() if c == i))
+                for i in sorted(texts)]
+
+    def finish(self, chunks: list, relay: dict) -> list:
+        return self.close(chunks, "", False, relay)
+
+    def refusal(self, chunks: list, message: str, relay: dict, resume: bool = False) -> list:
+        template = next((c for c in chunks if getattr(c, "choices", None)), chunks[0]).model_copy(deep=True)
+        template.choices = template.choices[:1]
+        choice = template.choices[0]
+        choice.index = 0
+        delta = getattr(choice, "delta", None)
+        if delta is not None:
+            for name in ("tool_calls", "function_call", "reasoning_content", "thinking_blocks"):
+                if getattr(delta, name, None) is not None:
+                    setattr(delta, name, None)
+            delta.role = None if resume else "assistant"
+        start = self.text_chunk(template, message)
+        end = self.text_chunk(template, "")
+        end.choices[0].finish_reason = "content_filter"
+        if delta is not None:
+            end.choices[0].delta.content = None
+        return [start, *self.close([end], message, True, relay)]
+
 
 class _MessagesChunks(ChunkFormat):
     """/v1/messages: Anthropic SSE events, as the bytes the proxy writes."""
@@ -2221,16 +2404,60 @@ class _MessagesChunks(ChunkFormat):
     def encode(event: dict) -> bytes:
         return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n".encode()
 
+    #: deltas of a thinking block: not the answer, and not a tool call either
+    _THINKING_DELTAS: Final = frozenset({"thinking_delta", "signature_delta"})
+
     def kind(self, chunk: Any) -> str:
         event = self.parse(chunk)
         kind = event.get("type")
-        if kind == "content_block_start" and (event.get("content_block") or {}).get("type") != "text":
-            return "tool"
+        if kind == "content_block_start":
+            block = (event.get("content_block") or {}).get("type")
+            return "other" if block == "text" or block in _THINKING_TYPES else "tool"
         if kind == "content_block_delta":
-            return "text" if (event.get("delta") or {}).get("type") == "text_delta" else "tool"
-        if kind in ("content_block_stop", "message_delta", "message_stop"):
+            delta = (event.get("delta") or {}).get("type")
+            return "text" if delta == "text_delta" else "other" if delta in self._THINKING_DELTAS else "tool"
+        if kind in ("message_delta", "message_stop"):  # a block's stop is not the end: another block may follow
             return "end"
         return "other"
+
+    def readable(self, chunks: list) -> list[str]:
+        blocks: dict[Any, list] = {}  #: index -> [type, name, text]
+        for chunk in chunks:
+            event = self.parse(chunk)
+            if event.get("type") == "content_block_start":
+                block = event.get("content_block") or {}
+                carried = block.get("text") or (json.dumps(block["input"]) if block.get("input") else "")
+                blocks[event.get("index", 0)] = [block.get("type"), block.get("name"), carried]
+            elif event.get("type") == "content_block_delta":
+                delta = event.get("delta") or {}
+                entry = blocks.setdefault(event.get("index", 0), ["text", None, ""])
+                if delta.get("type") not in self._THINKING_DELTAS:
+                    entry[2] += delta.get("text") or delta.get("partial_json") or ""
+        parts = []
+        for kind, name, text in blocks.values():
+            if kind in _THINKING_TYPES:
+                continue
+            parts.append(text if kind == "text" else f"[tool call {name}] {text}" if kind == "tool_use" else f"[{kind}] {text}")
+        return [_joined(*parts)]
+
+    def finish(self, chunks: list, relay: dict) -> list:
+        return self.close(chunks, "", False, relay)
+
+    def refusal(self, chunks: list, message: str, relay: dict, resume: bool = False) -> list:
+        events = [self.parse(c) for c in chunks]
+        out = []
+        index = 0
+        if resume:  # the text block of the released text is open: the refusal continues it
+            index = next((e.get("index", 0) for e in events if (e.get("delta") or {}).get("type") == "text_delta"), 0)
+        else:
+            out += [c for c, e in zip(chunks, events) if e.get("type") == "message_start"][:1]
+            out.append(self.encode({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
+        out += [self.encode({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": message}}),
+                self.encode({"type": "content_block_stop", "index": index}),
+                self.encode({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": None},
+                             "usage": {"output_tokens": 0}, "relay": relay}),
+                self.encode({"type": "message_stop"})]
+        return out
 
     def text(self, chunk: Any) -> str:
         return (self.parse(chunk).get("delta") or {}).get("text") or ""
@@ -2260,11 +2487,15 @@ class _ResponsesChunks(ChunkFormat):
     """/v1/responses: typed stream events; the ``done`` events repeat the whole text and are patched."""
 
     def kind(self, chunk: Any) -> str:
-        kind = str(getattr(getattr(chunk, "type", None), "value", getattr(chunk, "type", "")))
+        kind = _event_type(chunk)
         if kind in ("response.output_item.added", "response.output_item.done"):
             item = getattr(chunk, "item", None)
+            if _field(item, "type") in _THINKING_TYPES:
+                return "other"  # reasoning is not a tool call; its events carry no answer text
             if _field(item, "type") not in (None, "message"):
                 return "tool"
+        if kind.startswith("response.function_call_arguments."):
+            return "tool"
         if kind == "response.output_text.delta":
             return "text"
         if kind in ("response.output_text.done", "response.content_part.done", "response.output_item.done",
@@ -2282,6 +2513,15 @@ class _ResponsesChunks(ChunkFormat):
 
     def heartbeat(self, template: Any) -> Any:
         return None  # the Responses stream has no event that carries nothing
+
+    def readable(self, chunks: list) -> list[str]:
+        return _responses_readable(chunks)
+
+    def finish(self, chunks: list, relay: dict) -> list:
+        return _responses_finish(chunks, relay)
+
+    def refusal(self, chunks: list, message: str, relay: dict, resume: bool = False) -> list:
+        return _responses_refusal(chunks, message, relay, resume)
 
     def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
         for chunk in tail:
@@ -2305,6 +2545,58 @@ class _ResponsesChunks(ChunkFormat):
         return tail
 
 
+def _event_type(chunk: Any) -> str:
+    return str(getattr(getattr(chunk, "type", None), "value", getattr(chunk, "type", "")))
+
+
+def _responses_readable(chunks: list) -> list[str]:
+    texts, calls, others = [], {}, []
+    for chunk in chunks:
+        kind, item = _event_type(chunk), getattr(chunk, "item", None)
+        if kind == "response.output_text.delta":
+            texts.append(getattr(chunk, "delta", "") or "")
+        elif kind == "response.function_call_arguments.delta":
+            calls.setdefault(getattr(chunk, "item_id", None), ["", ""])[1] += getattr(chunk, "delta", "") or ""
+        elif kind in ("response.output_item.added", "response.output_item.done") and item is not None:
+            if _field(item, "type") == "function_call":
+                entry = calls.setdefault(_field(item, "id"), ["", ""])
+                entry[0] = _field(item, "name") or entry[0]
+                if kind.endswith(".done") and _field(item, "arguments"):
+                    entry[1] = _field(item, "arguments")
+            elif kind.endswith(".done") and _field(item, "type") not in (None, "message", *_THINKING_TYPES):
+                others.append(_as_json(item))
+    return [_joined("".join(texts), *(f"[tool call {n}] {a}" for n, a in calls.values()), *others)]
+
+
+def _responses_finish(chunks: list, relay: dict) -> list:
+    for chunk in chunks:
+        response = getattr(chunk, "response", None)
+        if response is not None and _event_type(chunk) in ("response.completed", "response.incomplete"):
+            setattr(response, "relay", relay)
+    return chunks
+
+
+def _responses_refusal(chunks: list, message: str, relay: dict, resume: bool = False) -> list:
+    """The opening events (unless text went out already), one text delta, and the final event whose
+    response holds only the refusal."""
+    out = [] if resume else [c for c in chunks if _event_type(c) in ("response.created", "response.in_progress")]
+    delta = next((c for c in chunks if _event_type(c) == "response.output_text.delta"), None)
+    if delta is not None:
+        delta = delta.model_copy(deep=True)
+        delta.delta = message
+        out.append(delta)
+    final = next((c for c in reversed(chunks) if _event_type(c) in ("response.completed", "response.incomplete")), None)
+    if final is not None:
+        response = getattr(final, "response", None)
+        if response is not None:
+            surface = Surface(response)
+            if surface.kind == "responses":
+                surface.refuse(message)
+            setattr(response, "relay", relay)
+        out.append(final)
+    return out
+
+
 def _set_parts_text(parts: Any, text: str) -> None:
     first = True
     for part in parts or []:
@@ -2313,11 +2605,39 @@ def _set_parts_text(parts: Any, text: str) -> None:
             first = False
 
 
+async def sse_events(upstream: Any) -> Any:
+    """The stream with raw server-sent-event reads (bytes or text, as litellm hands a native Anthropic
+    stream on /v1/messages) re-cut into whole events, one per chunk, whatever the network did: several
+    events in one read, an event split across reads. Other chunks pass as they are."""
+    buffer, as_text = b"", False
+    try:
+        async for chunk in upstream:
+            if not isinstance(chunk, (bytes, bytearray, str)):
+                if buffer:
+                    yield buffer.decode("utf-8", "replace") if as_text else buffer
+                    buffer = b""
+                yield chunk
+                continue
+            as_text = isinstance(chunk, str)
+            buffer = (buffer + (chunk.encode() if as_text else bytes(chunk))).replace(b"\r\n", b"\n")
+            while (end := buffer.find(b"\n\n")) >= 0:
+                event, buffer = buffer[:end + 2], buffer[end + 2:]
+                if event.strip():
+                    yield event.decode("utf-8", "replace") if as_text else event
+        if buffer.strip():
+            yield buffer.decode("utf-8", "replace") if as_text else buffer
+    finally:
+        closer = getattr(upstream, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+
+
 def chunk_format(chunk: Any) -> ChunkFormat | None:
     """The format of a stream, from its first chunk (None: not a stream the relay understands)."""
     if isinstance(chunk, (litellm.ModelResponseStream, litellm.TextCompletionResponse)):
         return _ChatChunks()
-    if isinstance(chunk, (bytes, bytearray, str)) and b"event:" in (chunk if isinstance(chunk, (bytes, bytearray)) else chunk.encode()):
+    if isinstance(chunk, (bytes, bytearray, str)) and re.search(rb"(?m)^(?:event|data):", chunk if isinstance(chunk, (bytes, bytearray)) else chunk.encode()):
         return _MessagesChunks()
     if type(chunk).__module__.startswith("litellm.types.llms.openai") and hasattr(chunk, "type"):
         return _ResponsesChunks()
@@ -2336,6 +2656,7 @@ class StreamRelay:
         return {**((surface.relay or {}) if surface else {}), **self.outcome.as_dict()}
 
     async def run_stream(self, upstream: Any) -> Any:
+        upstream = sse_events(upstream)
         if self.plan.mode in ("shadow", "annotate"):
             stream = self._pass_through(upstream)
         elif self.plan.mode == "guard" and self.plan.stream_guard == "window":
@@ -2345,6 +2666,12 @@ class StreamRelay:
         async with contextlib.aclosing(stream) as inner:
             async for chunk in inner:
                 yield chunk
+
+    def _kind_after(self, chunk: Any, tail: list) -> str:
+        """The chunk's kind; once the stream's end began, everything is "end" but what the relay must
+        not miss there (a tool call, another choice)."""
+        kind = self._classify(chunk)
+        return kind if not tail or kind in _STREAM_SKIPS else "end"
 
     def _classify(self, chunk: Any) -> str:
         if self.fmt is None:
@@ -2357,7 +2684,7 @@ class StreamRelay:
         """shadow / annotate: text goes out as it arrives; the end waits for the analysis."""
         texts, tail, template, skip = [], [], None, None
         async for chunk in upstream:
-            kind = "end" if tail else self._classify(chunk)
+            kind = self._kind_after(chunk, tail)
             skip = skip or _STREAM_SKIPS.get(kind)
             if kind == "end" and skip is None:
                 tail.append(chunk)
@@ -2390,7 +2717,7 @@ class StreamRelay:
         when a secondary's answer is the final answer, it streams straight to the client."""
         body, tail, texts, skip = [], [], [], None
         async for chunk in upstream:
-            kind = "end" if tail else self._classify(chunk)
+            kind = self._kind_after(chunk, tail)
             skip = skip or _STREAM_SKIPS.get(kind)
             if kind == "end":
                 tail.append(chunk)
@@ -2399,6 +2726,11 @@ class StreamRelay:
             if kind == "text":
                 texts.append(chunk)
         text = "".join(self.fmt.text(c) for c in texts) if self.fmt else ""
+        if self.plan.mode == "guard" and skip is not None:  # a guard reads tool calls and every choice
+            async with contextlib.aclosing(self._guard_whole(body + tail)) as inner:
+                async for chunk in inner:
+                    yield chunk
+            return
         if skip or not text:
             self.outcome.outcome = f"skipped:{skip or 'no_text'}"
             for chunk in body + (self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail):
@@ -2433,13 +2765,16 @@ class StreamRelay:
         released, held, tail, template, skip = "", [], [], None, None
         surface = StreamSurface("")
         async for chunk in upstream:
-            kind = "end" if tail else self._classify(chunk)
+            kind = self._kind_after(chunk, tail)
             skip = skip or _STREAM_SKIPS.get(kind)
-            if skip is not None:  # nothing to judge: from here on the stream passes through
-                for pending in held + [chunk]:
-                    yield pending
-                held = []
-                continue
+            if skip is not None:  # a tool call or another choice: hold the rest, judge it all, then release
+                rest = [*held, *tail, chunk]
+                async for more in upstream:
+                    rest.append(more)
+                async with contextlib.aclosing(self._guard_whole(rest, released, template)) as inner:
+                    async for out in inner:
+                        yield out
+                return
             if kind == "end":
                 tail.append(chunk)
                 continue
@@ -2460,9 +2795,6 @@ class StreamRelay:
                 for allowed in held:
                     yield allowed
                 held = []
-        if skip is not None:
-            self.outcome.outcome = f"skipped:{skip}"
-            return
         pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text") if self.fmt else ""
         if pending:
             async with contextlib.aclosing(self._judge(surface, released + pending, template)) as inner:
@@ -2478,6 +2810,41 @@ class StreamRelay:
         for chunk in held:
             yield chunk
         for chunk in self.fmt.close(tail, released + pending, False, self.relay_object(surface)) if self.fmt else tail:
+            yield chunk
+
+    async def _guard_whole(self, chunks: list, released: str = "", template: Any = None) -> Any:
+        """guard on a stream the relay cannot cut into one text (tool calls, several choices): everything
+        was held; it is judged whole (every choice, the text beside tool calls, their arguments, and what
+        a window guard released before) and released, or refused. A kind the guard cannot read follows
+        the fail policy."""
+        answers = self.fmt.readable(chunks) if self.fmt is not None else None
+        if answers is None:
+            self.outcome.outcome = "skipped:unsupported_response"
+            if self.plan.fail_mode == "closed":
+                self.outcome.outcome, self.outcome.reason = "blocked", "unjudged (unsupported stream); fail-closed"
+                raise _http_error(503, "relay guard cannot judge this stream; fail-closed")
+            for chunk in chunks:
+                yield chunk
+            return
+        if released:
+            answers = [released + (answers[0] if answers else ""), *answers[1:]]
+        surface = StreamSurface(released)
+        surface.units = [a for a in answers if a] or [""]
+        if not any(answers):
+            self.outcome.outcome = "skipped:no_text"
+            for chunk in self.fmt.finish(chunks, self.relay_object(surface)):
+                yield chunk
+            return
+        template = template or chunks[0]
+        async with contextlib.aclosing(self._execute(surface, template)) as inner:
+            async for beat in inner:
+                yield beat
+        if surface.filtered:
+            for chunk in self.fmt.refusal(chunks, ("\n\n" if released else "") + self.plan.guard_message,
+                                          self.relay_object(surface), resume=bool(released)):
+                yield chunk
+            return
+        for chunk in self.fmt.finish(chunks, self.relay_object(surface)):
             yield chunk
 
     async def _judge(self, surface: StreamSurface, text: str, template: Any) -> Any:
