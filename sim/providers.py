@@ -59,6 +59,8 @@ Markers (searched in `prompt_text`: system + all messages of the current request
     - else "<model> says: <last user message, whitespace collapsed, first 200 chars>".
     max_tokens / max_completion_tokens / Anthropic max_tokens / Ollama options.num_predict
     truncate the answer to that many words (finish_reason "length", "max_tokens").
+    SIM:USAGE=<n>     report <n> completion tokens whatever the answer (a provider that bills
+                      reasoning tokens past the request's max_tokens); text answers only
     Token counts: one token per whitespace-separated word, at least 1.
 
 Knobs (CLI flag, env var, POST /_sim/config key, per-model override)
@@ -310,6 +312,7 @@ class Plan:
 
 
 ANSWER_RE = re.compile(r"SIM:ANSWER=([^\r\n]*)")
+USAGE_RE = re.compile(r"SIM:USAGE=(\d+)")
 SLEEP_RE = re.compile(r"SIM:SLEEP=(\d+(?:\.\d+)?)")
 TOOLCALL_RE = re.compile(r"SIM:TOOLCALL(?:=([\w.-]+))?")
 
@@ -377,12 +380,13 @@ def compose_answer(req: SimRequest) -> Answer:
     if req.max_tokens is not None and len(words) > req.max_tokens:
         answer_text = " ".join(words[: req.max_tokens])
         finish = "length"
+    usage = USAGE_RE.findall(text)
     return Answer(
         "text",
         text=answer_text,
         finish=finish,
         prompt_tokens=count_tokens(text),
-        completion_tokens=count_tokens(answer_text),
+        completion_tokens=int(usage[-1]) if usage else count_tokens(answer_text),
     )
 
 

@@ -163,7 +163,7 @@ def test_full_override_lets_a_client_choose_mode_and_secondary(loop, sim, token)
 
 BAD_CONFIGS = {
     "unknown mode": ({"RELAY_MODE": "telepathy"}, "RELAY_MODE='telepathy' is invalid: allowed: refine | guard"),
-    "negative timeout": ({"RELAY_TIMEOUT_S": "-1"}, "RELAY_TIMEOUT_S='-1' is invalid: allowed: a number > 0"),
+    "negative timeout": ({"RELAY_TIMEOUT_S": "-1"}, "RELAY_TIMEOUT_S='-1' is invalid: allowed: a number >= 0.01 and <= 3600"),
     "malformed glob": ({"RELAY_APPLY_TO": "llama-[ab"}, "RELAY_APPLY_TO='llama-[ab' is invalid: allowed: globs with balanced"),
     "consensus without models": ({"RELAY_MODE": "consensus", "RELAY_CONSENSUS_MODELS": ""},
                                  "RELAY_CONSENSUS_MODELS is missing"),

@@ -105,7 +105,7 @@ def test_relay_enabled_false_skips_the_mode_requirements_too():
 def test_relay_enabled_false_still_rejects_a_malformed_value():
     with pytest.raises(ConfigError) as caught:
         RelayConfig.from_env({"RELAY_ENABLED": "false", "RELAY_TIMEOUT_S": "soon"})
-    assert str(caught.value) == "RELAY_TIMEOUT_S='soon' is invalid: allowed: a number > 0"
+    assert str(caught.value) == "RELAY_TIMEOUT_S='soon' is invalid: allowed: a number >= 0.01 and <= 3600"
 
 
 # ----- booleans ---------------------------------------------------------------------------------
@@ -195,12 +195,12 @@ def test_closed_float_bounds_include_both_ends(name, raw, expected):
 
 @pytest.mark.parametrize("raw", ["0", "-1", "-0.5", "1.5", "one", "nan"])
 def test_an_integer_below_one_or_not_an_integer_is_rejected(raw):
-    assert config_error(MAX_DEPTH=raw) == f"RELAY_MAX_DEPTH={raw!r} is invalid: allowed: an integer >= 1"
+    assert config_error(MAX_DEPTH=raw) == f"RELAY_MAX_DEPTH={raw!r} is invalid: allowed: an integer >= 1 and <= 100"
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "nan", "NaN", "-inf", "fast"])
 def test_a_timeout_must_be_a_positive_number(raw):
-    assert config_error(TIMEOUT_S=raw) == f"RELAY_TIMEOUT_S={raw!r} is invalid: allowed: a number > 0"
+    assert config_error(TIMEOUT_S=raw) == f"RELAY_TIMEOUT_S={raw!r} is invalid: allowed: a number >= 0.01 and <= 3600"
 
 
 @pytest.mark.parametrize("raw", ["-0.1", "1.01", "nan", "inf", "half"])
@@ -310,8 +310,8 @@ BAD_ENVS = [
     ("MODE", {"MODE": "bogus\nmode"}, "'bogus\\nmode'", "allowed: refine | guard"),
     ("SECONDARY_MODEL", {"SECONDARY_MODEL": "a b"}, "'a b'", "allowed: one model"),
     ("APPLY_TO", {"APPLY_TO": "local-[abc"}, "'local-[abc'", "allowed: globs with balanced [ ]"),
-    ("MAX_DEPTH", {"MAX_DEPTH": "-1"}, "'-1'", "allowed: an integer >= 1"),
-    ("TIMEOUT_S", {"TIMEOUT_S": "nan"}, "'nan'", "allowed: a number > 0"),
+    ("MAX_DEPTH", {"MAX_DEPTH": "-1"}, "'-1'", "allowed: an integer >= 1 and <= 100"),
+    ("TIMEOUT_S", {"TIMEOUT_S": "nan"}, "'nan'", "allowed: a number >= 0.01 and <= 3600"),
     ("SAMPLE_RATE", {"SAMPLE_RATE": "2"}, "'2'", "allowed: a number >= 0 and <= 1"),
     ("CONSENSUS_MODELS", {"MODE": "consensus", "CONSENSUS_MODELS": ","}, "','", "allowed: a comma-separated list"),
     ("LOG_LEVEL", {"LOG_LEVEL": "loud"}, "'loud'", "allowed: debug | info | warning | error"),

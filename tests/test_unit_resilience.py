@@ -630,7 +630,7 @@ async def test_a_budget_refusal_is_skipped_budget_and_leaves_the_answer_alone():
 
     assert outcome.outcome == "skipped:budget"
     assert outcome.reason == "the relay budget of this window cannot cover a call to sec"
-    assert outcome.headers()["x-relay-cost-usd"] == "0.00000000"
+    assert outcome.headers()["x-relay-cost-usd"] == "0"
     assert response.choices[0].message.content == "primary"
     assert fake.calls == []
     assert handler.store.counters == {}
@@ -900,11 +900,11 @@ async def test_an_identical_request_reuses_the_cached_result():
 
     assert len(fake.calls) == 1
     assert first.headers()["x-relay-cache"] == "miss"
-    assert first.headers()["x-relay-cost-usd"] == "0.12500000"
+    assert first.headers()["x-relay-cost-usd"] == "0.125"
     assert second.outcome == "modified"
     assert response.choices[0].message.content == "refined"
     assert second.headers()["x-relay-cache"] == "hit"
-    assert second.headers()["x-relay-cost-usd"] == "0.00000000"
+    assert second.headers()["x-relay-cost-usd"] == "0"
 
 
 async def test_a_cached_result_expires_after_the_ttl():
