@@ -287,6 +287,7 @@ class SimRequest:
     max_tokens: int | None = None
     tools: list[dict[str, Any]] = field(default_factory=list)
     include_usage: bool = False
+    logprobs: bool = False  # chat: the client asked for token log probabilities
     started: float = field(default_factory=time.monotonic)
 
 
@@ -549,7 +550,15 @@ def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
         n=positive_int(body.get("n")) or 1,
         max_tokens=openai_max_tokens(body),
         include_usage=openai_include_usage(body),
+        logprobs=body.get("logprobs") is True,
     )
+
+
+def openai_logprobs(answer: Answer) -> dict[str, Any]:
+    """Chat ``logprobs``: one entry per streamed piece of the answer, each with logprob -0.5."""
+    pieces = stream_pieces(answer.text)
+    return {"content": [{"token": p, "logprob": -0.5, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces],
+            "refusal": None}
 
 
 def openai_tool_call(answer: Answer) -> dict[str, Any]:
@@ -568,7 +577,8 @@ def render_openai_chat(req: SimRequest, answer: Answer) -> dict[str, Any]:
             message["content"] = None
             message["tool_calls"] = [openai_tool_call(answer)]
         choices.append(
-            {"index": index, "message": message, "logprobs": None, "finish_reason": answer.finish}
+            {"index": index, "message": message, "finish_reason": answer.finish,
+             "logprobs": openai_logprobs(answer) if req.logprobs and answer.kind == "text" else None}
         )
     return openai_envelope("chatcmpl-", "chat.completion", req, answer, choices)
 
