@@ -52,6 +52,7 @@ import contextvars
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -59,8 +60,7 @@ import secrets
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, fields, replace
-from dataclasses import field
+from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable, Final, Mapping
 
@@ -153,9 +153,10 @@ def _number(kind: type, low: float, high: float | None = None, *, low_open: bool
     def parse(raw: str) -> Any:
         try:
             value = kind(str(raw).strip()) if not isinstance(raw, (int, float)) or isinstance(raw, bool) else kind(raw)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"allowed: {'an integer' if kind is int else 'a number'} {bounds}") from None
-        if value != value or (value <= low if low_open else value < low) or (high is not None and value > high):
+        # inf and nan are refused too: an infinite timeout, window or TTL breaks at run time, not here
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
             raise ValueError(f"allowed: {'an integer' if kind is int else 'a number'} {bounds}")
         return value
 
@@ -220,31 +221,32 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("MODE", _choice(*MODES), "refine", "What the secondary does: " + ", ".join(MODES) + ".", plan=True),
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
-    _Var("MAX_DEPTH", _number(int, 1), 1, "A request whose `x-relay-depth` header is at or above this is never relayed (recursion guard)."),
+    _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A request whose `x-relay-depth` header is at or above this is never relayed (recursion guard)."),
     _Var("SIGNING_SECRET", _text, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it."),
     _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
+    _Var("CLIENT_MODELS", _choice("listed", "any"), "listed", "Which secondary models a client may name under `RELAY_CLIENT_OVERRIDE=full`: `listed` (a `model_name` of the proxy's `model_list`, or a model the operator configured; others are a 400), `any` (any `provider/model`, called with the proxy's provider keys)."),
     _Var("REDACT", _parse_bool, False, "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary model."),
-    _Var("MAX_INPUT_CHARS", _number(int, 1), 24000, "Cap on the conversation plus answer text sent to a secondary (oldest conversation text is cut first)."),
-    _Var("SECONDARY_MAX_TOKENS", _number(int, 1), 1024, "Explicit output limit of every secondary call."),
-    _Var("TIMEOUT_S", _number(float, 0, low_open=True), 20.0, "Bound of each secondary call, in seconds."),
-    _Var("DEADLINE_S", _number(float, 0, low_open=True), 45.0, "Bound of all relay work for one request (fan-out and escalation included), in seconds."),
+    _Var("MAX_INPUT_CHARS", _number(int, 1, 10_000_000), 24000, "Cap on the conversation plus answer text sent to a secondary (oldest conversation text is cut first)."),
+    _Var("SECONDARY_MAX_TOKENS", _number(int, 1, 1_000_000), 1024, "Explicit output limit of every secondary call."),
+    _Var("TIMEOUT_S", _number(float, 0.01, 3600), 20.0, "Bound of each secondary call, in seconds."),
+    _Var("DEADLINE_S", _number(float, 0.01, 3600), 45.0, "Bound of all relay work for one request (fan-out and escalation included), in seconds."),
     _Var("FAIL_MODE", _choice("open", "closed"), "open", "`open`: a failed or skipped relay returns the primary answer unchanged. `closed`: guard blocks what it could not judge; other modes answer 503 naming the reason.", plan=True),
     _Var("RETRIES", _number(int, 0, 10), 1, "Retries of a secondary call after a retryable error (429, 5xx, connection, timeout), with full-jitter exponential backoff, honouring `Retry-After`, never past the deadline."),
-    _Var("RETRY_BASE_S", _number(float, 0, low_open=True), 0.25, "First backoff step of the retries, in seconds (doubles each retry)."),
-    _Var("RETRY_MAX_S", _number(float, 0, low_open=True), 4.0, "Longest single backoff, in seconds."),
+    _Var("RETRY_BASE_S", _number(float, 0.001, 60), 0.25, "First backoff step of the retries, in seconds (doubles each retry)."),
+    _Var("RETRY_MAX_S", _number(float, 0.001, 600), 4.0, "Longest single backoff, in seconds."),
     _Var("BREAKER_FAILURE_RATE", _number(float, 0, 1, low_open=True), 0.5, "Failure rate (failures, timeouts and slow calls) over the window that opens a secondary model's circuit breaker."),
-    _Var("BREAKER_WINDOW", _number(int, 1), 20, "Number of most recent calls the failure rate is computed over."),
-    _Var("BREAKER_MIN_CALLS", _number(int, 1), 10, "Calls the window must hold before the breaker may open."),
-    _Var("BREAKER_SLOW_S", _number(float, 0, low_open=True), 10.0, "A successful call slower than this counts as a failure for the breaker."),
-    _Var("BREAKER_COOLDOWN_S", _number(float, 0, low_open=True), 30.0, "How long an open breaker stays open before it lets probes through."),
-    _Var("BREAKER_PROBES", _number(int, 1), 1, "Concurrent probe calls admitted when half-open; that many successes close it, one failure reopens it."),
-    _Var("BUDGET_USD", _number(float, 0), None, "Cap on all secondary spend per budget window, in USD (unset: no cap)."),
-    _Var("BUDGET_USD_PER_KEY", _number(float, 0), None, "Cap on the secondary spend caused by each caller API key per window, in USD (unset: no cap)."),
-    _Var("MAX_CALLS", _number(int, 0), None, "Cap on the number of secondary calls per window (unset: no cap)."),
-    _Var("BUDGET_WINDOW_S", _number(float, 0, low_open=True), 86400.0, "Length of the budget window, in seconds (fixed windows aligned to the epoch)."),
+    _Var("BREAKER_WINDOW", _number(int, 1, 10_000), 20, "Number of most recent calls the failure rate is computed over."),
+    _Var("BREAKER_MIN_CALLS", _number(int, 1, 10_000), 10, "Calls the window must hold before the breaker may open."),
+    _Var("BREAKER_SLOW_S", _number(float, 0.001, 3600), 10.0, "A successful call slower than this counts as a failure for the breaker."),
+    _Var("BREAKER_COOLDOWN_S", _number(float, 0.01, 86400), 30.0, "How long an open breaker stays open before it lets probes through."),
+    _Var("BREAKER_PROBES", _number(int, 1, 1000), 1, "Concurrent probe calls admitted when half-open; that many successes close it, one failure reopens it."),
+    _Var("BUDGET_USD", _number(float, 0, 1e9), None, "Cap on all secondary spend per budget window, in USD (unset: no cap)."),
+    _Var("BUDGET_USD_PER_KEY", _number(float, 0, 1e9), None, "Cap on the secondary spend caused by each caller API key per window, in USD (unset: no cap)."),
+    _Var("MAX_CALLS", _number(int, 0, 10**12), None, "Cap on the number of secondary calls per window (unset: no cap)."),
+    _Var("BUDGET_WINDOW_S", _number(float, 1, 366 * 86400), 86400.0, "Length of the budget window, in seconds (fixed windows aligned to the epoch)."),
     _Var("ALLOW_UNPRICED", _parse_bool, False, "With a USD cap set, allow secondaries whose price is unknown (they reserve and settle 0). Otherwise they are `skipped:unpriced`."),
-    _Var("CACHE_TTL_S", _number(float, 0), 0.0, "Reuse an identical secondary result (same model, instructions, conversation and answer) for this long; 0 turns the cache off."),
-    _Var("CACHE_MAX_ENTRIES", _number(int, 1), 2048, "Bound on the number of cached secondary results."),
+    _Var("CACHE_TTL_S", _number(float, 0, 30 * 86400), 0.0, "Reuse an identical secondary result (same model, instructions, conversation and answer) for this long; 0 turns the cache off."),
+    _Var("CACHE_MAX_ENTRIES", _number(int, 1, 10_000_000), 2048, "Bound on the number of cached secondary results."),
     _Var("GUARD_POLICY", _text, DEFAULT_GUARD_POLICY, "Policy the guard judges against.", plan=True),
     _Var("GUARD_MESSAGE", _text, DEFAULT_GUARD_MESSAGE, "Refusal text that replaces a blocked answer.", plan=True),
     _Var("GUARD_ACTION", _choice("replace", "error"), "replace", "`replace`: refusal with `finish_reason: content_filter`; `error`: HTTP 400 naming the reason.", plan=True),
@@ -253,21 +255,71 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("ESCALATE_THRESHOLD", _number(float, 0, 10), 7.0, "Judge score (0-10) below which the request escalates.", plan=True),
     _Var("CONSENSUS_MODELS", _model_list, (), "Comma-separated models that answer concurrently in `consensus`. Required for `consensus`.", plan=True),
     _Var("SAMPLE_RATE", _number(float, 0, 1), 1.0, "Fraction of eligible requests relayed in `shadow` mode.", plan=True),
-    _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1), 32, "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
+    _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1, 100_000), 32, "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
     _Var("REFINE_PROMPT", _text, None, "Replaces the refine instructions (the delimiters and data rule are always added).", plan=True),
     _Var("ANNOTATE_PROMPT", _text, None, "Replaces the annotate/shadow instructions.", plan=True),
     _Var("STREAM_GUARD", _choice("buffer", "window"), "buffer", "Guard on streams: `buffer` holds the whole answer until judged; `window` judges and releases it window by window.", plan=True),
-    _Var("STREAM_WINDOW_CHARS", _number(int, 1), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
-    _Var("STREAM_HEARTBEAT_S", _number(float, 0, low_open=True), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
+    _Var("STREAM_WINDOW_CHARS", _number(int, 1, 1_000_000), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
+    _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
     _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
     _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL` is set, else `local`. `redis` without `RELAY_REDIS_URL` uses LiteLLM's `REDIS_HOST` / `REDIS_PORT` / `REDIS_PASSWORD`."),
     _Var("REDIS_URL", _text, None, "Redis of the shared state: a `redis://`, `rediss://` or `unix://` URL (it may carry the password). Setting it implies `RELAY_STATE=redis`."),
     _Var("REDIS_PREFIX", _text, "relay", "Namespace of every Redis key the relay writes. Instances that share a prefix share budgets, caps, breakers and cache, and must share those settings."),
     _Var("STATE_FAILURE", _choice("closed", "local"), "closed", "Redis unreachable or slower than `RELAY_REDIS_TIMEOUT_S`: `closed` skips the relay (`skipped:state_unavailable`, then `RELAY_FAIL_MODE` applies), since no cap can be guaranteed; `local` uses this process's own state meanwhile (caps then hold per process), logged once per outage."),
-    _Var("REDIS_TIMEOUT_S", _number(float, 0, low_open=True), 0.25, "Connect and reply timeout of each Redis operation, in seconds."),
-    _Var("REDIS_RETRY_S", _number(float, 0, low_open=True), 1.0, "After a Redis failure, requests do not try Redis again for this long, so an outage does not add a timeout to each of them."),
+    _Var("REDIS_TIMEOUT_S", _number(float, 0.001, 60), 0.25, "Connect and reply timeout of each Redis operation, in seconds."),
+    _Var("REDIS_RETRY_S", _number(float, 0.001, 3600), 1.0, "After a Redis failure, requests do not try Redis again for this long, so an outage does not add a timeout to each of them."),
 )
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
+
+
+# ----- RELAY_* names that are not variables: a near miss stops startup, anything else is a warning -----
+
+def _squashed(name: str) -> str:
+    """A name compared without case, separators and digits' neighbours: RELAY_MAXCALLS ~ RELAY_MAX_CALLS."""
+    return "".join(c for c in name.upper() if c.isalnum())
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions, adjacent swaps."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            current.append(cost)
+        previous2, previous = previous, current
+    return previous[-1]
+
+
+def near_miss(name: str) -> str | None:
+    """The known variable (without RELAY_) that the unknown ``name`` (without RELAY_) most likely means."""
+    squashed = _squashed(name)
+    best, best_distance = None, None
+    for var in VARIABLES:
+        known = _squashed(var.name)
+        distance = 0 if squashed == known else _edit_distance(squashed, known)
+        # short names leave little room: MODE and NODE are different words, TIMEOUTS and TIMEOUT_S are not
+        allowed = 1 if len(known) <= 6 else 2
+        if distance <= allowed and (best_distance is None or distance < best_distance):
+            best, best_distance = var.name, distance
+    return best
+
+
+def check_variable_names(env: Mapping[str, str]) -> list[str]:
+    """Unknown ``RELAY_*`` names in ``env``: ConfigError for a near miss of a known variable (a typo
+    would silently leave a cap or guard off); the others (other software may use the prefix) are returned."""
+    unknown = []
+    for name in sorted(env):
+        if not name.upper().startswith("RELAY_") or name[6:] in _BY_NAME:
+            continue
+        meant = near_miss(name[6:])
+        if meant is not None:
+            raise ConfigError(f"{name} is not a relay variable: did you mean RELAY_{meant}?")
+        unknown.append(name)
+    return unknown
 #: metadata.relay keys a client may set under RELAY_CLIENT_OVERRIDE=opt_in
 OPT_IN_KEYS: Final = frozenset({"enabled", "mode", "annotate_target"})
 
@@ -342,6 +394,7 @@ class RelayConfig:
     max_depth: int
     signing_secret: str | None = field(repr=False)
     client_override: str
+    client_models: str
     redact: bool
     max_input_chars: int
     secondary_max_tokens: int
@@ -381,6 +434,8 @@ class RelayConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "RelayConfig":
+        for name in check_variable_names(env):
+            log.warning("relay: %s is not a relay variable and is ignored (known: python relay_plugin.py --env-table)", name)
         values = {}
         for var in VARIABLES:
             raw = env.get("RELAY_" + var.name)
@@ -471,6 +526,29 @@ def register_secrets(values: Any) -> None:
 
 def register_env_secrets(env: Mapping[str, str] = os.environ) -> None:
     register_secrets(value for name, value in env.items() if _SECRET_ENV_NAMES.search(name))
+
+
+_PLACEHOLDER: Final = re.compile(r"\[REDACTED_[A-Z]+_\d+\]")
+_LEFTOVER_MASK: Final = re.compile(r"\[REDACTED_[A-Z]+(?:_\d+)?\]")
+
+
+def redact_reversibly(text: str, masks: dict[str, str]) -> str:
+    """``redact`` with numbered placeholders (``[REDACTED_EMAIL_1]``) recorded in ``masks`` (placeholder ->
+    original), so the data can be put back into an answer; one value keeps one placeholder per request."""
+    for pattern, mask in _REDACTIONS:
+        kind = mask[1:-1]
+
+        def numbered(match: re.Match, kind: str = kind) -> str:
+            original = match.group(0)
+            for placeholder, masked in masks.items():
+                if masked == original and placeholder.startswith(f"[{kind}_"):
+                    return placeholder
+            placeholder = f"[{kind}_{sum(p.startswith(f'[{kind}_') for p in masks) + 1}]"
+            masks[placeholder] = original
+            return placeholder
+
+        text = pattern.sub(numbered, text)
+    return text
 
 
 def scrub_secrets(text: str) -> str:
@@ -634,6 +712,8 @@ class Surface:
 
     def set_text(self, text: str) -> None:
         r = self.response
+        if self.kind in ("chat", "text") and getattr(r.choices[0], "logprobs", None) is not None:
+            r.choices[0].logprobs = None  # the primary's token probabilities do not describe the new text
         if self.kind == "chat":
             r.choices[0].message.content = text
         elif self.kind == "text":
@@ -820,22 +900,43 @@ class Prepared:
 
     turns: list[dict[str, str]]
     answer: str
+    #: some text was cut to fit RELAY_MAX_INPUT_CHARS: the secondary did not see all of it
+    clipped: bool = False
+    #: placeholder -> the text it masks (RELAY_REDACT), to put the user's own data back into answers
+    masks: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, turns: list[dict[str, str]], answer: str, *, redact_pii: bool, max_chars: int) -> "Prepared":
+        masks: dict[str, str] = {}
         if redact_pii:
-            turns = [{"role": t["role"], "content": redact(t["content"])} for t in turns]
-            answer = redact(answer)
-        answer = _clip(answer, max(max_chars // 2, 1))
+            turns = [{"role": t["role"], "content": redact_reversibly(t["content"], masks)} for t in turns]
+            answer = redact_reversibly(answer, masks)
+        clipped_answer = _clip(answer, max(max_chars // 2, 1))
+        clipped = clipped_answer != answer
+        answer = clipped_answer
         budget = max(max_chars - len(answer), 0)
         kept: list[dict[str, str]] = []
         for turn in reversed(turns):  # newest first: the oldest text is cut first
             if budget <= 0:
+                clipped = True
                 break
             content = turn["content"] if len(turn["content"]) <= budget else _clip(turn["content"], budget)
+            clipped = clipped or content != turn["content"]
             budget -= len(content)
             kept.append({"role": turn["role"], "content": content})
-        return cls(list(reversed(kept)), answer)
+        return cls(list(reversed(kept)), answer, clipped, masks)
+
+    def restore(self, text: str) -> str:
+        """``text`` with every placeholder of this request's redaction replaced by what it masked.
+        A placeholder left over (one the secondary made up or mangled) raises ``failed:redaction``:
+        masked text never reaches the client in place of the user's own data."""
+        if not self.masks:
+            return text
+        restored = _PLACEHOLDER.sub(lambda m: self.masks.get(m.group(0), m.group(0)), text)
+        if _LEFTOVER_MASK.search(restored):
+            raise SecondaryError("redaction", "the secondary's answer carries a masked placeholder that maps to "
+                                 "no redacted text; the answer was not replaced")
+        return restored
 
 
 def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[str, str] | None = None) -> list[dict]:
@@ -860,7 +961,8 @@ STATE_OPEN: Final = "open"
 STATE_HALF_OPEN: Final = "half_open"
 #: failure reasons that say the secondary is unhealthy; the others (a rejected request, a bad verdict)
 #: are the caller's or the prompt's problem and do not count against the model
-BREAKER_FAILURES: Final = frozenset({"timeout", "rate_limited", "connection", "provider_error", "empty_response"})
+BREAKER_FAILURES: Final = frozenset({"timeout", "rate_limited", "connection", "provider_error", "empty_response",
+                                    "bad_response"})
 
 
 class Breaker:
@@ -970,7 +1072,7 @@ class LocalStore:
     def __init__(self, config: "RelayConfig"):
         self.config = config
         self.counters: dict[str, float] = {}  #: name -> spent + currently reserved
-        self.breakers: dict[str, Breaker] = {}
+        self.breakers: OrderedDict[str, Breaker] = OrderedDict()  #: the MODELS_MAX most recently used
         self.cache: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     def __repr__(self) -> str:
@@ -1005,6 +1107,10 @@ class LocalStore:
             breaker = self.breakers[model] = Breaker(
                 failure_rate=c.breaker_failure_rate, window=c.breaker_window, min_calls=c.breaker_min_calls,
                 cooldown_s=c.breaker_cooldown_s, probes=c.breaker_probes)
+            while len(self.breakers) > MODELS_MAX:  # bounded, like the call-id set: the least recently used go
+                self.breakers.popitem(last=False)
+        else:
+            self.breakers.move_to_end(model)
         return breaker
 
     async def breaker_acquire(self, model: str, now: float) -> str | None:
@@ -1060,16 +1166,30 @@ def _price_of(model: str) -> tuple[float, float] | None:
             name = info.get("base_model") or params.get("model") or model
             # litellm's cost map prices Ollama models under "ollama/" only; ollama_chat/ runs the same model
             for candidate in (name, "ollama/" + name.split("/", 1)[1]) if name.startswith("ollama_chat/") else (name,):
-                try:
-                    cost_map = litellm.get_model_info(model=candidate)
-                    price = (float(cost_map["input_cost_per_token"]), float(cost_map["output_cost_per_token"]))
+                price = _cost_map_price(candidate)
+                if price is not None:
                     break
-                except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
-                    continue
             if price is None:
                 return None
         candidates.append(price)
     return (max(p[0] for p in candidates), max(p[1] for p in candidates)) if candidates else None
+
+
+def _cost_map_price(model: str) -> tuple[float, float] | None:
+    """``(input, output)`` from litellm's cost map, or None when the map has no price for ``model``.
+
+    ``get_model_info`` answers 0 for a model the proxy's router merely registered (a sparse entry
+    without prices): that 0 is a placeholder, not a price. Only an entry that itself carries both
+    prices counts (an entry's real 0, e.g. a local Ollama model, does).
+    """
+    try:
+        info = litellm.get_model_info(model=model)
+    except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
+        return None
+    raw = litellm.model_cost.get(info.get("key") or model) or litellm.model_cost.get(model) or {}
+    if raw.get("input_cost_per_token") is None or raw.get("output_cost_per_token") is None:
+        return None
+    return float(raw["input_cost_per_token"]), float(raw["output_cost_per_token"])
 
 
 #: prompt-token estimates get this headroom, so a reservation stays an upper bound of the real cost
@@ -1557,6 +1677,8 @@ class Outcome:
     reason: str = ""
     override: str = ""
     cache: str = ""  #: "", "hit", "miss" or "partial" (some calls of the request hit)
+    #: secondaries called without a known price: ``cost_usd`` holds nothing real for them
+    unpriced: list[str] = field(default_factory=list)
 
     def note_cache(self, hit: bool) -> None:
         seen = "hit" if hit else "miss"
@@ -1568,7 +1690,7 @@ class Outcome:
             "x-relay-outcome": self.outcome,
             "x-relay-secondary-model": ",".join(self.models) or "none",
             "x-relay-latency-ms": f"{self.latency_ms:.1f}",
-            "x-relay-cost-usd": f"{self.cost_usd:.8f}",
+            "x-relay-cost-usd": usd(self.cost_usd),
         }
         if self.reason:
             headers["x-relay-reason"] = _header_safe(self.reason)
@@ -1576,6 +1698,8 @@ class Outcome:
             headers["x-relay-override"] = self.override
         if self.cache:
             headers["x-relay-cache"] = self.cache
+        if self.unpriced:
+            headers["x-relay-cost-unpriced"] = ",".join(self.unpriced)
         return {name: _header_safe(value) for name, value in headers.items()}  # always encodable
 
     def as_dict(self) -> dict[str, Any]:
@@ -1586,7 +1710,17 @@ class Outcome:
             "latency_ms": round(self.latency_ms, 1),
             "cost_usd": self.cost_usd,
             **({"reason": self.reason} if self.reason else {}),
+            **({"cost_unpriced": self.unpriced} if self.unpriced else {}),
         }
+
+
+def usd(amount: float) -> str:
+    """A cost as exact decimal text, never rounded and never in exponent notation: 3.1e-08 is
+    ``0.000000031``, so a header or log line says what litellm computed, digit for digit."""
+    from decimal import Decimal
+
+    text = format(Decimal(repr(float(amount))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _header_safe(text: str) -> str:
@@ -1603,6 +1737,9 @@ class Reply:
     model: str
     text: str
     cost_usd: float
+    truncated: bool = False  #: the secondary stopped at its output limit (finish_reason length / max_tokens)
+    output_tokens: int | None = None  #: as the provider reported them
+    priced: bool = True  #: False: no explicit price or cost-map entry, ``cost_usd`` is not a real figure
 
 
 # =================================================================================================
@@ -1620,6 +1757,8 @@ _MODEL_CONFIG_REFUSAL: Final = "relay: this model is not served: its relay setti
 _SECRET_PARAM: Final = re.compile(r"(?i)key|secret|token|password|credential")
 DEPTH_HEADER: Final = "x-relay-depth"
 _SEEN_MAX: Final = 50_000
+#: secondary models whose breaker and price are kept in this process at most (least recently used go)
+MODELS_MAX: Final = 1024
 
 
 class RelayRejected(RelayError):
@@ -1647,7 +1786,7 @@ class RelayHandler(CustomLogger):
         self.clock = clock  #: monotonic seconds: deadlines, breaker cooldowns, slow calls
         self.wall = wall  #: epoch seconds: budget windows and cache expiry, comparable across processes
         self._rng = rng or random.Random()
-        self._prices: dict[str, tuple[float, float] | None] = {}
+        self._prices: OrderedDict[str, tuple[float, float] | None] = OrderedDict()
         #: budget counters that refused a reservation (names carry their window, so old ones never match)
         self.refused_counters: set[str] = set()
         self._proxy_checked = False
@@ -1658,7 +1797,9 @@ class RelayHandler(CustomLogger):
             _signing_key_cache[:] = [hashlib.sha256(config.signing_secret.encode()).digest()]
         self._model_plans: dict[str, Plan | ConfigError] = {}
         self._shadow_tasks: set[asyncio.Task] = set()
-        #: outcome counters, e.g. ``stats["modified"]``, ``stats["failed:timeout"]``
+        #: outcome counters, e.g. ``stats["modified"]``, ``stats["failed:timeout"]``; beside them ``retries``,
+        #: ``overshoot`` (calls past their token or cost bound), ``overshoot_usd`` (cost above the reservations)
+        #: and ``refused_model`` (client-chosen models not in the model list)
         self.stats: Counter[str] = Counter()
         logging.getLogger("relay").setLevel(config.log_level.upper())
 
@@ -1683,6 +1824,7 @@ class RelayHandler(CustomLogger):
         try:
             block = _client_block(block)
             Plan.parse_block(block or {}, lambda key: f"metadata.relay.{key}")
+            self._check_client_models(block or {})
         except ConfigError as exc:
             raise _http_error(400, f"relay: {exc}") from None
         internal = data.setdefault("litellm_metadata", {}) if "litellm_metadata" in data else metadata
@@ -1698,7 +1840,9 @@ class RelayHandler(CustomLogger):
             outcome = await self._relay(data, response, user_api_key_dict)
         except RelayRejected as rejected:
             self._record(data, rejected.outcome)
-            raise _http_error(rejected.status, rejected.message, rejected.outcome.headers()) from None
+            # /v1/messages answers with a plain dict; its route keeps only a ProxyException's headers
+            raise _http_error(rejected.status, rejected.message, rejected.outcome.headers(),
+                              keep_headers=isinstance(response, dict)) from None
         self._record(data, outcome)
         return response
 
@@ -1747,6 +1891,26 @@ class RelayHandler(CustomLogger):
                 outcome.outcome = "failed:client_disconnected"
             self._record(request_data, outcome)
 
+    def _check_client_models(self, block: Mapping[str, Any]) -> None:
+        """Under ``RELAY_CLIENT_OVERRIDE=full`` with ``RELAY_CLIENT_MODELS=listed``, a client may name only
+        models of the proxy's model list (or the operator's own): any other name would be called with the
+        proxy's provider keys, and each new name would leave state behind."""
+        config = self.config
+        router = _proxy_router()
+        if config.client_override != "full" or config.client_models == "any" or router is None:
+            return
+        plan = config.plan
+        allowed = {*(router.model_names or ()), plan.secondary_model, plan.escalate_model, *plan.consensus_models}
+        for key in ("secondary_model", "escalate_model", "consensus_models"):
+            value = block.get(key)
+            if value is None:
+                continue
+            for name in _model_list(value) if key == "consensus_models" else (_model(value),):
+                if name not in allowed:
+                    self.stats["refused_model"] += 1
+                    raise ConfigError(f"metadata.relay.{key}={name!r} is invalid: allowed: a model_name of this "
+                                      "proxy's model list (RELAY_CLIENT_MODELS=listed)")
+
     def _first_time(self, data: Mapping[str, Any]) -> bool:
         """False when this request was relayed before (a hook that fires twice relays once). The mark is
         this process's random token in the request's own metadata: a client can neither set it (it is
@@ -1761,8 +1925,8 @@ class RelayHandler(CustomLogger):
     def _record(self, data: dict, outcome: Outcome) -> None:
         self.stats[outcome.outcome] += 1
         _bucket(data)[_RESULT_KEY] = outcome
-        log.info("relay %s outcome=%s models=%s latency_ms=%.1f cost_usd=%.8f%s", outcome.mode, outcome.outcome,
-                 ",".join(outcome.models), outcome.latency_ms, outcome.cost_usd,
+        log.info("relay %s outcome=%s models=%s latency_ms=%.1f cost_usd=%s%s", outcome.mode, outcome.outcome,
+                 ",".join(outcome.models), outcome.latency_ms, usd(outcome.cost_usd),
                  f" reason={_header_safe(outcome.reason)}" if outcome.reason else "")
 
     # ----- deciding whether and how to relay -----------------------------------------------------
@@ -1867,6 +2031,11 @@ class RelayHandler(CustomLogger):
         plan, outcome = run.plan, run.outcome
         started = time.perf_counter()
         run.deadline_at = self.clock() + self.config.deadline_s
+        if plan.mode in REPLACING_MODES:
+            skip = replace_skip(data, run.prepared(data, surface))
+            if skip is not None:  # the request does not suit the mode, like a tool call: no fail policy
+                outcome.outcome, outcome.reason = f"skipped:{skip[0]}", skip[1]
+                return
         token = _IN_RELAY.set(True)
         try:
             async with asyncio.timeout(self.config.deadline_s):
@@ -1923,7 +2092,7 @@ class RelayHandler(CustomLogger):
                 reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
                                        key=(instructions, prepared.turns, prepared.answer))
             self.stats["shadow:done"] += 1
-            log.info("relay shadow analysis by %s (cost_usd=%.8f): %s", reply.model, reply.cost_usd, _clip(reply.text, 2000))
+            log.info("relay shadow analysis by %s (cost_usd=%s): %s", reply.model, usd(reply.cost_usd), _clip(reply.text, 2000))
         except (SecondaryError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, SecondaryError) else "timeout"
             self.stats[f"shadow:failed:{reason}"] += 1
@@ -1932,10 +2101,34 @@ class RelayHandler(CustomLogger):
             _IN_RELAY.reset(token)
 
     def price(self, model: str) -> tuple[float, float] | None:
-        """``(input, output)`` USD per token of a secondary model, looked up once."""
-        if model not in self._prices:
+        """``(input, output)`` USD per token of a secondary model, looked up once (the newest
+        ``MODELS_MAX`` models are remembered)."""
+        if model in self._prices:
+            self._prices.move_to_end(model)
+        else:
             self._prices[model] = _price_of(model)
+            while len(self._prices) > MODELS_MAX:
+                self._prices.popitem(last=False)
         return self._prices[model]
+
+    def check_overshoot(self, model: str, reply: "Reply", reservation: Reservation | None) -> None:
+        """Count and log a call that went past its bound: more output tokens than it was allowed, or a
+        cost above what its reservation held. The provider decides what it bills, so this cannot always be
+        prevented; the real cost is settled (the budget stays true) and the operator hears of it."""
+        limit = self.config.secondary_max_tokens
+        held = max((amount for name, amount in reservation.counters if name.startswith("spend:")), default=None) \
+            if reservation is not None else None
+        over_tokens = reply.output_tokens is not None and reply.output_tokens > limit
+        over_cost = held is not None and reply.cost_usd > held * (1 + 1e-9) + 1e-12
+        if not (over_tokens or over_cost):
+            return
+        self.stats["overshoot"] += 1
+        if over_cost:
+            self.stats["overshoot_usd"] += reply.cost_usd - held
+        log.warning("relay: %s overshot its bound: %s output tokens reported against max_tokens %d; cost %s USD "
+                    "against %s USD reserved. The real cost is counted against the budget.", model,
+                    reply.output_tokens if reply.output_tokens is not None else "unknown", limit, usd(reply.cost_usd),
+                    usd(held) if held is not None else "none")
 
     def _prepare(self, data: Mapping[str, Any], answer: str) -> Prepared:
         return self._prepare_turns(conversation_of(data), answer)
@@ -1954,7 +2147,8 @@ class _Run:
     cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
     adds the models called and their cost to the outcome."""
 
-    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis", "sink", "streamed")
+    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis", "sink", "streamed",
+                 "_prepared")
 
     def __init__(self, handler: "RelayHandler", plan: Plan, depth: int, outcome: "Outcome", key_id: str | None = None):
         self.handler, self.plan, self.depth, self.outcome, self.key_id = handler, plan, depth, outcome, key_id
@@ -1963,14 +2157,20 @@ class _Run:
         #: streams only: where the text of a call that makes the final answer goes as it arrives
         self.sink: Callable[[str], Any] | None = None
         self.streamed = ""  #: what went through the sink
+        self._prepared: tuple[str, Prepared] | None = None  #: (answer text, its Prepared), built once
 
     def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
-        return self.handler._prepare(data, surface.get_text())
+        text = surface.get_text()
+        if self._prepared is None or self._prepared[0] != text:
+            self._prepared = (text, self.handler._prepare(data, text))
+        return self._prepared[1]
 
-    async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False) -> Reply:
+    async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False,
+                   live: bool = True) -> Reply:
         """One secondary answer. ``key`` names what the answer depends on, for the cache; ``final``
-        says the answer becomes the client's answer, so a stream may send it on as it arrives."""
-        sink = self.sink if final else None
+        says the answer becomes the client's answer, so a stream may send it on as it arrives (unless
+        ``live`` is False: it must be restored first) and a truncated one is refused."""
+        sink = self.sink if final and live else None
         handler, config = self.handler, self.handler.config
         if model not in self.outcome.models:
             self.outcome.models.append(model)
@@ -1998,6 +2198,9 @@ class _Run:
                 handler.stats["retries"] += 1
                 await asyncio.sleep(delay)
         self.outcome.cost_usd += reply.cost_usd
+        if final and reply.truncated:  # a cut answer never replaces a complete one (nor is it cached)
+            raise SecondaryError("truncated", f"{model} stopped at its output limit ({config.secondary_max_tokens} "
+                                 "tokens, RELAY_SECONDARY_MAX_TOKENS); the answer was not replaced")
         if cache_key is not None:
             await handler.store.cache_put(cache_key, reply.text, handler.wall())
         return reply
@@ -2023,8 +2226,13 @@ class _Run:
             reply = await handler._complete(
                 model, messages, max_tokens=config.secondary_max_tokens,
                 timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
+            if not reply.cost_usd and handler.price(model) is None:  # litellm's 0 for an unpriced model is a placeholder
+                reply = replace(reply, priced=False)
+                if model not in self.outcome.unpriced:
+                    self.outcome.unpriced.append(model)
             spent = reply.cost_usd
             failed = handler.clock() - started > config.breaker_slow_s
+            handler.check_overshoot(model, reply, reservation)
             return reply
         except SecondaryError as exc:
             if not exc.skipped:
@@ -2084,9 +2292,10 @@ async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
     prepared = run.prepared(data, surface)
     instructions = plan.refine_prompt or REFINE_INSTRUCTIONS
     reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer), final=True)
-    if reply.text.strip() != surface.get_text().strip():
-        surface.set_text(reply.text)
+                           key=(instructions, prepared.turns, prepared.answer), final=True, live=_live(data, prepared))
+    text = _final_text(data, prepared, reply.text)
+    if text.strip() != surface.get_text().strip():
+        surface.set_text(text)
         run.outcome.outcome = "modified"
 
 
@@ -2139,11 +2348,12 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
     instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
     reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
                            key=(instructions, prepared.turns, prepared.answer))
-    if plan.annotate_target == "append":
-        surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{reply.text}")
+    analysis = prepared.restore(reply.text)
+    if plan.annotate_target == "append" and not _structured_output(data):
+        surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{analysis}")
         run.outcome.outcome = "modified"
-    else:
-        run.analysis = reply.text
+    else:  # text after a JSON answer would break it: a structured answer gets its analysis in the body
+        run.analysis = analysis
 
 
 async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
@@ -2155,8 +2365,9 @@ async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     run.outcome.reason = f"score {score:g}: {reason}"
     if score >= plan.escalate_threshold:
         return
-    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns), final=True)
-    surface.set_text(premium.text)
+    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns), final=True,
+                             live=_live(data, prepared))
+    surface.set_text(_final_text(data, prepared, premium.text))
     run.outcome.outcome = "escalated"
 
 
@@ -2178,11 +2389,91 @@ async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
     if len(candidates) == 1:
         raise SecondaryError("consensus_members", "every consensus member failed: " + "; ".join(failures))
     merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates),
-                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates), final=True)
-    surface.set_text(merged.text)
+                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates), final=True, live=_live(data, prepared))
+    surface.set_text(_final_text(data, prepared, merged.text))
     run.outcome.outcome = "modified"
     if failures:
         run.outcome.reason = "members failed: " + "; ".join(failures)
+
+
+# ----- what a replacing mode (refine, escalate, consensus) must respect -------------------------------
+
+#: modes whose secondary text replaces the primary answer
+REPLACING_MODES: Final = frozenset({"refine", "escalate", "consensus"})
+#: content part types that carry text; anything else (images, audio, files, tool results) does not
+_TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text"})
+
+
+def replace_skip(data: Mapping[str, Any], prepared: Prepared) -> tuple[str, str] | None:
+    """``(reason, detail)`` when no secondary text may replace this request's answer, else None:
+    the secondary would not have seen all of it, or the client asked for a format it cannot keep."""
+    if prepared.clipped:
+        return "input_too_long", ("the conversation and answer exceed RELAY_MAX_INPUT_CHARS; the secondary would "
+                                  "not see all of it, so its text must not replace the answer")
+    part = _non_text_part(data)
+    if part:
+        return "non_text_input", f"the conversation holds {part} content the secondary would not see"
+    if _structured_output(data):
+        return "structured_output", "the client asked for a JSON answer; a rewrite could break it"
+    return None
+
+
+def _non_text_part(data: Mapping[str, Any]) -> str | None:
+    """The kind of the first non-text element of the conversation (image, audio, file, tool call or result)."""
+    source = data.get("messages") if isinstance(data.get("messages"), list) else data.get("input")
+    items = list(source) if isinstance(source, list) else []
+    for extra in (data.get("system"), data.get("instructions")):
+        if isinstance(extra, list):
+            items.append({"role": "system", "content": extra})
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        if item.get("role") in ("tool", "function") or item.get("tool_calls") or item.get("function_call"):
+            return "tool"
+        if item.get("type") not in (None, "message"):  # Responses items: function_call_output, reasoning, ...
+            return str(item["type"])
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, Mapping) else "text"
+            if kind not in _TEXT_PARTS:
+                return str(kind)
+    return None
+
+
+def _structured_output(data: Mapping[str, Any]) -> bool:
+    """True when the client asked for JSON: chat's response_format, Responses' text.format, Messages'
+    output_format / output_config.format."""
+    formats = [data.get("response_format"), data.get("output_format")]
+    for holder in (data.get("text"), data.get("output_config")):
+        if isinstance(holder, Mapping):
+            formats.append(holder.get("format"))
+    for fmt in formats:
+        kind = fmt.get("type") if isinstance(fmt, Mapping) else getattr(fmt, "type", None) if fmt is not None else None
+        if kind is None and fmt is not None and not isinstance(fmt, Mapping):
+            return True  # a Pydantic class or other schema object given to the SDK
+        if kind in ("json_object", "json_schema", "json"):
+            return True
+    return False
+
+
+def _stop_sequences(data: Mapping[str, Any]) -> list[str]:
+    stops = data.get("stop") if data.get("stop") is not None else data.get("stop_sequences")
+    stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
+    return [s for s in stops if isinstance(s, str) and s]
+
+
+def _live(data: Mapping[str, Any], prepared: Prepared) -> bool:
+    """May a stream send a secondary's final text on as it arrives? Not when it must first be restored
+    (redaction) or cut (stop sequences): what left cannot be taken back."""
+    return not prepared.masks and not _stop_sequences(data)
+
+
+def _final_text(data: Mapping[str, Any], prepared: Prepared, text: str) -> str:
+    """A secondary's text as the client's answer: the user's masked data put back, and cut before the
+    first of the client's stop sequences, as the primary's own answer would have been."""
+    text = prepared.restore(text)
+    cut = min((text.find(s) for s in _stop_sequences(data) if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
 
 
 MODE_RUNNERS: Final = {
@@ -2878,6 +3169,7 @@ class StreamRelay:
         if stream_final:
             self.run.sink = deltas.put
         work = asyncio.ensure_future(self._mode(surface))
+        getter: asyncio.Future | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(deltas.get())
@@ -2897,10 +3189,13 @@ class StreamRelay:
             work.result()
         finally:
             self.run.sink = None
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
+            # the client may leave while both wait: cancel and await each, so neither is left pending
+            # ("Task was destroyed but it is pending")
+            for task in (getter, work):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _mode(self, surface: StreamSurface) -> None:
         """The mode itself; errors a stream cannot answer with (its status is sent) become refusals."""
@@ -2978,7 +3273,14 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     text = getattr(choices[0].message, "content", None) if choices else None
     if not isinstance(text, str) or not text.strip():
         raise SecondaryError("empty_response", f"{model} returned no text")
-    return Reply(model=model, text=text, cost_usd=_cost_of(response))
+    usage = getattr(response, "usage", None)
+    return Reply(model=model, text=text, cost_usd=_cost_of(response),
+                 truncated=getattr(choices[0], "finish_reason", None) in TRUNCATED_FINISH,
+                 output_tokens=getattr(usage, "completion_tokens", None))
+
+
+#: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
+TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
 
 
 def _cost_of(response: Any) -> float:
@@ -3017,6 +3319,8 @@ def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
         return SecondaryError("timeout", detail, retryable=True)
     if isinstance(exc, litellm.RateLimitError) or status == 429:
         return SecondaryError("rate_limited", detail, retryable=True, retry_after=_retry_after(exc))
+    if _unparseable(exc):  # litellm reports it as a connection error or a 500: a retry would fail (and bill) again
+        return SecondaryError("bad_response", detail)
     if isinstance(exc, (litellm.APIConnectionError, OSError)) or "connection error" in detail.lower():
         return SecondaryError("connection", detail, retryable=True)  # litellm reports some as a 500
     if isinstance(status, int) and status >= 500 or isinstance(exc, (litellm.InternalServerError, litellm.ServiceUnavailableError)):
@@ -3024,6 +3328,21 @@ def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
     if isinstance(status, int) and 400 <= status < 500:
         return SecondaryError("provider_rejected", detail)
     return SecondaryError("error", detail)
+
+
+#: what litellm's messages say when a provider's body was not valid JSON (json's own wording)
+_JSON_ERROR: Final = re.compile(r"Unable to get json response|JSONDecodeError|Expecting (?:value|property name|',' "
+                                r"delimiter|':' delimiter)|Unterminated string|Extra data: line|Invalid control character")
+
+
+def _unparseable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a provider response that could not be parsed."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, json.JSONDecodeError) or _JSON_ERROR.search(str(exc)[:2000]):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _retry_after(exc: Exception) -> float | None:
@@ -3082,10 +3401,17 @@ def _key_id(user_api_key_dict: Any) -> str | None:
     return hashlib.sha256(str(key).encode()).hexdigest()[:16] if key else None
 
 
-def _http_error(status: int, message: str, headers: dict[str, str] | None = None) -> Exception:
+def _http_error(status: int, message: str, headers: dict[str, str] | None = None, keep_headers: bool = False) -> Exception:
     from fastapi import HTTPException  # the proxy's own web framework, present wherever hooks run
 
-    return HTTPException(status_code=status, detail=message, headers=headers)
+    error = HTTPException(status_code=status, detail=message, headers=headers)
+    if headers and keep_headers:
+        # /v1/messages drops an HTTPException's own headers; a ProxyException keeps them
+        with contextlib.suppress(ImportError):
+            from litellm.proxy.common_request_processing import proxy_exception_from_http_exception
+
+            return proxy_exception_from_http_exception(error, dict(headers))
+    return error
 
 
 # =================================================================================================

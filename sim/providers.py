@@ -59,6 +59,8 @@ Markers (searched in `prompt_text`: system + all messages of the current request
     - else "<model> says: <last user message, whitespace collapsed, first 200 chars>".
     max_tokens / max_completion_tokens / Anthropic max_tokens / Ollama options.num_predict
     truncate the answer to that many words (finish_reason "length", "max_tokens").
+    SIM:USAGE=<n>     report <n> completion tokens whatever the answer (a provider that bills
+                      reasoning tokens past the request's max_tokens); text answers only
     Token counts: one token per whitespace-separated word, at least 1.
 
 Knobs (CLI flag, env var, POST /_sim/config key, per-model override)
@@ -285,6 +287,7 @@ class SimRequest:
     max_tokens: int | None = None
     tools: list[dict[str, Any]] = field(default_factory=list)
     include_usage: bool = False
+    logprobs: bool = False  # chat: the client asked for token log probabilities
     started: float = field(default_factory=time.monotonic)
 
 
@@ -310,6 +313,7 @@ class Plan:
 
 
 ANSWER_RE = re.compile(r"SIM:ANSWER=([^\r\n]*)")
+USAGE_RE = re.compile(r"SIM:USAGE=(\d+)")
 SLEEP_RE = re.compile(r"SIM:SLEEP=(\d+(?:\.\d+)?)")
 TOOLCALL_RE = re.compile(r"SIM:TOOLCALL(?:=([\w.-]+))?")
 
@@ -377,12 +381,13 @@ def compose_answer(req: SimRequest) -> Answer:
     if req.max_tokens is not None and len(words) > req.max_tokens:
         answer_text = " ".join(words[: req.max_tokens])
         finish = "length"
+    usage = USAGE_RE.findall(text)
     return Answer(
         "text",
         text=answer_text,
         finish=finish,
         prompt_tokens=count_tokens(text),
-        completion_tokens=count_tokens(answer_text),
+        completion_tokens=int(usage[-1]) if usage else count_tokens(answer_text),
     )
 
 
@@ -545,7 +550,15 @@ def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
         n=positive_int(body.get("n")) or 1,
         max_tokens=openai_max_tokens(body),
         include_usage=openai_include_usage(body),
+        logprobs=body.get("logprobs") is True,
     )
+
+
+def openai_logprobs(answer: Answer) -> dict[str, Any]:
+    """Chat ``logprobs``: one entry per streamed piece of the answer, each with logprob -0.5."""
+    pieces = stream_pieces(answer.text)
+    return {"content": [{"token": p, "logprob": -0.5, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces],
+            "refusal": None}
 
 
 def openai_tool_call(answer: Answer) -> dict[str, Any]:
@@ -564,7 +577,8 @@ def render_openai_chat(req: SimRequest, answer: Answer) -> dict[str, Any]:
             message["content"] = None
             message["tool_calls"] = [openai_tool_call(answer)]
         choices.append(
-            {"index": index, "message": message, "logprobs": None, "finish_reason": answer.finish}
+            {"index": index, "message": message, "finish_reason": answer.finish,
+             "logprobs": openai_logprobs(answer) if req.logprobs and answer.kind == "text" else None}
         )
     return openai_envelope("chatcmpl-", "chat.completion", req, answer, choices)
 

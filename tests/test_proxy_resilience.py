@@ -14,7 +14,7 @@ FAULTS = {
     "f-429": ("SIM:HTTP429", "failed:rate_limited"),
     "f-hang": ("SIM:HANG", "failed:timeout"),
     "f-drop": ("SIM:DROP", "failed:connection"),
-    "f-malformed": ("SIM:MALFORMED", "failed:provider_error"),
+    "f-malformed": ("SIM:MALFORMED", "failed:bad_response"),
     "f-empty": ("SIM:EMPTY", "failed:empty_response"),
 }
 

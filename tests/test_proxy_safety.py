@@ -163,10 +163,17 @@ def test_full_override_lets_a_client_choose_mode_and_secondary(loop, sim, token)
 
 BAD_CONFIGS = {
     "unknown mode": ({"RELAY_MODE": "telepathy"}, "RELAY_MODE='telepathy' is invalid: allowed: refine | guard"),
-    "negative timeout": ({"RELAY_TIMEOUT_S": "-1"}, "RELAY_TIMEOUT_S='-1' is invalid: allowed: a number > 0"),
+    "negative timeout": ({"RELAY_TIMEOUT_S": "-1"}, "RELAY_TIMEOUT_S='-1' is invalid: allowed: a number >= 0.01 and <= 3600"),
     "malformed glob": ({"RELAY_APPLY_TO": "llama-[ab"}, "RELAY_APPLY_TO='llama-[ab' is invalid: allowed: globs with balanced"),
     "consensus without models": ({"RELAY_MODE": "consensus", "RELAY_CONSENSUS_MODELS": ""},
                                  "RELAY_CONSENSUS_MODELS is missing"),
+    # accepted once, broken at run time: every request a 500, or every call failed:connection
+    "infinite budget window": ({"RELAY_BUDGET_WINDOW_S": "inf"}, "RELAY_BUDGET_WINDOW_S='inf' is invalid: allowed: a number >= 1"),
+    "infinite timeout": ({"RELAY_TIMEOUT_S": "inf"}, "RELAY_TIMEOUT_S='inf' is invalid"),
+    "heartbeat flood": ({"RELAY_STREAM_HEARTBEAT_S": "1e-9"}, "RELAY_STREAM_HEARTBEAT_S='1e-9' is invalid: allowed: a number >= 0.01"),
+    "absurd max tokens": ({"RELAY_SECONDARY_MAX_TOKENS": "100000000000"}, "RELAY_SECONDARY_MAX_TOKENS='100000000000' is invalid"),
+    # a typo would leave the call cap off, silently
+    "misspelt variable": ({"RELAY_MAXCALLS": "1"}, "RELAY_MAXCALLS is not a relay variable: did you mean RELAY_MAX_CALLS?"),
 }
 
 

@@ -576,8 +576,8 @@ def test_a_bad_redis_port_is_refused(port):
 @pytest.mark.parametrize("name, raw, allowed", [
     ("STATE", "memcached", "allowed: local | redis"),
     ("STATE_FAILURE", "open", "allowed: closed | local"),
-    ("REDIS_TIMEOUT_S", "0", "allowed: a number > 0"),
-    ("REDIS_RETRY_S", "soon", "allowed: a number > 0"),
+    ("REDIS_TIMEOUT_S", "0", "allowed: a number >= 0.001 and <= 60"),
+    ("REDIS_RETRY_S", "soon", "allowed: a number >= 0.001 and <= 3600"),
 ])
 def test_a_bad_state_setting_names_the_variable_the_value_and_what_is_allowed(name, raw, allowed):
     with pytest.raises(ConfigError) as caught:

@@ -105,7 +105,7 @@ def test_relay_enabled_false_skips_the_mode_requirements_too():
 def test_relay_enabled_false_still_rejects_a_malformed_value():
     with pytest.raises(ConfigError) as caught:
         RelayConfig.from_env({"RELAY_ENABLED": "false", "RELAY_TIMEOUT_S": "soon"})
-    assert str(caught.value) == "RELAY_TIMEOUT_S='soon' is invalid: allowed: a number > 0"
+    assert str(caught.value) == "RELAY_TIMEOUT_S='soon' is invalid: allowed: a number >= 0.01 and <= 3600"
 
 
 # ----- booleans ---------------------------------------------------------------------------------
@@ -195,12 +195,12 @@ def test_closed_float_bounds_include_both_ends(name, raw, expected):
 
 @pytest.mark.parametrize("raw", ["0", "-1", "-0.5", "1.5", "one", "nan"])
 def test_an_integer_below_one_or_not_an_integer_is_rejected(raw):
-    assert config_error(MAX_DEPTH=raw) == f"RELAY_MAX_DEPTH={raw!r} is invalid: allowed: an integer >= 1"
+    assert config_error(MAX_DEPTH=raw) == f"RELAY_MAX_DEPTH={raw!r} is invalid: allowed: an integer >= 1 and <= 100"
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "nan", "NaN", "-inf", "fast"])
 def test_a_timeout_must_be_a_positive_number(raw):
-    assert config_error(TIMEOUT_S=raw) == f"RELAY_TIMEOUT_S={raw!r} is invalid: allowed: a number > 0"
+    assert config_error(TIMEOUT_S=raw) == f"RELAY_TIMEOUT_S={raw!r} is invalid: allowed: a number >= 0.01 and <= 3600"
 
 
 @pytest.mark.parametrize("raw", ["-0.1", "1.01", "nan", "inf", "half"])
@@ -310,8 +310,8 @@ BAD_ENVS = [
     ("MODE", {"MODE": "bogus\nmode"}, "'bogus\\nmode'", "allowed: refine | guard"),
     ("SECONDARY_MODEL", {"SECONDARY_MODEL": "a b"}, "'a b'", "allowed: one model"),
     ("APPLY_TO", {"APPLY_TO": "local-[abc"}, "'local-[abc'", "allowed: globs with balanced [ ]"),
-    ("MAX_DEPTH", {"MAX_DEPTH": "-1"}, "'-1'", "allowed: an integer >= 1"),
-    ("TIMEOUT_S", {"TIMEOUT_S": "nan"}, "'nan'", "allowed: a number > 0"),
+    ("MAX_DEPTH", {"MAX_DEPTH": "-1"}, "'-1'", "allowed: an integer >= 1 and <= 100"),
+    ("TIMEOUT_S", {"TIMEOUT_S": "nan"}, "'nan'", "allowed: a number >= 0.01 and <= 3600"),
     ("SAMPLE_RATE", {"SAMPLE_RATE": "2"}, "'2'", "allowed: a number >= 0 and <= 1"),
     ("CONSENSUS_MODELS", {"MODE": "consensus", "CONSENSUS_MODELS": ","}, "','", "allowed: a comma-separated list"),
     ("LOG_LEVEL", {"LOG_LEVEL": "loud"}, "'loud'", "allowed: debug | info | warning | error"),
@@ -465,3 +465,49 @@ def test_a_disabled_relay_loads_a_callback_without_hooks_so_the_proxy_keeps_its_
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                           cwd=Path(relay_plugin.__file__).parent, timeout=60)
     assert done.stdout.split("\n")[-2] == "DisabledRelay True []", done.stderr[-2000:]
+
+
+# ----- finite ranges and misspelt names (issue 11) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("BUDGET_WINDOW_S", "inf"), ("CACHE_TTL_S", "inf"), ("BREAKER_COOLDOWN_S", "inf"), ("TIMEOUT_S", "inf"),
+    ("DEADLINE_S", "Infinity"), ("STREAM_HEARTBEAT_S", "1e-9"), ("SECONDARY_MAX_TOKENS", "100000000000"),
+    ("RETRY_MAX_S", "1e308"), ("BUDGET_USD", "nan"), ("CACHE_MAX_ENTRIES", "99999999999"),
+])
+def test_an_infinite_or_absurd_value_is_refused_at_startup(name, raw):
+    assert config_error(**{name: raw}).startswith(f"RELAY_{name}={raw!r} is invalid: allowed: ")
+
+
+def test_an_infinite_value_in_a_model_info_block_is_refused_too():
+    with pytest.raises(ConfigError):
+        config().plan.overridden({"escalate_threshold": float("inf")}, where_model)
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("RELAY_MAXCALLS", "RELAY_MAX_CALLS"), ("RELAY_BUDGET_USD_PERKEY", "RELAY_BUDGET_USD_PER_KEY"),
+    ("RELAY_TIMEOUT", "RELAY_TIMEOUT_S"), ("RELAY_SECONDARY_MODLE", "RELAY_SECONDARY_MODEL"),
+    ("relay_budget_usd", "RELAY_BUDGET_USD"), ("RELAY_CACHE_TTL", "RELAY_CACHE_TTL_S"),
+])
+def test_a_misspelt_variable_stops_startup_naming_the_known_one(typo, meant):
+    with pytest.raises(ConfigError) as caught:
+        RelayConfig.from_env({"RELAY_SECONDARY_MODEL": SECONDARY, typo: "1"})
+    assert str(caught.value) == f"{typo} is not a relay variable: did you mean {meant}?"
+
+
+def test_another_programs_relay_variable_gets_one_warning_and_is_ignored(caplog):
+    loaded = RelayConfig.from_env({"RELAY_SECONDARY_MODEL": SECONDARY, "RELAY_HOST": "relay.internal",
+                                   "RELAY_VENDOR_TRACE_ID": "x"})
+    assert loaded.plan.secondary_model == SECONDARY
+    warned = [r.getMessage() for r in caplog.records if "not a relay variable" in r.getMessage()]
+    assert len(warned) == 2 and all(r.levelname == "WARNING" for r in caplog.records if "not a relay" in r.getMessage())
+
+
+def test_no_two_known_variables_are_near_misses_of_each_other():
+    # otherwise a typo of one could be taken for the other: the table must keep its names apart
+    from relay_plugin import VARIABLES, _edit_distance, _squashed
+
+    names = [_squashed(v.name) for v in VARIABLES]
+    close = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+             if _edit_distance(a, b) <= (1 if min(len(a), len(b)) <= 6 else 2)]
+    assert close == []

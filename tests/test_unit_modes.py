@@ -175,7 +175,7 @@ def core(headers: dict) -> dict:
 
 def expect(mode: str, outcome: str, models: str = "none", cost: float = 0.0) -> dict:
     return {"x-relay-mode": mode, "x-relay-outcome": outcome, "x-relay-secondary-model": models,
-            "x-relay-cost-usd": f"{cost:.8f}"}
+            "x-relay-cost-usd": relay_plugin.usd(cost)}
 
 
 def fenced(messages: list[dict], tag: str = "answer") -> str:
@@ -271,9 +271,27 @@ async def test_redaction_masks_the_conversation_and_the_answer_before_the_second
     response = chat_response("Noted, bob@example.com. Call +1 415 555 0100.")
     await relay(make_handler(fake, REDACT="true"), data, response)
     (call,) = fake.calls
-    assert fenced(call.messages, "conversation") == "[user]\nI am [REDACTED_EMAIL], card [REDACTED_CARD]"
-    assert fenced(call.messages) == "Noted, [REDACTED_EMAIL]. Call [REDACTED_PHONE]."
+    assert fenced(call.messages, "conversation") == "[user]\nI am [REDACTED_EMAIL_1], card [REDACTED_CARD_1]"
+    assert fenced(call.messages) == "Noted, [REDACTED_EMAIL_1]. Call [REDACTED_PHONE_1]."
     assert chat_text(response) == REFINED
+
+
+async def test_a_refined_answer_gets_the_users_masked_data_back_and_never_a_placeholder():
+    fake = FakeSecondary({SEC: "Dear [REDACTED_EMAIL_1], your card [REDACTED_CARD_1] is saved."})
+    data = chat_data(messages=[{"role": "user", "content": "I am bob@example.com, card 4111 1111 1111 1111"}])
+    response = chat_response("Noted, bob@example.com.")
+    headers = await relay(make_handler(fake, REDACT="true"), data, response)
+    assert chat_text(response) == "Dear bob@example.com, your card 4111 1111 1111 1111 is saved."
+    assert headers["x-relay-outcome"] == "modified"
+
+
+async def test_a_placeholder_that_maps_to_nothing_keeps_the_primary_answer():
+    fake = FakeSecondary({SEC: "Dear [REDACTED_EMAIL], noted."})  # the secondary dropped the number
+    data = chat_data(messages=[{"role": "user", "content": "I am bob@example.com"}])
+    response = chat_response("Noted, bob@example.com.")
+    headers = await relay(make_handler(fake, REDACT="true"), data, response)
+    assert chat_text(response) == "Noted, bob@example.com."
+    assert headers["x-relay-outcome"] == "failed:redaction"
 
 
 async def test_the_secondary_gets_the_next_depth_of_a_nested_request():

@@ -630,7 +630,7 @@ async def test_a_budget_refusal_is_skipped_budget_and_leaves_the_answer_alone():
 
     assert outcome.outcome == "skipped:budget"
     assert outcome.reason == "the relay budget of this window cannot cover a call to sec"
-    assert outcome.headers()["x-relay-cost-usd"] == "0.00000000"
+    assert outcome.headers()["x-relay-cost-usd"] == "0"
     assert response.choices[0].message.content == "primary"
     assert fake.calls == []
     assert handler.store.counters == {}
@@ -900,11 +900,11 @@ async def test_an_identical_request_reuses_the_cached_result():
 
     assert len(fake.calls) == 1
     assert first.headers()["x-relay-cache"] == "miss"
-    assert first.headers()["x-relay-cost-usd"] == "0.12500000"
+    assert first.headers()["x-relay-cost-usd"] == "0.125"
     assert second.outcome == "modified"
     assert response.choices[0].message.content == "refined"
     assert second.headers()["x-relay-cache"] == "hit"
-    assert second.headers()["x-relay-cost-usd"] == "0.00000000"
+    assert second.headers()["x-relay-cost-usd"] == "0"
 
 
 async def test_a_cached_result_expires_after_the_ttl():
@@ -986,3 +986,47 @@ async def test_a_spent_budget_refuses_without_counting_tokens_again(monkeypatch)
     assert outcomes == ["modified", "skipped:budget", "skipped:budget", "skipped:budget"]
     assert len(counted) == 2  # the call that fit, and the first refusal; later ones stop at the floor
     assert len(fake.calls) == 1
+
+
+# ----- bounded state and overshoot (issue 11) -----------------------------------------------------------
+
+
+async def test_breakers_and_prices_of_many_client_chosen_models_stay_bounded(monkeypatch):
+    fake = Secondary("refined")
+    handler = handler_for(config(CLIENT_OVERRIDE="full"), fake)
+    monkeypatch.setattr(relay_plugin, "_price_of", lambda model: None)
+    monkeypatch.setattr(relay_plugin, "MODELS_MAX", 50)
+    for i in range(300):
+        await relay(handler, metadata={"relay": {"secondary_model": f"openai/made-up-{i}"}})
+    assert len(fake.calls) == 300
+    assert len(handler.store.breakers) == 50
+    assert len(handler._prices) == 50
+    assert "openai/made-up-299" in handler.store.breakers  # the newest stay
+
+
+class Overbilling(Secondary):
+    """A provider that bills far more output tokens than the call allowed."""
+
+    async def __call__(self, model, messages, **kwargs):
+        reply = await super().__call__(model, messages, **kwargs)
+        return Reply(model, reply.text, 1.0, output_tokens=1_000_000)
+
+
+async def test_a_call_billed_past_its_reservation_is_counted_logged_and_settled_at_its_real_cost(monkeypatch, caplog):
+    handler = handler_for(config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS), Overbilling())
+    priced(monkeypatch, handler)
+    outcome, _ = await relay(handler)
+    assert outcome.outcome == "modified" and outcome.cost_usd == 1.0
+    assert handler.stats["overshoot"] == 1
+    assert handler.stats["overshoot_usd"] == 1.0 - WORST
+    assert await handler.store.counter("spend:0") == 1.0  # the budget counts what was billed
+    (line,) = [r for r in caplog.records if "overshot" in r.getMessage()]
+    assert line.levelname == "WARNING"
+    assert "1000000 output tokens reported against max_tokens 38; cost 1 USD against 0.0625 USD reserved" in line.getMessage()
+
+
+async def test_a_call_within_its_bounds_is_no_overshoot(monkeypatch):
+    handler = handler_for(config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS), Secondary("refined", ACTUAL))
+    priced(monkeypatch, handler)
+    await relay(handler)
+    assert handler.stats["overshoot"] == 0

@@ -184,11 +184,12 @@ def test_prepared_redacts_both_the_turns_and_the_answer():
     turns = [{"role": "system", "content": "Agent for ops@example.com"},
              {"role": "user", "content": "My card is 4111 1111 1111 1111, call +1 415 555 0100"}]
     built = Prepared.build(turns, f"Saved. Your key is {OPENAI_KEY}.", redact_pii=True, max_chars=10_000)
-    assert built == Prepared(
-        [{"role": "system", "content": "Agent for [REDACTED_EMAIL]"},
-         {"role": "user", "content": "My card is [REDACTED_CARD], call [REDACTED_PHONE]"}],
-        "Saved. Your key is [REDACTED_KEY].",
+    assert (built.turns, built.answer) == (
+        [{"role": "system", "content": "Agent for [REDACTED_EMAIL_1]"},
+         {"role": "user", "content": "My card is [REDACTED_CARD_1], call [REDACTED_PHONE_1]"}],
+        "Saved. Your key is [REDACTED_KEY_1].",
     )
+    assert built.restore("[REDACTED_EMAIL_1] [REDACTED_KEY_1]") == f"ops@example.com {OPENAI_KEY}"
 
 
 def test_prepared_leaves_text_alone_without_redaction():
