@@ -1653,7 +1653,7 @@ class RelayHandler(CustomLogger):
         self._proxy_checked = False
         self._bad_models: dict[str, str] = {}  #: model_name -> why it is refused (an invalid relay block)
         register_env_secrets()
-        self._seen_token = secrets.token_hex(16)  #: marks a request this process relayed (see _first_time)
+        self._seen_token = os.urandom(16).hex()  #: marks a request this process relayed (see _first_time)
         if config.signing_secret:
             _signing_key_cache[:] = [hashlib.sha256(config.signing_secret.encode()).digest()]
         self._model_plans: dict[str, Plan | ConfigError] = {}
@@ -3121,7 +3121,7 @@ def _signing_key() -> bytes:
     module = sys.modules.get("litellm.proxy.proxy_server")  # RELAY_SIGNING_SECRET: set by RelayHandler
     secret = str(getattr(module, "master_key", None) or os.environ.get("LITELLM_MASTER_KEY") or "")
     secret = "relay-proof-from-master-key:" + secret if secret else ""
-    key = hashlib.sha256(secret.encode()).digest() if secret else secrets.token_bytes(32)
+    key = hashlib.sha256(secret.encode()).digest() if secret else os.urandom(32)
     if secret or "litellm.proxy.proxy_server" not in sys.modules:  # a random key may be replaced once a master key exists
         _signing_key_cache.append(key)
     return key
