@@ -220,7 +220,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("MODE", _choice(*MODES), "refine", "What the secondary does: " + ", ".join(MODES) + ".", plan=True),
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
-    _Var("MAX_DEPTH", _number(int, 1), 1, "A request whose `x-relay-depth` header is at or above this is never relayed (recursion guard)."),
+    _Var("MAX_DEPTH", _number(int, 1), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
     _Var("SIGNING_SECRET", _text, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it."),
     _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
     _Var("REDACT", _parse_bool, False, "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary model."),
@@ -2106,7 +2106,7 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     answers = surface.readable()
     if answers is None:
-        raise SecondaryError("unjudgeable", "the guard cannot read this kind of response")
+        raise SecondaryError("unsupported_response", "the guard cannot read this kind of response", skipped=True)
     instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
     size = max(run.handler.config.max_input_chars // 2, 1)  # what Prepared.build leaves an answer unclipped
     turns = conversation_of(data)
