@@ -2253,7 +2253,8 @@ class StreamSurface:
 
 
 #: chunk kinds after which the relay leaves a stream alone, and the skip reason it reports
-_STREAM_SKIPS: Final = {"tool": "tool_calls", "multi": "multiple_choices", "unknown": "unsupported_response"}
+_STREAM_SKIPS: Final = {"tool": "tool_calls", "multi": "multiple_choices", "unknown": "unsupported_response",
+                         "late": "text_after_end"}
 
 
 class ChunkFormat:
@@ -2671,6 +2672,8 @@ class StreamRelay:
         """The chunk's kind; once the stream's end began, everything is "end" but what the relay must
         not miss there (a tool call, another choice)."""
         kind = self._classify(chunk)
+        if tail and kind == "text":  # text after the end (a second Responses message, a provider's quirk)
+            return "late"
         return kind if not tail or kind in _STREAM_SKIPS else "end"
 
     def _classify(self, chunk: Any) -> str:
@@ -3105,8 +3108,8 @@ def _http_error(status: int, message: str, headers: dict[str, str] | None = None
 
 #: how long a proof is accepted after it was made (generous: clocks of instances drift)
 PROOF_MAX_AGE_S: Final = 600.0
-_PROOF_TOKEN: Final = re.compile(r"\A(\d{1,3})\.(\d{1,12})\.([0-9a-f]{32})\Z")
-_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call (\d{1,3}\.\d{1,12}\.[0-9a-f]{32})\]")
+_PROOF_TOKEN: Final = re.compile(r"\A([0-9]{1,3})\.([0-9]{1,12})\.([0-9a-f]{32})\Z")
+_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call ([0-9]{1,3}\.[0-9]{1,12}\.[0-9a-f]{32})\]")
 #: metadata keys only the relay writes: a client's copies are dropped before any hook reads them
 RELAY_OWNED_KEYS: Final = ("relay_internal", "relay_depth", "relay_result", "relay_stream_decision", "relay_seen",
                            "relay_judged")

@@ -223,3 +223,21 @@ async def test_a_native_anthropic_stream_cut_at_every_byte_boundary_is_judged_wh
             assert len(calls) == 1, where
             assert text == expected, where
             assert [e["relay"]["outcome"] for e in events if "relay" in e] == [outcome], where
+
+
+@pytest.mark.parametrize("guard", ["buffer", "window"])
+async def test_text_a_provider_sends_after_the_end_of_its_stream_is_judged_too(guard):
+    def chunk(content=None, finish_reason=None):
+        return litellm.ModelResponseStream(id="c1", created=1, model="llama", choices=[
+            {"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish_reason}])
+
+    async def stream():
+        yield chunk("A fine answer that fills a window.")
+        yield chunk(finish_reason="stop")
+        yield chunk("And then something FORBIDDEN.")
+
+    calls: list[str] = []
+    handler = handler_for(guard_judge(calls), RELAY_MODE="guard", RELAY_STREAM_GUARD=guard, RELAY_STREAM_WINDOW_CHARS="10")
+    chunks, text, relay = await run(handler, stream())
+    assert "FORBIDDEN" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert relay["outcome"] == "blocked"
