@@ -1836,12 +1836,17 @@ class RelayHandler(CustomLogger):
         if is_relay_call():
             return None, Outcome(mode, "skipped:internal", []), 0
         depth = relay_call_depth(data)
-        if depth >= self.config.max_depth:
+        if relay_call_depth(data, REVIEW) >= self.config.max_depth:
             return None, Outcome(mode, "skipped:depth", []), depth
         plan, skip, note = self.plan_for(data)
         if plan is None:
             outcome = "failed:model_config" if skip == "model_config" else f"skipped:{skip}"
             return None, Outcome(mode, outcome, [], override=note), depth
+        # The relay's answer calls (escalate's premium, consensus members) carry the client's own
+        # conversation: a model could echo their proof to the client. So they never skip a guard (whose
+        # own calls are reviews, and bounded by those); they do skip every other mode (bounded loops).
+        if plan.mode != "guard" and depth >= self.config.max_depth:
+            return None, Outcome(mode, "skipped:depth", []), depth
         return plan, Outcome(plan.mode, "relayed", [], override=note), depth
 
     async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> "Outcome":
@@ -2981,7 +2986,8 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     text = getattr(choices[0].message, "content", None) if choices else None
     if not isinstance(text, str) or not text.strip():
         raise SecondaryError("empty_response", f"{model} returned no text")
-    return Reply(model=model, text=text, cost_usd=_cost_of(response))
+    # a secondary that repeats its system prompt must not hand the client the relay's proof
+    return Reply(model=model, text=_PROOF_IN_PROMPT.sub("[relay-call]", text), cost_usd=_cost_of(response))
 
 
 def _cost_of(response: Any) -> float:
@@ -3108,8 +3114,12 @@ def _http_error(status: int, message: str, headers: dict[str, str] | None = None
 
 #: how long a proof is accepted after it was made (generous: clocks of instances drift)
 PROOF_MAX_AGE_S: Final = 600.0
-_PROOF_TOKEN: Final = re.compile(r"\A([0-9]{1,3})\.([0-9]{1,12})\.([0-9a-f]{32})\Z")
-_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call ([0-9]{1,3}\.[0-9]{1,12}\.[0-9a-f]{32})\]")
+_PROOF_TOKEN: Final = re.compile(r"\A([0-9]{1,3})([ra])\.([0-9]{1,12})\.([0-9a-f]{32})\Z")
+_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call ([0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32})\]")
+#: what a relay call is: ``r`` a review (the relay's own prompt envelope: guard, judge, refine, annotate,
+#: merge), ``a`` an answer (escalate's premium model and consensus members get the client's conversation)
+REVIEW: Final = "r"
+ANSWER: Final = "a"
 #: metadata keys only the relay writes: a client's copies are dropped before any hook reads them
 RELAY_OWNED_KEYS: Final = ("relay_internal", "relay_depth", "relay_result", "relay_stream_decision", "relay_seen",
                            "relay_judged")
@@ -3137,39 +3147,40 @@ def _proof_subject(turns: list[dict[str, str]]) -> str:
     return " ".join(last.split())
 
 
-def _proof_mac(depth: int, stamp: int, subject: str) -> str:
+def _proof_mac(depth: int, kind: str, stamp: int, subject: str) -> str:
     import hmac
 
-    message = f"relay-call|{depth}|{stamp}|{subject}".encode()
+    message = f"relay-call|{depth}|{kind}|{stamp}|{subject}".encode()
     return hmac.new(_signing_key(), message, hashlib.sha256).hexdigest()[:32]
 
 
-def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None) -> str:
-    """The proof that a call with this conversation is the relay's own, at ``depth``."""
+def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None, kind: str = REVIEW) -> str:
+    """The proof that a call with this conversation is the relay's own ``kind`` of call, at ``depth``."""
     stamp = int(time.time() if now is None else now)
-    return f"{depth}.{stamp}.{_proof_mac(depth, stamp, _proof_subject(turns))}"
+    return f"{depth}{kind}.{stamp}.{_proof_mac(depth, kind, stamp, _proof_subject(turns))}"
 
 
-def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None) -> int:
-    """The depth a proof token proves for this conversation; 0 when it proves nothing."""
+def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None, kinds: str = REVIEW + ANSWER) -> int:
+    """The depth a proof token proves for this conversation (for a call of one of ``kinds``); 0: nothing."""
     import hmac
 
     match = _PROOF_TOKEN.match(token.strip()) if isinstance(token, str) else None
-    if match is None:
+    if match is None or match.group(2) not in kinds:
         return 0
-    depth, stamp = int(match.group(1)), int(match.group(2))
+    depth, kind, stamp = int(match.group(1)), match.group(2), int(match.group(3))
     if abs((time.time() if now is None else now) - stamp) > PROOF_MAX_AGE_S:
         return 0
-    expected = _proof_mac(depth, stamp, _proof_subject(turns))
-    return depth if hmac.compare_digest(expected, match.group(3)) else 0
+    expected = _proof_mac(depth, kind, stamp, _proof_subject(turns))
+    return depth if hmac.compare_digest(expected, match.group(4)) else 0
 
 
 def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
     """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
     goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
     messages = [dict(m) for m in kwargs["messages"]]
-    proof = relay_proof(depth, conversation_of({"messages": messages}))
     system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
+    review = system is not None and _DATA_RULE.split("{nonce}")[0] in system["content"]
+    proof = relay_proof(depth, conversation_of({"messages": messages}), kind=REVIEW if review else ANSWER)
     if system is None:
         messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})
     else:
@@ -3185,13 +3196,14 @@ def _request_headers(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return headers if isinstance(headers, Mapping) else {}
 
 
-def relay_call_depth(data: Mapping[str, Any]) -> int:
-    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call made
-    at depth n (proven by the header or by the system prompt). Nothing else a client sends counts."""
+def relay_call_depth(data: Mapping[str, Any], kinds: str = REVIEW + ANSWER) -> int:
+    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call (of
+    one of ``kinds``) made at depth n, proven by the header or by the system prompt. Nothing else a
+    client sends counts."""
     turns = conversation_of(data)
     tokens = [v for k, v in _request_headers(data).items() if isinstance(k, str) and k.lower() == DEPTH_HEADER]
     tokens += [m.group(1) for t in turns if t["role"] == "system" for m in _PROOF_IN_PROMPT.finditer(t["content"])]
-    return max((proven_depth(token, turns) for token in tokens), default=0)
+    return max((proven_depth(token, turns, kinds=kinds) for token in tokens), default=0)
 
 
 def is_relay_call() -> bool:

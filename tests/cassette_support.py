@@ -167,7 +167,7 @@ MATCH_ON = ("method", "scheme", "host", "port", "path", "query", "json_body")
 
 #: the relay's proof of its own call (a time-stamped HMAC, see relay_plugin.mark_relay_call): different
 #: on every call, so it is not part of what a cassette matches
-RELAY_PROOF = re.compile(r"(?:\n\n)?\[relay-call \d+\.\d+\.[0-9a-f]{32}\]")
+RELAY_PROOF = re.compile(r"(?:\n\n)?\[relay-call \d+[ra]\.\d+\.[0-9a-f]{32}\]")
 
 
 def _without_proof(value: Any) -> Any:

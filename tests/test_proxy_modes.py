@@ -37,7 +37,7 @@ def test_refine_replaces_the_chat_answer_with_the_secondary_answer(proxy, sim, t
     assert f"llama3 says: Why is the sky blue? {token}" in prompt  # the primary answer, inside delimiters
     assert secondary["body"]["max_tokens"] == 1024
     # the recursion guard's proof: depth 1, in the header and in the system prompt
-    assert secondary["headers"].get("x-relay-depth", "").startswith("1.")
+    assert secondary["headers"].get("x-relay-depth", "").startswith("1r.")
     assert f"[relay-call {secondary['headers']['x-relay-depth']}]" in secondary["body"]["messages"][0]["content"]
 
 
