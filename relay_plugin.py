@@ -221,7 +221,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("MODE", _choice(*MODES), "refine", "What the secondary does: " + ", ".join(MODES) + ".", plan=True),
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
-    _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A request whose `x-relay-depth` header is at or above this is never relayed (recursion guard)."),
+    _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
     _Var("SIGNING_SECRET", _text, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it."),
     _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
     _Var("CLIENT_MODELS", _choice("listed", "any"), "listed", "Which secondary models a client may name under `RELAY_CLIENT_OVERRIDE=full`: `listed` (a `model_name` of the proxy's `model_list`, or a model the operator configured; others are a 400), `any` (any `provider/model`, called with the proxy's provider keys)."),
@@ -1792,7 +1792,7 @@ class RelayHandler(CustomLogger):
         self._proxy_checked = False
         self._bad_models: dict[str, str] = {}  #: model_name -> why it is refused (an invalid relay block)
         register_env_secrets()
-        self._seen_token = secrets.token_hex(16)  #: marks a request this process relayed (see _first_time)
+        self._seen_token = os.urandom(16).hex()  #: marks a request this process relayed (see _first_time)
         if config.signing_secret:
             _signing_key_cache[:] = [hashlib.sha256(config.signing_secret.encode()).digest()]
         self._model_plans: dict[str, Plan | ConfigError] = {}
@@ -2000,12 +2000,17 @@ class RelayHandler(CustomLogger):
         if is_relay_call():
             return None, Outcome(mode, "skipped:internal", []), 0
         depth = relay_call_depth(data)
-        if depth >= self.config.max_depth:
+        if relay_call_depth(data, REVIEW) >= self.config.max_depth:
             return None, Outcome(mode, "skipped:depth", []), depth
         plan, skip, note = self.plan_for(data)
         if plan is None:
             outcome = "failed:model_config" if skip == "model_config" else f"skipped:{skip}"
             return None, Outcome(mode, outcome, [], override=note), depth
+        # The relay's answer calls (escalate's premium, consensus members) carry the client's own
+        # conversation: a model could echo their proof to the client. So they never skip a guard (whose
+        # own calls are reviews, and bounded by those); they do skip every other mode (bounded loops).
+        if plan.mode != "guard" and depth >= self.config.max_depth:
+            return None, Outcome(mode, "skipped:depth", []), depth
         return plan, Outcome(plan.mode, "relayed", [], override=note), depth
 
     async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> "Outcome":
@@ -2315,7 +2320,7 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     answers = surface.readable()
     if answers is None:
-        raise SecondaryError("unjudgeable", "the guard cannot read this kind of response")
+        raise SecondaryError("unsupported_response", "the guard cannot read this kind of response", skipped=True)
     instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
     size = max(run.handler.config.max_input_chars // 2, 1)  # what Prepared.build leaves an answer unclipped
     turns = conversation_of(data)
@@ -2544,7 +2549,8 @@ class StreamSurface:
 
 
 #: chunk kinds after which the relay leaves a stream alone, and the skip reason it reports
-_STREAM_SKIPS: Final = {"tool": "tool_calls", "multi": "multiple_choices", "unknown": "unsupported_response"}
+_STREAM_SKIPS: Final = {"tool": "tool_calls", "multi": "multiple_choices", "unknown": "unsupported_response",
+                         "late": "text_after_end"}
 
 
 class ChunkFormat:
@@ -2962,6 +2968,8 @@ class StreamRelay:
         """The chunk's kind; once the stream's end began, everything is "end" but what the relay must
         not miss there (a tool call, another choice)."""
         kind = self._classify(chunk)
+        if tail and kind == "text":  # text after the end (a second Responses message, a provider's quirk)
+            return "late"
         return kind if not tail or kind in _STREAM_SKIPS else "end"
 
     def _classify(self, chunk: Any) -> str:
@@ -3274,7 +3282,8 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     if not isinstance(text, str) or not text.strip():
         raise SecondaryError("empty_response", f"{model} returned no text")
     usage = getattr(response, "usage", None)
-    return Reply(model=model, text=text, cost_usd=_cost_of(response),
+    # a secondary that repeats its system prompt must not hand the client the relay's proof
+    return Reply(model=model, text=_PROOF_IN_PROMPT.sub("[relay-call]", text), cost_usd=_cost_of(response),
                  truncated=getattr(choices[0], "finish_reason", None) in TRUNCATED_FINISH,
                  output_tokens=getattr(usage, "completion_tokens", None))
 
@@ -3431,8 +3440,12 @@ def _http_error(status: int, message: str, headers: dict[str, str] | None = None
 
 #: how long a proof is accepted after it was made (generous: clocks of instances drift)
 PROOF_MAX_AGE_S: Final = 600.0
-_PROOF_TOKEN: Final = re.compile(r"\A(\d{1,3})\.(\d{1,12})\.([0-9a-f]{32})\Z")
-_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call (\d{1,3}\.\d{1,12}\.[0-9a-f]{32})\]")
+_PROOF_TOKEN: Final = re.compile(r"\A([0-9]{1,3})([ra])\.([0-9]{1,12})\.([0-9a-f]{32})\Z")
+_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call ([0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32})\]")
+#: what a relay call is: ``r`` a review (the relay's own prompt envelope: guard, judge, refine, annotate,
+#: merge), ``a`` an answer (escalate's premium model and consensus members get the client's conversation)
+REVIEW: Final = "r"
+ANSWER: Final = "a"
 #: metadata keys only the relay writes: a client's copies are dropped before any hook reads them
 RELAY_OWNED_KEYS: Final = ("relay_internal", "relay_depth", "relay_result", "relay_stream_decision", "relay_seen",
                            "relay_judged")
@@ -3447,7 +3460,7 @@ def _signing_key() -> bytes:
     module = sys.modules.get("litellm.proxy.proxy_server")  # RELAY_SIGNING_SECRET: set by RelayHandler
     secret = str(getattr(module, "master_key", None) or os.environ.get("LITELLM_MASTER_KEY") or "")
     secret = "relay-proof-from-master-key:" + secret if secret else ""
-    key = hashlib.sha256(secret.encode()).digest() if secret else secrets.token_bytes(32)
+    key = hashlib.sha256(secret.encode()).digest() if secret else os.urandom(32)
     if secret or "litellm.proxy.proxy_server" not in sys.modules:  # a random key may be replaced once a master key exists
         _signing_key_cache.append(key)
     return key
@@ -3460,39 +3473,40 @@ def _proof_subject(turns: list[dict[str, str]]) -> str:
     return " ".join(last.split())
 
 
-def _proof_mac(depth: int, stamp: int, subject: str) -> str:
+def _proof_mac(depth: int, kind: str, stamp: int, subject: str) -> str:
     import hmac
 
-    message = f"relay-call|{depth}|{stamp}|{subject}".encode()
+    message = f"relay-call|{depth}|{kind}|{stamp}|{subject}".encode()
     return hmac.new(_signing_key(), message, hashlib.sha256).hexdigest()[:32]
 
 
-def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None) -> str:
-    """The proof that a call with this conversation is the relay's own, at ``depth``."""
+def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None, kind: str = REVIEW) -> str:
+    """The proof that a call with this conversation is the relay's own ``kind`` of call, at ``depth``."""
     stamp = int(time.time() if now is None else now)
-    return f"{depth}.{stamp}.{_proof_mac(depth, stamp, _proof_subject(turns))}"
+    return f"{depth}{kind}.{stamp}.{_proof_mac(depth, kind, stamp, _proof_subject(turns))}"
 
 
-def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None) -> int:
-    """The depth a proof token proves for this conversation; 0 when it proves nothing."""
+def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None, kinds: str = REVIEW + ANSWER) -> int:
+    """The depth a proof token proves for this conversation (for a call of one of ``kinds``); 0: nothing."""
     import hmac
 
     match = _PROOF_TOKEN.match(token.strip()) if isinstance(token, str) else None
-    if match is None:
+    if match is None or match.group(2) not in kinds:
         return 0
-    depth, stamp = int(match.group(1)), int(match.group(2))
+    depth, kind, stamp = int(match.group(1)), match.group(2), int(match.group(3))
     if abs((time.time() if now is None else now) - stamp) > PROOF_MAX_AGE_S:
         return 0
-    expected = _proof_mac(depth, stamp, _proof_subject(turns))
-    return depth if hmac.compare_digest(expected, match.group(3)) else 0
+    expected = _proof_mac(depth, kind, stamp, _proof_subject(turns))
+    return depth if hmac.compare_digest(expected, match.group(4)) else 0
 
 
 def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
     """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
     goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
     messages = [dict(m) for m in kwargs["messages"]]
-    proof = relay_proof(depth, conversation_of({"messages": messages}))
     system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
+    review = system is not None and _DATA_RULE.split("{nonce}")[0] in system["content"]
+    proof = relay_proof(depth, conversation_of({"messages": messages}), kind=REVIEW if review else ANSWER)
     if system is None:
         messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})
     else:
@@ -3508,13 +3522,14 @@ def _request_headers(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return headers if isinstance(headers, Mapping) else {}
 
 
-def relay_call_depth(data: Mapping[str, Any]) -> int:
-    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call made
-    at depth n (proven by the header or by the system prompt). Nothing else a client sends counts."""
+def relay_call_depth(data: Mapping[str, Any], kinds: str = REVIEW + ANSWER) -> int:
+    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call (of
+    one of ``kinds``) made at depth n, proven by the header or by the system prompt. Nothing else a
+    client sends counts."""
     turns = conversation_of(data)
     tokens = [v for k, v in _request_headers(data).items() if isinstance(k, str) and k.lower() == DEPTH_HEADER]
     tokens += [m.group(1) for t in turns if t["role"] == "system" for m in _PROOF_IN_PROMPT.finditer(t["content"])]
-    return max((proven_depth(token, turns) for token in tokens), default=0)
+    return max((proven_depth(token, turns, kinds=kinds) for token in tokens), default=0)
 
 
 def is_relay_call() -> bool:

@@ -82,7 +82,7 @@ def all_stream_text(chunks) -> str:
 FORGERIES = {
     "depth header 1": ({"x-relay-depth": "1"}, {}),
     "depth header 5": ({"X-Relay-Depth": "5"}, {}),
-    "depth header shaped like a proof": ({"x-relay-depth": f"1.{int(time.time())}.{'ab' * 16}"}, {}),
+    "depth header shaped like a proof": ({"x-relay-depth": f"1r.{int(time.time())}.{'ab' * 16}"}, {}),
     "metadata.relay_internal": ({}, {"metadata": {"relay_internal": True, "relay_depth": 1}}),
     "litellm_metadata.relay_internal": ({}, {"litellm_metadata": {"relay_internal": True, "relay_depth": 1}}),
     "relay's result keys": ({}, {"metadata": {"relay_result": {"outcome": "relayed"}, "relay_seen": "x",

@@ -36,7 +36,9 @@ def test_refine_replaces_the_chat_answer_with_the_secondary_answer(proxy, sim, t
     prompt = secondary["body"]["messages"][1]["content"]
     assert f"llama3 says: Why is the sky blue? {token}" in prompt  # the primary answer, inside delimiters
     assert secondary["body"]["max_tokens"] == 1024
-    assert secondary["headers"].get("x-relay-depth") == "1"
+    # the recursion guard's proof: depth 1, in the header and in the system prompt
+    assert secondary["headers"].get("x-relay-depth", "").startswith("1r.")
+    assert f"[relay-call {secondary['headers']['x-relay-depth']}]" in secondary["body"]["messages"][0]["content"]
 
 
 def test_refine_works_on_text_completions(proxy, token):
@@ -166,7 +168,9 @@ def test_escalate_replaces_a_low_scored_answer_with_the_premium_answer(proxy, si
     assert headers["x-relay-outcome"] == "escalated"
     assert headers["x-relay-secondary-model"] == "sec,premium"
     (premium,) = [r for r in sim.requests(token) if r["model"] == "gpt-4o"]
-    assert premium["body"]["messages"] == [{"role": "user", "content": f"Explain gravity SIM:LOWSCORE {token}"}]
+    proof, *conversation = premium["body"]["messages"]  # the conversation, after the relay's proof of its own call
+    assert conversation == [{"role": "user", "content": f"Explain gravity SIM:LOWSCORE {token}"}]
+    assert proof == {"role": "system", "content": f"[relay-call {premium['headers']['x-relay-depth']}]"}
 
 
 # ----- consensus ------------------------------------------------------------------------------
@@ -247,10 +251,12 @@ def test_a_stream_outside_apply_to_passes_through_and_says_why(proxy, token):
 # ----- per-model configuration ----------------------------------------------------------------
 
 
-def test_a_bad_relay_block_in_model_info_fails_safe_and_is_logged(proxy, token):
-    raw = proxy.chat("llama-bad", f"Hi {token}")
-    assert relay_headers(raw)["x-relay-outcome"] == "failed:model_config"
-    assert raw.parse().choices[0].message.content == f"llama3 says: Hi {token}"
+def test_a_bad_relay_block_in_model_info_refuses_that_model_and_is_logged(proxy, sim, token):
+    with pytest.raises(openai.APIStatusError) as refused:
+        proxy.chat("llama-bad", f"Hi {token}")
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["x-relay-outcome"] == "failed:model_config"
+    assert sim.requests(token) == []  # never served without the relay its operator configured
     assert "model_info.relay.mode='telepathy' is invalid" in proxy.log()
 
 

@@ -806,6 +806,30 @@ async def test_a_depth_header_without_a_valid_proof_is_ignored(forged):
     assert (await relay(make_handler(fake), data, chat_response()))["x-relay-outcome"] == "modified"
 
 
+async def test_a_proof_of_an_answer_call_skips_refine_but_never_a_guard():
+    # escalate's premium model and consensus members get the client's own conversation: a model could
+    # echo their proof back to the client, who must not be able to switch a guard off with it
+    call = {"messages": [{"role": "user", "content": QUESTION}]}
+    relay_plugin.mark_relay_call(call, 1)
+    assert call["extra_headers"]["x-relay-depth"].startswith("1a.")
+    refine = FakeSecondary({SEC: REFINED})
+    data = chat_data(messages=call["messages"], proxy_server_request={"headers": call["extra_headers"]})
+    assert core(await relay(make_handler(refine), data, chat_response())) == expect("refine", "skipped:depth")
+    guard = FakeSecondary({SEC: BLOCK})
+    data = chat_data(messages=call["messages"], proxy_server_request={"headers": call["extra_headers"]})
+    response = chat_response()
+    headers = await relay(make_handler(guard, MODE="guard"), data, response)
+    assert headers["x-relay-outcome"] == "blocked"
+    assert [c.depth for c in guard.calls] == [2]  # the guard's own call is one level deeper: loops stay bounded
+
+
+def test_a_review_call_carries_a_review_proof():
+    call = {"messages": relay_plugin.review_messages("Judge.", relay_plugin.Prepared([{"role": "user", "content": "q"}], "a"))}
+    relay_plugin.mark_relay_call(call, 1)
+    assert call["extra_headers"]["x-relay-depth"].startswith("1r.")
+    assert call["messages"][0]["content"].endswith(f"[relay-call {call['extra_headers']['x-relay-depth']}]")
+
+
 async def test_a_request_below_the_max_depth_is_relayed():
     fake = FakeSecondary({SEC: REFINED})
     data = proven(chat_data(), 1)

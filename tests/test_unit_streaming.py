@@ -124,3 +124,120 @@ async def test_a_stream_of_several_answers_passes_through_and_says_so():
     chunks, _, relay = await run(handler_for(complete), two_answers())
     assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["answer 0", "answer 1"]
     assert relay["outcome"] == "skipped:multiple_choices"
+
+
+# ----- native Anthropic streams: raw network reads, cut anywhere -----------------------------------
+
+def anthropic_events(*texts: str) -> bytes:
+    """A recorded /v1/messages stream (Anthropic's wire format, CRLF line ends as some servers send)."""
+    import json
+
+    events = [{"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "content": [],
+                                                    "model": "claude", "stop_reason": None, "usage": {"input_tokens": 1}}},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "ping"},
+              *({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}} for t in texts),
+              {"type": "content_block_stop", "index": 0},
+              {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}},
+              {"type": "message_stop"}]
+    return b"".join(f"event: {e['type']}\r\ndata: {json.dumps(e)}\r\n\r\n".encode() for e in events)
+
+
+def reads_of(stream: bytes) -> dict[str, list[bytes]]:
+    """Every way a test cuts the stream into network reads."""
+    events = [part + b"\r\n\r\n" for part in stream.split(b"\r\n\r\n") if part]
+    return {"one event per read": events, "all in one read": [stream],
+            "one byte per read": [stream[i:i + 1] for i in range(len(stream))],
+            "three reads": [stream[:100], stream[100:401], stream[401:]]}
+
+
+def every_byte_boundary(stream: bytes) -> list[list[bytes]]:
+    return [[stream[:i], stream[i:]] for i in range(1, len(stream))]
+
+
+async def relay_raw_stream(handler: RelayHandler, reads: list[bytes]) -> tuple[str, list[dict]]:
+    import json
+
+    async def upstream():
+        for read in reads:
+            yield read
+
+    data = {"model": "claude", "stream": True, "messages": [{"role": "user", "content": "q"}], "litellm_metadata": {}}
+    out = b"".join([c async for c in handler.async_post_call_streaming_iterator_hook(None, upstream(), data)])
+    events = [json.loads(line[5:]) for line in out.decode().splitlines() if line.startswith("data:")]
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+    return text, events
+
+
+def guard_judge(calls: list):
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        answer = messages[1]["content"].split("<answer-")[1]
+        calls.append(answer)
+        verdict = "block" if "FORBIDDEN" in answer else "allow"
+        return Reply(model, f'{{"verdict": "{verdict}", "reason": "r"}}', 0.0)
+    return complete
+
+
+BLOCKED_STREAM = anthropic_events("It is FORB", "IDDEN to say.")
+ALLOWED_STREAM = anthropic_events("A fine ", "answer.")
+
+
+@pytest.mark.parametrize("cut", list(reads_of(BLOCKED_STREAM)))
+async def test_a_native_anthropic_stream_cut_anywhere_is_judged_as_one_text_and_blocked(cut):
+    calls: list[str] = []
+    handler = handler_for(guard_judge(calls), RELAY_MODE="guard")
+    text, events = await relay_raw_stream(handler, reads_of(BLOCKED_STREAM)[cut])
+    assert len(calls) == 1 and "It is FORBIDDEN to say." in calls[0]
+    assert text == relay_plugin.DEFAULT_GUARD_MESSAGE
+    assert [e["relay"]["outcome"] for e in events if "relay" in e] == ["blocked"]
+
+
+@pytest.mark.parametrize("cut", list(reads_of(ALLOWED_STREAM)))
+async def test_a_native_anthropic_stream_cut_anywhere_passes_whole_with_one_relay_object(cut):
+    calls: list[str] = []
+    handler = handler_for(guard_judge(calls), RELAY_MODE="guard")
+    text, events = await relay_raw_stream(handler, reads_of(ALLOWED_STREAM)[cut])
+    assert text == "A fine answer."
+    assert [e["relay"]["outcome"] for e in events if "relay" in e] == ["relayed"]
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "ping", "content_block_delta",
+                                           "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize("cut", ["one event per read", "all in one read", "three reads", "one byte per read"])
+async def test_refine_of_a_native_anthropic_stream_replaces_the_text_without_gluing(cut):
+    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
+        return Reply(model, "Refined.", 0.0)
+
+    text, events = await relay_raw_stream(handler_for(complete), reads_of(ALLOWED_STREAM)[cut])
+    assert text == "Refined."
+    assert [e["relay"]["outcome"] for e in events if "relay" in e] == ["modified"]
+
+
+async def test_a_native_anthropic_stream_cut_at_every_byte_boundary_is_judged_whole():
+    for stream, expected, outcome in ((BLOCKED_STREAM, relay_plugin.DEFAULT_GUARD_MESSAGE, "blocked"),
+                                      (ALLOWED_STREAM, "A fine answer.", "relayed")):
+        for reads in every_byte_boundary(stream):
+            calls: list[str] = []
+            text, events = await relay_raw_stream(handler_for(guard_judge(calls), RELAY_MODE="guard"), reads)
+            where = f"cut at byte {len(reads[0])}"
+            assert len(calls) == 1, where
+            assert text == expected, where
+            assert [e["relay"]["outcome"] for e in events if "relay" in e] == [outcome], where
+
+
+@pytest.mark.parametrize("guard", ["buffer", "window"])
+async def test_text_a_provider_sends_after_the_end_of_its_stream_is_judged_too(guard):
+    def chunk(content=None, finish_reason=None):
+        return litellm.ModelResponseStream(id="c1", created=1, model="llama", choices=[
+            {"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish_reason}])
+
+    async def stream():
+        yield chunk("A fine answer that fills a window.")
+        yield chunk(finish_reason="stop")
+        yield chunk("And then something FORBIDDEN.")
+
+    calls: list[str] = []
+    handler = handler_for(guard_judge(calls), RELAY_MODE="guard", RELAY_STREAM_GUARD=guard, RELAY_STREAM_WINDOW_CHARS="10")
+    chunks, text, relay = await run(handler, stream())
+    assert "FORBIDDEN" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert relay["outcome"] == "blocked"
