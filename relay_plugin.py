@@ -1576,11 +1576,12 @@ class Outcome:
 
 
 def usd(amount: float) -> str:
-    """A cost as exact decimal text, never rounded and never in exponent notation: 3.1e-08 is
-    ``0.000000031``, so a header or log line says what litellm computed, digit for digit."""
+    """A cost as decimal text with 12 significant digits and never in exponent notation: 3.1e-08 is
+    ``0.000000031`` (not ``0.00000003``), within 1e-12 of what litellm computed, without the float
+    noise of a sum (``0.00003``, not ``0.000029999999999999997``)."""
     from decimal import Decimal
 
-    text = format(Decimal(repr(float(amount))), "f")
+    text = format(Decimal(f"{float(amount):.12g}"), "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
@@ -2202,6 +2203,8 @@ def replace_skip(data: Mapping[str, Any], prepared: Prepared) -> tuple[str, str]
         return "input_too_long", ("the conversation and answer exceed RELAY_MAX_INPUT_CHARS; the secondary would "
                                   "not see all of it, so its text must not replace the answer")
     part = _non_text_part(data)
+    if part in ("previous_response_id", "conversation"):
+        return "non_text_input", f"earlier turns are held by the provider ({part}); the secondary would not see them"
     if part:
         return "non_text_input", f"the conversation holds {part} content the secondary would not see"
     if _structured_output(data):
