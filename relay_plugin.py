@@ -446,6 +446,9 @@ class RelayConfig:
         plan_names = {f.name for f in fields(Plan)}
         plan = Plan(**{k: v for k, v in values.items() if k in plan_names})
         plan.check(lambda name: "RELAY_" + name.upper())
+        if values["breaker_min_calls"] > values["breaker_window"]:  # the breaker could never open
+            raise ConfigError(f"RELAY_BREAKER_MIN_CALLS={values['breaker_min_calls']} is invalid: allowed: an integer "
+                              f"<= RELAY_BREAKER_WINDOW ({values['breaker_window']})")
         if values["deadline_s"] < values["timeout_s"]:
             raise ConfigError(
                 f"RELAY_DEADLINE_S={values['deadline_s']:g} is invalid: allowed: a number >= RELAY_TIMEOUT_S ({values['timeout_s']:g})"
@@ -926,14 +929,14 @@ class Prepared:
             kept.append({"role": turn["role"], "content": content})
         return cls(list(reversed(kept)), answer, clipped, masks)
 
-    def restore(self, text: str) -> str:
+    def restore(self, text: str, *, strict: bool = True) -> str:
         """``text`` with every placeholder of this request's redaction replaced by what it masked.
-        A placeholder left over (one the secondary made up or mangled) raises ``failed:redaction``:
-        masked text never reaches the client in place of the user's own data."""
+        ``strict``: a placeholder left over (one the secondary made up or mangled) raises
+        ``failed:redaction``, so masked text never stands in the answer in place of the user's data."""
         if not self.masks:
             return text
         restored = _PLACEHOLDER.sub(lambda m: self.masks.get(m.group(0), m.group(0)), text)
-        if _LEFTOVER_MASK.search(restored):
+        if strict and _LEFTOVER_MASK.search(restored):
             raise SecondaryError("redaction", "the secondary's answer carries a masked placeholder that maps to "
                                  "no redacted text; the answer was not replaced")
         return restored
@@ -1715,11 +1718,12 @@ class Outcome:
 
 
 def usd(amount: float) -> str:
-    """A cost as exact decimal text, never rounded and never in exponent notation: 3.1e-08 is
-    ``0.000000031``, so a header or log line says what litellm computed, digit for digit."""
+    """A cost as decimal text with 12 significant digits and never in exponent notation: 3.1e-08 is
+    ``0.000000031`` (not ``0.00000003``), within 1e-12 of what litellm computed, without the float
+    noise of a sum (``0.00003``, not ``0.000029999999999999997``)."""
     from decimal import Decimal
 
-    text = format(Decimal(repr(float(amount))), "f")
+    text = format(Decimal(f"{float(amount):.12g}"), "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
@@ -2353,7 +2357,7 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
     instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
     reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
                            key=(instructions, prepared.turns, prepared.answer))
-    analysis = prepared.restore(reply.text)
+    analysis = prepared.restore(reply.text, strict=False)  # a review, not the answer: a stray mask may stay
     if plan.annotate_target == "append" and not _structured_output(data):
         surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{analysis}")
         run.outcome.outcome = "modified"
@@ -2416,6 +2420,8 @@ def replace_skip(data: Mapping[str, Any], prepared: Prepared) -> tuple[str, str]
         return "input_too_long", ("the conversation and answer exceed RELAY_MAX_INPUT_CHARS; the secondary would "
                                   "not see all of it, so its text must not replace the answer")
     part = _non_text_part(data)
+    if part in ("previous_response_id", "conversation"):
+        return "non_text_input", f"earlier turns are held by the provider ({part}); the secondary would not see them"
     if part:
         return "non_text_input", f"the conversation holds {part} content the secondary would not see"
     if _structured_output(data):
@@ -2424,7 +2430,11 @@ def replace_skip(data: Mapping[str, Any], prepared: Prepared) -> tuple[str, str]
 
 
 def _non_text_part(data: Mapping[str, Any]) -> str | None:
-    """The kind of the first non-text element of the conversation (image, audio, file, tool call or result)."""
+    """The kind of the first non-text element of the conversation (image, audio, file, tool call or result),
+    or of earlier turns the request only points to (Responses' ``previous_response_id``, ``conversation``)."""
+    for held_elsewhere in ("previous_response_id", "conversation"):
+        if data.get(held_elsewhere) and "messages" not in data:
+            return held_elsewhere
     source = data.get("messages") if isinstance(data.get("messages"), list) else data.get("input")
     items = list(source) if isinstance(source, list) else []
     for extra in (data.get("system"), data.get("instructions")):
@@ -2453,9 +2463,7 @@ def _structured_output(data: Mapping[str, Any]) -> bool:
         if isinstance(holder, Mapping):
             formats.append(holder.get("format"))
     for fmt in formats:
-        kind = fmt.get("type") if isinstance(fmt, Mapping) else getattr(fmt, "type", None) if fmt is not None else None
-        if kind is None and fmt is not None and not isinstance(fmt, Mapping):
-            return True  # a Pydantic class or other schema object given to the SDK
+        kind = fmt if isinstance(fmt, str) else fmt.get("type") if isinstance(fmt, Mapping) else getattr(fmt, "type", None)
         if kind in ("json_object", "json_schema", "json"):
             return True
     return False

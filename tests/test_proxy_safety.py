@@ -111,12 +111,13 @@ def test_redaction_masks_personal_data_before_the_secondary_sees_it(strict, sim,
     sent = json.dumps(secondary["body"])
     for secret in ("jane.doe@example.com", "415 555 0100", "4111 1111 1111 1111", "sk-live-abcdefghijklmnopqrstuvwx"):
         assert secret not in sent
-    for mask in ("[REDACTED_EMAIL]", "[REDACTED_PHONE]", "[REDACTED_CARD]", "[REDACTED_KEY]"):
+    for mask in ("[REDACTED_EMAIL_1]", "[REDACTED_PHONE_1]", "[REDACTED_CARD_1]", "[REDACTED_KEY_1]"):
         assert mask in sent
 
 
 def test_max_input_chars_caps_what_the_secondary_receives(strict, sim, token):
-    strict.chat("llama", f"{token} " + "lorem ipsum " * 1000)
+    # annotate: a mode that does not replace the answer may work on a cut conversation
+    strict.chat("llama-annotate", f"{token} " + "lorem ipsum " * 1000)
     (secondary,) = [r for r in sim.requests(token) if r["model"] == "gpt-4o-mini"]
     user_text = secondary["body"]["messages"][1]["content"]
     assert len(user_text) < 800 + 400  # the cap plus the fixed prompt frame
@@ -167,11 +168,8 @@ BAD_CONFIGS = {
     "malformed glob": ({"RELAY_APPLY_TO": "llama-[ab"}, "RELAY_APPLY_TO='llama-[ab' is invalid: allowed: globs with balanced"),
     "consensus without models": ({"RELAY_MODE": "consensus", "RELAY_CONSENSUS_MODELS": ""},
                                  "RELAY_CONSENSUS_MODELS is missing"),
-    # accepted once, broken at run time: every request a 500, or every call failed:connection
+    # accepted once, broken at run time (every request a 500); the other ranges: test_unit_config.py
     "infinite budget window": ({"RELAY_BUDGET_WINDOW_S": "inf"}, "RELAY_BUDGET_WINDOW_S='inf' is invalid: allowed: a number >= 1"),
-    "infinite timeout": ({"RELAY_TIMEOUT_S": "inf"}, "RELAY_TIMEOUT_S='inf' is invalid"),
-    "heartbeat flood": ({"RELAY_STREAM_HEARTBEAT_S": "1e-9"}, "RELAY_STREAM_HEARTBEAT_S='1e-9' is invalid: allowed: a number >= 0.01"),
-    "absurd max tokens": ({"RELAY_SECONDARY_MAX_TOKENS": "100000000000"}, "RELAY_SECONDARY_MAX_TOKENS='100000000000' is invalid"),
     # a typo would leave the call cap off, silently
     "misspelt variable": ({"RELAY_MAXCALLS": "1"}, "RELAY_MAXCALLS is not a relay variable: did you mean RELAY_MAX_CALLS?"),
 }
@@ -193,7 +191,7 @@ def bad_starts(workdir, sim):
     results = {}
     for name, proc in runs.items():
         try:
-            _, err = proc.communicate(timeout=120)
+            _, err = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()

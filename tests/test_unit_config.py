@@ -511,3 +511,8 @@ def test_no_two_known_variables_are_near_misses_of_each_other():
     close = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
              if _edit_distance(a, b) <= (1 if min(len(a), len(b)) <= 6 else 2)]
     assert close == []
+
+
+def test_a_breaker_that_could_never_open_is_refused():
+    assert config_error(BREAKER_WINDOW="5", BREAKER_MIN_CALLS="10") == (
+        "RELAY_BREAKER_MIN_CALLS=10 is invalid: allowed: an integer <= RELAY_BREAKER_WINDOW (5)")
