@@ -35,7 +35,9 @@ def redis_db(workdir):
 def pair(workdir, sim, redis_db):
     """Instances A (closed on Redis failure) and B (local on Redis failure), started side by side."""
     models = relay_test_models(sim.url) + [
-        model_entry("f-shared", "openai/" + BREAKER_UPSTREAM, sim.url + "/v1", api_key=FAKE_PROVIDER_KEY)]
+        # priced: under RELAY_BUDGET_USD an unpriced secondary is skipped:unpriced, never called
+        model_entry("f-shared", "openai/" + BREAKER_UPSTREAM, sim.url + "/v1", api_key=FAKE_PROVIDER_KEY,
+                    input_cost_per_token=1.5e-07, output_cost_per_token=6e-07)]
     env = {
         **BASE_RELAY_ENV,
         "RELAY_CLIENT_OVERRIDE": "full",
