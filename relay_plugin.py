@@ -956,6 +956,9 @@ PROBE_LEASE_MARGIN_S: Final = 5.0
 REDIS_MAX_CONNECTIONS: Final = 64
 #: the pool size per node of a Cluster or Sentinel primary (those pools refuse beyond it instead of waiting)
 REDIS_MAX_CONNECTIONS_PER_NODE: Final = 2 * REDIS_MAX_CONNECTIONS
+#: a Redis failure this soon after Redis came back continues the same outage (a Cluster failing over
+#: answers for some slots before the others), so it is not announced again
+OUTAGE_MERGE_S: Final = 10.0
 #: the cache index is split into at most this many hash slots, each entry in its index's slot
 CACHE_SHARDS: Final = 16
 #: ... and a shard holds at least this many entries (a small cache stays one exact LRU-by-write)
@@ -1255,6 +1258,8 @@ class FailoverStore:
         self._retry_at = 0.0
         self._lost_before = 0  #: ``lost`` when the current outage started
         self._announced = False
+        self._back_at: float | None = None  #: clock time Redis last came back (see OUTAGE_MERGE_S)
+        self._outage_began = 0.0
 
     def __repr__(self) -> str:
         state = "up" if self.down_since is None else "down"
@@ -1267,10 +1272,12 @@ class FailoverStore:
         try:
             async with asyncio.timeout(self.bound_s):
                 result = await call()
-        except self.primary.errors as exc:
+        except Exception as exc:  # noqa: BLE001 - Redis errors, and what a client raises while a node dies under it
             self._retry_at = self.clock() + self.retry_s
-            if self.down_since is None:
-                self.down_since = self.clock()
+            if self.down_since is None and self._back_at is not None and self.clock() - self._back_at < OUTAGE_MERGE_S:
+                self.down_since = self._outage_began  # the same outage goes on: no second ERROR line
+            elif self.down_since is None:
+                self.down_since = self._outage_began = self.clock()
                 self.outages += 1
                 self._lost_before = self.lost
                 log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
@@ -1284,7 +1291,7 @@ class FailoverStore:
             log.info("relay: shared state in Redis (%s) is back after %.1fs (%d settlements or breaker records "
                      "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since,
                      self.lost - self._lost_before)
-            self.down_since = None
+            self.down_since, self._back_at = None, self.clock()
         elif not self._announced:
             log.info("relay: shared state in Redis (%s), key prefix %r", self.primary.where, self.primary.prefix)
         self._announced = True

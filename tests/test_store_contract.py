@@ -561,12 +561,46 @@ async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again
     messages = [r.getMessage() for r in relay_log.records]
     assert sum("is unavailable" in m for m in messages) == 1
     assert sum("is back after" in m for m in messages) == 1
-    # a second outage is announced again
+    # a second outage, well after the first one ended, is announced again
     own_redis.stop()
+    clock.now += relay_plugin.OUTAGE_MERGE_S
     with pytest.raises(SecondaryError):
         await store.counter("calls:1")
     assert store.outages == 2
+    assert sum("is unavailable" in r.getMessage() for r in relay_log.records) == 2
     await store.primary.client.aclose()
+
+
+class Flaky:
+    """A primary store whose operations fail while ``failing`` is set, with what a client may raise."""
+
+    def __init__(self, exc: BaseException):
+        self.failing, self.exc = False, exc
+        self.where, self.prefix, self.errors = "flaky", "p", ()
+
+    async def counter(self, name: str) -> float:
+        if self.failing:
+            raise self.exc
+        return 1.0
+
+
+@pytest.mark.parametrize("exc", [ConnectionError("refused"), AttributeError("'NoneType' object has no attribute 'writelines'")])
+async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_with_no_second_error_line(exc, relay_log):
+    clock = Moving()
+    primary = Flaky(exc)
+    store = FailoverStore(primary, LocalStore(config()), mode="closed", retry_s=0.5, bound_s=1, clock=clock)
+    for step in range(6):  # a Cluster failing over: some operations answer, others fail, for a few seconds
+        primary.failing = step % 2 == 0
+        clock.now += 0.5
+        try:
+            await store.counter("calls:1")
+        except SecondaryError as caught:
+            assert caught.reason == "state_unavailable"  # whatever the client raised, never the client's error
+    errors = [r for r in relay_log.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and store.outages == 1
+    primary.failing = False
+    clock.now += 1
+    assert await store.counter("calls:1") == 1.0
 
 
 async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(own_redis):
