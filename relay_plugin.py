@@ -254,7 +254,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("STREAM_WINDOW_CHARS", _number(int, 1), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
     _Var("STREAM_HEARTBEAT_S", _number(float, 0, low_open=True), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
     _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
-    _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL` is set, else `local`. `redis` without `RELAY_REDIS_URL` uses LiteLLM's `REDIS_HOST` / `REDIS_PORT` / `REDIS_PASSWORD`."),
+    _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL`, `RELAY_REDIS_CLUSTER_NODES` or `RELAY_REDIS_SENTINELS` is set, else `local`. `redis` without them uses LiteLLM's settings: `REDIS_CLUSTER_NODES`, else `REDIS_SENTINEL_NODES` / `REDIS_SERVICE_NAME`, else `REDIS_HOST` / `REDIS_PORT`, with `REDIS_PASSWORD`."),
     _Var("REDIS_URL", _text, None, "Redis of the shared state: a `redis://`, `rediss://` or `unix://` URL (it may carry the password). Setting it implies `RELAY_STATE=redis`."),
     _Var("REDIS_PREFIX", _text, "relay", "Namespace of every Redis key the relay writes. Instances that share a prefix share budgets, caps, breakers and cache, and must share those settings."),
     _Var("STATE_FAILURE", _choice("closed", "local"), "closed", "Redis unreachable or slower than `RELAY_REDIS_TIMEOUT_S`: `closed` skips the relay (`skipped:state_unavailable`, then `RELAY_FAIL_MODE` applies), since no cap can be guaranteed; `local` uses this process's own state meanwhile (caps then hold per process), logged once per outage."),
@@ -956,9 +956,10 @@ PROBE_LEASE_MARGIN_S: Final = 5.0
 REDIS_MAX_CONNECTIONS: Final = 64
 #: the pool size per node of a Cluster or Sentinel primary (those pools refuse beyond it instead of waiting)
 REDIS_MAX_CONNECTIONS_PER_NODE: Final = 2 * REDIS_MAX_CONNECTIONS
-#: a Redis failure this soon after Redis came back continues the same outage (a Cluster failing over
-#: answers for some slots before the others), so it is not announced again
-OUTAGE_MERGE_S: Final = 10.0
+#: a Redis failure within this many RELAY_REDIS_RETRY_S of the previous one continues the same outage,
+#: even if Redis answered in between (a Cluster failing over answers for some slots before the
+#: others), so it is not announced again
+OUTAGE_MERGE_RETRIES: Final = 3
 #: the cache index is split into at most this many hash slots, each entry in its index's slot
 CACHE_SHARDS: Final = 16
 #: ... and a shard holds at least this many entries (a small cache stays one exact LRU-by-write)
@@ -1258,7 +1259,7 @@ class FailoverStore:
         self._retry_at = 0.0
         self._lost_before = 0  #: ``lost`` when the current outage started
         self._announced = False
-        self._back_at: float | None = None  #: clock time Redis last came back (see OUTAGE_MERGE_S)
+        self._failed_at: float | None = None  #: clock time of the last failure (see OUTAGE_MERGE_RETRIES)
         self._outage_began = 0.0
 
     def __repr__(self) -> str:
@@ -1273,8 +1274,10 @@ class FailoverStore:
             async with asyncio.timeout(self.bound_s):
                 result = await call()
         except Exception as exc:  # noqa: BLE001 - Redis errors, and what a client raises while a node dies under it
+            failed_before, self._failed_at = self._failed_at, self.clock()
             self._retry_at = self.clock() + self.retry_s
-            if self.down_since is None and self._back_at is not None and self.clock() - self._back_at < OUTAGE_MERGE_S:
+            if self.down_since is None and failed_before is not None and \
+                    self.clock() - failed_before <= OUTAGE_MERGE_RETRIES * self.retry_s:
                 self.down_since = self._outage_began  # the same outage goes on: no second ERROR line
             elif self.down_since is None:
                 self.down_since = self._outage_began = self.clock()
@@ -1291,7 +1294,7 @@ class FailoverStore:
             log.info("relay: shared state in Redis (%s) is back after %.1fs (%d settlements or breaker records "
                      "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since,
                      self.lost - self._lost_before)
-            self.down_since, self._back_at = None, self.clock()
+            self.down_since = None
         elif not self._announced:
             log.info("relay: shared state in Redis (%s), key prefix %r", self.primary.where, self.primary.prefix)
         self._announced = True

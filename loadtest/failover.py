@@ -61,6 +61,7 @@ class FaultReport:
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  #: requests that got no answer at all
     fault_at: float = 0.0  #: seconds since the run began
+    fault_wall: float = 0.0  #: the same, epoch seconds (log lines carry wall time)
     healed_at: float | None = None  #: the topology serves the budget slot again
     calls: dict[str, int] = field(default_factory=dict)  #: secondary calls the simulator saw, per instance
     shared_calls: float = 0.0  #: the call counter in Redis at the end
@@ -79,8 +80,17 @@ class FaultReport:
     def spend(self) -> float:
         return sum(s.cost_usd for s in self.samples)
 
-    def outage_lines(self, name: str) -> tuple[list[str], list[str]]:
-        lines = self.logs.get(name, "").splitlines()
+    def outage_lines(self, name: str, since_fault: bool = True) -> tuple[list[str], list[str]]:
+        """The ERROR lines (an outage begins) and INFO "is back" lines of instance ``name``'s log,
+        by default those written from the fault on (a loaded machine may time out a Redis call
+        before it: that is an outage of its own, with its own line)."""
+        def after_fault(line: str) -> bool:
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+            if not since_fault or stamp is None:
+                return not since_fault
+            when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
+            return when >= self.fault_wall - 0.5
+        lines = [line for line in self.logs.get(name, "").splitlines() if after_fault(line)]
         return ([line for line in lines if "ERROR relay: shared state in Redis" in line],
                 [line for line in lines if "is back after" in line])
 
@@ -119,8 +129,10 @@ class FaultReport:
         ]
         for name in "ab":
             errors, backs = self.outage_lines(name)
-            found.append((f"instance {name.upper()}: one ERROR line for the outage, and a line when Redis is back",
-                          len(errors) == 1 and len(backs) >= 1, f"{len(errors)} ERROR, {len(backs)} back"))
+            earlier = len(self.outage_lines(name, since_fault=False)[0]) - len(errors)
+            found.append((f"instance {name.upper()}: one ERROR line for the fault's outage, and a line when Redis is back",
+                          len(errors) == 1 and len(backs) >= 1,
+                          f"{len(errors)} ERROR, {len(backs)} back" + (f" ({earlier} ERROR before the fault)" if earlier else "")))
         return found
 
     def summary(self) -> str:
@@ -190,7 +202,7 @@ def _slot_server(topology, key: str):
 
 
 def run_fault(fault: str, directory: Path, *, threads: int = 4, max_calls: int = 60, budget_usd: float = 0.02,
-              stall_s: float = 2.0, timeout_s: float = 0.5, limit_s: float = 120.0) -> FaultReport:
+              stall_s: float = 2.5, timeout_s: float = 1.0, limit_s: float = 120.0) -> FaultReport:
     """One fault under load, everything started here and stopped afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
     report = FaultReport(fault, max_calls, budget_usd)
@@ -232,7 +244,7 @@ def run_fault(fault: str, directory: Path, *, threads: int = 4, max_calls: int =
                     raise RuntimeError("the load never reached a third of the cap")
                 time.sleep(0.05)
             victim = _slot_server(topology, calls_key)
-            report.fault_at = time.monotonic() - started
+            report.fault_at, report.fault_wall = time.monotonic() - started, time.time()
             if fault.endswith("kill"):
                 victim.kill()
             else:
@@ -270,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="senders per instance")
     parser.add_argument("--max-calls", type=int, default=150)
     parser.add_argument("--budget-usd", type=float, default=0.05)
-    parser.add_argument("--stall", type=float, default=2.0, help="seconds the stalled master does not answer")
+    parser.add_argument("--stall", type=float, default=2.5, help="seconds the stalled master does not answer "
+                        "(RELAY_REDIS_TIMEOUT_S is 1)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="relay-lt-failover-"))
     ok = True

@@ -20,7 +20,7 @@ MAX_CALLS = 18
 @pytest.fixture(scope="module", params=FAULTS)
 def fault_run(request, workdir):
     report = run_fault(request.param, workdir / f"fault-{request.param}", threads=2, max_calls=MAX_CALLS,
-                       budget_usd=0.01, stall_s=1.5)
+                       budget_usd=0.01, stall_s=2.5)
     print("\n" + report.summary())
     return report
 
@@ -52,8 +52,8 @@ def test_shared_state_resumes_without_a_restart(fault_run):
     assert fault_run.shared_calls == MAX_CALLS
 
 
-def test_each_instance_logs_the_outage_once_at_error_and_when_redis_is_back(fault_run):
+def test_each_instance_logs_the_faults_outage_once_at_error_and_when_redis_is_back(fault_run):
     for name in "ab":
-        errors, backs = fault_run.outage_lines(name)
+        errors, backs = fault_run.outage_lines(name)  # from the fault on
         assert len(errors) == 1 and backs, (name, errors, backs)
         assert ("RELAY_STATE_FAILURE=closed" if name == "a" else "RELAY_STATE_FAILURE=local") in errors[0]

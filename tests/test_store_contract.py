@@ -563,7 +563,7 @@ async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again
     assert sum("is back after" in m for m in messages) == 1
     # a second outage, well after the first one ended, is announced again
     own_redis.stop()
-    clock.now += relay_plugin.OUTAGE_MERGE_S
+    clock.now += relay_plugin.OUTAGE_MERGE_RETRIES * 5 + 0.1
     with pytest.raises(SecondaryError):
         await store.counter("calls:1")
     assert store.outages == 2
@@ -601,6 +601,11 @@ async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_wi
     primary.failing = False
     clock.now += 1
     assert await store.counter("calls:1") == 1.0
+    clock.now += relay_plugin.OUTAGE_MERGE_RETRIES * 0.5 + 0.1  # a later, separate outage is announced again
+    primary.failing = True
+    with pytest.raises(SecondaryError):
+        await store.counter("calls:1")
+    assert store.outages == 2 and len([r for r in relay_log.records if r.levelno >= logging.ERROR]) == 2
 
 
 async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(own_redis):
