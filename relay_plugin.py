@@ -1118,9 +1118,7 @@ class RedisStore:
         self.prefix = config.redis_prefix
         self.where = where  #: the server, for log lines (no password)
         #: what a failing Redis raises
-        from redis.exceptions import RedisClusterException  # not a RedisError
-
-        self.errors: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         #: added to the server clock in the breaker scripts: tests move it instead of sleeping
         self.clock_offset_s = 0.0
         # at most REDIS_MAX_CONNECTIONS operations in flight: a Cluster's or Sentinel's connection pool

@@ -13,7 +13,8 @@ send requests to both; once a third of ``RELAY_MAX_CALLS`` is spent the fault st
 - ``cluster-stall``: that master stops answering for ``--stall`` seconds (``CLIENT PAUSE ... ALL``),
   longer than ``RELAY_REDIS_TIMEOUT_S``.
 
-The load goes on until both instances are refused by the shared call cap. Invariants (exit code 1
+The load goes on until both instances are refused by the shared cap: the call cap in the cluster
+runs, the USD cap in the Sentinel run. Invariants (exit code 1
 when one breaks): every request answered (HTTP 200); the call counter in Redis at most the cap and the
 calls beyond it (B's own while Redis was away) at most one more cap; the same for the spend; one
 ERROR line per outage and process, each closed by a "back" line; shared state used again without a
@@ -41,6 +42,17 @@ from tests.redis_support import RedisClusterNodes, RedisSentinelSet
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "lt-fault"
 FAULTS = ("cluster-kill", "sentinel-kill", "cluster-stall")
+#: which cap binds first in each run: the call cap, or the USD cap (a fraction of a cent per call)
+BINDING_CAP = {"cluster-kill": "calls", "sentinel-kill": "usd", "cluster-stall": "calls"}
+
+
+def budget_for(fault: str, max_calls: int) -> float:
+    """A USD cap that binds before the call cap (about 2/3 of the way) where BINDING_CAP says so,
+    else one that the call cap reaches first by far."""
+    if BINDING_CAP[fault] == "calls":
+        return round(max_calls / 3000, 6)  # 1/30 cent per allowed call, ~10 times what one costs
+    per_call = 0.000045  # the worst-case hold of one call to the secondary (gpt-4o-mini prices, 64 tokens)
+    return round(per_call * max_calls * 0.66, 6)
 
 
 @dataclass
@@ -281,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", choices=(*FAULTS, "all"), default="all")
     parser.add_argument("--threads", type=int, default=4, help="senders per instance")
     parser.add_argument("--max-calls", type=int, default=150)
-    parser.add_argument("--budget-usd", type=float, default=0.05)
     parser.add_argument("--stall", type=float, default=2.5, help="seconds the stalled master does not answer "
                         "(RELAY_REDIS_TIMEOUT_S is 1)")
     args = parser.parse_args(argv)
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for fault in FAULTS if args.fault == "all" else (args.fault,):
         report = run_fault(fault, root / fault, threads=args.threads, max_calls=args.max_calls,
-                           budget_usd=args.budget_usd, stall_s=args.stall)
+                           budget_usd=budget_for(fault, args.max_calls), stall_s=args.stall)
         print(report.summary(), flush=True)
         ok &= all(passed for _, passed, _ in report.checks())
     return 0 if ok else 1

@@ -160,7 +160,11 @@ class RedisClusterNodes:
         if done.returncode != 0:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
-        self.wait_healthy()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def wait_healthy(self, timeout: float = 60) -> None:
@@ -235,7 +239,11 @@ class RedisSentinelSet:
             log = open(directory / "sentinel.log", "a")
             self.sentinel_procs.append(subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"], stdout=log,
                                                         stderr=subprocess.STDOUT, start_new_session=True))
-        self.wait_healthy(expect_replica=True)
+        try:
+            self.wait_healthy(expect_replica=True)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def sentinel(self, *args: str, index: int = 0) -> str:
@@ -245,10 +253,11 @@ class RedisSentinelSet:
 
     def primary_port(self) -> int | None:
         """The port every sentinel names as the primary now, None while they disagree."""
-        named = {self.sentinel("get-master-addr-by-name", self.service, index=i).splitlines()[-1:] and
-                 self.sentinel("get-master-addr-by-name", self.service, index=i).splitlines()[-1]
-                 for i in range(len(self.sentinel_ports))}
-        return int(named.pop()) if len(named) == 1 and next(iter(named), "").isdigit() else None
+        named = set()
+        for i in range(len(self.sentinel_ports)):
+            lines = self.sentinel("get-master-addr-by-name", self.service, index=i).splitlines()
+            named.add(lines[-1] if lines else "")  # host, then port; nothing while it starts
+        return int(named.pop()) if len(named) == 1 and next(iter(named)).isdigit() else None
 
     def current_primary(self) -> RedisServer:
         port = self.primary_port()

@@ -576,7 +576,7 @@ class Flaky:
 
     def __init__(self, exc: BaseException):
         self.failing, self.exc = False, exc
-        self.where, self.prefix, self.errors = "flaky", "p", ()
+        self.where, self.prefix = "flaky", "p"
 
     async def counter(self, name: str) -> float:
         if self.failing:
