@@ -51,7 +51,7 @@ def budget_for(fault: str, max_calls: int) -> float:
     else one that the call cap reaches first by far."""
     if BINDING_CAP[fault] == "calls":
         return round(max_calls / 3000, 6)  # 1/30 cent per allowed call, ~10 times what one costs
-    per_call = 0.000045  # the worst-case hold of one call to the secondary (gpt-4o-mini prices, 64 tokens)
+    per_call = 0.000045  # a little more than one refine call to the secondary costs (gpt-4o-mini, 64 tokens)
     return round(per_call * max_calls * 0.66, 6)
 
 

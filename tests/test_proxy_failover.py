@@ -51,8 +51,8 @@ def test_shared_state_resumes_without_a_restart(fault_run):
     assert all(refused_after.values())  # the shared cap, in the healed topology, refuses both instances
     if BINDING_CAP[fault_run.fault] == "calls":
         assert fault_run.shared_calls == MAX_CALLS
-    else:  # refused for money: one more worst-case call would not have fitted
-        assert fault_run.shared_calls < MAX_CALLS and fault_run.shared_spend > fault_run.budget_usd - 0.000045
+    else:  # the call cap was not reached: the refusals were the USD cap's
+        assert fault_run.shared_calls < MAX_CALLS and fault_run.shared_spend > fault_run.budget_usd / 2
 
 
 def test_each_instance_logs_the_faults_outage_once_at_error_and_when_redis_is_back(fault_run):
