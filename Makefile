@@ -18,9 +18,14 @@ run: $(STAMP)
 	$(PY) -m sim.stack run
 
 ## test: the whole suite, against real proxy processes on loopback
-test: $(STAMP)
-	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+test: $(STAMP) redis-tools
 	$(PY) -m pytest
+
+# redis-server (its cluster mode and `redis-server --sentinel` included) and redis-cli (package
+# redis-tools, which builds the test cluster), from Debian, when missing
+.PHONY: redis-tools
+redis-tools:
+	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null)
 
 ## unit: the fast in-process tests only
 unit: $(STAMP)
@@ -48,11 +53,11 @@ clean:
 
 .PHONY: loadtest bench
 
-## loadtest: Locust scenarios against a local proxy with the relay, ~15 s of load each (reports in loadtest/results/; exit 1 if an invariant broke)
-loadtest: $(STAMP)
-	command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null)
+## loadtest: Locust scenarios against a local proxy with the relay, ~15 s of load each, then node faults of a Redis Cluster and Sentinel under load (reports in loadtest/results/; exit 1 if an invariant broke)
+loadtest: $(STAMP) redis-tools
 	$(PY) -m loadtest.run
 	$(PY) -m loadtest.two_instances
+	$(PY) -m loadtest.failover
 
 ## bench: the relay's cost as ratios against a proxy without the plugin, measured side by side (table in loadtest/RESULTS.md)
 bench: $(STAMP)

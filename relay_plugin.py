@@ -262,12 +262,15 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("STREAM_WINDOW_CHARS", _number(int, 1, 1_000_000), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
     _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
     _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
-    _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL` is set, else `local`. `redis` without `RELAY_REDIS_URL` uses LiteLLM's `REDIS_HOST` / `REDIS_PORT` / `REDIS_PASSWORD`."),
+    _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL`, `RELAY_REDIS_CLUSTER_NODES` or `RELAY_REDIS_SENTINELS` is set, else `local`. `redis` without them uses LiteLLM's settings: `REDIS_CLUSTER_NODES`, else `REDIS_SENTINEL_NODES` / `REDIS_SERVICE_NAME`, else `REDIS_HOST` / `REDIS_PORT`, with `REDIS_PASSWORD`."),
     _Var("REDIS_URL", _text, None, "Redis of the shared state: a `redis://`, `rediss://` or `unix://` URL (it may carry the password). Setting it implies `RELAY_STATE=redis`."),
     _Var("REDIS_PREFIX", _text, "relay", "Namespace of every Redis key the relay writes. Instances that share a prefix share budgets, caps, breakers and cache, and must share those settings."),
     _Var("STATE_FAILURE", _choice("closed", "local"), "closed", "Redis unreachable or slower than `RELAY_REDIS_TIMEOUT_S`: `closed` skips the relay (`skipped:state_unavailable`, then `RELAY_FAIL_MODE` applies), since no cap can be guaranteed; `local` uses this process's own state meanwhile (caps then hold per process), logged once per outage."),
-    _Var("REDIS_TIMEOUT_S", _number(float, 0.001, 60), 0.25, "Connect and reply timeout of each Redis operation, in seconds."),
+    _Var("REDIS_TIMEOUT_S", _number(float, 0.001, 60), 0.25, "Bound of each Redis operation end to end, in seconds (connects, redirects and the client's own retries included)."),
     _Var("REDIS_RETRY_S", _number(float, 0.001, 3600), 1.0, "After a Redis failure, requests do not try Redis again for this long, so an outage does not add a timeout to each of them."),
+    _Var("REDIS_CLUSTER_NODES", _text, None, "Redis Cluster of the shared state: comma-separated `host:port` of some of its nodes, or `redis://` / `rediss://` URLs carrying the password and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_CLUSTER_NODES`."),
+    _Var("REDIS_SENTINELS", _text, None, "Redis Sentinel of the shared state: comma-separated `host:port` of the sentinels, or `redis://` / `rediss://` URLs carrying the password (of the sentinels and the primary) and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_SENTINEL_NODES`."),
+    _Var("REDIS_SENTINEL_SERVICE", _text, None, "Name of the primary the sentinels monitor. Required with `RELAY_REDIS_SENTINELS`; unset: LiteLLM's `REDIS_SERVICE_NAME`."),
 )
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
 
@@ -426,6 +429,9 @@ class RelayConfig:
     state_failure: str
     redis_timeout_s: float
     redis_retry_s: float
+    redis_cluster_nodes: str | None
+    redis_sentinels: str | None
+    redis_sentinel_service: str | None
 
     @property
     def budgeted(self) -> bool:
@@ -1214,6 +1220,16 @@ BREAKER_IDLE_S: Final = 3600.0
 PROBE_LEASE_MARGIN_S: Final = 5.0
 #: connections one process opens to Redis at most (operations take well under a millisecond each)
 REDIS_MAX_CONNECTIONS: Final = 64
+#: the pool size per node of a Cluster or Sentinel primary (those pools refuse beyond it instead of waiting)
+REDIS_MAX_CONNECTIONS_PER_NODE: Final = 2 * REDIS_MAX_CONNECTIONS
+#: a Redis failure within this many RELAY_REDIS_RETRY_S of the previous one continues the same outage,
+#: even if Redis answered in between (a Cluster failing over answers for some slots before the
+#: others), so it is not announced again
+OUTAGE_MERGE_RETRIES: Final = 3
+#: the cache index is split into at most this many hash slots, each entry in its index's slot
+CACHE_SHARDS: Final = 16
+#: ... and a shard holds at least this many entries (a small cache stays one exact LRU-by-write)
+CACHE_SHARD_MIN_ENTRIES: Final = 64
 
 # Each script is one atomic read-modify-write on the server. Amounts are decimal text (INCRBYFLOAT);
 # breaker time is the server's clock in milliseconds (TIME), plus an offset that tests move.
@@ -1344,10 +1360,15 @@ class RedisStore:
     """LocalStore's coroutines on one Redis, shared by every process that uses the same key prefix.
 
     Each read-modify-write is one Lua script, atomic across processes: reserve-if-all-fit, settle,
-    release, breaker transitions and half-open permits. Keys: ``<prefix>:budget:<counter>`` (expire one
-    window after they are created, plus the deadline and a grace), ``<prefix>:breaker:<model>`` (expires
-    after an idle hour plus the cooldown), ``<prefix>:cache:<key>`` and ``<prefix>:cache-index`` (expire
-    with the cache TTL; the oldest-written entries are dropped beyond ``RELAY_CACHE_MAX_ENTRIES``).
+    release, breaker transitions and half-open permits. The client is a single Redis, a Redis Cluster
+    or a Sentinel-managed primary; the keys and scripts are the same on all three, and every script
+    touches keys of one hash slot only (the ``{...}`` part of a key, see :meth:`key`):
+    ``<prefix>:{budget:<window>}:<counter>`` (every counter of one window together, since one
+    reservation holds on all of them at once; expire one window after they are created, plus the
+    deadline and a grace), ``<prefix>:{breaker:<model>}`` (one slot per model; expires after an idle hour
+    plus the cooldown), ``<prefix>:{cache:<shard>}:<key>`` and ``<prefix>:{cache:<shard>}:index`` (up to
+    ``CACHE_SHARDS`` slots; expire with the cache TTL; beyond its share of ``RELAY_CACHE_MAX_ENTRIES`` a
+    shard drops its oldest-written entries).
 
     Breakers run on the Redis server's clock, not on the ``now`` argument: every process has its own
     monotonic clock and they cannot be compared. A probe permit is a lease: one that a dead process never
@@ -1366,16 +1387,46 @@ class RedisStore:
         self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         #: added to the server clock in the breaker scripts: tests move it instead of sleeping
         self.clock_offset_s = 0.0
-        self._reserve = client.register_script(_LUA_RESERVE)
-        self._adjust = client.register_script(_LUA_ADJUST)
-        self._breaker_script = client.register_script(_LUA_BREAKER)
-        self._cache_put = client.register_script(_LUA_CACHE_PUT)
+        # at most REDIS_MAX_CONNECTIONS operations in flight: a Cluster's or Sentinel's connection pool
+        # refuses beyond its size instead of waiting, and a burst must wait here, not fail as an outage
+        self._gate = asyncio.Semaphore(REDIS_MAX_CONNECTIONS)
+        self._reserve = self._gated(client.register_script(_LUA_RESERVE))
+        self._adjust = self._gated(client.register_script(_LUA_ADJUST))
+        self._breaker_script = self._gated(client.register_script(_LUA_BREAKER))
+        self._cache_put = self._gated(client.register_script(_LUA_CACHE_PUT))
+        self._get = self._gated(client.get)
+
+    def _gated(self, operation: Callable[..., Any]) -> Callable[..., Any]:
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            async with self._gate:
+                if getattr(self.client, "_initialize", False):
+                    # a Cluster client learns the topology first (again after a node failed); once, not
+                    # from every command of a burst at the same time, which drops connections in use
+                    await self.client.initialize()
+                return await operation(*args, **kwargs)
+        return gated
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.where} prefix={self.prefix!r}>"
 
     def key(self, kind: str, name: str) -> str:
-        return f"{self.prefix}:{kind}:{name}"
+        """The Redis key of ``name`` (a budget counter, a model's breaker or a cache entry).
+
+        The ``{...}`` hash tag decides the Cluster slot: what one script touches shares a tag, and
+        different windows, models and cache shards get different ones, so they spread over the nodes.
+        A counter's name ends with its window (``spend:key:<id>:<window>``)."""
+        if kind == "budget":
+            return f"{self.prefix}:{{budget:{name.rsplit(':', 1)[-1]}}}:{name}"
+        if kind == "breaker":
+            return f"{self.prefix}:{{breaker:{name}}}"
+        return f"{self.prefix}:{{cache:{self._cache_shard(name)}}}:{name}"
+
+    def _cache_shard(self, key: str) -> int:
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % self._cache_shards
+
+    @property
+    def _cache_shards(self) -> int:
+        return max(1, min(CACHE_SHARDS, self.config.cache_max_entries // CACHE_SHARD_MIN_ENTRIES))
 
     # ----- budget -----
     async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
@@ -1403,7 +1454,7 @@ class RedisStore:
             await self._adjust(keys=[self.key("budget", n) for n, _ in deltas], args=[repr(float(d)) for _, d in deltas])
 
     async def counter(self, name: str) -> float:
-        return float(await self.client.get(self.key("budget", name)) or 0.0)
+        return float(await self._get(self.key("budget", name)) or 0.0)
 
     # ----- breakers -----
     async def _breaker(self, model: str, op: str, *args: Any) -> Any:
@@ -1432,7 +1483,7 @@ class RedisStore:
 
     # ----- cache -----
     async def cache_get(self, key: str, now: float) -> str | None:
-        entry = await self.client.get(self.key("cache", key))
+        entry = await self._get(self.key("cache", key))
         if entry is None:
             return None
         expires, _, text = entry.partition("|")
@@ -1440,8 +1491,10 @@ class RedisStore:
 
     async def cache_put(self, key: str, text: str, now: float) -> None:
         ttl = self.config.cache_ttl_s
-        await self._cache_put(keys=[self.key("cache", key), f"{self.prefix}:cache-index"],
-                              args=[f"{now + ttl!r}|{text}", _ms(ttl), repr(now), repr(ttl), self.config.cache_max_entries])
+        index = f"{self.prefix}:{{cache:{self._cache_shard(key)}}}:index"
+        per_shard = self.config.cache_max_entries // self._cache_shards
+        await self._cache_put(keys=[self.key("cache", key), index],
+                              args=[f"{now + ttl!r}|{text}", _ms(ttl), repr(now), repr(ttl), per_shard])
 
 
 class FailoverStore:
@@ -1470,6 +1523,8 @@ class FailoverStore:
         self._retry_at = 0.0
         self._lost_before = 0  #: ``lost`` when the current outage started
         self._announced = False
+        self._failed_at: float | None = None  #: clock time of the last failure (see OUTAGE_MERGE_RETRIES)
+        self._outage_began = 0.0
 
     def __repr__(self) -> str:
         state = "up" if self.down_since is None else "down"
@@ -1482,10 +1537,14 @@ class FailoverStore:
         try:
             async with asyncio.timeout(self.bound_s):
                 result = await call()
-        except self.primary.errors as exc:
+        except Exception as exc:  # noqa: BLE001 - Redis errors, and what a client raises while a node dies under it
+            failed_before, self._failed_at = self._failed_at, self.clock()
             self._retry_at = self.clock() + self.retry_s
-            if self.down_since is None:
-                self.down_since = self.clock()
+            if self.down_since is None and failed_before is not None and \
+                    self.clock() - failed_before <= OUTAGE_MERGE_RETRIES * self.retry_s:
+                self.down_since = self._outage_began  # the same outage goes on: no second ERROR line
+            elif self.down_since is None:
+                self.down_since = self._outage_began = self.clock()
                 self.outages += 1
                 self._lost_before = self.lost
                 log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
@@ -1634,23 +1693,178 @@ def redis_client(url: str, timeout_s: float) -> Any:
     return aioredis.Redis.from_pool(pool)
 
 
+@dataclass(frozen=True, repr=False)  # its repr never shows the passwords
+class RedisTarget:
+    """Where the shared state lives: one Redis (``url``), a Redis Cluster (``nodes``: some of its nodes)
+    or the primary that Sentinel names ``service`` (``nodes``: the sentinels)."""
+
+    topology: str  #: "single", "cluster" or "sentinel"
+    url: str | None = None
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None  #: the sentinels' own, if any
+    tls: bool = False
+
+    def __repr__(self) -> str:
+        return f"<RedisTarget {self.where}>"
+
+    @property
+    def where(self) -> str:
+        """The target for messages and logs, without a password."""
+        if self.topology == "single":
+            return _masked_url(self.url or "")
+        nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        scheme = "rediss" if self.tls else "redis"
+        if self.topology == "cluster":
+            return f"{scheme} cluster {nodes}"
+        return f"{scheme} sentinel {nodes} service {self.service}"
+
+
+def _node_list(name: str, raw: str) -> tuple[tuple[tuple[str, int], ...], bool, str | None, str | None]:
+    """``(nodes, tls, username, password)`` of a RELAY_REDIS_CLUSTER_NODES / RELAY_REDIS_SENTINELS value:
+    ``host:port`` entries or ``redis://`` / ``rediss://`` URLs, all with the same scheme and credentials."""
+    from urllib.parse import unquote, urlsplit
+
+    entries = [e.strip() for e in raw.split(",") if e.strip()]
+    nodes, schemes, credentials = [], set(), set()
+    try:
+        for entry in entries:
+            parts = urlsplit(entry if "://" in entry else "redis://" + entry)
+            if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname or parts.port is None:
+                raise ValueError(entry)
+            if parts.path not in ("", "/", "/0"):
+                raise ValueError(entry)  # a Cluster has database 0 only; so has the relay's Sentinel setup
+            nodes.append((parts.hostname, parts.port))
+            schemes.add(parts.scheme.lower())
+            credentials.add((unquote(parts.username) if parts.username else None,
+                             unquote(parts.password) if parts.password is not None else None))
+    except ValueError:
+        nodes = []
+    if not nodes or len(schemes) != 1 or len(credentials) != 1:
+        shown = ",".join(_masked_url(e) if "://" in e else e for e in entries)
+        raise ConfigError(f"{name}={shown!r} is invalid: allowed: comma-separated host:port (or redis:// or "
+                          "rediss:// URLs, all with one scheme and one password)")
+    username, password = credentials.pop()
+    return tuple(nodes), schemes.pop() == "rediss", username, password
+
+
+def _litellm_nodes(name: str, raw: str, shape: str) -> tuple[tuple[str, int], ...]:
+    """LiteLLM's JSON node lists: REDIS_CLUSTER_NODES ``[{"host": h, "port": p}, ...]`` (``shape``
+    "dicts") and REDIS_SENTINEL_NODES ``[[h, p], ...]`` ("pairs")."""
+    try:
+        items = json.loads(raw)
+        nodes = tuple((str(i["host"]), int(i["port"])) if shape == "dicts" else (str(i[0]), int(i[1])) for i in items)
+        if not nodes or not all(h and 0 < p < 65536 for h, p in nodes):
+            raise ValueError
+        return nodes
+    except (ValueError, TypeError, KeyError, IndexError):
+        example = '[{"host": "h", "port": 7000}, ...]' if shape == "dicts" else '[["h", 26379], ...]'
+        raise ConfigError(f"{name} is invalid: allowed: LiteLLM's JSON list {example}") from None
+
+
+def redis_target_of(config: "RelayConfig", env: Mapping[str, str]) -> RedisTarget | None:
+    """Where the shared state lives, or None for in-process state. Raises :class:`ConfigError`.
+
+    The relay's own settings first (one of RELAY_REDIS_URL, RELAY_REDIS_CLUSTER_NODES,
+    RELAY_REDIS_SENTINELS); with ``RELAY_STATE=redis`` and none of them, LiteLLM's: REDIS_CLUSTER_NODES,
+    then REDIS_SENTINEL_NODES with REDIS_SERVICE_NAME, then REDIS_HOST (see :func:`redis_url_of`).
+    """
+    own = [(n, v) for n, v in (("RELAY_REDIS_URL", config.redis_url), ("RELAY_REDIS_CLUSTER_NODES", config.redis_cluster_nodes),
+                               ("RELAY_REDIS_SENTINELS", config.redis_sentinels)) if v]
+    state = config.state or ("redis" if own else "local")
+    if state == "local":
+        return None
+    if len(own) > 1:
+        raise ConfigError(f"{own[1][0]} is invalid together with {own[0][0]}: allowed: one of RELAY_REDIS_URL, "
+                          "RELAY_REDIS_CLUSTER_NODES and RELAY_REDIS_SENTINELS")
+    service = config.redis_sentinel_service or (env.get("REDIS_SERVICE_NAME") or "").strip() or None
+    if own and own[0][0] == "RELAY_REDIS_CLUSTER_NODES":
+        nodes, tls, username, password = _node_list(own[0][0], own[0][1])
+        target = RedisTarget("cluster", nodes=nodes, username=username, password=password, tls=tls)
+    elif own and own[0][0] == "RELAY_REDIS_SENTINELS":
+        nodes, tls, username, password = _node_list(own[0][0], own[0][1])
+        target = RedisTarget("sentinel", nodes=nodes, service=service, username=username, password=password,
+                             sentinel_password=password, tls=tls)
+    elif own or not (env.get("REDIS_CLUSTER_NODES") or env.get("REDIS_SENTINEL_NODES") or "").strip():
+        if config.redis_sentinel_service:
+            raise ConfigError("RELAY_REDIS_SENTINELS is missing: allowed: comma-separated host:port of the "
+                              "sentinels, required when RELAY_REDIS_SENTINEL_SERVICE is set")
+        return RedisTarget("single", url=redis_url_of(replace(config, state="redis"), env))
+    else:
+        credentials = {"username": env.get("REDIS_USERNAME") or None, "password": env.get("REDIS_PASSWORD") or None,
+                       "tls": (env.get("REDIS_SSL") or "").strip().lower() == "true"}
+        if (env.get("REDIS_CLUSTER_NODES") or "").strip():
+            target = RedisTarget("cluster", nodes=_litellm_nodes("REDIS_CLUSTER_NODES", env["REDIS_CLUSTER_NODES"], "dicts"),
+                                 **credentials)
+        else:
+            target = RedisTarget("sentinel", nodes=_litellm_nodes("REDIS_SENTINEL_NODES", env["REDIS_SENTINEL_NODES"], "pairs"),
+                                 service=service, sentinel_password=env.get("REDIS_SENTINEL_PASSWORD") or None, **credentials)
+    if target.topology == "sentinel" and not target.service:
+        raise ConfigError("RELAY_REDIS_SENTINEL_SERVICE is missing: allowed: the name of the primary the sentinels "
+                          "monitor (or LiteLLM's REDIS_SERVICE_NAME), required with Redis Sentinel")
+    if target.topology == "cluster" and ("{" in config.redis_prefix or "}" in config.redis_prefix):
+        raise ConfigError(f"RELAY_REDIS_PREFIX={config.redis_prefix!r} is invalid: allowed: a prefix without "
+                          "{ or } on Redis Cluster (they would change the hash slots of the keys)")
+    return target
+
+
+def redis_cluster_client(target: RedisTarget, timeout_s: float) -> Any:
+    """A ``redis.asyncio.RedisCluster`` for the shared state. It follows MOVED redirects and a failover
+    by itself (a new topology is fetched after a node fails), but does not retry a failed command on
+    its own: a script that timed out may have run, and running a settle twice would undercount."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], username=target.username,
+        password=target.password, ssl=target.tls, decode_responses=True, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), max_connections=REDIS_MAX_CONNECTIONS_PER_NODE)
+
+
+def redis_sentinel_client(target: RedisTarget, timeout_s: float) -> Any:
+    """A ``redis.asyncio.Redis`` on the primary that the sentinels name: each new connection asks them,
+    and a connection to a primary that was demoted (READONLY) is dropped, so a failover is followed."""
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "ssl": target.tls}
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**timeouts, "password": target.sentinel_password,
+                                                             "username": target.username if target.sentinel_password else None})
+    return sentinel.master_for(
+        target.service, decode_responses=True, username=target.username, password=target.password,
+        max_connections=REDIS_MAX_CONNECTIONS_PER_NODE, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        **timeouts)
+
+
 def make_store(config: "RelayConfig", env: Mapping[str, str] = os.environ) -> "LocalStore | FailoverStore":
     """The store the handler uses: LocalStore, or Redis (RELAY_STATE=redis) with LocalStore as the fallback.
 
     ``redis`` is imported here, only when Redis state is enabled. Raises :class:`ConfigError`.
     """
     local = LocalStore(config)
-    url = redis_url_of(config, env)
-    if url is None:
+    target = redis_target_of(config, env)
+    if target is None:
         return local
     try:
         import redis.asyncio  # noqa: F401 - the check; redis_client imports what it uses
     except ImportError:
         raise ConfigError("RELAY_STATE=redis is invalid here: allowed: only where the redis package is installed "
                           "(pip install redis)") from None
-    primary = RedisStore(config, redis_client(url, config.redis_timeout_s), where=_masked_url(url))
-    return FailoverStore(primary, local, mode=config.state_failure, retry_s=config.redis_retry_s,
-                         bound_s=3 * config.redis_timeout_s)
+    timeout_s = config.redis_timeout_s
+    if target.topology == "cluster":
+        client = redis_cluster_client(target, timeout_s)
+    elif target.topology == "sentinel":
+        client = redis_sentinel_client(target, timeout_s)
+    else:
+        client = redis_client(target.url or "", timeout_s)
+    primary = RedisStore(config, client, where=target.where)
+    # the whole operation is bounded, whatever the client does inside (reconnects, redirects, a new topology)
+    return FailoverStore(primary, local, mode=config.state_failure, retry_s=config.redis_retry_s, bound_s=timeout_s)
 
 
 def _load_store(config: "RelayConfig") -> "LocalStore | FailoverStore":

@@ -178,3 +178,23 @@ def redis_server(workdir):
     server = RedisServer(workdir / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(workdir):
+    """One Redis Cluster (3 masters, 3 replicas) for the session; fault tests start their own."""
+    from tests.redis_support import RedisClusterNodes
+
+    cluster = RedisClusterNodes(workdir / "redis-cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(workdir):
+    """One Sentinel-managed primary/replica pair for the session; fault tests start their own."""
+    from tests.redis_support import RedisSentinelSet
+
+    sentinels = RedisSentinelSet(workdir / "redis-sentinel").start()
+    yield sentinels
+    sentinels.stop()

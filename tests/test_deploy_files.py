@@ -93,19 +93,48 @@ def test_its_environment_is_a_valid_relay_configuration_with_redis_state(compose
     for service in instances.values():
         env = environment(service)
         config = relay_plugin.RelayConfig.from_env(env)
-        url = relay_plugin.redis_url_of(config, {})
-        assert urlsplit(url).hostname in compose["services"]  # the Redis of this compose file
+        target = relay_plugin.redis_target_of(config, {})
+        hosts = [urlsplit(target.url).hostname] if target.topology == "single" else [h for h, _ in target.nodes]
+        assert hosts and set(hosts) <= set(compose["services"])  # the Redis of this compose file
+        profiles = set(service.get("profiles", []))
+        assert all(set(compose["services"][h].get("profiles", [])) == profiles for h in hosts)  # started together
         _, proxy_config = config_of(service)
         names = {m["model_name"] for m in proxy_config["model_list"]}
         assert {config.plan.secondary_model, config.plan.escalate_model, *config.plan.consensus_models} <= names
         assert any(re.fullmatch(g.replace("*", ".*"), n) for g in config.apply_to for n in names)
 
 
-def test_all_instances_share_one_redis_and_one_prefix_as_the_two_instance_test_does(instances):
-    shared = {(environment(s)["RELAY_REDIS_URL"], environment(s)["RELAY_REDIS_PREFIX"]) for s in instances.values()}
-    assert len(shared) == 1
+def test_all_instances_of_a_profile_share_one_redis_and_one_prefix_as_the_two_instance_test_does(instances):
+    by_profile: dict[tuple, set] = {}
+    for s in instances.values():
+        env = environment(s)
+        by_profile.setdefault(tuple(s.get("profiles", [])), set()).add(
+            (env["RELAY_REDIS_URL"], env.get("RELAY_REDIS_CLUSTER_NODES"), env["RELAY_REDIS_PREFIX"]))
+    assert set(by_profile) == {(), ("cluster",)}
+    for profile, shared in by_profile.items():
+        instances_of_profile = [s for s in instances.values() if tuple(s.get("profiles", [])) == profile]
+        assert len(shared) == 1 and len(instances_of_profile) >= 2, profile
     workers = [s["command"][s["command"].index("--num_workers") + 1] for s in instances.values()]
     assert all(int(w) >= 2 for w in workers)  # several workers too: the other half of the problem
+
+
+def test_the_cluster_profile_is_a_redis_cluster_of_three_masters_with_a_replica_each(compose, instances):
+    services = compose["services"]
+    nodes = {name: s for name, s in services.items() if s.get("profiles") == ["cluster"] and "--cluster-enabled" in s.get("command", [])}
+    assert len(nodes) == 6
+    for node in nodes.values():
+        command = node["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes" and "noeviction" in command
+    init = services["redis-cluster-init"]
+    script = " ".join(init["command"])
+    assert "--cluster create" in script and "--cluster-replicas 1" in script and all(n in script for n in nodes)
+    assert set(init["depends_on"]) == set(nodes)
+    clustered = [s for s in instances.values() if s.get("profiles") == ["cluster"]]
+    for service in clustered:
+        target = relay_plugin.redis_target_of(relay_plugin.RelayConfig.from_env(environment(service)), {})
+        assert target.topology == "cluster" and {h for h, _ in target.nodes} == set(nodes)
+        assert service["depends_on"]["redis-cluster-init"]["condition"] == "service_completed_successfully"
+        assert "redis" not in service["depends_on"]  # the single Redis is not needed
 
 
 def test_it_has_redis_and_ollama_and_every_dependency_is_a_service(compose, instances):

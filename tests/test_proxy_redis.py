@@ -44,6 +44,8 @@ def pair(workdir, sim, redis_db):
         "RELAY_REDIS_URL": redis_db.url,
         "RELAY_REDIS_PREFIX": PREFIX,
         "RELAY_REDIS_RETRY_S": "0.5",
+        # generous for a loaded test machine: a slow first connection must not look like an outage
+        "RELAY_REDIS_TIMEOUT_S": "2",
         "RELAY_MAX_CALLS": str(MAX_CALLS),
         "RELAY_BUDGET_USD": str(BUDGET_USD),
         "RELAY_SECONDARY_MAX_TOKENS": "40",
@@ -115,7 +117,7 @@ def test_concurrent_load_on_two_instances_stops_at_the_shared_call_cap(pair, sim
     for (headers, content), i in zip(results, range(len(results))):
         if headers["x-relay-outcome"] == "skipped:budget":
             assert content == primary_answer(f"Short question {i} {token}")
-    window = next(iter(shared.keys(f"{PREFIX}:budget:calls:*")))
+    window = next(iter(shared.keys(f"{PREFIX}:{{budget:*}}:calls:*")))
     assert float(shared.get(window)) == MAX_CALLS
 
 
@@ -129,7 +131,7 @@ def test_concurrent_load_on_two_instances_stops_at_the_shared_usd_budget(pair, s
     assert 0 < calls == outcomes.count("modified") < MAX_CALLS  # the USD cap binds first
     assert outcomes.count("skipped:budget") == 24 - calls
     assert 0.3 * BUDGET_USD < spent <= BUDGET_USD
-    spend_key = next(iter(shared.keys(f"{PREFIX}:budget:spend:*")))
+    spend_key = next(iter(shared.keys(f"{PREFIX}:{{budget:*}}:spend:*")))
     assert float(shared.get(spend_key)) == pytest.approx(spent, rel=1e-6)
 
 
@@ -147,7 +149,7 @@ def test_failures_seen_by_instance_a_open_the_breaker_for_instance_b(pair, sim, 
     assert raw.headers["x-relay-outcome"] == "skipped:breaker_open"
     assert content == primary_answer(f"Hi {token} from b")
     assert len([r for r in sim.requests(token) if r["model"] == BREAKER_UPSTREAM]) == 4  # none from B
-    assert shared.hget(f"{PREFIX}:breaker:f-shared", "state") == "open"
+    assert shared.hget(f"{PREFIX}:{{breaker:f-shared}}", "state") == "open"
 
 
 class Background:
@@ -214,7 +216,7 @@ def test_redis_stopped_mid_run_loses_no_request_and_shared_state_resumes_when_it
     import redis
 
     restarted = redis.Redis.from_url(redis_db.url, decode_responses=True)
-    calls_key = next(iter(restarted.keys(f"{PREFIX}:budget:calls:*")))
+    calls_key = next(iter(restarted.keys(f"{PREFIX}:{{budget:*}}:calls:*")))
     assert float(restarted.get(calls_key)) >= 2  # the instances count in the restarted Redis again
     restarted.close()
 

@@ -1,6 +1,7 @@
-"""The store contract: one suite run against the in-process store and the Redis store (a real
-redis-server), then what only the shared store does (keys, expiry, several processes, outages) and
-how RELAY_STATE / RELAY_REDIS_* choose and build the store.
+"""The store contract: one suite run against the in-process store and the Redis store on three
+topologies (one real redis-server, a Redis Cluster of 3 masters with replicas, a Sentinel-managed
+primary/replica pair), then what only the shared store does (keys, hash slots, expiry, several
+processes, outages) and how RELAY_STATE / RELAY_REDIS_* choose and build the store.
 
 Time never passes by sleeping: LocalStore reads the ``now`` argument, RedisStore's breakers read the
 server clock plus ``clock_offset_s``, and :class:`Clock` moves both.
@@ -18,7 +19,7 @@ import pytest
 
 import relay_plugin
 from relay_plugin import ConfigError, FailoverStore, LocalStore, RedisStore, RelayConfig, SecondaryError
-from tests.redis_support import RedisServer
+from tests.redis_support import RedisClusterNodes, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOSED, OPEN, HALF_OPEN = relay_plugin.STATE_CLOSED, relay_plugin.STATE_OPEN, relay_plugin.STATE_HALF_OPEN
@@ -54,16 +55,44 @@ class Clock:
                 store.clock_offset_s += seconds
 
 
-async def new_redis_store(server: RedisServer, cfg: RelayConfig, prefix: str | None = None,
-                          timeout_s: float = 1.0) -> RedisStore:
-    """A RedisStore as make_store builds it, on its own client (one per "process"), under a fresh prefix."""
+def target_of(topology) -> relay_plugin.RedisTarget:
+    """The RedisTarget of a running RedisServer, RedisClusterNodes or RedisSentinelSet, as the
+    RELAY_REDIS_* settings an operator would write for it name it."""
+    env = {"RELAY_SECONDARY_MODEL": "openai/sec"}
+    if isinstance(topology, RedisServer):
+        env["RELAY_REDIS_URL"] = topology.url
+    elif isinstance(topology, RedisClusterNodes):
+        env["RELAY_REDIS_CLUSTER_NODES"] = topology.nodes_setting
+    else:
+        env["RELAY_REDIS_SENTINELS"] = topology.sentinels_setting
+        env["RELAY_REDIS_SENTINEL_SERVICE"] = topology.service
+    return relay_plugin.redis_target_of(RelayConfig.from_env(env), {})
+
+
+def client_of(topology, timeout_s: float):
+    """A client as make_store builds it for ``topology``."""
+    target = target_of(topology)
+    if target.topology == "cluster":
+        return relay_plugin.redis_cluster_client(target, timeout_s)
+    if target.topology == "sentinel":
+        return relay_plugin.redis_sentinel_client(target, timeout_s)
+    return relay_plugin.redis_client(target.url, timeout_s)
+
+
+async def new_redis_store(server, cfg: RelayConfig, prefix: str | None = None, timeout_s: float = 5.0) -> RedisStore:
+    """A RedisStore as make_store builds it, on its own client (one per "process"), under a fresh prefix.
+    ``server``: a RedisServer, RedisClusterNodes or RedisSentinelSet."""
     from dataclasses import replace
 
     cfg = replace(cfg, redis_prefix=prefix or "t" + uuid.uuid4().hex[:10])
-    return RedisStore(cfg, relay_plugin.redis_client(server.url, timeout_s), where=server.url)
+    return RedisStore(cfg, client_of(server, timeout_s), where=target_of(server).where)
 
 
-@pytest.fixture(params=["local", "redis"])
+#: the shared topologies, each a session fixture of conftest.py
+TOPOLOGIES = {"redis": "redis_server", "cluster": "redis_cluster", "sentinel": "redis_sentinel"}
+
+
+@pytest.fixture(params=["local", *TOPOLOGIES])
 async def make(request):
     """``await make(cfg)`` builds a store of the kind under test; clients are closed afterwards."""
     made = []
@@ -72,7 +101,7 @@ async def make(request):
         cfg = cfg or config()
         if request.param == "local":
             return LocalStore(cfg)
-        store = await new_redis_store(request.getfixturevalue("redis_server"), cfg, prefix)
+        store = await new_redis_store(request.getfixturevalue(TOPOLOGIES[request.param]), cfg, prefix)
         made.append(store)
         return store
 
@@ -315,11 +344,24 @@ async def test_the_cache_holds_at_most_max_entries_dropping_the_oldest(store):
 # ----- only the shared store: keys, expiry, several processes ------------------------------------------
 
 
+async def all_keys(store: RedisStore) -> list[str]:
+    """Every key on every primary (a Cluster client asks one node unless told otherwise)."""
+    if hasattr(store.client, "nodes_manager"):
+        return await store.client.keys("*", target_nodes=store.client.PRIMARIES)
+    return await store.client.keys("*")
+
+
+@pytest.fixture(params=list(TOPOLOGIES))
+def topology(request):
+    """Each shared topology in turn: one Redis, a Redis Cluster, a Sentinel-managed primary."""
+    return request.getfixturevalue(TOPOLOGIES[request.param])
+
+
 @pytest.fixture
-async def redis_pair(redis_server):
+async def redis_pair(topology):
     """Two RedisStores on separate clients and one prefix: two processes of one deployment."""
     prefix = "pair" + uuid.uuid4().hex[:8]
-    a, b = [await new_redis_store(redis_server, config(), prefix) for _ in range(2)]
+    a, b = [await new_redis_store(topology, config(), prefix) for _ in range(2)]
     yield a, b
     for store in (a, b):
         await store.client.aclose()
@@ -328,21 +370,40 @@ async def redis_pair(redis_server):
 async def test_every_key_is_under_the_prefix_and_expires(redis_pair):
     a, _ = redis_pair
     clock = Clock(a)
-    await a.reserve([("spend:7", 1.0, 0.5)])
+    await a.reserve([("spend:7", 1.0, 0.5), ("calls:7", 5.0, 1.0)])
     await record(a, clock, True)
     await a.cache_put("k", "v", time.time())
-    keys = sorted(await a.client.keys("*"))
-    keys = [k for k in keys if k.startswith(a.prefix + ":")]
-    assert keys == [f"{a.prefix}:breaker:{MODEL}", f"{a.prefix}:budget:spend:7", f"{a.prefix}:cache-index", f"{a.prefix}:cache:k"]
+    keys = sorted(k for k in await all_keys(a) if k.startswith(a.prefix + ":"))
+    assert keys == [f"{a.prefix}:{{breaker:{MODEL}}}", f"{a.prefix}:{{budget:7}}:calls:7", f"{a.prefix}:{{budget:7}}:spend:7",
+                    f"{a.prefix}:{{cache:0}}:index", f"{a.prefix}:{{cache:0}}:k"]
     ttl = {k.split(":", 1)[1]: await a.client.pttl(k) / 1000 for k in keys}
     c = a.config
-    assert c.budget_window_s < ttl["budget:spend:7"] <= c.budget_window_s + c.deadline_s + relay_plugin.COUNTER_GRACE_S
-    assert 59 < ttl["cache:k"] <= 60 and 59 < ttl["cache-index"] <= 60
-    assert relay_plugin.BREAKER_IDLE_S < ttl[f"breaker:{MODEL}"] <= relay_plugin.BREAKER_IDLE_S + c.breaker_cooldown_s
+    assert c.budget_window_s < ttl["{budget:7}:spend:7"] <= c.budget_window_s + c.deadline_s + relay_plugin.COUNTER_GRACE_S
+    assert 59 < ttl["{cache:0}:k"] <= 60 and 59 < ttl["{cache:0}:index"] <= 60
+    assert relay_plugin.BREAKER_IDLE_S < ttl[f"{{breaker:{MODEL}}}"] <= relay_plugin.BREAKER_IDLE_S + c.breaker_cooldown_s
 
 
-async def test_stores_with_different_prefixes_share_nothing(redis_server):
-    a, b = await new_redis_store(redis_server, config()), await new_redis_store(redis_server, config())
+async def test_what_one_script_touches_shares_a_slot_and_the_rest_spreads_over_the_cluster(redis_cluster):
+    cfg = config(CACHE_MAX_ENTRIES="2048", BUDGET_USD="1", BUDGET_USD_PER_KEY="0.1", MAX_CALLS="100")
+    store = await new_redis_store(redis_cluster, cfg)
+    try:
+        holds = [("spend:20000", 1.0, 0.01), ("spend:key:abc:20000", 0.1, 0.01), ("calls:20000", 100.0, 1.0)]
+        assert await store.reserve(holds) is not None  # a cross-slot script would be refused (CROSSSLOT)
+        assert len({redis_cluster.slot_of(store.key("budget", name)) for name, _, _ in holds}) == 1
+        scopes = ([store.key("budget", f"calls:{w}") for w in range(20000, 20012)]
+                  + [store.key("breaker", f"model-{i}") for i in range(12)]
+                  + [store.key("cache", f"{i:064x}") for i in range(48)])
+        owners = {redis_cluster.master_of(key).port for key in scopes}
+        assert len(owners) == redis_cluster.masters  # windows, models and cache shards reach every master
+        for i in range(40):  # a cache put touches its entry and its shard's index: one slot
+            await store.cache_put(f"{i:064x}", "v", time.time())
+        assert store._cache_shards == relay_plugin.CACHE_SHARDS
+    finally:
+        await store.client.aclose()
+
+
+async def test_stores_with_different_prefixes_share_nothing(topology):
+    a, b = await new_redis_store(topology, config()), await new_redis_store(topology, config())
     try:
         await a.reserve([("calls:1", 1.0, 1.0)])
         assert await b.reserve([("calls:1", 1.0, 1.0)]) is not None
@@ -500,12 +561,51 @@ async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again
     messages = [r.getMessage() for r in relay_log.records]
     assert sum("is unavailable" in m for m in messages) == 1
     assert sum("is back after" in m for m in messages) == 1
-    # a second outage is announced again
+    # a second outage, well after the first one ended, is announced again
     own_redis.stop()
+    clock.now += relay_plugin.OUTAGE_MERGE_RETRIES * 5 + 0.1
     with pytest.raises(SecondaryError):
         await store.counter("calls:1")
     assert store.outages == 2
+    assert sum("is unavailable" in r.getMessage() for r in relay_log.records) == 2
     await store.primary.client.aclose()
+
+
+class Flaky:
+    """A primary store whose operations fail while ``failing`` is set, with what a client may raise."""
+
+    def __init__(self, exc: BaseException):
+        self.failing, self.exc = False, exc
+        self.where, self.prefix = "flaky", "p"
+
+    async def counter(self, name: str) -> float:
+        if self.failing:
+            raise self.exc
+        return 1.0
+
+
+@pytest.mark.parametrize("exc", [ConnectionError("refused"), AttributeError("'NoneType' object has no attribute 'writelines'")])
+async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_with_no_second_error_line(exc, relay_log):
+    clock = Moving()
+    primary = Flaky(exc)
+    store = FailoverStore(primary, LocalStore(config()), mode="closed", retry_s=0.5, bound_s=1, clock=clock)
+    for step in range(6):  # a Cluster failing over: some operations answer, others fail, for a few seconds
+        primary.failing = step % 2 == 0
+        clock.now += 0.5
+        try:
+            await store.counter("calls:1")
+        except SecondaryError as caught:
+            assert caught.reason == "state_unavailable"  # whatever the client raised, never the client's error
+    errors = [r for r in relay_log.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and store.outages == 1
+    primary.failing = False
+    clock.now += 1
+    assert await store.counter("calls:1") == 1.0
+    clock.now += relay_plugin.OUTAGE_MERGE_RETRIES * 0.5 + 0.1  # a later, separate outage is announced again
+    primary.failing = True
+    with pytest.raises(SecondaryError):
+        await store.counter("calls:1")
+    assert store.outages == 2 and len([r for r in relay_log.records if r.levelno >= logging.ERROR]) == 2
 
 
 async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(own_redis):
@@ -622,3 +722,107 @@ def test_importing_with_redis_state_but_no_redis_exits_2_with_one_line():
     done = run_import({"RELAY_STATE": "redis"})
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("relay_plugin: invalid configuration: RELAY_REDIS_URL is missing")
+
+
+# ----- configuration: Redis Cluster and Sentinel ----------------------------------------------------------
+
+
+def target(env: dict[str, str] | None = None, **settings: str) -> relay_plugin.RedisTarget | None:
+    return relay_plugin.redis_target_of(config(**settings), env or {})
+
+
+def test_cluster_nodes_name_a_cluster_and_imply_redis_state():
+    found = target(REDIS_CLUSTER_NODES="10.0.0.1:7000, redis-b:7001,[::1]:7002")
+    assert (found.topology, found.nodes, found.tls, found.password) == (
+        "cluster", (("10.0.0.1", 7000), ("redis-b", 7001), ("::1", 7002)), False, None)
+    assert target(STATE="local", REDIS_CLUSTER_NODES="r:7000") is None
+
+
+def test_cluster_nodes_as_urls_carry_tls_and_the_password_which_is_never_shown():
+    found = target(REDIS_CLUSTER_NODES="rediss://relay:p%40ss@a:7000,rediss://relay:p%40ss@b:7001")
+    assert (found.tls, found.username, found.password) == (True, "relay", "p@ss")
+    assert "p@ss" not in repr(found) and "p%40ss" not in found.where and found.where == "rediss cluster a:7000,b:7001"
+
+
+@pytest.mark.parametrize("nodes", ["a", "a:port", "a:70000", "http://a:7000", ":7000", "redis://:x@a:1,redis://:y@b:2",
+                                   "redis://a:1,rediss://b:2", "redis://a:7000/3", " , "])
+def test_bad_cluster_nodes_are_refused_naming_the_variable_and_what_is_allowed(nodes):
+    with pytest.raises(ConfigError) as caught:
+        target(REDIS_CLUSTER_NODES=nodes)
+    message = str(caught.value)
+    assert message.startswith("RELAY_REDIS_CLUSTER_NODES=") and "allowed: comma-separated host:port" in message
+    assert "\n" not in message and ":x@" not in message and ":y@" not in message
+
+
+def test_sentinels_need_the_service_name_and_carry_one_password_for_sentinels_and_primary():
+    with pytest.raises(ConfigError, match="^RELAY_REDIS_SENTINEL_SERVICE is missing: allowed: the name of the primary"):
+        target(REDIS_SENTINELS="s1:26379")
+    found = target(REDIS_SENTINELS="redis://:pw@s1:26379,redis://:pw@s2:26379", REDIS_SENTINEL_SERVICE="mymaster")
+    assert (found.topology, found.service, found.nodes) == ("sentinel", "mymaster", (("s1", 26379), ("s2", 26379)))
+    assert found.password == found.sentinel_password == "pw" and "pw" not in found.where
+
+
+def test_a_sentinel_service_without_sentinels_is_refused():
+    with pytest.raises(ConfigError, match="^RELAY_REDIS_SENTINELS is missing: allowed: comma-separated host:port"):
+        target(REDIS_URL="redis://r", REDIS_SENTINEL_SERVICE="mymaster")
+
+
+@pytest.mark.parametrize("first, second", [("REDIS_URL", "REDIS_CLUSTER_NODES"), ("REDIS_URL", "REDIS_SENTINELS"),
+                                           ("REDIS_CLUSTER_NODES", "REDIS_SENTINELS")])
+def test_two_topologies_at_once_are_refused(first, second):
+    values = {"REDIS_URL": "redis://r:6379", "REDIS_CLUSTER_NODES": "r:7000", "REDIS_SENTINELS": "s:26379"}
+    with pytest.raises(ConfigError, match=f"^RELAY_{second} is invalid together with RELAY_{first}: allowed: one of"):
+        target(**{first: values[first], second: values[second]}, REDIS_SENTINEL_SERVICE="m")
+
+
+def test_redis_state_alone_uses_litellms_cluster_nodes_with_its_credentials():
+    env = {"REDIS_CLUSTER_NODES": '[{"host": "c1", "port": 7000}, {"host": "c2", "port": "7001"}]',
+           "REDIS_PASSWORD": "secret", "REDIS_USERNAME": "app", "REDIS_SSL": "True", "REDIS_HOST": "ignored"}
+    found = target(env, STATE="redis")
+    assert (found.topology, found.nodes, found.username, found.password, found.tls) == (
+        "cluster", (("c1", 7000), ("c2", 7001)), "app", "secret", True)
+
+
+def test_redis_state_alone_uses_litellms_sentinel_nodes_and_service_name():
+    env = {"REDIS_SENTINEL_NODES": '[["s1", 26379], ["s2", 26380]]', "REDIS_SERVICE_NAME": "mymaster",
+           "REDIS_PASSWORD": "data-pw", "REDIS_SENTINEL_PASSWORD": "sentinel-pw"}
+    found = target(env, STATE="redis")
+    assert (found.topology, found.nodes, found.service) == ("sentinel", (("s1", 26379), ("s2", 26380)), "mymaster")
+    assert (found.password, found.sentinel_password) == ("data-pw", "sentinel-pw")
+    assert target({**env, "REDIS_SERVICE_NAME": ""}, STATE="redis", REDIS_SENTINEL_SERVICE="other").service == "other"
+
+
+@pytest.mark.parametrize("name, raw", [("REDIS_CLUSTER_NODES", "c1:7000"), ("REDIS_CLUSTER_NODES", "[]"),
+                                       ("REDIS_CLUSTER_NODES", '[{"host": "c1"}]'), ("REDIS_SENTINEL_NODES", '[{"host": "s"}]')])
+def test_litellms_node_lists_in_another_format_are_refused_with_the_format(name, raw):
+    with pytest.raises(ConfigError, match=f"^{name} is invalid: allowed: LiteLLM's JSON list"):
+        target({name: raw, "REDIS_SERVICE_NAME": "m"}, STATE="redis")
+
+
+def test_the_relays_own_settings_win_over_litellms():
+    env = {"REDIS_CLUSTER_NODES": '[{"host": "c1", "port": 7000}]', "REDIS_SENTINEL_NODES": '[["s", 1]]'}
+    assert target(env, REDIS_URL="redis://mine:6379").url == "redis://mine:6379"
+    assert target(env, REDIS_SENTINELS="mine:26379", REDIS_SENTINEL_SERVICE="m").nodes == (("mine", 26379),)
+
+
+def test_a_prefix_with_braces_is_refused_on_a_cluster_where_it_would_move_keys_between_slots():
+    with pytest.raises(ConfigError, match=r"^RELAY_REDIS_PREFIX='a\{b' is invalid: allowed: a prefix without"):
+        target(REDIS_CLUSTER_NODES="c:7000", REDIS_PREFIX="a{b")
+    assert target(REDIS_URL="redis://r", REDIS_PREFIX="a{b").topology == "single"
+
+
+def test_make_store_builds_a_cluster_or_sentinel_client_bounded_by_the_timeout():
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    store = relay_plugin.make_store(config(REDIS_CLUSTER_NODES="redis://:pw@127.0.0.1:1", REDIS_TIMEOUT_S="0.3"), {})
+    assert isinstance(store.primary.client, RedisCluster) and store.bound_s == 0.3
+    assert store.primary.where == "redis cluster 127.0.0.1:1" and "pw" not in repr(store)
+    store = relay_plugin.make_store(config(REDIS_SENTINELS="127.0.0.1:1", REDIS_SENTINEL_SERVICE="m"), {})
+    assert isinstance(store.primary.client, Redis) and store.primary.where == "redis sentinel 127.0.0.1:1 service m"
+
+
+def test_the_plugin_imports_redis_only_when_a_cluster_or_sentinel_is_named():
+    assert run_import({"RELAY_REDIS_CLUSTER_NODES": "127.0.0.1:1"}).stdout.split() == ["FailoverStore", "True"]
+    done = run_import({"RELAY_REDIS_SENTINELS": "127.0.0.1:1"})
+    assert done.returncode == 2 and done.stderr.startswith("relay_plugin: invalid configuration: RELAY_REDIS_SENTINEL_SERVICE is missing")
