@@ -1943,7 +1943,7 @@ def usd(amount: float) -> str:
 
 def _header_safe(text: str) -> str:
     """One line of printable ASCII, at most 200 characters, no edge whitespace: a legal header value."""
-    text = scrub_secrets(" ".join(text.split()))
+    text = scrub_secrets(" ".join(str(text)[:2000].split()))  # bounded work: only 200 characters are kept
     text = "".join(c if " " <= c <= "~" else "?" for c in text)
     return text[:200].strip()
 
