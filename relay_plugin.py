@@ -1542,6 +1542,7 @@ class RelayHandler(CustomLogger):
             self._record(data, rejected.outcome)
             raise _http_error(rejected.status, rejected.message, rejected.outcome.headers()) from None
         self._record(data, outcome)
+        _say_in_body_without_headers(response, outcome)
         return response
 
     async def async_post_call_response_headers_hook(
@@ -2629,6 +2630,71 @@ def _http_error(status: int, message: str, headers: dict[str, str] | None = None
 
 
 # =================================================================================================
+# LiteLLM features: what the running LiteLLM offers, found by looking at it (never by its version)
+# =================================================================================================
+
+#: each startup line about a missing LiteLLM feature starts with these words (`make test-compat`
+#: collects them into the README's compatibility table)
+DEGRADED_MARK: Final = "relay degraded on this LiteLLM: "
+
+
+@dataclass(frozen=True)
+class LiteLLMFeatures:
+    """The hooks and shapes of the running LiteLLM that the relay depends on and can do without."""
+
+    #: the proxy asks callbacks for extra response headers (``async_post_call_response_headers_hook``)
+    response_headers: bool
+
+
+def detect_features() -> LiteLLMFeatures:
+    """Look at the loaded LiteLLM: the base class must declare the hook and, inside the proxy, the
+    proxy's dispatcher must exist (an older proxy never calls a hook it does not know)."""
+    declared = callable(getattr(CustomLogger, "async_post_call_response_headers_hook", None))
+    proxy_utils = sys.modules.get("litellm.proxy.utils")
+    dispatcher = getattr(proxy_utils, "ProxyLogging", None)
+    called = dispatcher is None or callable(getattr(dispatcher, "post_call_response_headers_hook", None))
+    return LiteLLMFeatures(response_headers=declared and called)
+
+
+def degradations(features: LiteLLMFeatures) -> list[str]:
+    """One line per thing this LiteLLM cannot do, saying what the operator gets instead."""
+    lines = []
+    if not features.response_headers:
+        lines.append("no response-headers hook (async_post_call_response_headers_hook): no x-relay-* headers; "
+                     "the `relay` object in every non-streamed body (and at the end of every relayed stream) "
+                     "says what the relay did")
+    return lines
+
+
+def _announce_degradations(features: LiteLLMFeatures) -> None:
+    for line in degradations(features):
+        log.warning("%s%s", DEGRADED_MARK, line)
+
+
+def _say_in_body_without_headers(response: Any, outcome: "Outcome") -> None:
+    """Without response headers the body's ``relay`` object is the only place that says what the relay
+    did, so put it on every non-streamed answer (keeping what a mode put there, e.g. an analysis)."""
+    if FEATURES.response_headers or response is None:
+        return
+    existing = response.get("relay") if isinstance(response, dict) else getattr(response, "relay", None)
+    relay = {**(existing if isinstance(existing, dict) else {}), **outcome.as_dict()}
+    if outcome.override:
+        relay["override"] = outcome.override
+    if outcome.cache:
+        relay["cache"] = outcome.cache
+    try:
+        if isinstance(response, dict):
+            response["relay"] = relay
+        else:
+            setattr(response, "relay", relay)
+    except (AttributeError, TypeError, ValueError):  # a response type that takes no extra field
+        log.debug("relay: cannot attach the relay object to a %s", type(response).__name__)
+
+
+FEATURES: Final = detect_features() if __name__ != "__main__" else LiteLLMFeatures(response_headers=True)
+
+
+# =================================================================================================
 # The ready instance: what `callbacks: relay_plugin.proxy_handler_instance` loads
 # =================================================================================================
 
@@ -2669,3 +2735,5 @@ else:
     CONFIG: Final = _load_config()
     proxy_handler_instance: Final = (
         RelayHandler(CONFIG, store=_load_store(CONFIG)) if CONFIG.plan.enabled else DisabledRelay(CONFIG))
+    if CONFIG.plan.enabled:
+        _announce_degradations(FEATURES)
