@@ -561,6 +561,7 @@ class Surface:
                 return "text", "multiple_choices" if choices else "no_text"
             return "text", None if choices[0].text else "no_text"
         if isinstance(response, dict) and response.get("type") == "message":
+            _plain_message_blocks(response)
             blocks = response.get("content") or []
             if any(isinstance(b, Mapping) and b.get("type") != "text" for b in blocks):
                 return "messages", "tool_calls" if any(b.get("type") == "tool_use" for b in blocks) else "no_text"
@@ -615,6 +616,16 @@ class Surface:
             self.response["relay"] = relay
         else:
             setattr(self.response, "relay", relay)
+
+
+def _plain_message_blocks(message: dict) -> None:
+    """Some LiteLLM versions (seen on 1.80) put typed content-block objects, not dicts, into an Anthropic
+    message: turn them into the dicts the rest of the relay reads, in place (the client's JSON is the
+    same either way). Detected by the blocks' shape, whatever the version."""
+    blocks = message.get("content")
+    if isinstance(blocks, list) and any(not isinstance(b, Mapping) and hasattr(b, "model_dump") for b in blocks):
+        message["content"] = [b.model_dump(exclude_none=True) if not isinstance(b, Mapping) and hasattr(b, "model_dump")
+                              else b for b in blocks]
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -2541,6 +2552,8 @@ def _classify_error(model: str, exc: Exception) -> SecondaryError:
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     detail = scrub_secrets(f"{model}: {name}: {str(exc)[:300]}")
+    if _is_no_choices_error(exc):
+        return SecondaryError("empty_response", detail)
     if isinstance(exc, litellm.Timeout) or "Timeout" in name:
         return SecondaryError("timeout", detail, retryable=True)
     if isinstance(exc, litellm.RateLimitError) or status == 429:
@@ -2552,6 +2565,12 @@ def _classify_error(model: str, exc: Exception) -> SecondaryError:
     if isinstance(status, int) and 400 <= status < 500:
         return SecondaryError("provider_rejected", detail)
     return SecondaryError("error", detail)
+
+
+def _is_no_choices_error(exc: Exception) -> bool:
+    """An older LiteLLM (seen on 1.100) raises on a 200 answer with no choices, where newer ones return
+    it (and the relay then says empty_response): the same empty answer, whichever LiteLLM reports it."""
+    return "returned a response with no 'choices'" in str(exc)
 
 
 def _retry_after(exc: Exception) -> float | None:
