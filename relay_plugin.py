@@ -2663,6 +2663,8 @@ class LiteLLMFeatures:
 
     #: the proxy asks callbacks for extra response headers (``async_post_call_response_headers_hook``)
     response_headers: bool
+    #: the proxy's streaming path watches for a client that goes away (and closes the stream then)
+    stream_disconnect: bool = True
 
 
 def detect_features() -> LiteLLMFeatures:
@@ -2672,7 +2674,9 @@ def detect_features() -> LiteLLMFeatures:
     proxy_utils = sys.modules.get("litellm.proxy.utils")
     dispatcher = getattr(proxy_utils, "ProxyLogging", None)
     called = dispatcher is None or callable(getattr(dispatcher, "post_call_response_headers_hook", None))
-    return LiteLLMFeatures(response_headers=declared and called)
+    processing = sys.modules.get("litellm.proxy.common_request_processing")
+    watches = processing is None or callable(getattr(processing, "_record_streaming_client_disconnect_if_needed", None))
+    return LiteLLMFeatures(response_headers=declared and called, stream_disconnect=watches)
 
 
 def degradations(features: LiteLLMFeatures) -> list[str]:
@@ -2682,6 +2686,9 @@ def degradations(features: LiteLLMFeatures) -> list[str]:
         lines.append("no response-headers hook (async_post_call_response_headers_hook): no x-relay-* headers; "
                      "the `relay` object in every non-streamed body (and at the end of every relayed stream) "
                      "says what the relay did")
+    if not features.stream_disconnect:
+        lines.append("the proxy does not watch streams for a client that disconnects: a relayed stream's "
+                     "secondary call runs to its end (and is paid for) after the client has gone")
     return lines
 
 

@@ -122,7 +122,7 @@ def test_degradation_lines_are_collected_from_the_proxy_logs(tmp_path):
 
 
 def test_the_plugin_sees_the_response_headers_hook_of_this_litellm():
-    assert relay_plugin.detect_features() == relay_plugin.LiteLLMFeatures(response_headers=True)
+    assert relay_plugin.detect_features() == relay_plugin.LiteLLMFeatures(response_headers=True, stream_disconnect=True)
     assert relay_plugin.degradations(relay_plugin.FEATURES) == []
 
 
@@ -186,3 +186,10 @@ def test_typed_content_blocks_in_an_anthropic_message_are_read_like_dicts():
     assert surface.skip is None and surface.get_text() == "the answer"
     surface.set_text("refined")
     assert message["content"] == [{"type": "text", "text": "refined"}]
+
+
+def test_a_proxy_that_does_not_watch_for_disconnects_is_detected_and_announced(monkeypatch):
+    monkeypatch.setitem(sys.modules, "litellm.proxy.common_request_processing", type(sys)("old_processing"))
+    features = relay_plugin.detect_features()
+    assert features.stream_disconnect is False
+    assert any("client that disconnects" in line for line in relay_plugin.degradations(features))
