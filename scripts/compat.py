@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPAT = ROOT / "compat"
-VENVS = ROOT / ".venv-compat"
+#: where the per-version venvs live; COMPAT_VENV_DIR puts them outside the clone, to reuse across CI runs
+VENVS = Path(os.environ.get("COMPAT_VENV_DIR") or ROOT / ".venv-compat").resolve()
 RESULTS = COMPAT / "results.json"
 #: the words relay_plugin.py starts each of its startup lines about a missing LiteLLM feature with
 DEGRADED_MARK = "relay degraded on this LiteLLM: "
@@ -129,6 +130,8 @@ def load_results() -> list[dict]:
 def save_results(rows: list[dict]) -> None:
     """Merge ``rows`` into the results file; versions whose lock is gone drop out of it."""
     merged = {row["litellm"]: row for row in load_results()}
+    for row in rows:  # a cached venv installs in 0 s: keep the time of the last fresh install beside it
+        row["fresh_install_s"] = row["install_s"] or merged.get(row["litellm"], {}).get("fresh_install_s")
     merged.update({row["litellm"]: row for row in rows})
     keep = [merged[v] for v in locked_versions() if v in merged]
     RESULTS.write_text(json.dumps({"versions": keep}, indent=2) + "\n")

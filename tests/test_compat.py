@@ -28,7 +28,7 @@ def test_the_readme_compatibility_table_is_the_one_rendered_from_the_last_result
 def test_every_locked_line_has_a_passing_row_and_every_row_a_lock():
     rows = compat.load_results()
     assert [row["litellm"] for row in rows] == compat.locked_versions()
-    assert len(rows) >= 4
+    assert len(rows) >= 3  # 1.90.7 waits in compat/failing/ (see the README)
     for row in rows:
         assert row["ok"] and row["passed"] == row["total"] > 0, row["litellm"]
         assert set(row["areas"]) == set(compat.AREAS), row["litellm"]  # every area was tested on every line
@@ -53,7 +53,7 @@ def test_the_versions_run_newest_first():
 def row(version: str, ok: bool, degraded=()) -> dict:
     return {"litellm": version, "tested": "2026-12-02", "ok": ok, "passed": 3 if ok else 2, "total": 3,
             "areas": {"modes": {"passed": 2, "failed": 0}, "breaker": {"passed": 1 if ok else 0, "failed": 0 if ok else 1}},
-            "failed": [] if ok else ["tests/x.py::test_breaker"], "degraded": list(degraded)}
+            "failed": [] if ok else ["tests/x.py::test_breaker"], "degraded": list(degraded), "install_s": 0.0, "run_s": 1.0}
 
 
 def test_the_table_says_what_works_what_degrades_and_what_failed():
