@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit lock env-table readme record clean
+.PHONY: run test unit lock env-table readme record clean test-compat compat-lock
 
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP) redis-tools
 .PHONY: redis-tools
 redis-tools:
 	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null)
+
+## test-compat: the proxy tests marked `compat` against a real proxy of every LiteLLM line in compat/ (newest first; VERSIONS="1.80.17 ..." for some), each from its own hash-locked .venv-compat/<version>; writes compat/results.json and the README table, exit 1 if any line failed
+test-compat: $(STAMP)
+	$(PY) scripts/compat.py $(VERSIONS); status=$$?; $(PY) scripts/compat.py --readme; exit $$status
+
+## compat-lock: re-resolve compat/litellm-<version>.in into its .lock (exact versions, hashes), with pip-tools from a venv of its own
+compat-lock:
+	test -x .venv-compat/tools/bin/python || $(PYTHON) -m venv .venv-compat/tools
+	.venv-compat/tools/bin/python -m pip install --quiet --disable-pip-version-check pip-tools
+	for spec in compat/litellm-*.in; do .venv-compat/tools/bin/python -m piptools compile --generate-hashes --allow-unsafe --quiet --strip-extras --no-emit-find-links --no-emit-index-url -o $${spec%.in}.lock $$spec || exit 1; done
 
 ## unit: the fast in-process tests only
 unit: $(STAMP)
@@ -47,9 +57,10 @@ env-table:
 
 readme:
 	$(PYTHON) -c "import re,subprocess,sys; t=subprocess.run([sys.executable,'relay_plugin.py','--env-table'],capture_output=True,text=True,check=True).stdout; p='README.md'; s=open(p).read(); open(p,'w').write(re.sub(r'(<!-- env-table -->\n).*?(<!-- /env-table -->)', lambda m: m.group(1)+t+m.group(2), s, flags=re.S))"
+	$(PYTHON) scripts/compat.py --readme
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache
+	rm -rf $(VENV) .venv-compat .run .pytest_cache
 
 .PHONY: loadtest bench
 

@@ -698,6 +698,7 @@ class Surface:
                 return "text", "multiple_choices" if choices else "no_text"
             return "text", None if choices[0].text else "no_text"
         if isinstance(response, dict) and response.get("type") == "message":
+            _plain_message_blocks(response)
             blocks = [b for b in response.get("content") or [] if _field(b, "type") not in _THINKING_TYPES]
             if any(isinstance(b, Mapping) and b.get("type") != "text" for b in blocks):
                 return "messages", "tool_calls" if any(b.get("type") == "tool_use" for b in blocks) else "no_text"
@@ -802,6 +803,16 @@ class Surface:
             self.response["relay"] = relay
         else:
             setattr(self.response, "relay", relay)
+
+
+def _plain_message_blocks(message: dict) -> None:
+    """Some LiteLLM versions (seen on 1.80) put typed content-block objects, not dicts, into an Anthropic
+    message: turn them into the dicts the rest of the relay reads, in place (the client's JSON is the
+    same either way). Detected by the blocks' shape, whatever the version."""
+    blocks = message.get("content")
+    if isinstance(blocks, list) and any(not isinstance(b, Mapping) and hasattr(b, "model_dump") for b in blocks):
+        message["content"] = [b.model_dump(exclude_none=True) if not isinstance(b, Mapping) and hasattr(b, "model_dump")
+                              else b for b in blocks]
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -2062,6 +2073,7 @@ class RelayHandler(CustomLogger):
             raise _http_error(rejected.status, rejected.message, rejected.outcome.headers(),
                               keep_headers=isinstance(response, dict)) from None
         self._record(data, outcome)
+        _say_in_body_without_headers(response, outcome)
         return response
 
     async def async_post_call_response_headers_hook(
@@ -3546,6 +3558,8 @@ def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
     status = getattr(exc, "status_code", None)
     name = type(exc).__name__
     detail = scrub_secrets(f"{model}: {name}: {str(exc)[:300]}")
+    if _is_no_choices_error(exc):
+        return SecondaryError("empty_response", detail)
     if isinstance(exc, litellm.Timeout) or "Timeout" in name:
         return SecondaryError("timeout", detail, retryable=True)
     if isinstance(exc, litellm.RateLimitError) or status == 429:
@@ -3574,6 +3588,12 @@ def _unparseable(exc: BaseException) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def _is_no_choices_error(exc: Exception) -> bool:
+    """An older LiteLLM (seen on 1.100) raises on a 200 answer with no choices, where newer ones return
+    it (and the relay then says empty_response): the same empty answer, whichever LiteLLM reports it."""
+    return "returned a response with no 'choices'" in str(exc)
 
 
 def _retry_after(exc: Exception) -> float | None:
@@ -3776,6 +3796,78 @@ def strip_client_markers(data: dict) -> None:
 
 
 # =================================================================================================
+# LiteLLM features: what the running LiteLLM offers, found by looking at it (never by its version)
+# =================================================================================================
+
+#: each startup line about a missing LiteLLM feature starts with these words (`make test-compat`
+#: collects them into the README's compatibility table)
+DEGRADED_MARK: Final = "relay degraded on this LiteLLM: "
+
+
+@dataclass(frozen=True)
+class LiteLLMFeatures:
+    """The hooks and shapes of the running LiteLLM that the relay depends on and can do without."""
+
+    #: the proxy asks callbacks for extra response headers (``async_post_call_response_headers_hook``)
+    response_headers: bool
+    #: the proxy's streaming path watches for a client that goes away (and closes the stream then)
+    stream_disconnect: bool = True
+
+
+def detect_features() -> LiteLLMFeatures:
+    """Look at the loaded LiteLLM: the base class must declare the hook and, inside the proxy, the
+    proxy's dispatcher must exist (an older proxy never calls a hook it does not know)."""
+    declared = callable(getattr(CustomLogger, "async_post_call_response_headers_hook", None))
+    proxy_utils = sys.modules.get("litellm.proxy.utils")
+    dispatcher = getattr(proxy_utils, "ProxyLogging", None)
+    called = dispatcher is None or callable(getattr(dispatcher, "post_call_response_headers_hook", None))
+    processing = sys.modules.get("litellm.proxy.common_request_processing")
+    watches = processing is None or callable(getattr(processing, "_record_streaming_client_disconnect_if_needed", None))
+    return LiteLLMFeatures(response_headers=declared and called, stream_disconnect=watches)
+
+
+def degradations(features: LiteLLMFeatures) -> list[str]:
+    """One line per thing this LiteLLM cannot do, saying what the operator gets instead."""
+    lines = []
+    if not features.response_headers:
+        lines.append("no response-headers hook (async_post_call_response_headers_hook): no x-relay-* headers; "
+                     "the `relay` object in every non-streamed body (and at the end of every relayed stream) "
+                     "says what the relay did")
+    if not features.stream_disconnect:
+        lines.append("the proxy does not watch streams for a client that disconnects: a relayed stream's "
+                     "secondary call runs to its end (and is paid for) after the client has gone")
+    return lines
+
+
+def _announce_degradations(features: LiteLLMFeatures) -> None:
+    for line in degradations(features):
+        log.warning("%s%s", DEGRADED_MARK, line)
+
+
+def _say_in_body_without_headers(response: Any, outcome: "Outcome") -> None:
+    """Without response headers the body's ``relay`` object is the only place that says what the relay
+    did, so put it on every non-streamed answer (keeping what a mode put there, e.g. an analysis)."""
+    if FEATURES.response_headers or response is None:
+        return
+    existing = response.get("relay") if isinstance(response, dict) else getattr(response, "relay", None)
+    relay = {**(existing if isinstance(existing, dict) else {}), **outcome.as_dict()}
+    if outcome.override:
+        relay["override"] = outcome.override
+    if outcome.cache:
+        relay["cache"] = outcome.cache
+    try:
+        if isinstance(response, dict):
+            response["relay"] = relay
+        else:
+            setattr(response, "relay", relay)
+    except (AttributeError, TypeError, ValueError):  # a response type that takes no extra field
+        log.debug("relay: cannot attach the relay object to a %s", type(response).__name__)
+
+
+FEATURES: Final = detect_features() if __name__ != "__main__" else LiteLLMFeatures(response_headers=True)
+
+
+# =================================================================================================
 # The ready instance: what `callbacks: relay_plugin.proxy_handler_instance` loads
 # =================================================================================================
 
@@ -3816,3 +3908,5 @@ else:
     CONFIG: Final = _load_config()
     proxy_handler_instance: Final = (
         RelayHandler(CONFIG, store=_load_store(CONFIG)) if CONFIG.plan.enabled else DisabledRelay(CONFIG))
+    if CONFIG.plan.enabled:
+        _announce_degradations(FEATURES)

@@ -19,7 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "relay_plugin.py"
 DEV_MASTER_KEY = "sk-relay-dev-master-key"
-LITELLM = Path(sys.executable).parent / "litellm"
+
+
+def litellm_executable() -> Path:
+    """The ``litellm`` the proxy process runs. ``PROXY_VENV`` names another virtual environment (``make
+    test-compat`` points it at one venv per supported LiteLLM line); by default it is this Python's own."""
+    venv = os.environ.get("PROXY_VENV")
+    return Path(venv).resolve() / "bin" / "litellm" if venv else Path(sys.executable).parent / "litellm"
+
+
+LITELLM = litellm_executable()
 
 
 def free_port() -> int:

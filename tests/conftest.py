@@ -140,8 +140,16 @@ class ProxyHandle:
         self.proxy = proxy
         self.url = proxy.url
         self.key = proxy.master_key
-        self.openai = openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.master_key, max_retries=0, timeout=60)
-        self.anthropic = anthropic.Anthropic(base_url=proxy.url, api_key=proxy.master_key, max_retries=0, timeout=60)
+        #: what the plugin said at startup it cannot do on this proxy's LiteLLM (``make test-compat``)
+        self.degraded = degraded_lines(proxy.log_text())
+        #: False on a LiteLLM without the response-headers hook: what the relay did is in the body only
+        self.relay_headers = not any("no response-headers hook" in line for line in self.degraded)
+        hooks = {"event_hooks": {"response": [relay_headers_from_the_body]}}
+        with_hooks = lambda sdk: {} if self.relay_headers else {"http_client": sdk.DefaultHttpxClient(**hooks)}  # noqa: E731
+        self.openai = openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.master_key, max_retries=0, timeout=60,
+                                    **with_hooks(openai))
+        self.anthropic = anthropic.Anthropic(base_url=proxy.url, api_key=proxy.master_key, max_retries=0, timeout=60,
+                                             **with_hooks(anthropic))
 
     def chat(self, model: str, content: str, **kwargs):
         """A chat completion; returns the raw response (``.headers``, ``.parse()``)."""
@@ -152,11 +160,48 @@ class ProxyHandle:
         return self.proxy.log_text()
 
 
+def degraded_lines(log: str) -> list[str]:
+    """The plugin's startup lines about what the proxy's LiteLLM cannot do."""
+    from relay_plugin import DEGRADED_MARK
+
+    return [line.split(DEGRADED_MARK, 1)[1] for line in log.splitlines() if DEGRADED_MARK in line]
+
+
+def relay_headers_from_the_body(response) -> None:
+    """For a proxy whose LiteLLM has no response-headers hook (the plugin said so at startup): check
+    that it really sent no x-relay-* header, then expose the body's ``relay`` object as the headers
+    it stands for, so the same tests check what the relay did on every LiteLLM line. Error answers
+    (4xx/5xx) carry their x-relay-* headers on every line, and streams carry the object themselves."""
+    if response.status_code >= 400 or "text/event-stream" in response.headers.get("content-type", ""):
+        return
+    response.read()
+    relay = response.json().get("relay") if response.content.startswith(b"{") else None
+    sent = [name for name in response.headers if name.lower().startswith("x-relay-")]
+    assert not sent, f"the plugin said this LiteLLM sends no x-relay-* headers, yet it sent {sent}"
+    if isinstance(relay, dict):
+        response.headers.update(relay_body_as_headers(relay))
+
+
+def relay_body_as_headers(relay: dict) -> dict[str, str]:
+    """The x-relay-* headers the relay object stands for (relay_plugin.Outcome.headers, from the body)."""
+    import relay_plugin
+
+    outcome = relay_plugin.Outcome(relay["mode"], relay["outcome"], list(relay["secondary_model"]),
+                                   latency_ms=relay["latency_ms"], cost_usd=relay["cost_usd"],
+                                   reason=relay.get("reason", ""), override=relay.get("override", ""),
+                                   cache=relay.get("cache", ""))
+    return outcome.headers()
+
+
 def start_test_proxy(workdir: Path, name: str, sim_url: str, env: dict, model_list=None, port: int = 0) -> ProxyHandle:
     directory = workdir / name
     config = write_config(directory, model_list or relay_test_models(sim_url))
     proxy = stack.start_proxy(config, env, port=port, workdir=directory)
-    return ProxyHandle(proxy)
+    try:
+        return ProxyHandle(proxy)
+    except Exception:
+        proxy.stop()  # never leave a proxy running that no fixture will stop
+        raise
 
 
 @pytest.fixture(scope="session")

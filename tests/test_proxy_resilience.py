@@ -62,6 +62,7 @@ def calls_to(sim, token: str, name: str) -> list[dict]:
     return [r for r in sim.requests(token) if r["model"] == upstream(name)]
 
 
+@pytest.mark.compat("fail policy")
 @pytest.mark.parametrize("secondary", list(FAULTS))
 def test_a_faulty_secondary_never_costs_the_client_the_primary_answer(faults, sim, token, secondary):
     raw = relay_via(faults, secondary, f"Hi {token}")
@@ -91,6 +92,7 @@ def test_a_429_is_retried_after_the_retry_after_delay(faults, sim, token):
     assert second["received_at"] - first["received_at"] >= 0.5  # the simulator's Retry-After
 
 
+@pytest.mark.compat("breaker")
 def test_the_breaker_opens_stops_calls_and_recovers_after_the_cooldown(faults, sim, token):
     outcomes = []
     for i in range(8):
@@ -125,6 +127,7 @@ def budgeted(workdir, sim):
     handle.proxy.stop()
 
 
+@pytest.mark.compat("budget cap")
 def test_spend_stops_at_the_cap_and_requests_keep_their_primary_answer(budgeted, sim, token):
     outcomes, spent = [], 0.0
     for i in range(12):
