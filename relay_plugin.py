@@ -3544,6 +3544,8 @@ PROVIDER_ERROR_PHRASES: Final = {
     "connection": "the secondary model's provider could not be reached",
     "provider_error": "the secondary model's provider failed",
     "provider_rejected": "the secondary model's provider rejected the call",
+    "bad_response": "the secondary model's provider sent an answer that could not be read",
+    "empty_response": "the secondary model returned no text",
     "error": "the secondary model call failed",
 }
 
