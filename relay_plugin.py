@@ -2685,6 +2685,8 @@ class CallerBooks:
     trace: Mapping[str, str]  #: litellm_trace_id / litellm_session_id shared with the request
     #: ``(scope, LiteLLM spend counter, spend at auth, max_budget)`` of the caller's key and team
     budgets: tuple[tuple[str, str, float, float], ...] = ()
+    #: LiteLLM's budget reservation of the request (read, never forwarded): what it holds on the counters
+    reservation: Mapping[str, Any] | None = None
 
     @classmethod
     def of(cls, data: Mapping[str, Any], config: "RelayConfig", mode: str) -> "CallerBooks":
@@ -2699,7 +2701,8 @@ class CallerBooks:
                 ("team", "user_api_key_team_id", "user_api_key_team_spend", "user_api_key_team_max_budget", "spend:team:{}")):
             if bucket.get(owner) and isinstance(bucket.get(limit), (int, float)):
                 budgets.append((scope, counter.format(bucket[owner]), float(bucket.get(spend) or 0.0), float(bucket[limit])))
-        return cls(mode, True, identity, trace, tuple(budgets))
+        reservation = bucket.get("user_api_key_budget_reservation")
+        return cls(mode, True, identity, trace, tuple(budgets), reservation if isinstance(reservation, Mapping) else None)
 
 
 #: the books of the request whose relay work runs in this task (set around the relay work)
@@ -2734,21 +2737,28 @@ def _attribute_spend(kwargs: dict[str, Any]) -> None:
     kwargs.update(books.trace)
 
 
-async def _litellm_spend(counter: str, fallback: float) -> float:
-    """What LiteLLM's own budget check reads for a key or team now (its spend counter), else ``fallback``."""
-    module = sys.modules.get("litellm.proxy.proxy_server")
-    reader = getattr(module, "get_current_spend", None)
+async def _litellm_spend(counter: str, spent_at_auth: float, reservation: Mapping[str, Any] | None) -> float:
+    """A key's or team's spend as LiteLLM's budget check reads it (its spend counter), without what
+    this request's own budget reservation still holds there (often the whole remaining budget, until
+    the primary's cost is booked); the spend known at auth when the counter cannot be read."""
+    reader = getattr(sys.modules.get("litellm.proxy.proxy_server"), "get_current_spend", None)
     if reader is None:
-        return fallback
+        return spent_at_auth
     try:
-        return float(await reader(counter_key=counter, fallback_spend=fallback))
+        spent = float(await reader(counter_key=counter, fallback_spend=spent_at_auth))
     except Exception:  # noqa: BLE001 - an unreadable counter leaves the spend known at auth
-        return fallback
+        return spent_at_auth
+    if reservation is not None and not reservation.get("finalized"):
+        for entry in reservation.get("entries") or ():
+            if isinstance(entry, Mapping) and entry.get("counter_key") == counter:
+                spent -= float(entry.get("reserved_cost") or 0.0) + float(entry.get("applied_adjustment") or 0.0)
+    return max(spent, spent_at_auth)
 
 
 async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) -> None:
     """Refuse a secondary call (``skipped:key_budget``) that the caller's LiteLLM key or team budget
-    cannot cover: spend now, plus the relay's spend in this request, plus the call's worst case."""
+    cannot cover: the key's or team's spend now, plus the relay's spend in this request, plus the
+    call's worst case."""
     books = _BOOKS.get()
     if books is None or not books.budgets:
         return
@@ -2759,7 +2769,7 @@ async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) ->
         prompt_tokens = litellm.token_counter(model=model, messages=messages)
         worst = (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + handler.config.secondary_max_tokens * price[1]
     for scope, counter, spent_at_auth, limit in books.budgets:
-        spent = max(spent_at_auth, await _litellm_spend(counter, spent_at_auth)) + run.outcome.cost_usd
+        spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
         if spent + worst > limit:
             if handler.metrics is not None:
                 handler.metrics.budget_refusals.labels(scope=scope).inc()
