@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import contextvars
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ import re
 import secrets
 import sys
 import time
+import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
@@ -271,6 +273,8 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("REDIS_CLUSTER_NODES", _text, None, "Redis Cluster of the shared state: comma-separated `host:port` of some of its nodes, or `redis://` / `rediss://` URLs carrying the password and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_CLUSTER_NODES`."),
     _Var("REDIS_SENTINELS", _text, None, "Redis Sentinel of the shared state: comma-separated `host:port` of the sentinels, or `redis://` / `rediss://` URLs carrying the password (of the sentinels and the primary) and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_SENTINEL_NODES`."),
     _Var("REDIS_SENTINEL_SERVICE", _text, None, "Name of the primary the sentinels monitor. Required with `RELAY_REDIS_SENTINELS`; unset: LiteLLM's `REDIS_SERVICE_NAME`."),
+    _Var("SPEND_ATTRIBUTION", _choice("caller", "none"), "caller", "`caller`: each secondary call is booked in LiteLLM's spend tracking (spend rows, key/team/user spend, budgets, callbacks such as OTel and Langfuse) to the calling key, team, user, organisation and end user, under the secondary's own model, marked `internal_call_origin: relay`, in the request's trace; a request whose LiteLLM key or team budget cannot cover a secondary call gets none (`skipped:key_budget`). `none`: secondary calls stay out of LiteLLM's books (`no-log`)."),
+    _Var("METRICS", _choice("auto", "on", "off"), "auto", "The relay's Prometheus metrics (`relay_*`) on the proxy's `/metrics`: `auto` when `prometheus_client` is installed, `on` requires it, `off` never."),
 )
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
 
@@ -432,6 +436,8 @@ class RelayConfig:
     redis_cluster_nodes: str | None
     redis_sentinels: str | None
     redis_sentinel_service: str | None
+    spend_attribution: str
+    metrics: str
 
     @property
     def budgeted(self) -> bool:
@@ -459,6 +465,8 @@ class RelayConfig:
             raise ConfigError(
                 f"RELAY_DEADLINE_S={values['deadline_s']:g} is invalid: allowed: a number >= RELAY_TIMEOUT_S ({values['timeout_s']:g})"
             )
+        if values["metrics"] == "on" and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigError("RELAY_METRICS=on is invalid: prometheus_client is not installed: allowed: auto, off, or install prometheus_client")
         return cls(plan=plan, **{k: v for k, v in values.items() if k not in plan_names})
 
 
@@ -1969,6 +1977,8 @@ class Reply:
     truncated: bool = False  #: the secondary stopped at its output limit (finish_reason length / max_tokens)
     output_tokens: int | None = None  #: as the provider reported them
     priced: bool = True  #: False: no explicit price or cost-map entry, ``cost_usd`` is not a real figure
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 # =================================================================================================
@@ -2010,6 +2020,10 @@ class RelayHandler(CustomLogger):
         self.config = config
         #: the call that reaches a secondary: ``await complete(model, messages, max_tokens=, timeout=, depth=)``
         self._complete = complete or _litellm_complete
+        #: the relay's Prometheus metrics (None: prometheus_client absent or RELAY_METRICS=off)
+        self.metrics = RelayMetrics.shared() if config.metrics != "off" else None
+        if self.metrics is not None:
+            self._complete = self.metrics.measured(self._complete, clock)
         #: budget counters, breakers and cache (LocalStore, or a shared store with the same coroutines)
         self.store = store or LocalStore(config)
         self.clock = clock  #: monotonic seconds: deadlines, breaker cooldowns, slow calls
@@ -2042,6 +2056,8 @@ class RelayHandler(CustomLogger):
         """Drop forged relay markers, then validate ``metadata.relay`` before the primary runs, so a bad
         block costs nothing."""
         strip_client_markers(data)
+        if self.config.plan.enabled and self.config.spend_attribution == "caller":
+            _pin_trace_id(data)
         self._check_proxy_once()
         refused = self._bad_models.get(str(data.get("model", "")))
         if refused is not None and self.config.plan.enabled:
@@ -2155,6 +2171,8 @@ class RelayHandler(CustomLogger):
     def _record(self, data: dict, outcome: Outcome) -> None:
         self.stats[outcome.outcome] += 1
         _bucket(data)[_RESULT_KEY] = outcome
+        if self.metrics is not None:
+            self.metrics.request(self, data, outcome)
         log.info("relay %s outcome=%s models=%s latency_ms=%.1f cost_usd=%s%s", outcome.mode, outcome.outcome,
                  ",".join(outcome.models), outcome.latency_ms, usd(outcome.cost_usd),
                  f" reason={_header_safe(outcome.reason)}" if outcome.reason else "")
@@ -2257,7 +2275,8 @@ class RelayHandler(CustomLogger):
             outcome.outcome = f"skipped:{surface.skip}"
             return outcome
         if plan.mode == "shadow":
-            return self._start_shadow(plan, self._prepare(data, surface.get_text()), outcome, depth, _key_id(user_api_key_dict))
+            with _caller_books(data, self.config, "shadow"):
+                return self._start_shadow(plan, self._prepare(data, surface.get_text()), outcome, depth, _key_id(user_api_key_dict))
         await self._execute(_Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), data, surface)
         return outcome
 
@@ -2272,6 +2291,7 @@ class RelayHandler(CustomLogger):
                 outcome.outcome, outcome.reason = f"skipped:{skip[0]}", skip[1]
                 return
         token = _IN_RELAY.set(True)
+        books = _BOOKS.set(CallerBooks.of(data, self.config, plan.mode))
         try:
             async with asyncio.timeout(self.config.deadline_s):
                 await MODE_RUNNERS[plan.mode](run, data, surface)
@@ -2288,6 +2308,7 @@ class RelayHandler(CustomLogger):
                     plan.mode, kind, reason, scrub_secrets(detail))
             self._fail(plan, surface, outcome)
         finally:
+            _BOOKS.reset(books)
             _IN_RELAY.reset(token)
             outcome.latency_ms += (time.perf_counter() - started) * 1000
         if run.analysis is not None:
@@ -2315,6 +2336,8 @@ class RelayHandler(CustomLogger):
         task = asyncio.create_task(self._shadow(plan, prepared, depth, key_id), name="relay-shadow")
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
+        if self.metrics is not None:
+            self.metrics.track_shadow(task)
         return outcome
 
     async def _shadow(self, plan: Plan, prepared: Prepared, depth: int, key_id: str | None) -> None:
@@ -2446,6 +2469,7 @@ class _Run:
 
     async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None) -> Reply:
         handler, config, store = self.handler, self.handler.config, self.handler.store
+        await _check_caller_budget(self, model, messages)
         permit = await store.breaker_acquire(model, handler.clock())
         if permit is None:
             raise SecondaryError("breaker_open", f"the circuit breaker of {model} is open", skipped=True)
@@ -3234,8 +3258,9 @@ class StreamRelay:
             return
         surface = StreamSurface(text)
         if self.plan.mode == "shadow":
-            self.handler._start_shadow(self.plan, self.handler._prepare(self.data, text), self.outcome,
-                                       self.run.depth, self.run.key_id)
+            with _caller_books(self.data, self.handler.config, "shadow"):
+                self.handler._start_shadow(self.plan, self.handler._prepare(self.data, text), self.outcome,
+                                           self.run.depth, self.run.key_id)
         else:
             async with contextlib.aclosing(self._execute(surface, template)) as inner:
                 async for beat in inner:
@@ -3490,6 +3515,7 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
         "no-log": True,
     }
     mark_relay_call(kwargs, depth)
+    _attribute_spend(kwargs)
     if on_delta is not None:
         kwargs.update(stream=True, stream_options={"include_usage": True})
     router = _proxy_router()
@@ -3519,7 +3545,7 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     # a secondary that repeats its system prompt must not hand the client the relay's proof
     return Reply(model=model, text=_PROOF_IN_PROMPT.sub("[relay-call]", text), cost_usd=_cost_of(response),
                  truncated=getattr(choices[0], "finish_reason", None) in TRUNCATED_FINISH,
-                 output_tokens=getattr(usage, "completion_tokens", None))
+                 output_tokens=getattr(usage, "completion_tokens", None), **_tokens_of(response))
 
 
 #: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
@@ -3867,6 +3893,254 @@ def _say_in_body_without_headers(response: Any, outcome: "Outcome") -> None:
 
 
 FEATURES: Final = detect_features() if __name__ != "__main__" else LiteLLMFeatures(response_headers=True)
+
+
+# =================================================================================================
+# The operator's books: spend attribution, LiteLLM budgets, trace ids, Prometheus metrics
+# =================================================================================================
+#
+# With RELAY_SPEND_ATTRIBUTION=caller a secondary call is made the way LiteLLM's own internal
+# sub-calls are (litellm_core_utils/internal_call_metadata.py): without `no-log`, so LiteLLM's cost
+# tracker books it, and with the caller's identity in its metadata, so the spend row, the key's and
+# team's spend counters and every logging callback see the calling key. The caller's budget
+# reservation is never copied: a sub-call that finalised it would lose the parent request's spend.
+
+#: LiteLLM's metadata field naming which internal feature made a billed sub-call (spend rows keep it)
+INTERNAL_CALL_ORIGIN_KEY: Final = "internal_call_origin"
+INTERNAL_CALL_ORIGIN: Final = "relay"
+#: the caller's identity a secondary call is booked to; deliberately not `user_api_key_auth` and
+#: `user_api_key_budget_reservation`, which carry the parent request's budget reservation
+_IDENTITY_KEYS: Final = ("user_api_key", "user_api_key_hash", "user_api_key_alias", "user_api_key_team_id",
+                         "user_api_key_team_alias", "user_api_key_org_id", "user_api_key_user_id",
+                         "user_api_key_end_user_id")
+_TRACE_KWARGS: Final = ("litellm_trace_id", "litellm_session_id")
+
+
+@dataclass(frozen=True)
+class CallerBooks:
+    """Whose books one request's secondary calls go into, and the LiteLLM budgets that bound them."""
+
+    mode: str  #: the relay mode (a metrics label)
+    attributed: bool  #: RELAY_SPEND_ATTRIBUTION=caller
+    identity: Mapping[str, Any]  #: metadata copied into each secondary call
+    trace: Mapping[str, str]  #: litellm_trace_id / litellm_session_id shared with the request
+    #: ``(scope, LiteLLM spend counter, spend at auth, max_budget)`` of the caller's key and team
+    budgets: tuple[tuple[str, str, float, float], ...] = ()
+    #: LiteLLM's budget reservation of the request (read, never forwarded): what it holds on the counters
+    reservation: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any], config: "RelayConfig", mode: str) -> "CallerBooks":
+        if config.spend_attribution != "caller":
+            return cls(mode, False, {}, {})
+        bucket = _bucket(data)
+        identity = {k: bucket[k] for k in _IDENTITY_KEYS if bucket.get(k) is not None}
+        trace = {k: data[k] for k in _TRACE_KWARGS if isinstance(data.get(k), str) and data[k]}
+        budgets = []
+        for scope, owner, spend, limit, counter in (
+                ("key", "user_api_key_hash", "user_api_key_spend", "user_api_key_max_budget", "spend:key:{}"),
+                ("team", "user_api_key_team_id", "user_api_key_team_spend", "user_api_key_team_max_budget", "spend:team:{}")):
+            if bucket.get(owner) and isinstance(bucket.get(limit), (int, float)):
+                budgets.append((scope, counter.format(bucket[owner]), float(bucket.get(spend) or 0.0), float(bucket[limit])))
+        reservation = bucket.get("user_api_key_budget_reservation")
+        return cls(mode, True, identity, trace, tuple(budgets), reservation if isinstance(reservation, Mapping) else None)
+
+
+#: the books of the request whose relay work runs in this task (set around the relay work)
+_BOOKS: Final = contextvars.ContextVar("relay_caller_books", default=None)
+
+
+@contextlib.contextmanager
+def _caller_books(data: Mapping[str, Any], config: "RelayConfig", mode: str) -> Any:
+    """The request's books for work started inside the block (a shadow task copies them at creation)."""
+    token = _BOOKS.set(CallerBooks.of(data, config, mode))
+    try:
+        yield
+    finally:
+        _BOOKS.reset(token)
+
+
+def _pin_trace_id(data: dict) -> None:
+    """One trace id for the request and its secondary calls (the router would give each call its own)."""
+    if not isinstance(data.get("litellm_trace_id"), str) or not data["litellm_trace_id"]:
+        data["litellm_trace_id"] = str(uuid.uuid4())
+
+
+def _attribute_spend(kwargs: dict[str, Any]) -> None:
+    """Book a secondary call to the caller (caller mode); otherwise it stays `no-log`, out of the books.
+
+    The relay's own markers in ``kwargs["metadata"]`` win over anything copied from the caller."""
+    books = _BOOKS.get()
+    if books is None or not books.attributed:
+        return
+    kwargs.pop("no-log", None)
+    kwargs["metadata"] = {**books.identity, INTERNAL_CALL_ORIGIN_KEY: INTERNAL_CALL_ORIGIN, **kwargs.get("metadata", {})}
+    kwargs.update(books.trace)
+
+
+async def _litellm_spend(counter: str, spent_at_auth: float, reservation: Mapping[str, Any] | None) -> float:
+    """A key's or team's spend as LiteLLM's budget check reads it (its spend counter), without what
+    this request's own budget reservation still holds there (often the whole remaining budget, until
+    the primary's cost is booked); the spend known at auth when the counter cannot be read."""
+    reader = getattr(sys.modules.get("litellm.proxy.proxy_server"), "get_current_spend", None)
+    if reader is None:
+        return spent_at_auth
+    try:
+        spent = float(await reader(counter_key=counter, fallback_spend=spent_at_auth))
+    except Exception:  # noqa: BLE001 - an unreadable counter leaves the spend known at auth
+        return spent_at_auth
+    if reservation is not None and not reservation.get("finalized"):
+        for entry in reservation.get("entries") or ():
+            if isinstance(entry, Mapping) and entry.get("counter_key") == counter:
+                spent -= float(entry.get("reserved_cost") or 0.0) + float(entry.get("applied_adjustment") or 0.0)
+    return max(spent, spent_at_auth)
+
+
+async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) -> None:
+    """Refuse a secondary call (``skipped:key_budget``) that the caller's LiteLLM key or team budget
+    cannot cover: the key's or team's spend now, plus the relay's spend in this request, plus the
+    call's worst case."""
+    books = _BOOKS.get()
+    if books is None or not books.budgets:
+        return
+    handler = run.handler
+    price = handler.price(model)
+    worst = 0.0
+    if price is not None:  # unpriced: only a budget already spent refuses
+        prompt_tokens = litellm.token_counter(model=model, messages=messages)
+        worst = (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + handler.config.secondary_max_tokens * price[1]
+    for scope, counter, spent_at_auth, limit in books.budgets:
+        spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
+        if spent + worst > limit:
+            if handler.metrics is not None:
+                handler.metrics.budget_refusals.labels(scope=scope).inc()
+            raise SecondaryError("key_budget", f"the LiteLLM {scope} budget ({limit:g} USD, {spent:.6f} spent) "
+                                 f"cannot cover a call to {model} (up to {worst:.6f} USD)", skipped=True)
+
+
+def _tokens_of(response: Any) -> dict[str, int]:
+    usage = getattr(response, "usage", None)
+    return {"prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0)}
+
+
+#: breaker states as the relay_breaker_state gauge reports them
+_BREAKER_GAUGE: Final = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
+#: distinct values one label may take; later ones are reported as "other" (client-chosen model names
+#: must not grow the series without bound)
+_LABEL_VALUES_MAX: Final = 64
+#: where the metrics live across executions of this module: the proxy loads a callback module by
+#: path (not via sys.modules), so `import relay_plugin` elsewhere executes it again, and registering
+#: a metric twice in prometheus_client's registry fails
+_METRICS_HOME: Final = "_relay_plugin_metrics"
+
+
+class RelayMetrics:
+    """The relay's Prometheus metrics on prometheus_client's default registry (the one the proxy's
+    ``/metrics`` serves, or the per-process files under ``PROMETHEUS_MULTIPROC_DIR`` it aggregates).
+
+    Labels are bounded: modes, outcome classes and reasons are fixed words, model names are capped."""
+
+    def __init__(self, prometheus: Any):
+        c, g, h = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
+        self.requests = c("relay_requests", "Requests the relay saw, by outcome class and reason",
+                          ["mode", "outcome", "reason", "requested_model"])
+        self.secondary_calls = c("relay_secondary_calls", "Secondary calls made, by result (ok or the failure reason)",
+                                 ["secondary_model", "result"])
+        self.secondary_cost = c("relay_secondary_cost_usd", "USD spent on secondary calls", ["secondary_model", "mode"])
+        self.secondary_tokens = c("relay_secondary_tokens", "Tokens of secondary calls", ["secondary_model", "token_type"])
+        self.added_latency = h("relay_added_latency_seconds", "Time the relay added to a response", ["mode"],
+                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45, 90))
+        self.secondary_latency = h("relay_secondary_latency_seconds", "Duration of one secondary call", ["secondary_model"],
+                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45))
+        self.breaker_state = g("relay_breaker_state", "Circuit breaker per secondary: 0 closed, 1 half-open, 2 open",
+                               ["secondary_model"], multiprocess_mode="livemax")
+        self.budget_refusals = c("relay_budget_refusals", "Secondary work refused by a budget (relay: RELAY_BUDGET_*, "
+                                 "RELAY_MAX_CALLS; key, team: LiteLLM's max_budget)", ["scope"])
+        self.cache_requests = c("relay_cache_requests", "Relayed requests by result-cache result", ["result"])
+        self.shadow_in_flight = g("relay_shadow_in_flight", "Shadow analyses running", multiprocess_mode="livesum")
+        self._seen: dict[str, set[str]] = {}
+
+    @classmethod
+    def shared(cls) -> "RelayMetrics | None":
+        """This process's metrics, created on first use; None without prometheus_client."""
+        try:
+            import prometheus_client
+        except ImportError:
+            return None
+        metrics = getattr(prometheus_client, _METRICS_HOME, None)
+        if metrics is None:
+            metrics = cls(prometheus_client)
+            setattr(prometheus_client, _METRICS_HOME, metrics)
+        return metrics
+
+    def bounded(self, label: str, value: str) -> str:
+        seen = self._seen.setdefault(label, set())
+        if value in seen:
+            return value
+        if len(seen) >= _LABEL_VALUES_MAX:
+            return "other"
+        seen.add(value)
+        return value
+
+    def request(self, handler: "RelayHandler", data: Mapping[str, Any], outcome: "Outcome") -> None:
+        kind, _, reason = outcome.outcome.partition(":")
+        self.requests.labels(mode=outcome.mode, outcome=kind, reason=reason,
+                             requested_model=self.bounded("requested_model", str(data.get("model") or ""))).inc()
+        if outcome.models and outcome.mode != "shadow":
+            self.added_latency.labels(mode=outcome.mode).observe(outcome.latency_ms / 1000)
+        if outcome.outcome == "skipped:budget":
+            self.budget_refusals.labels(scope="relay").inc()
+        if outcome.cache:
+            self.cache_requests.labels(result=outcome.cache).inc()
+        if outcome.models:
+            self.refresh_breakers(handler, outcome.models)
+
+    def measured(self, complete: Callable[..., Any], clock: Callable[[], float]) -> Callable[..., Any]:
+        """``complete`` counted and timed (on the handler's ``clock``): calls, results, latency, cost and
+        tokens per secondary model."""
+        async def measured(model: str, messages: list[dict], **kwargs: Any) -> Reply:
+            label = self.bounded("secondary_model", model)
+            started, result = clock(), "error"
+            try:
+                reply = await complete(model, messages, **kwargs)
+                result = "ok"
+            except SecondaryError as exc:
+                result = exc.reason
+                raise
+            except asyncio.CancelledError:
+                result = "cancelled"
+                raise
+            finally:
+                self.secondary_calls.labels(secondary_model=label, result=result).inc()
+                self.secondary_latency.labels(secondary_model=label).observe(max(clock() - started, 0.0))
+            books = _BOOKS.get()
+            self.secondary_cost.labels(secondary_model=label, mode=books.mode if books else "unknown").inc(reply.cost_usd)
+            self.secondary_tokens.labels(secondary_model=label, token_type="prompt").inc(reply.prompt_tokens)
+            self.secondary_tokens.labels(secondary_model=label, token_type="completion").inc(reply.completion_tokens)
+            return reply
+        return measured
+
+    def refresh_breakers(self, handler: "RelayHandler", models: list[str]) -> None:
+        """Set the breaker gauge of ``models`` from the store: now from this process's own breakers,
+        soon from a shared store (it answers asynchronously)."""
+        if isinstance(handler.store, LocalStore):
+            for model in models:
+                state = handler.store._breaker(model).current_state(handler.clock())
+                self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+            return
+
+        async def refresh() -> None:
+            for model in models:
+                with contextlib.suppress(Exception):
+                    state = await handler.store.breaker_state(model, handler.clock())
+                    self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to refresh from
+            asyncio.get_running_loop().create_task(refresh(), name="relay-breaker-gauge")
+
+    def track_shadow(self, task: asyncio.Task) -> None:
+        self.shadow_in_flight.inc()
+        task.add_done_callback(lambda _: self.shadow_in_flight.dec())
 
 
 # =================================================================================================

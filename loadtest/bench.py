@@ -10,6 +10,8 @@ time while the others sit idle:
     relay      refine with a mock_response secondary (`sec-mock`: litellm answers it without network),
                and a primary whose secondary always answers 500 (`p-breaker`: its breaker is opened in
                the warm-up and stays open, RELAY_BREAKER_COOLDOWN_S=3600)
+    unbooked   the relay proxy's settings with RELAY_SPEND_ATTRIBUTION=none (secondary calls `no-log`):
+               against `relay` (caller, the default) it prices spend attribution per relayed request
     budget     refine with RELAY_BUDGET_USD=0: every relay is refused before any call (`skipped:budget`)
     lab        primaries whose `relay:` block points at simulated secondaries of latency L (refine,
                shadow), or at three consensus members of latency L and an aggregator of latency A
@@ -102,6 +104,7 @@ def variants() -> list[Variant]:
         Variant("baseline", "baseline", "mock-primary", "throughput", None),
         Variant("disabled", "disabled", "mock-primary", "throughput", None),
         Variant("relay-mock", "relay", "mock-primary", "throughput", "modified"),
+        Variant("relay-mock-unbooked", "unbooked", "mock-primary", "throughput", "modified"),
         Variant("breaker-open", "relay", "p-breaker", "throughput", "skipped:breaker_open"),
         Variant("budget-refused", "budget", "mock-primary", "throughput", "skipped:budget"),
         Variant("baseline-light", "baseline", "mock-primary", "latency", None),
@@ -132,7 +135,8 @@ RELAY_ENV = {"RELAY_MODE": "refine", "RELAY_SECONDARY_MODEL": "sec-mock", "RELAY
 PROXIES = {  # name: (plugin loaded, env)
     "baseline": (False, {}),
     "disabled": (True, {"RELAY_ENABLED": "false"}),
-    "relay": (True, {**RELAY_ENV, "RELAY_BREAKER_COOLDOWN_S": "3600"}),
+    "relay": (True, {**RELAY_ENV, "RELAY_BREAKER_COOLDOWN_S": "3600", "RELAY_SPEND_ATTRIBUTION": "caller"}),
+    "unbooked": (True, {**RELAY_ENV, "RELAY_SPEND_ATTRIBUTION": "none"}),
     "budget": (True, {**RELAY_ENV, "RELAY_BUDGET_USD": "0"}),
     "lab": (True, RELAY_ENV),
 }
@@ -270,6 +274,8 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
         Figure("throughput: plugin loaded, disabled / no plugin", "disabled", "baseline", "ratio", 0.99),
         Figure("throughput: relay on, mock_response secondary / no plugin", "relay-mock", "baseline", "ratio", 0.90),
         Figure("throughput: breaker open / no plugin", "breaker-open", "baseline", "ratio", 0.97),
+        # the cost of RELAY_SPEND_ATTRIBUTION=caller: LiteLLM's logging of the secondary call (no database here)
+        Figure("throughput: relay on, spend attribution caller / none", "relay-mock", "relay-mock-unbooked", "ratio", 0.95),
         Figure("throughput: budget refused / no plugin", "budget-refused", "baseline", "ratio", 0.97),
         Figure(f"added p50: refine, secondary of latency L={latency_ms:g} ms", "refine-L", "baseline-light", "added",
                latency_ms + 5),

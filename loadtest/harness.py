@@ -96,7 +96,7 @@ def start_simulator(directory: Path, model_config: dict, force_markers: dict | N
 def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict[str, str]) -> stack.Proxy:
     config = write_config(directory, model_list, plugin)
     env = {"RELAY_LOG_LEVEL": "warning", **env}
-    return stack.start_proxy(config, env, workdir=directory)
+    return stack.start_proxy(config, env, workdir=directory, timeout=300)  # six proxies start at once on a busy machine
 
 
 def sim_get(url: str, path: str) -> dict:

@@ -126,11 +126,12 @@ def proxy_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdir: Path | None = None,
-                log_dir: Path | None = None, timeout: float = 90) -> Proxy:
+                log_dir: Path | None = None, timeout: float = 90, args: tuple[str, ...] = ()) -> Proxy:
     """Run ``litellm --config`` with ``env`` (on top of a clean environment) and wait until it is live.
 
     With ``workdir`` the config and relay_plugin.py are copied there first, so the plugin is loaded
-    from the config's directory exactly as an operator's drop-in is.
+    from the config's directory exactly as an operator's drop-in is. ``args`` go to ``litellm`` as they
+    are (e.g. ``("--num_workers", "2")``).
     """
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
     log_path = (log_dir or config_path.parent) / f"proxy-{port}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
+        [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
         cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -153,6 +154,20 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
         stop(proc)
         raise
     return Proxy(proc, url, full_env["LITELLM_MASTER_KEY"], log_path, config_path.parent, full_env)
+
+
+def metrics_config(directory: Path) -> Path:
+    """proxy_config.yaml plus LiteLLM's `prometheus` callback, which serves /metrics (the relay's
+    metrics included), written into ``directory``; the plain file stays a minimal drop-in example."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "proxy_config.yaml").read_text())
+    callbacks = config["litellm_settings"]["callbacks"]
+    callbacks = [callbacks] if isinstance(callbacks, str) else list(callbacks)
+    config["litellm_settings"]["callbacks"] = callbacks + ["prometheus"]
+    path = directory / "proxy_config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def run() -> None:
@@ -179,7 +194,7 @@ def run() -> None:
     port = int(os.environ.get("PORT", "4000"))
     print(f"starting the LiteLLM proxy with the relay on 127.0.0.1:{port} (simulated providers at {sim.url}) ...", flush=True)
     try:
-        proxy = start_proxy(ROOT / "proxy_config.yaml", env, port=port, log_dir=state)
+        proxy = start_proxy(metrics_config(state), env, port=port, workdir=state)
     except Exception:
         sim.stop()
         raise
@@ -189,11 +204,15 @@ relay is running.
   URL          {proxy.url}
   master key   {key}
   proxy log    {proxy.log_path}
+  metrics      {proxy.url}/metrics/ (Prometheus scrape target; bearer token: the master key)
   mode         {env['RELAY_MODE']} (secondary {env['RELAY_SECONDARY_MODEL']}; set RELAY_* to change)
 
 try it:
   curl -si {proxy.url}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
     -d '{{"model": "local-llama", "messages": [{{"role": "user", "content": "Why is the sky blue?"}}]}}' | grep -i '^x-relay'
+
+scrape the relay's metrics (relay_*, beside LiteLLM's litellm_*; dashboard: docs/grafana-relay.json):
+  curl -s {proxy.url}/metrics/ -H 'Authorization: Bearer {key}' | grep '^relay_'
 
 Ctrl-C stops the proxy and the simulator.""", flush=True)
     try:

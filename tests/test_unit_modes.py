@@ -1050,8 +1050,21 @@ async def test_pre_call_keeps_a_chat_block_in_metadata():
 async def test_pre_call_leaves_a_request_without_a_block_alone():
     data = messages_data(metadata={"user_id": "u1"})
     before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    await pre_call(make_handler(FakeSecondary({})), data)
+    await pre_call(make_handler(FakeSecondary({}), SPEND_ATTRIBUTION="none"), data)
     assert data == before
+
+
+async def test_pre_call_pins_one_trace_id_for_the_request_and_keeps_one_already_set():
+    handler = make_handler(FakeSecondary({}))  # RELAY_SPEND_ATTRIBUTION=caller by default
+    data = messages_data(metadata={"user_id": "u1"})
+    await pre_call(handler, data)
+    pinned = data["litellm_trace_id"]
+    await pre_call(handler, data)
+    assert data["litellm_trace_id"] == pinned and len(pinned) == 36
+    given = messages_data(metadata={})
+    given["litellm_trace_id"] = "trace-from-upstream"
+    await pre_call(handler, given)
+    assert given["litellm_trace_id"] == "trace-from-upstream"
 
 
 async def test_a_block_moved_by_pre_call_is_applied_after_the_call():
