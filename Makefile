@@ -97,3 +97,18 @@ real-install: $(STAMP_REAL)
 lock-real:
 	$(PY) -m pip install --quiet pip-tools
 	$(PY) -m piptools compile --generate-hashes --allow-unsafe --quiet --no-emit-find-links --no-emit-index-url -o requirements-real.lock requirements-real.in
+
+# make loadtest adds the real-model scenarios, so it installs the real tier first (like make real)
+loadtest: $(STAMP_REAL)
+
+## real: llama.cpp's server with SmolLM2 + the simulator + the proxy with the relay (primary: the real model); prints what to curl
+real: $(STAMP) $(STAMP_REAL)
+	$(PY) -m sim.real run
+
+## test-real: the tests marked `real` (every mode through the proxy on the real model; the relay's contract on a real judge)
+test-real: $(STAMP) $(STAMP_REAL)
+	$(PY) -m pytest -m real tests/test_real.py
+
+## bench-judge: SmolLM2 as the guard judge over loadtest/judge_answers.jsonl, prompt vs schema: parse rate and added latency
+bench-judge: $(STAMP) $(STAMP_REAL)
+	$(PY) -m loadtest.bench_judge
