@@ -15,7 +15,8 @@ Reported per way: the share of verdicts the relay could parse (the rest are ``fa
 how many of those agreed with the expected allow/block, and the relay's added latency (its own
 ``latency_ms``: the judge call plus the relay's work), p50 and p95. The table is printed, written to
 ``loadtest/results/bench_judge.json`` and put into README.md between the ``bench-judge`` markers.
-Requests run one at a time (llama.cpp serves one at a time anyway), temperature 0, fixed seed.
+Requests run one at a time (llama.cpp serves one at a time anyway), temperature 0, fixed seed; one
+uncounted warm-up call per way first.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ async def judge_all(router: litellm.Router, rows: list[dict], way: str) -> list[
         "RELAY_APPLY_TO": "*", "RELAY_LOG_LEVEL": "error"})
     handler = relay_plugin.RelayHandler(config)
     results = []
+    warm = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "metadata": {},
+            "litellm_call_id": f"bench-judge-warm-{way}-{time.time_ns()}"}
+    await handler.async_post_call_success_hook(warm, None, litellm.ModelResponse(model="smollm2", choices=[
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hello!"}}]))  # not counted
     for index, row in enumerate(rows):
         data = {"model": "smollm2", "messages": [{"role": "user", "content": row["question"]}],
                 "litellm_call_id": f"bench-judge-{way}-{index}-{time.time_ns()}", "metadata": {}}

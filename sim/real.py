@@ -98,7 +98,9 @@ def real_deployment(name: str, llama_url: str, relay: dict | None = None, *, max
                     **model_info) -> dict:
     """A model_list entry on the real model (OpenAI-compatible), deterministic, judged in llama.cpp's dialect;
     ``max_tokens`` caps the answers of clients that send none."""
-    params = {"model": f"openai/{MODEL_ALIAS}", "api_base": llama_url + "/v1", "api_key": "not-needed", **DETERMINISTIC}
+    # litellm's `llamafile/` provider is its OpenAI-compatible client for llama.cpp servers; with `openai/`
+    # the proxy would send /v1/messages clients to the Responses API, which llama.cpp's server lacks
+    params = {"model": f"llamafile/{MODEL_ALIAS}", "api_base": llama_url + "/v1", "api_key": "not-needed", **DETERMINISTIC}
     if max_tokens is not None:
         params["max_tokens"] = max_tokens
     entry = {"model_name": name, "litellm_params": params, "model_info": {**LLAMA_CPP_JUDGE, **model_info}}

@@ -58,7 +58,8 @@ def clients(stack):
 
 
 def ask(clients, model: str, content: str, *, endpoint: str = "chat", stream: bool = False):
-    """``(outcome, text, relay)`` of one request: the outcome from the header, or from the stream's relay object."""
+    """``(outcome, text, relay)`` of one request: the outcome from the header, or from the stream's relay object.
+    (Temperature 0 comes from the deployment; this anthropic SDK takes no ``temperature`` argument.)"""
     chat, messages = clients
     prompt = [{"role": "user", "content": content}]
     if endpoint == "chat" and not stream:
@@ -73,11 +74,10 @@ def ask(clients, model: str, content: str, *, endpoint: str = "chat", stream: bo
         assert len(relays) == 1, f"expected one relay object in the stream, got {len(relays)}"
         return relays[0]["outcome"], "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), relays[0]
     if not stream:
-        raw = messages.messages.with_raw_response.create(model=model, messages=prompt, max_tokens=MAX_TOKENS,
-                                                          temperature=0)
+        raw = messages.messages.with_raw_response.create(model=model, messages=prompt, max_tokens=MAX_TOKENS)
         body = raw.parse()
         return raw.headers["x-relay-outcome"], "".join(b.text for b in body.content if b.type == "text"), None
-    with messages.messages.stream(model=model, messages=prompt, max_tokens=MAX_TOKENS, temperature=0) as events:
+    with messages.messages.stream(model=model, messages=prompt, max_tokens=MAX_TOKENS) as events:
         deltas = [e for e in events if e.type == "message_delta"]
         final = events.get_final_message()
     relay = deltas[-1].model_extra["relay"]
