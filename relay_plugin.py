@@ -255,6 +255,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("ANNOTATE_TARGET", _choice("body", "append"), "body", "`body`: analysis in a top-level `relay` object; `append`: analysis appended to the answer text.", plan=True),
     _Var("ESCALATE_MODEL", _model, None, "Premium model that answers when the judge's score is below the threshold. Required for `escalate`.", plan=True),
     _Var("ESCALATE_THRESHOLD", _number(float, 0, 10), 7.0, "Judge score (0-10) below which the request escalates.", plan=True),
+    _Var("JUDGE_FORMAT", _choice("auto", "schema", "prompt"), "auto", "How guard verdicts and escalate scores are asked for: `schema` requests structured output (a JSON schema as `response_format`, which litellm translates for each provider); `prompt` only the instructions (everywhere); `auto` uses `schema` where the secondary supports it (litellm's `supports_response_schema` for the model, or its deployment's `model_info.supports_response_schema`). A deployment's `model_info.relay_judge_format` (`schema`, `json_object` or `prompt`) beats both `auto` and `schema` (`json_object`: the `{\"type\": \"json_object\", \"schema\": ...}` form of llama-cpp-python's server). Replies are parsed just as strictly either way."),
     _Var("CONSENSUS_MODELS", _model_list, (), "Comma-separated models that answer concurrently in `consensus`. Required for `consensus`.", plan=True),
     _Var("SAMPLE_RATE", _number(float, 0, 1), 1.0, "Fraction of eligible requests relayed in `shadow` mode.", plan=True),
     _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1, 100_000), 32, "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
@@ -427,6 +428,7 @@ class RelayConfig:
     allow_unpriced: bool
     cache_ttl_s: float
     cache_max_entries: int
+    judge_format: str
     state: str | None
     redis_url: str | None
     redis_prefix: str
@@ -629,6 +631,93 @@ def parse_judge_score(reply: str) -> tuple[float, str]:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 10 or not isinstance(reason, str):
         raise SecondaryError("bad_verdict", 'expected {"score": 0-10, "reason": "..."}')
     return float(score), reason
+
+
+# =================================================================================================
+# Structured output for the judges (RELAY_JUDGE_FORMAT)
+# =================================================================================================
+# A small judge does not follow "reply with strict JSON" reliably; asked for a JSON schema through the
+# provider's structured-output feature (litellm translates OpenAI's ``response_format`` for each
+# provider), its decoder is held to the schema. The reply still goes through parse_verdict /
+# parse_judge_score unchanged: the schema makes a valid verdict likelier, it never turns an
+# unparseable one into an allow.
+
+#: {"verdict": "allow"|"block", "reason": "..."}: what parse_verdict accepts
+VERDICT_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"verdict": {"type": "string", "enum": ["allow", "block"]}, "reason": {"type": "string"}},
+    "required": ["verdict", "reason"],
+    "additionalProperties": False,
+}
+#: {"score": 0..10, "reason": "..."}: an enum rather than minimum/maximum, which some providers'
+#: structured output (Anthropic's) does not accept; parse_judge_score still checks the range
+SCORE_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "enum": list(range(11))}, "reason": {"type": "string"}},
+    "required": ["score", "reason"],
+    "additionalProperties": False,
+}
+#: how a secondary is asked for JSON: "prompt" (the instructions only), "schema" (OpenAI's
+#: ``json_schema`` response_format, which litellm translates per provider) or "json_object"
+#: (``{"type": "json_object", "schema": ...}``, the dialect of llama-cpp-python's server)
+JUDGE_STYLES: Final = ("prompt", "schema", "json_object")
+#: model_info key of a secondary's deployment that names its style (beats litellm's capability map)
+JUDGE_STYLE_KEY: Final = "relay_judge_format"
+_JUDGE_STYLE_CACHE: dict[tuple[int, str], str] = {}
+
+
+def judge_response_format(name: str, schema: Mapping[str, Any], style: str) -> dict | None:
+    """The ``response_format`` of a judge call in ``style`` (None: prompt only)."""
+    if style == "json_object":
+        return {"type": "json_object", "schema": dict(schema)}
+    if style == "schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": dict(schema), "strict": True}}
+    return None
+
+
+def _deployment_style(setting: str, model: str, model_info: Mapping[str, Any]) -> str:
+    """The style of one deployment (or of a plain litellm model string, with empty ``model_info``)."""
+    declared = model_info.get(JUDGE_STYLE_KEY)
+    if declared in JUDGE_STYLES:  # the operator's word on this deployment is the most specific
+        return declared
+    if setting == "schema":
+        return "schema"
+    flag = model_info.get("supports_response_schema")
+    if isinstance(flag, bool):
+        return "schema" if flag else "prompt"
+    try:
+        return "schema" if litellm.supports_response_schema(model=model) else "prompt"
+    except Exception:  # noqa: BLE001 - a model litellm cannot place does not support it as far as we know
+        return "prompt"
+
+
+def judge_style(setting: str, model: str) -> str:
+    """How to ask ``model`` for a judge's JSON under ``RELAY_JUDGE_FORMAT=setting``.
+
+    ``prompt``: always the instructions only. ``auto``: for a ``model_name`` of the proxy, each of its
+    deployments' ``model_info`` decides (``relay_judge_format``, else litellm's own
+    ``supports_response_schema`` flag, else litellm's capability map for the deployment's model); for
+    any other model string, litellm's map. ``schema``: structured output for every judge, except on
+    deployments whose ``relay_judge_format`` says otherwise. Deployments of one name that disagree get ``prompt`` (the router
+    picks one after the request is built).
+    """
+    if setting == "prompt":
+        return "prompt"
+    router = _proxy_router()
+    cache_key = (id(router), f"{setting}:{model}")
+    if cache_key in _JUDGE_STYLE_CACHE:
+        return _JUDGE_STYLE_CACHE[cache_key]
+    deployments = []
+    if router is not None and model in (router.model_names or ()):
+        deployments = [((d.get("litellm_params") or {}).get("model") or model, d.get("model_info") or {})
+                       for d in router.get_model_list(model_name=model) or []]
+    styles = {_deployment_style(setting, name, info) for name, info in deployments or [(model, {})]}
+    style = styles.pop() if len(styles) == 1 else "prompt"
+    if len(_JUDGE_STYLE_CACHE) > 1024:
+        _JUDGE_STYLE_CACHE.clear()
+    _JUDGE_STYLE_CACHE[cache_key] = style
+    log.debug("relay: judge calls to %s ask for JSON by %s", model, style)
+    return style
 
 
 # =================================================================================================
@@ -2424,7 +2513,7 @@ class _Run:
         return self._prepared[1]
 
     async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False,
-                   live: bool = True) -> Reply:
+                   live: bool = True, response_format: dict | None = None) -> Reply:
         """One secondary answer. ``key`` names what the answer depends on, for the cache; ``final``
         says the answer becomes the client's answer, so a stream may send it on as it arrives (unless
         ``live`` is False: it must be restored first) and a truncated one is refused."""
@@ -2443,7 +2532,7 @@ class _Run:
         attempt = 0
         while True:
             try:
-                reply = await self._attempt(model, messages, sink)
+                reply = await self._attempt(model, messages, sink, response_format)
                 break
             except SecondaryError as exc:
                 if not exc.retryable or attempt >= config.retries or self.streamed:
@@ -2467,7 +2556,8 @@ class _Run:
         self.streamed += text
         await sink(text)
 
-    async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None) -> Reply:
+    async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None,
+                       response_format: dict | None = None) -> Reply:
         handler, config, store = self.handler, self.handler.config, self.handler.store
         await _check_caller_budget(self, model, messages)
         permit = await store.breaker_acquire(model, handler.clock())
@@ -2482,6 +2572,8 @@ class _Run:
             started = handler.clock()
             remaining = self.deadline_at - started
             streaming = {"on_delta": lambda text: self._emit(sink, text)} if sink is not None else {}
+            if response_format is not None:  # only judges ask for it; other callers keep their signature
+                streaming["response_format"] = response_format
             reply = await handler._complete(
                 model, messages, max_tokens=config.secondary_max_tokens,
                 timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
@@ -2578,13 +2670,15 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
     instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
     size = max(run.handler.config.max_input_chars // 2, 1)  # what Prepared.build leaves an answer unclipped
     turns = conversation_of(data)
+    structured = _judge_format(run, plan.secondary_model, "relay_verdict", VERDICT_SCHEMA)
     verdict, reason = "allow", ""
     for answer in answers:
         windows = guard_windows(answer, size)
         for number, window in enumerate(windows, 1):
             prepared = run.handler._prepare_turns(turns, window)
             reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                                   key=(instructions, prepared.turns, prepared.answer))
+                                   key=(instructions, prepared.turns, prepared.answer, *structured.values()),
+                                   **structured)
             verdict, reason = parse_verdict(reply.text)
             if verdict == "block":
                 break
@@ -2595,6 +2689,12 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
         if plan.guard_action == "error":
             raise RelayRejected(400, f"relay guard blocked the answer: {run.outcome.reason}", run.outcome)
         _block(plan, surface, run.outcome)
+
+
+def _judge_format(run: _Run, model: str, name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The judge call's extra keyword: ``{"response_format": ...}`` or nothing (RELAY_JUDGE_FORMAT)."""
+    response_format = judge_response_format(name, schema, judge_style(run.handler.config.judge_format, model))
+    return {"response_format": response_format} if response_format is not None else {}
 
 
 def _block(plan: Plan, surface: Surface, outcome: "Outcome") -> None:
@@ -2618,8 +2718,9 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
 async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
+    structured = _judge_format(run, plan.secondary_model, "relay_score", SCORE_SCHEMA)
     judged = await run.call(plan.secondary_model, review_messages(JUDGE_INSTRUCTIONS, prepared),
-                            key=(JUDGE_INSTRUCTIONS, prepared.turns, prepared.answer))
+                            key=(JUDGE_INSTRUCTIONS, prepared.turns, prepared.answer, *structured.values()), **structured)
     score, reason = parse_judge_score(judged.text)
     run.outcome.reason = f"score {score:g}: {reason}"
     if score >= plan.escalate_threshold:
@@ -3501,7 +3602,7 @@ def _proxy_router() -> Any:
 
 
 async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int,
-                            on_delta: Callable[[str], Any] | None = None) -> Reply:
+                            on_delta: Callable[[str], Any] | None = None, response_format: dict | None = None) -> Reply:
     """One secondary call: a ``model_name`` of the proxy goes through its router, anything else to litellm.
 
     With ``on_delta`` the call streams and each text delta is awaited through it as it arrives.
@@ -3518,6 +3619,8 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     _attribute_spend(kwargs)
     if on_delta is not None:
         kwargs.update(stream=True, stream_options={"include_usage": True})
+    if response_format is not None:
+        kwargs["response_format"] = response_format
     router = _proxy_router()
     try:
         async with asyncio.timeout(timeout):

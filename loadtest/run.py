@@ -32,6 +32,11 @@ Invariants (each scenario checks those that apply)
 - no ``failed:*`` relay outcome while the secondary is healthy;
 - spend (the sum of ``x-relay-cost-usd``, warm-up included) never above ``RELAY_BUDGET_USD``, and the
   budget scenario does reach its cap;
+- real (``real-baseline``, ``real-guard``, run when the real tier is installed: ``make real-install``):
+  the primary is SmolLM2-135M on llama.cpp's server (sim/real.py), chat and streamed chat, 2 users (the
+  server answers one request at a time), answers capped at 48 tokens; the report adds the model's own
+  generation speed (tokens/s, measured right after the run) and the relay's added latency relative to
+  the real model's own (real-guard's p50 against real-baseline's);
 - breaker: it opened, and while it was open (a run of ``skipped:breaker_open`` answers) the failing
   secondary received no calls beyond the half-open probes (``/_sim/stats`` sampled every 0.2 s);
   after the secondary healed the relay got through again.
@@ -42,11 +47,13 @@ import json
 import shutil
 import sys
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest import harness as h
+from sim import real
 
 PRIMARIES = ("mock-primary", "ollama-primary")
 MODES = ("refine", "guard", "annotate", "escalate", "consensus", "shadow")
@@ -77,7 +84,7 @@ class Scenario:
     duration: float | None = None  #: None: --duration
     relay_on: bool = True
     healthy: bool = True  #: the secondary is healthy throughout: a failed:* outcome is a bug
-    kind: str = "mode"  #: mode | breaker | budget
+    kind: str = "mode"  #: mode | breaker | budget | real
 
     def __post_init__(self):
         if self.plugin and self.relay_on:
@@ -99,11 +106,20 @@ def scenarios() -> dict[str, Scenario]:
                  env={"RELAY_MODE": "refine", "RELAY_SECONDARY_MAX_TOKENS": "128"}),
         Scenario("smoke", "CI smoke: refine on the mock primary", mix=("chat", "messages"), models=("mock-primary",),
                  users=4, duration=5),
+        Scenario("real-baseline", "the real model (SmolLM2 on llama.cpp), no plugin", plugin=False, relay_on=False,
+                 kind="real", mix=REAL_MIX, models=(REAL_PRIMARY,), users=2),
+        Scenario("real-guard", "the real model, RELAY_MODE=guard (simulated judge)", kind="real", mix=REAL_MIX,
+                 models=(REAL_PRIMARY,), users=2, env={"RELAY_MODE": "guard", "RELAY_APPLY_TO": REAL_PRIMARY}),
     ]
     return {s.name: s for s in found}
 
 
-DEFAULT_RUN = ("baseline", "disabled", *MODES, "breaker", "budget")
+REAL_PRIMARY = "smollm2"
+REAL_MIX = ("chat", "chat-stream")
+REAL_MAX_TOKENS = 48
+#: the real-model scenarios join the default run when the real tier is installed (make real-install)
+REAL_RUN = ("real-baseline", "real-guard") if real.installed() else ()
+DEFAULT_RUN = ("baseline", "disabled", *MODES, "breaker", "budget", *REAL_RUN)
 
 
 def model_list(sim_url: str) -> list[dict]:
@@ -163,25 +179,65 @@ def run_scenario(s: Scenario, args: argparse.Namespace, root: Path) -> Result:
                            f"{args.hang_rate:.0%} hangs from "
                            f"t={fail_at:g}s, healthy again from t={heal_at:g}s")
     sim = h.start_simulator(directory, shape)
-    proxy = None
+    proxy = llama = None
     try:
-        proxy = h.start_proxy(directory / "proxy", model_list(sim.url), s.plugin, env)
+        models = model_list(sim.url)
+        if s.kind == "real":
+            llama = real.start_llama(directory / "llama.log")
+            models.append(real.real_deployment(REAL_PRIMARY, llama.url, max_tokens=REAL_MAX_TOKENS))
+        proxy = h.start_proxy(directory / "proxy", models, s.plugin, env)
         for kind in s.mix:
             for model in s.models:
                 for _ in range(2):
                     result.warm.append(h.send(proxy, kind, model))
         result.run = h.run_locust(proxy, directory, users=users, duration=duration, mix=s.mix, models=s.models,
                                   rate=s.rate, sim_url=sim.url, phases=phases, extra_groups={"sim": sim.proc.pid})
+        if llama is not None:
+            result.info.append(real_generation_speed(llama.url))
     except Exception as exc:  # noqa: BLE001 - reported as a broken scenario, the others still run
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         if proxy is not None:
             proxy.stop()
+        if llama is not None:
+            llama.stop()
         sim.stop()
     if result.run is not None:
         check(result, env)
     (directory / "summary.json").write_text(json.dumps(summary_dict(result), indent=2))
     return result
+
+
+def real_generation_speed(llama_url: str, requests: int = 3) -> str:
+    """The real model's own speed, straight from llama.cpp (no proxy): completion tokens per second."""
+    tokens, seconds = 0, 0.0
+    for i in range(requests):
+        body = {"model": real.MODEL_ALIAS, "max_tokens": REAL_MAX_TOKENS, **real.DETERMINISTIC,
+                "messages": [{"role": "user", "content": f"Describe the sea in a few sentences ({i})."}]}
+        request = urllib.request.Request(llama_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        began = time.monotonic()
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            usage = json.loads(resp.read()).get("usage") or {}
+        seconds += time.monotonic() - began
+        tokens += int(usage.get("completion_tokens") or 0)
+    return (f"real model alone (llama.cpp, one request at a time): {tokens / seconds:.1f} completion tokens/s "
+            f"({tokens} tokens in {seconds:.1f}s over {requests} requests)")
+
+
+def real_added_latency(results: list["Result"]) -> None:
+    """real-guard's p50 against real-baseline's: what the relay adds on top of the real model's own latency."""
+    by_name = {r.scenario.name: r for r in results if r.run is not None}
+    base, relayed = by_name.get("real-baseline"), by_name.get("real-guard")
+    if base is None or relayed is None:
+        return
+    for kind in REAL_MIX:
+        one = [x["ms"] for x in base.run.records if x["name"].split()[0] == kind]
+        two = [x["ms"] for x in relayed.run.records if x["name"].split()[0] == kind]
+        if one and two:
+            p_base, p_relay = h.percentile(one, 50), h.percentile(two, 50)
+            relayed.info.append(f"{kind}: relay added {p_relay - p_base:+.0f} ms to the real model's p50 of "
+                                f"{p_base:.0f} ms ({(p_relay - p_base) / p_base:+.0%})")
 
 
 # =================================================================================================
@@ -419,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         verdict = "ERROR " + result.error if result.error else ("PASS" if result.passed else "FAIL")
         print(f"{verdict} ({time.monotonic() - began:.0f}s)", flush=True)
+    real_added_latency(results)
     text = report(results, info)
     print("\n" + text, flush=True)
     (args.results / "summary.md").write_text(text + "\n")

@@ -52,7 +52,7 @@ def check_run(provider: cs.Provider, case: str, result) -> None:
             raise RecordingFailed(f"the stream gave no text or no usage: {result}")
         return
     outcome = result.headers.get("x-relay-outcome")
-    wanted = {"plain": ("modified",), "judge": ("blocked",),
+    wanted = {"plain": ("modified",), "judge": ("blocked",), "judge_schema": ("blocked",),
               "error": ("failed:rate_limited", "failed:provider_error")}[case]
     if outcome not in wanted:
         raise RecordingFailed(f"outcome {outcome!r}, wanted {' or '.join(wanted)}; reason: "

@@ -37,6 +37,19 @@ Markers are searched in all the text of the request (system prompt and every mes
     "score"            (an escalate judge prompt) {"score": 2, ...} with SIM:LOWSCORE, else 9
     SIM:ANSWER=<text>  <text> up to the end of the line or a closing parenthesis
     otherwise          "<model> says: <last user message, first 200 characters>"
+Structured output, asked for the way each provider takes it (what litellm 1.106.12 sends for an
+OpenAI ``response_format`` of type ``json_schema``):
+    openai, azure, mistral  ``response_format`` {"type": "json_schema", "json_schema": {"name", "schema"}}
+                            (a missing name or schema is the provider's 400)
+    anthropic               ``output_format`` {"type": "json_schema", "schema"}, only with the
+                            ``anthropic-beta: structured-outputs-2025-11-13`` header (else 400); or a
+                            tool forced by ``tool_choice`` {"type": "tool", "name"}: a ``tool_use`` block
+    gemini                  ``generationConfig.response_mime_type: application/json`` with
+                            ``response_json_schema`` or ``response_schema`` (a schema without the JSON
+                            MIME type is the provider's 400)
+    bedrock                 ``toolConfig`` with ``toolChoice: {"tool": {"name"}}``: a ``toolUse`` block
+    ollama                  ``format``: "json" or a JSON schema
+The answer is then a JSON object satisfying the schema, with the judge's values above where they fit.
 Usage: one token per whitespace-separated word of the request text (prompt) and of the answer
 (completion), reported in each provider's own usage fields, so cost accounting is exercised.
 Every response carries the provider's request-id style headers (and OpenAI/Mistral a cookie), so
@@ -63,6 +76,8 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from sim.providers import forced_tool, judged_values, ollama_schema, openai_schema, schema_instance
+
 PROVIDERS = ("openai", "azure", "anthropic", "ollama", "gemini", "bedrock", "mistral")
 
 #: The model name a provider reports back for a requested alias (as the real services do).
@@ -86,6 +101,7 @@ class Turn:
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
+    schema: dict | None = None  #: structured output: the JSON schema the answer satisfies ({} = any object)
 
 
 @dataclass
@@ -125,6 +141,8 @@ def compose(turn: Turn) -> Answer:
         answer = ANSWER_RE.findall(text)[-1].strip()
     else:
         answer = f"{turn.model} says: {' '.join(turn.last_user.split())[:200]}"
+    if turn.schema is not None:
+        answer = json.dumps(schema_instance(turn.schema, judged_values(answer)))
     finish = "stop"
     words = answer.split()
     if turn.max_tokens is not None and len(words) > turn.max_tokens:
@@ -184,11 +202,18 @@ def openai_turn(body: dict) -> Turn:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise Reject(400, "'messages' is a required property")
     options = body.get("stream_options")
+    wanted = body.get("response_format")
+    if isinstance(wanted, dict) and wanted.get("type") == "json_schema":
+        spec = wanted.get("json_schema")
+        for name in ("name", "schema"):
+            if not isinstance(spec, dict) or name not in spec:
+                raise Reject(400, f"Missing required parameter: 'response_format.json_schema.{name}'.")
     return chat_turn(
         str(body.get("model", "")), None, body["messages"],
         stream=body.get("stream") is True,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         max_tokens=positive(body.get("max_completion_tokens")) or positive(body.get("max_tokens")),
+        schema=openai_schema(body),
     )
 
 
@@ -345,7 +370,7 @@ class OpenAIChat:
 
 ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error",
                     500: "api_error", 529: "overloaded_error"}
-ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens"}
+ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_use": "tool_use"}
 
 
 class AnthropicMessages:
@@ -367,8 +392,13 @@ class AnthropicMessages:
         body = await emu.json_body(request)
         if positive(body.get("max_tokens")) is None:
             raise Reject(400, "max_tokens: Field required")
+        output_format = body.get("output_format")
+        if output_format is not None and "structured-outputs-2025-11-13" not in request.headers.get("anthropic-beta", ""):
+            raise Reject(400, "output_format: Extra inputs are not permitted")
+        schema = output_format.get("schema") if isinstance(output_format, dict) else None
         turn = chat_turn(str(body.get("model", "")), body.get("system"), body.get("messages"),
-                         stream=body.get("stream") is True, max_tokens=positive(body.get("max_tokens")))
+                         stream=body.get("stream") is True, max_tokens=positive(body.get("max_tokens")),
+                         schema=schema if isinstance(schema, dict) else None)
         status = error_status(turn)
         if status:
             message = {529: "Overloaded", 429: "Number of request tokens has exceeded your per-minute rate limit"}.get(
@@ -376,9 +406,16 @@ class AnthropicMessages:
             extra = {"retry-after": "1"} if status == 429 else {}
             return web.json_response(self.error(status, message, request_id), status=status, headers={**headers, **extra})
         answer = compose(turn)
+        content: list[dict] = [{"type": "text", "text": answer.text}]
+        tool = forced_tool(body.get("tool_choice"))
+        tools = {t.get("name"): t for t in body.get("tools") or [] if isinstance(t, dict)}
+        if tool in tools and not turn.stream:  # the forced tool is called with the judge's values
+            arguments = schema_instance(tools[tool].get("input_schema"), judged_values(answer.text))
+            content = [{"type": "tool_use", "id": new_id("toolu_01"), "name": tool, "input": arguments}]
+            answer.finish = "tool_use"
         message = {
             "id": new_id("msg_01"), "type": "message", "role": "assistant", "model": turn.model,
-            "content": [{"type": "text", "text": answer.text}],
+            "content": content,
             "stop_reason": ANTHROPIC_STOP[answer.finish], "stop_sequence": None,
             "usage": {"input_tokens": answer.prompt_tokens, "cache_creation_input_tokens": 0,
                       "cache_read_input_tokens": 0, "output_tokens": answer.completion_tokens,
@@ -426,7 +463,7 @@ class OllamaChat:
             raise Reject(400, "model is required")
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         turn = chat_turn(str(body["model"]), None, body.get("messages"), stream=body.get("stream", True) is not False,
-                         max_tokens=positive(options.get("num_predict")))
+                         max_tokens=positive(options.get("num_predict")), schema=ollama_schema(body))
         status = error_status(turn)
         if status:
             message = "the model failed to generate a response" if status >= 500 else "too many requests"
@@ -488,8 +525,15 @@ class GeminiGenerate:
         config = body.get("generationConfig") or body.get("generation_config") or {}
         system = body.get("system_instruction") or body.get("systemInstruction")
         messages = [{"role": c.get("role", "user"), "content": c.get("parts", [])} for c in body["contents"]]
+        schema = next((config[k] for k in ("response_json_schema", "responseJsonSchema", "response_schema",
+                                           "responseSchema") if isinstance(config.get(k), dict)), None)
+        mime = config.get("response_mime_type") or config.get("responseMimeType")
+        if schema is not None and mime != "application/json":
+            raise Reject(400, "* GenerateContentRequest.generation_config.response_mime_type: a response schema "
+                              "requires response_mime_type application/json")
         turn = chat_turn(model, system, messages, stream=method == "streamGenerateContent",
-                         max_tokens=positive(config.get("max_output_tokens") or config.get("maxOutputTokens")))
+                         max_tokens=positive(config.get("max_output_tokens") or config.get("maxOutputTokens")),
+                         schema=schema if schema is not None else ({} if mime == "application/json" else None))
         status = error_status(turn)
         if status:
             message = {503: "The model is overloaded. Please try again later.",
@@ -579,6 +623,18 @@ class BedrockConverse:
         answer = compose(turn)
         usage = {"inputTokens": answer.prompt_tokens, "outputTokens": answer.completion_tokens,
                  "totalTokens": answer.prompt_tokens + answer.completion_tokens}
+        tool_config = body.get("toolConfig") if isinstance(body.get("toolConfig"), dict) else {}
+        tool = ((tool_config.get("toolChoice") or {}).get("tool") or {}).get("name")
+        specs = {t["toolSpec"].get("name"): t["toolSpec"] for t in tool_config.get("tools") or []
+                 if isinstance(t, dict) and isinstance(t.get("toolSpec"), dict)}
+        if tool in specs and not stream:  # the forced tool is called with the judge's values
+            schema = (specs[tool].get("inputSchema") or {}).get("json")
+            call = {"toolUseId": new_id("tooluse_", 22), "name": tool,
+                    "input": schema_instance(schema, judged_values(answer.text))}
+            return web.json_response({
+                "output": {"message": {"role": "assistant", "content": [{"toolUse": call}]}},
+                "stopReason": "tool_use", "usage": usage, "metrics": {"latencyMs": 120},
+            }, headers=headers)
         if not stream:
             return web.json_response({
                 "output": {"message": {"role": "assistant", "content": [{"text": answer.text}]}},

@@ -52,7 +52,13 @@ Markers (searched in `prompt_text`: system + all messages of the current request
         else {"verdict": "allow", "reason": "simulated: no policy issue"};
     - `"score"` (with the quotes): {"score": 2, "reason": "simulated: weak answer"} if
         SIM:LOWSCORE is present, else {"score": 9, "reason": "simulated: good answer"};
-      for both judges SIM:GARBAGE answers `I think it is fine.` instead of JSON;
+      for both judges SIM:GARBAGE answers `I think it is fine.` instead of JSON (even when
+      structured output was asked for: a provider that does not hold the schema);
+    - structured output asked for in the API's own way (OpenAI `response_format` of type
+        `json_schema`, or `json_object` with a `schema` as llama-cpp-python takes it; Anthropic
+        `output_format`; Ollama `format`): the text is a JSON object that satisfies the schema,
+        with the judge's values above where they fit it and placeholders elsewhere; a forced tool
+        (`tool_choice` naming one) is called with such an object as its arguments;
     - SIM:TOOLCALL in the last user message and tools given: a call of the first tool (or
         SIM:TOOLCALL=<name>), arguments = the schema's required properties with placeholders;
     - SIM:ANSWER=<text to end of line>: <text> verbatim (last occurrence wins);
@@ -288,6 +294,9 @@ class SimRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)
     include_usage: bool = False
     logprobs: bool = False  # chat: the client asked for token log probabilities
+    #: structured output: the JSON schema the answer must satisfy ({} = any JSON object), or None
+    schema: dict[str, Any] | None = None
+    forced_tool: str | None = None  #: the tool a tool_choice insists on
     started: float = field(default_factory=time.monotonic)
 
 
@@ -363,6 +372,8 @@ def plan_for(req: SimRequest) -> Plan:
 def compose_answer(req: SimRequest) -> Answer:
     text = req.prompt_text
     tool_marker = TOOLCALL_RE.search(req.last_user_text)
+    if req.forced_tool and req.tools:
+        return tool_call_answer(req, wanted_name=req.forced_tool)
     if '"verdict"' in text:
         verdict = VERDICT_BLOCK if "SIM:BLOCK" in text else VERDICT_ALLOW
         answer_text = GARBAGE_ANSWER if "SIM:GARBAGE" in text else json.dumps(verdict)
@@ -375,6 +386,8 @@ def compose_answer(req: SimRequest) -> Answer:
         answer_text = ANSWER_RE.findall(text)[-1]
     else:
         answer_text = f"{req.model} says: {' '.join(req.last_user_text.split())[:200]}"
+    if req.schema is not None and "SIM:GARBAGE" not in text:
+        answer_text = json.dumps(schema_instance(req.schema, judged_values(answer_text)))
 
     finish = "stop"
     words = answer_text.split()
@@ -397,6 +410,9 @@ def tool_call_answer(req: SimRequest, wanted_name: str | None) -> Answer:
         if candidate["name"] == wanted_name:
             tool = candidate
     arguments = fake_arguments(tool["schema"])
+    if req.forced_tool:  # a forced tool stands in for structured output: the judge's values where they fit
+        plain = compose_answer(dataclasses.replace(req, forced_tool=None, tools=[], schema=None, max_tokens=None))
+        arguments = schema_instance(tool["schema"], judged_values(plain.text))
     return Answer(
         "tool_call",
         finish="tool_calls",
@@ -406,6 +422,85 @@ def tool_call_answer(req: SimRequest, wanted_name: str | None) -> Answer:
         prompt_tokens=count_tokens(req.prompt_text),
         completion_tokens=count_tokens(tool["name"] + " " + json.dumps(arguments)),
     )
+
+
+def judged_values(text: str) -> dict[str, Any]:
+    """The JSON object a composed answer is, or {} (prose)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+                              "array": list, "object": dict}
+
+
+def fits(spec: Any, value: Any) -> bool:
+    """Whether ``value`` satisfies one property's schema (enum and type; enough for the judges)."""
+    if not isinstance(spec, dict):
+        return True
+    if "enum" in spec:
+        return value in spec["enum"] and not (isinstance(value, bool) and True not in spec["enum"])
+    kind = JSON_TYPES.get(spec.get("type")) if isinstance(spec.get("type"), str) else None
+    if kind is None:
+        return True
+    return isinstance(value, kind) and not (isinstance(value, bool) and spec.get("type") in ("integer", "number"))
+
+
+def schema_instance(schema: Any, preferred: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object that satisfies ``schema``'s properties, as a constrained decoder would produce:
+    ``preferred``'s value for each property where it fits, a placeholder of the right kind elsewhere.
+    A schema without properties (JSON mode) takes ``preferred`` as it is, or ``{"text": ...}``."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(properties, dict) or not properties:
+        return preferred or {"text": "sim"}
+    result: dict[str, Any] = {}
+    for name, spec in properties.items():
+        if name in preferred and fits(spec, preferred[name]):
+            result[name] = preferred[name]
+        elif isinstance(spec, dict) and spec.get("enum"):
+            result[name] = spec["enum"][0]
+        else:
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            result[name] = PLACEHOLDERS.get(kind, "sim") if isinstance(kind, str) else "sim"
+    return result
+
+
+def openai_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's ``response_format``: ``json_schema`` (its ``json_schema.schema``), or ``json_object``
+    (any JSON object; with a ``schema`` beside it, as llama-cpp-python's server takes it)."""
+    wanted = body.get("response_format")
+    if not isinstance(wanted, dict):
+        return None
+    if wanted.get("type") == "json_schema":
+        spec = wanted.get("json_schema")
+        return spec.get("schema") or {} if isinstance(spec, dict) else {}
+    if wanted.get("type") == "json_object":
+        return wanted.get("schema") if isinstance(wanted.get("schema"), dict) else {}
+    return None
+
+
+def forced_tool(choice: Any) -> str | None:
+    """The tool a ``tool_choice`` insists on: OpenAI {"type": "function", "function": {"name"}},
+    Anthropic {"type": "tool", "name"}."""
+    if not isinstance(choice, dict):
+        return None
+    if choice.get("type") == "tool" and isinstance(choice.get("name"), str):
+        return choice["name"]
+    function = choice.get("function")
+    if choice.get("type") == "function" and isinstance(function, dict) and isinstance(function.get("name"), str):
+        return function["name"]
+    return None
+
+
+def ollama_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Ollama's ``format``: "json" (any JSON object) or a JSON schema."""
+    wanted = body.get("format")
+    if wanted == "json":
+        return {}
+    return wanted if isinstance(wanted, dict) else None
 
 
 def fake_arguments(schema: Any) -> dict[str, Any]:
@@ -551,6 +646,8 @@ def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
         max_tokens=openai_max_tokens(body),
         include_usage=openai_include_usage(body),
         logprobs=body.get("logprobs") is True,
+        schema=openai_schema(body),
+        forced_tool=forced_tool(body.get("tool_choice")),
     )
 
 
@@ -730,7 +827,17 @@ def parse_anthropic(body: dict[str, Any]) -> SimRequest:
         stream=body.get("stream") is True,
         max_tokens=positive_int(body.get("max_tokens")),
         tools=normalise_tools(body.get("tools")),
+        schema=anthropic_schema(body),
+        forced_tool=forced_tool(body.get("tool_choice")),
     )
+
+
+def anthropic_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Anthropic's structured outputs: ``output_format`` {"type": "json_schema", "schema"}."""
+    wanted = body.get("output_format")
+    if isinstance(wanted, dict) and wanted.get("type") == "json_schema":
+        return wanted.get("schema") if isinstance(wanted.get("schema"), dict) else {}
+    return None
 
 
 def anthropic_content(answer: Answer) -> list[dict[str, Any]]:
@@ -848,6 +955,7 @@ def parse_ollama_chat(body: dict[str, Any]) -> SimRequest:
         body,
         stream=body.get("stream", True) is not False,  # Ollama streams unless told not to
         max_tokens=ollama_max_tokens(body),
+        schema=ollama_schema(body),
     )
 
 
@@ -896,6 +1004,7 @@ def parse_ollama_generate(body: dict[str, Any]) -> SimRequest:
         last_user_text=prompt,
         stream=body.get("stream", True) is not False,
         max_tokens=ollama_max_tokens(body),
+        schema=ollama_schema(body),
     )
 
 

@@ -120,7 +120,8 @@ class Proxy:
 
 def proxy_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_MASTER_KEY=DEV_MASTER_KEY, PYTHONUNBUFFERED="1")
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS="True",
+               LITELLM_MASTER_KEY=DEV_MASTER_KEY, PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
 

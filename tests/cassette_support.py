@@ -37,8 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CASSETTES = ROOT / "cassettes"
 MANIFEST = CASSETTES / "manifest.json"
 
-#: plain: refine answer; stream: streamed answer; judge: guard verdict in strict JSON; error: 429/5xx
-CASES = ("plain", "stream", "judge", "error")
+#: plain: refine answer; stream: streamed answer; judge: guard verdict in strict JSON asked for in the
+#: prompt; judge_schema: the same verdict asked for as structured output (RELAY_JUDGE_FORMAT=schema);
+#: error: 429/5xx
+CASES = ("plain", "stream", "judge", "judge_schema", "error")
+#: LiteLLM fetches its Anthropic beta-header table from GitHub when it adds a beta header (structured
+#: outputs do) unless told to use its bundled copy; replays and recordings never reach the network.
+os.environ.setdefault("LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", "True")
 
 # =================================================================================================
 # Providers
@@ -349,7 +354,10 @@ def _openai_stream(raw: bytes) -> tuple[str, int, int]:
 def _anthropic_json(body: dict) -> tuple[str, int, int]:
     usage = body["usage"]
     assert not usage.get("cache_read_input_tokens") and not usage.get("cache_creation_input_tokens")
-    return "".join(b["text"] for b in body["content"] if b["type"] == "text"), usage["input_tokens"], usage["output_tokens"]
+    # a forced tool (structured output on models without output_format) answers in a tool_use block
+    text = "".join(b["text"] if b["type"] == "text" else json.dumps(b["input"]) for b in body["content"]
+                   if b["type"] in ("text", "tool_use"))
+    return text, usage["input_tokens"], usage["output_tokens"]
 
 
 def _anthropic_stream(raw: bytes) -> tuple[str, int, int]:
@@ -392,7 +400,9 @@ def _gemini_stream(raw: bytes) -> tuple[str, int, int]:
 
 
 def _bedrock_json(body: dict) -> tuple[str, int, int]:
-    text = "".join(b.get("text", "") for b in body["output"]["message"]["content"])
+    # structured output on Bedrock is a forced tool: its toolUse input is the answer
+    text = "".join(b["text"] if "text" in b else json.dumps(b["toolUse"]["input"]) if "toolUse" in b else ""
+                   for b in body["output"]["message"]["content"])
     return text, body["usage"]["inputTokens"], body["usage"]["outputTokens"]
 
 
@@ -436,6 +446,28 @@ STREAM_READERS = {"openai": _openai_stream, "anthropic": _anthropic_stream, "oll
                   "gemini": _gemini_stream, "bedrock": _bedrock_stream}
 
 
+def requested_schema(provider: Provider, body: dict) -> dict | None:
+    """The JSON schema a recorded request asks the answer to satisfy, read in the provider's own shape
+    (None: no structured output asked for)."""
+    if provider.name == "anthropic":
+        if isinstance(body.get("output_format"), dict):
+            return body["output_format"]["schema"]
+        tools = {t["name"]: t["input_schema"] for t in body.get("tools") or []}
+        return tools.get((body.get("tool_choice") or {}).get("name"))
+    if provider.wire == "gemini":
+        config = body.get("generationConfig") or {}
+        return config.get("response_json_schema") or config.get("response_schema")
+    if provider.wire == "bedrock":
+        config = body.get("toolConfig") or {}
+        forced = ((config.get("toolChoice") or {}).get("tool") or {}).get("name")
+        specs = {t["toolSpec"]["name"]: t["toolSpec"]["inputSchema"]["json"] for t in config.get("tools") or []}
+        return specs.get(forced)
+    if provider.wire == "ollama":
+        return body.get("format") if isinstance(body.get("format"), dict) else None
+    wanted = body.get("response_format") or {}
+    return (wanted.get("json_schema") or {}).get("schema") if wanted.get("type") == "json_schema" else None
+
+
 def expected_cost(provider: Provider, reply: WireReply) -> float:
     """The provider's usage tokens times the model's prices in litellm's price map."""
     import litellm
@@ -464,7 +496,7 @@ def scenario(provider: Provider, case: str) -> Scenario:
     if case == "plain":
         return Scenario("refine", "What is the capital of France? Reply in one short sentence. "
                                   "(SIM:ANSWER=The capital of France is Paris.)", "paris i think")
-    if case == "judge":
+    if case in ("judge", "judge_schema"):
         return Scenario("guard", "Which topping should I put on my pizza? (SIM:BLOCK)",
                         "Pineapple, definitely: pineapple is the best pizza topping.")
     if case == "error":
@@ -529,6 +561,7 @@ def relay_env(provider: Provider, case: str) -> dict[str, str]:
         "RELAY_DEADLINE_S": "60",
         "RELAY_RETRIES": "1",  # the error cases record the first attempt and the one retry
         "RELAY_CACHE_TTL_S": "0",
+        "RELAY_JUDGE_FORMAT": "schema" if case == "judge_schema" else "prompt",
     }
 
 

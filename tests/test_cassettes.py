@@ -1,7 +1,8 @@
 """The relay against each provider's wire format, replayed from recorded cassettes.
 
 For every provider (OpenAI, Azure OpenAI, Anthropic, Ollama, Gemini, Bedrock Converse, Mistral) and
-every case (plain refine answer, streamed answer, guard verdict in strict JSON, 429/5xx error), the
+every case (plain refine answer, streamed answer, guard verdict in strict JSON asked for in the prompt and
+as structured output, 429/5xx error), the
 relay's secondary call goes through litellm to the provider's real URL and is answered from
 ``cassettes/<provider>/<case>.yaml``. The expected text, tokens and cost are read from the
 cassette in the provider's own format (tests/cassette_support.py) and litellm's price map; nothing
@@ -13,6 +14,7 @@ network guard refuses every non-loopback name lookup and connection during these
 """
 
 import contextlib
+import json
 import os
 import socket
 
@@ -136,6 +138,31 @@ async def test_guard_blocks_the_answer_on_the_providers_strict_json_verdict(name
     assert verdict == "block", f"the recorded judge said {verdict!r}; the judge case needs a block"
     with replaying(provider, "judge"):
         run = await cs.run_relay(provider, "judge")
+
+    assert run.headers["x-relay-outcome"] == "blocked", explain(run, name)
+    assert run.text == relay_plugin.DEFAULT_GUARD_MESSAGE
+    assert run.response.choices[0].finish_reason == "content_filter"
+    assert run.outcome.reason == reason
+    assert run.cost == pytest.approx(priced(provider, wire), abs=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_guard_asks_for_the_verdict_schema_in_the_providers_own_shape_and_blocks_on_it(name):
+    # RELAY_JUDGE_FORMAT=schema: litellm turns the relay's response_format into each provider's
+    # structured output (OpenAI/Azure/Mistral json_schema, Anthropic output_format, Gemini
+    # response_json_schema, Bedrock a forced tool, Ollama format); the verdict is parsed as strictly.
+    provider = cs.PROVIDERS[name]
+    wire = cs.wire_reply(provider, cs.cassette_path(name, "judge_schema"))
+    asked = cs.requested_schema(provider, json.loads(wire.request["body"]))
+    assert asked is not None, f"{name}: the recorded judge request asks for no structured output"
+    assert asked["properties"] == relay_plugin.VERDICT_SCHEMA["properties"]
+    assert asked["required"] == relay_plugin.VERDICT_SCHEMA["required"]
+    prompt_only = json.loads(cs.load_interactions(cs.cassette_path(name, "judge"))[0]["request"]["body"])
+    assert cs.requested_schema(provider, prompt_only) is None  # RELAY_JUDGE_FORMAT=prompt asks for none
+    verdict, reason = relay_plugin.parse_verdict(wire.text)
+    assert verdict == "block", f"the recorded judge said {verdict!r}; the judge_schema case needs a block"
+    with replaying(provider, "judge_schema"):
+        run = await cs.run_relay(provider, "judge_schema")
 
     assert run.headers["x-relay-outcome"] == "blocked", explain(run, name)
     assert run.text == relay_plugin.DEFAULT_GUARD_MESSAGE
