@@ -275,7 +275,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("REDIS_SENTINELS", _text, None, "Redis Sentinel of the shared state: comma-separated `host:port` of the sentinels, or `redis://` / `rediss://` URLs carrying the password (of the sentinels and the primary) and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_SENTINEL_NODES`."),
     _Var("REDIS_SENTINEL_SERVICE", _text, None, "Name of the primary the sentinels monitor. Required with `RELAY_REDIS_SENTINELS`; unset: LiteLLM's `REDIS_SERVICE_NAME`."),
     _Var("SPEND_ATTRIBUTION", _choice("caller", "none"), "caller", "`caller`: each secondary call is booked in LiteLLM's spend tracking (spend rows, key/team/user spend, budgets, callbacks such as OTel and Langfuse) to the calling key, team, user, organisation and end user, under the secondary's own model, marked `internal_call_origin: relay`, in the request's trace; a request whose LiteLLM key or team budget cannot cover a secondary call gets none (`skipped:key_budget`). `none`: secondary calls stay out of LiteLLM's books (`no-log`)."),
-    _Var("METRICS", _choice("auto", "on", "off"), "auto", "The relay's Prometheus metrics (`relay_*`) on the proxy's `/metrics`: `auto` when `prometheus_client` is installed, `on` requires it, `off` never."),
+    _Var("PROMETHEUS", _choice("auto", "on", "off"), "auto", "The relay's Prometheus metrics (`relay_*`) on the proxy's `/metrics`: `auto` when `prometheus_client` is installed, `on` requires it, `off` never."),
 )
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
 
@@ -439,7 +439,7 @@ class RelayConfig:
     redis_sentinels: str | None
     redis_sentinel_service: str | None
     spend_attribution: str
-    metrics: str
+    prometheus: str
 
     @property
     def budgeted(self) -> bool:
@@ -467,8 +467,8 @@ class RelayConfig:
             raise ConfigError(
                 f"RELAY_DEADLINE_S={values['deadline_s']:g} is invalid: allowed: a number >= RELAY_TIMEOUT_S ({values['timeout_s']:g})"
             )
-        if values["metrics"] == "on" and importlib.util.find_spec("prometheus_client") is None:
-            raise ConfigError("RELAY_METRICS=on is invalid: prometheus_client is not installed: allowed: auto, off, or install prometheus_client")
+        if values["prometheus"] == "on" and importlib.util.find_spec("prometheus_client") is None:
+            raise ConfigError("RELAY_PROMETHEUS=on is invalid: prometheus_client is not installed: allowed: auto, off, or install prometheus_client")
         return cls(plan=plan, **{k: v for k, v in values.items() if k not in plan_names})
 
 
@@ -2109,8 +2109,8 @@ class RelayHandler(CustomLogger):
         self.config = config
         #: the call that reaches a secondary: ``await complete(model, messages, max_tokens=, timeout=, depth=)``
         self._complete = complete or _litellm_complete
-        #: the relay's Prometheus metrics (None: prometheus_client absent or RELAY_METRICS=off)
-        self.metrics = RelayMetrics.shared() if config.metrics != "off" else None
+        #: the relay's Prometheus metrics (None: prometheus_client absent or RELAY_PROMETHEUS=off)
+        self.metrics = RelayMetrics.shared() if config.prometheus != "off" else None
         if self.metrics is not None:
             self._complete = self.metrics.measured(self._complete, clock)
         #: budget counters, breakers and cache (LocalStore, or a shared store with the same coroutines)
@@ -3674,6 +3674,7 @@ PROVIDER_ERROR_PHRASES: Final = {
     "provider_error": "the secondary model's provider failed",
     "provider_rejected": "the secondary model's provider rejected the call",
     "bad_response": "the secondary model's provider sent an answer that could not be read",
+    "cooldown": "every deployment of the secondary model is cooling down after failures",
     "empty_response": "the secondary model returned no text",
     "error": "the secondary model call failed",
 }
@@ -3691,6 +3692,8 @@ def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
     detail = scrub_secrets(f"{model}: {name}: {str(exc)[:300]}")
     if _is_no_choices_error(exc):
         return SecondaryError("empty_response", detail)
+    if name == "RouterRateLimitError":  # the router's own refusal: every deployment is cooling down after failures
+        return SecondaryError("cooldown", detail)
     if isinstance(exc, litellm.Timeout) or "Timeout" in name:
         return SecondaryError("timeout", detail, retryable=True)
     if isinstance(exc, litellm.RateLimitError) or status == 429:

@@ -223,7 +223,8 @@ def test_relay_spend_counts_toward_the_key_budget_until_litellm_refuses_the_key(
     outcomes, refused, primary_spend = [], None, 0.0
     for i in range(25):
         try:
-            raw = budget_books.chat(SPENDER_KEY, PRIMARY, f"Spend {i} {token}")
+            # a short answer fits RELAY_SECONDARY_MAX_TOKENS=16: a cut one would never replace the primary
+            raw = budget_books.chat(SPENDER_KEY, PRIMARY, f"Spend {i} {token} SIM:ANSWER=A short refined answer.")
         except openai.APIStatusError as exc:
             refused = exc
             break

@@ -101,11 +101,11 @@ def test_metrics_on_without_prometheus_client_stops_the_start(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(relay_plugin.importlib.util, "find_spec",
                         lambda name, *a: None if name == "prometheus_client" else real(name, *a))
-    with pytest.raises(ConfigError, match="RELAY_METRICS=on is invalid"):
-        RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_METRICS": "on"})
-    assert RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_METRICS": "auto"}).metrics == "auto"
+    with pytest.raises(ConfigError, match="RELAY_PROMETHEUS=on is invalid"):
+        RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_PROMETHEUS": "on"})
+    assert RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_PROMETHEUS": "auto"}).prometheus == "auto"
 
 
 def test_metrics_off_registers_nothing_for_the_handler():
-    handler = relay_plugin.RelayHandler(RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_METRICS": "off"}))
+    handler = relay_plugin.RelayHandler(RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_PROMETHEUS": "off"}))
     assert handler.metrics is None and handler._complete is relay_plugin._litellm_complete

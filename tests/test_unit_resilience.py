@@ -1030,3 +1030,14 @@ async def test_a_call_within_its_bounds_is_no_overshoot(monkeypatch):
     priced(monkeypatch, handler)
     await relay(handler)
     assert handler.stats["overshoot"] == 0
+
+
+def test_a_router_with_every_deployment_cooling_down_is_named_as_such_not_as_an_unknown_error():
+    """With spend attribution the relay's calls feed the router's health, so a failing secondary's
+    deployments cool down; the client then reads why, in a fixed phrase, and it is not retried."""
+    from litellm.types.router import RouterRateLimitError
+
+    error = relay_plugin._classify_error("sec", RouterRateLimitError(
+        model="sec", cooldown_time=5, enable_pre_call_checks=False, cooldown_list=["a1b2"]))
+    assert (error.reason, error.retryable) == ("cooldown", False)
+    assert error.public == "every deployment of the secondary model is cooling down after failures"
