@@ -234,7 +234,8 @@ def test_relay_spend_counts_toward_the_key_budget_until_litellm_refuses_the_key(
         time.sleep(0.3)  # LiteLLM books each request's spend after the response
     assert refused is not None, outcomes
     assert "budget" in str(refused).lower() and refused.status_code in (400, 422, 429)
-    assert outcomes[0] == "modified" and "skipped:key_budget" in outcomes, outcomes
+    # the first requests were relayed (the refiner may keep the short answer as it is), later ones not
+    assert outcomes[0] in ("modified", "relayed") and "skipped:key_budget" in outcomes, outcomes
     # the primaries alone never reached the budget: the relay's spend in the key's books did
     assert primary_spend < 0.0001
 
