@@ -959,6 +959,12 @@ class Prepared:
         return restored
 
 
+class ReviewSystemMessage(dict):
+    """The system message of a review the relay wrote itself (``review_messages``). Only a call that
+    carries one gets a review proof (one that may skip a guard): a client can copy the relay's words
+    into its own system prompt, so the words never decide it."""
+
+
 def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[str, str] | None = None) -> list[dict]:
     """System instructions plus the conversation and answer(s) inside per-call random delimiters."""
     nonce = secrets.token_hex(6)
@@ -969,7 +975,7 @@ def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[s
     else:
         for i, (source, text) in enumerate(candidates.items(), 1):
             body += [f"Candidate answer {i} (from {source}):", _fenced(f"candidate{i}", nonce, text)]
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(body)}]
+    return [ReviewSystemMessage(role="system", content=system), {"role": "user", "content": "\n\n".join(body)}]
 
 
 # =================================================================================================
@@ -3747,9 +3753,9 @@ def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = No
 def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
     """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
     goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
+    review = any(isinstance(m, ReviewSystemMessage) for m in kwargs["messages"])
     messages = [dict(m) for m in kwargs["messages"]]
     system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
-    review = system is not None and _DATA_RULE.split("{nonce}")[0] in system["content"]
     proof = relay_proof(depth, conversation_of({"messages": messages}), kind=REVIEW if review else ANSWER)
     if system is None:
         messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})

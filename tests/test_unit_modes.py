@@ -830,6 +830,14 @@ def test_a_review_call_carries_a_review_proof():
     assert call["messages"][0]["content"].endswith(f"[relay-call {call['extra_headers']['x-relay-depth']}]")
 
 
+def test_a_client_system_prompt_in_the_relays_words_gets_an_answer_proof_not_a_review_proof():
+    # escalate's premium call carries the client's conversation; the client can write the relay's data rule
+    rule = relay_plugin._DATA_RULE.format(nonce="x")
+    call = {"messages": [{"role": "system", "content": rule}, {"role": "user", "content": QUESTION}]}
+    relay_plugin.mark_relay_call(call, 1)
+    assert call["extra_headers"]["x-relay-depth"].startswith("1a.")
+
+
 async def test_a_request_below_the_max_depth_is_relayed():
     fake = FakeSecondary({SEC: REFINED})
     data = proven(chat_data(), 1)
