@@ -170,6 +170,18 @@ def _text(raw: str) -> str:
     return value
 
 
+#: a signing secret shorter than this could be guessed offline from one proof a secondary echoed
+MIN_SIGNING_SECRET_CHARS: Final = 32
+
+
+def _secret(raw: str) -> str:
+    value = _text(raw)
+    if len(value) < MIN_SIGNING_SECRET_CHARS or len(set(value)) < 8:
+        raise ValueError(f"allowed: a random text of at least {MIN_SIGNING_SECRET_CHARS} characters "
+                         "(for example `openssl rand -hex 32`)")
+    return value
+
+
 def _model(raw: str) -> str:
     value = str(raw).strip()
     if not value or any(c.isspace() for c in value) or "," in value:
@@ -222,7 +234,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
     _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
-    _Var("SIGNING_SECRET", _text, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it."),
+    _Var("SIGNING_SECRET", _secret, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it. At least 32 random characters."),
     _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
     _Var("CLIENT_MODELS", _choice("listed", "any"), "listed", "Which secondary models a client may name under `RELAY_CLIENT_OVERRIDE=full`: `listed` (a `model_name` of the proxy's `model_list`, or a model the operator configured; others are a 400), `any` (any `provider/model`, called with the proxy's provider keys)."),
     _Var("REDACT", _parse_bool, False, "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary model."),
