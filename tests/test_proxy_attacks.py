@@ -5,6 +5,9 @@ The operator's strict guard (``guarded``): every model, fail-closed, no client o
 the simulator's ``gpt-4o-mini`` (model ``sec``): it blocks whatever it is shown that contains SIM:BLOCK.
 """
 
+import json
+
+import httpx
 import pytest
 
 from tests.conftest import BASE_RELAY_ENV, relay_test_models, start_test_proxy
@@ -46,3 +49,25 @@ def test_a_client_system_prompt_that_imitates_the_relays_envelope_gets_no_review
     raw = guarded.chat("llama", user, extra_headers={"x-relay-depth": proof})
     assert raw.headers["x-relay-outcome"] == "blocked"
     assert raw.parse().choices[0].message.content == REFUSAL
+
+
+# ----- every endpoint, streamed, under the strict guard ----------------------------------------------
+
+def sse_text(response) -> str:
+    return "".join(line for line in response.iter_lines())
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "llama", "messages": [{"role": "user", "content": "SIM:BLOCK {t}"}]}),
+    ("/v1/chat/completions", {"model": "llama", "n": 2, "messages": [{"role": "user", "content": "SIM:BLOCK {t}"}]}),
+    ("/v1/completions", {"model": "llama-generate", "prompt": "SIM:BLOCK {t}"}),
+    ("/v1/messages", {"model": "llama", "max_tokens": 100, "messages": [{"role": "user", "content": "SIM:BLOCK {t}"}]}),
+    ("/v1/responses", {"model": "llama", "input": "SIM:BLOCK {t}"}),
+])
+def test_a_blocked_stream_shows_nothing_of_the_answer_on_any_endpoint(guarded, token, path, body):
+    body = json.loads(json.dumps(body).replace("{t}", token))
+    with httpx.stream("POST", guarded.url + path, json={**body, "stream": True}, timeout=60,
+                      headers={"Authorization": f"Bearer {guarded.key}", "x-relay-depth": "1"}) as response:
+        text = sse_text(response)
+    assert response.status_code in (200, 503), text
+    assert token not in text, text  # the primary's answer echoes the prompt: none of it may arrive
