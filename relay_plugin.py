@@ -529,6 +529,12 @@ _SECRET_FIELDS: Final = re.compile(
     r"|passwd|authorization|auth[-_]?token|access[-_]?token|session[-_]?token|secret)[\"']?\s*[:=]\s*[\"']?"
     r"(?:(?:bearer|basic)\s+)?)"
     r"(?!(?:bearer|basic)\b)([^\s\"',;&}\[\]]{4,})")
+#: credentials inside URLs (a gateway's ``https://user:password@host``, Google's ``?key=``, signed URLs)
+#: and subscription-key headers: an api_base is no "key" parameter, so the proxy never registers these
+_SECRET_IN_URLS: Final = re.compile(
+    r"(?i)(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^/\s@\"']+(?=@)"
+    r"|([?&;](?:key|api[-_]?key|apikey|token|access[-_]?token|auth|sig|signature|password|secret)=)[^&\s\"'#]+"
+    r"|((?:subscription[-_]?key|apikey)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]{4,}")
 _known_secrets: set[str] = set()
 _known_pattern: list[re.Pattern] = []
 #: environment variables whose values are secrets: masked wherever they appear
@@ -579,6 +585,7 @@ def scrub_secrets(text: str) -> str:
     for pattern in _known_pattern:
         text = pattern.sub("[REDACTED_KEY]", text)
     text = _SECRET_SHAPES.sub("[REDACTED_KEY]", text)
+    text = _SECRET_IN_URLS.sub(lambda m: "".join(g for g in m.groups() if g) + "[REDACTED_KEY]", text)
     return _SECRET_FIELDS.sub(r"\1[REDACTED_KEY]", text)
 
 
