@@ -2490,6 +2490,7 @@ class _Run:
                 reply = replace(reply, priced=False)
                 if model not in self.outcome.unpriced:
                     self.outcome.unpriced.append(model)
+            reply = replace(reply, text=_without_proofs(reply.text))
             spent = reply.cost_usd
             failed = handler.clock() - started > config.breaker_slow_s
             handler.check_overshoot(model, reply, reservation)
@@ -3767,6 +3768,16 @@ def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = No
         return 0
     expected = _proof_mac(depth, kind, stamp, _proof_subject(turns))
     return depth if hmac.compare_digest(expected, match.group(4)) else 0
+
+
+#: a proof anywhere in a text (with or without its ``[relay-call ...]`` frame)
+_PROOF_ANYWHERE: Final = re.compile(r"\[?(?:relay-call\s+)?\b[0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32}\b\]?")
+
+
+def _without_proofs(text: str) -> str:
+    """A secondary's answer without the proof of its own call: a model that echoes its system prompt
+    (where the proof is) must not hand the client a proof to replay within its lifetime."""
+    return _PROOF_ANYWHERE.sub("[relay-call]", text) if text else text
 
 
 def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
