@@ -172,6 +172,18 @@ def _text(raw: str) -> str:
     return value
 
 
+#: a signing secret shorter than this could be guessed offline from one proof a secondary echoed
+MIN_SIGNING_SECRET_CHARS: Final = 32
+
+
+def _secret(raw: str) -> str:
+    value = _text(raw)
+    if len(value) < MIN_SIGNING_SECRET_CHARS or len(set(value)) < 8:
+        raise ValueError(f"allowed: a random text of at least {MIN_SIGNING_SECRET_CHARS} characters "
+                         "(for example `openssl rand -hex 32`)")
+    return value
+
+
 def _model(raw: str) -> str:
     value = str(raw).strip()
     if not value or any(c.isspace() for c in value) or "," in value:
@@ -224,7 +236,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
     _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
-    _Var("SIGNING_SECRET", _text, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it."),
+    _Var("SIGNING_SECRET", _secret, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it. At least 32 random characters."),
     _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
     _Var("CLIENT_MODELS", _choice("listed", "any"), "listed", "Which secondary models a client may name under `RELAY_CLIENT_OVERRIDE=full`: `listed` (a `model_name` of the proxy's `model_list`, or a model the operator configured; others are a 400), `any` (any `provider/model`, called with the proxy's provider keys)."),
     _Var("REDACT", _parse_bool, False, "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary model."),
@@ -527,6 +539,12 @@ _SECRET_FIELDS: Final = re.compile(
     r"|passwd|authorization|auth[-_]?token|access[-_]?token|session[-_]?token|secret)[\"']?\s*[:=]\s*[\"']?"
     r"(?:(?:bearer|basic)\s+)?)"
     r"(?!(?:bearer|basic)\b)([^\s\"',;&}\[\]]{4,})")
+#: credentials inside URLs (a gateway's ``https://user:password@host``, Google's ``?key=``, signed URLs)
+#: and subscription-key headers: an api_base is no "key" parameter, so the proxy never registers these
+_SECRET_IN_URLS: Final = re.compile(
+    r"(?i)(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^/\s@\"']+(?=@)"
+    r"|([?&;](?:key|api[-_]?key|apikey|token|access[-_]?token|auth|sig|signature|password|secret)=)[^&\s\"'#]+"
+    r"|((?:subscription[-_]?key|apikey)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]{4,}")
 _known_secrets: set[str] = set()
 _known_pattern: list[re.Pattern] = []
 #: environment variables whose values are secrets: masked wherever they appear
@@ -577,6 +595,7 @@ def scrub_secrets(text: str) -> str:
     for pattern in _known_pattern:
         text = pattern.sub("[REDACTED_KEY]", text)
     text = _SECRET_SHAPES.sub("[REDACTED_KEY]", text)
+    text = _SECRET_IN_URLS.sub(lambda m: "".join(g for g in m.groups() if g) + "[REDACTED_KEY]", text)
     return _SECRET_FIELDS.sub(r"\1[REDACTED_KEY]", text)
 
 
@@ -1056,6 +1075,12 @@ class Prepared:
         return restored
 
 
+class ReviewSystemMessage(dict):
+    """The system message of a review the relay wrote itself (``review_messages``). Only a call that
+    carries one gets a review proof (one that may skip a guard): a client can copy the relay's words
+    into its own system prompt, so the words never decide it."""
+
+
 def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[str, str] | None = None) -> list[dict]:
     """System instructions plus the conversation and answer(s) inside per-call random delimiters."""
     nonce = secrets.token_hex(6)
@@ -1066,7 +1091,7 @@ def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[s
     else:
         for i, (source, text) in enumerate(candidates.items(), 1):
             body += [f"Candidate answer {i} (from {source}):", _fenced(f"candidate{i}", nonce, text)]
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(body)}]
+    return [ReviewSystemMessage(role="system", content=system), {"role": "user", "content": "\n\n".join(body)}]
 
 
 # =================================================================================================
@@ -2581,6 +2606,7 @@ class _Run:
                 reply = replace(reply, priced=False)
                 if model not in self.outcome.unpriced:
                     self.outcome.unpriced.append(model)
+            reply = replace(reply, text=_without_proofs(reply.text))
             spent = reply.cost_usd
             failed = handler.clock() - started > config.breaker_slow_s
             handler.check_overshoot(model, reply, reservation)
@@ -3876,12 +3902,22 @@ def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = No
     return depth if hmac.compare_digest(expected, match.group(4)) else 0
 
 
+#: a proof anywhere in a text (with or without its ``[relay-call ...]`` frame)
+_PROOF_ANYWHERE: Final = re.compile(r"\[?(?:relay-call\s+)?\b[0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32}\b\]?")
+
+
+def _without_proofs(text: str) -> str:
+    """A secondary's answer without the proof of its own call: a model that echoes its system prompt
+    (where the proof is) must not hand the client a proof to replay within its lifetime."""
+    return _PROOF_ANYWHERE.sub("[relay-call]", text) if text else text
+
+
 def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
     """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
     goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
+    review = any(isinstance(m, ReviewSystemMessage) for m in kwargs["messages"])
     messages = [dict(m) for m in kwargs["messages"]]
     system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
-    review = system is not None and _DATA_RULE.split("{nonce}")[0] in system["content"]
     proof = relay_proof(depth, conversation_of({"messages": messages}), kind=REVIEW if review else ANSWER)
     if system is None:
         messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})

@@ -479,6 +479,18 @@ def test_an_infinite_or_absurd_value_is_refused_at_startup(name, raw):
     assert config_error(**{name: raw}).startswith(f"RELAY_{name}={raw!r} is invalid: allowed: ")
 
 
+@pytest.mark.parametrize("raw", ["a", "secret", "x" * 64, "0123456789abcdef0123456789abcde"])
+def test_a_signing_secret_that_could_be_guessed_is_refused_at_startup(raw):
+    # the proof's HMAC is all that tells the relay's own calls from a client's: a guessable key lets a
+    # client forge a proof (from one echoed by a secondary) and switch a guard off
+    assert config_error(SIGNING_SECRET=raw).startswith(f"RELAY_SIGNING_SECRET={raw!r} is invalid: allowed: ")
+
+
+def test_a_random_signing_secret_is_accepted():
+    secret = "0123456789abcdef" * 2
+    assert config(SIGNING_SECRET=secret).signing_secret == secret
+
+
 def test_an_infinite_value_in_a_model_info_block_is_refused_too():
     with pytest.raises(ConfigError):
         config().plan.overridden({"escalate_threshold": float("inf")}, where_model)

@@ -210,6 +210,19 @@ async def test_refine_replaces_the_chat_answer_and_reports_the_secondary_and_its
     assert fenced(call.messages, "conversation") == f"[user]\n{QUESTION}"
 
 
+async def test_a_secondary_that_echoes_its_proof_does_not_hand_it_to_the_client():
+    # a refiner told "repeat your system prompt" echoes the proof of its own call: replayed by the client
+    # within its lifetime (with the review's user message), that proof would switch a guard off
+    call = {"messages": relay_plugin.review_messages("Refine.", relay_plugin.Prepared([{"role": "user", "content": "q"}], "a"))}
+    relay_plugin.mark_relay_call(call, 1)
+    proof = call["extra_headers"]["x-relay-depth"]
+    fake = FakeSecondary({SEC: f"{REFINED} My system prompt ends with [relay-call {proof}] and {proof}."})
+    response = chat_response()
+    await relay(make_handler(fake), chat_data(), response)
+    answer = response.choices[0].message.content
+    assert REFINED in answer and proof.split(".")[-1] not in answer
+
+
 async def test_refine_sends_the_default_max_tokens_to_the_secondary():
     fake = FakeSecondary({SEC: REFINED})
     await relay(make_handler(fake), chat_data(), chat_response())
@@ -828,6 +841,14 @@ def test_a_review_call_carries_a_review_proof():
     relay_plugin.mark_relay_call(call, 1)
     assert call["extra_headers"]["x-relay-depth"].startswith("1r.")
     assert call["messages"][0]["content"].endswith(f"[relay-call {call['extra_headers']['x-relay-depth']}]")
+
+
+def test_a_client_system_prompt_in_the_relays_words_gets_an_answer_proof_not_a_review_proof():
+    # escalate's premium call carries the client's conversation; the client can write the relay's data rule
+    rule = relay_plugin._DATA_RULE.format(nonce="x")
+    call = {"messages": [{"role": "system", "content": rule}, {"role": "user", "content": QUESTION}]}
+    relay_plugin.mark_relay_call(call, 1)
+    assert call["extra_headers"]["x-relay-depth"].startswith("1a.")
 
 
 async def test_a_request_below_the_max_depth_is_relayed():

@@ -85,6 +85,23 @@ def test_scrub_secrets_masks_keys_only():
     )
 
 
+@pytest.mark.parametrize("text, kept", [
+    ("POST https://svc:Zq8Lm2vN4pX7rT1wQe5Ys@inference.corp.internal/v1 failed", "https://svc:"),
+    ("GET https://generativelanguage.example/v1/models?key=Zq8Lm2vN4pX7rT1wQe5Ys&alt=sse", "&alt=sse"),
+    ("https://blob.example/x?sv=1&sig=Zq8Lm2vN4pX7rT1wQe5Ys", "?sv=1&sig="),
+    ("header ocp-apim-subscription-key: Zq8Lm2vN4pX7rT1wQe5Ys rejected", "rejected"),
+])
+def test_scrub_secrets_masks_credentials_inside_urls_and_subscription_keys(text, kept):
+    # an api_base is no "key" parameter: a password or key in it is never registered as a secret
+    scrubbed = relay_plugin.scrub_secrets(text)
+    assert "Zq8Lm2vN4pX7rT1wQe5Ys" not in scrubbed and "[REDACTED_KEY]" in scrubbed and kept in scrubbed
+
+
+def test_scrub_secrets_keeps_urls_without_credentials():
+    text = "see http://example.com:8080/v1/chat?model=gpt-4o&stream=true and mailto:bob@example.com"
+    assert relay_plugin.scrub_secrets(text) == text
+
+
 # ----- parse_verdict ----------------------------------------------------------------------------
 
 
