@@ -2362,9 +2362,13 @@ class RelayHandler(CustomLogger):
         if is_relay_call():
             return None, Outcome(mode, "skipped:internal", []), 0
         depth = relay_call_depth(data)
-        if relay_call_depth(data, REVIEW) >= self.config.max_depth:
-            return None, Outcome(mode, "skipped:depth", []), depth
         plan, skip, note = self.plan_for(data)
+        # A proof can leak (a provider's logs, a secondary that repeats its prompt) and be replayed within
+        # its lifetime: so a fail-closed guard never skips on one; it blocks without calling a judge
+        # (_run_guard), which also keeps a loop back into this proxy bounded.
+        closed_guard = plan is not None and plan.mode == "guard" and plan.fail_mode == "closed"
+        if relay_call_depth(data, REVIEW) >= self.config.max_depth and not closed_guard:
+            return None, Outcome(mode, "skipped:depth", []), depth
         if plan is None:
             outcome = "failed:model_config" if skip == "model_config" else f"skipped:{skip}"
             return None, Outcome(mode, outcome, [], override=note), depth
@@ -2690,6 +2694,9 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
     """Judge everything a user will read: every answer (choice), tool calls included, each in windows
     the judge can take whole; the strictest verdict wins. Never a partial judgment reported as whole."""
     plan = run.plan
+    if run.depth >= run.handler.config.max_depth and plan.fail_mode == "closed":
+        raise SecondaryError("depth", "a relay call at RELAY_MAX_DEPTH: its judge would be one call too deep",
+                             skipped=True)
     answers = surface.readable()
     if answers is None:
         raise SecondaryError("unsupported_response", "the guard cannot read this kind of response", skipped=True)

@@ -1097,3 +1097,23 @@ async def test_a_block_moved_by_pre_call_is_applied_after_the_call():
     headers = await relay(handler, data, response)
     assert (headers["x-relay-mode"], headers["x-relay-override"]) == ("annotate", "applied")
     assert response["relay"]["analysis"] == "No errors found."
+
+
+@pytest.mark.parametrize("kind", ["review", "answer"])
+async def test_a_replayed_proof_never_gets_an_answer_past_a_fail_closed_guard(kind):
+    """A proof may leak (a provider's logs, an echoing secondary) and be replayed while it is valid: a
+    fail-closed guard then blocks without calling its judge, where fail-open says skipped:depth."""
+    prepared = relay_plugin.Prepared([{"role": "user", "content": QUESTION}], "an answer")
+    messages = (relay_plugin.review_messages("Judge.", prepared) if kind == "review"
+                else [{"role": "user", "content": QUESTION}])
+    call = {"messages": messages}
+    relay_plugin.mark_relay_call(call, 1)
+    data = lambda: chat_data(messages=call["messages"], proxy_server_request={"headers": call["extra_headers"]})  # noqa: E731
+    judge = FakeSecondary({SEC: ALLOW})
+    response = chat_response()
+    headers = await relay(make_handler(judge, MODE="guard", FAIL_MODE="closed"), data(), response)
+    assert headers["x-relay-outcome"] == "blocked" and chat_text(response) == relay_plugin.DEFAULT_GUARD_MESSAGE
+    assert judge.calls == []
+    if kind == "review":  # fail-open: delivered, and the outcome says truthfully why it was not judged
+        headers = await relay(make_handler(judge, MODE="guard"), data(), chat_response())
+        assert headers["x-relay-outcome"] == "skipped:depth" and judge.calls == []
