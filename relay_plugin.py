@@ -2297,7 +2297,7 @@ class RelayHandler(CustomLogger):
         """``(plan, skip_reason, override_note)`` for one request: env, then model_info, then client."""
         bucket = _bucket(data)
         plan = self.config.plan
-        model_block = (bucket.get("model_info") or {}).get("relay")
+        model_block = _deployment_relay_block(bucket.get("model_info") or {})
         if model_block is not None:
             plan = self._model_plan(model_block, data.get("model", ""))
             if isinstance(plan, ConfigError):
@@ -2319,7 +2319,7 @@ class RelayHandler(CustomLogger):
         for deployment in (getattr(router, "model_list", None) or []) if router is not None else []:
             params = deployment.get("litellm_params") or {}
             register_secrets(v for k, v in params.items() if _SECRET_PARAM.search(str(k)))
-            block = (deployment.get("model_info") or {}).get("relay")
+            block = _deployment_relay_block(deployment.get("model_info") or {})
             name = str(deployment.get("model_name", ""))
             if block is not None and isinstance(self._model_plan(block, name), ConfigError):
                 self._bad_models[name] = (f"relay: model {name} is not served: its relay settings (model_info.relay) "
@@ -3632,6 +3632,23 @@ def _proxy_router() -> Any:
     """The running proxy's router, or None outside the proxy (the SDK, unit tests)."""
     module = sys.modules.get("litellm.proxy.proxy_server")
     return getattr(module, "llm_router", None) if module is not None else None
+
+
+def _deployment_relay_block(model_info: Mapping[str, Any]) -> Any:
+    """The ``relay:`` block of the deployment a request used (``model_info`` as the router filled it in).
+
+    Some LiteLLM routers (1.90) hand out a ``model_info`` whose nested dicts are shared by every
+    deployment of one backend model (say several ``model_name``s on ``ollama_chat/llama3``): each
+    request's model-group lookup merges its own ``model_info`` into a shallow copy of the backend's
+    cost-map entry, so that shared ``relay`` dict becomes the block of whichever model was asked for
+    last. The cost-map entry litellm registers under the deployment's own ``id`` keeps the block as
+    configured: read it there when litellm has one with a ``relay`` key, else from ``model_info``.
+    """
+    registered = getattr(sys.modules.get("litellm"), "model_cost", None)
+    entry = registered.get(model_info.get("id")) if isinstance(registered, dict) and model_info.get("id") else None
+    if isinstance(entry, Mapping) and "relay" in entry:
+        return entry["relay"]
+    return model_info.get("relay")
 
 
 async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int,

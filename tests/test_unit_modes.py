@@ -917,6 +917,19 @@ async def test_a_model_info_block_sets_the_mode_for_that_model():
     assert core(headers) == expect("guard", "blocked", SEC, 0.0012)
 
 
+async def test_a_model_info_block_another_model_merged_into_does_not_change_this_models_mode(monkeypatch):
+    """LiteLLM 1.90's router shares the nested ``relay`` dict of deployments on one backend model and
+    merges each request's block into it: the request's ``model_info`` then carries the block of the
+    model asked for last. The block litellm registered under the deployment's id is the configured one."""
+    fake = FakeSecondary({SEC: "An analysis."})
+    monkeypatch.setitem(litellm.model_cost, "dep-annotate", {"relay": {"mode": "annotate"}})
+    merged_by_another_request = {"mode": "guard", "guard_message": "Nope."}
+    data = chat_data(metadata={"model_info": {"id": "dep-annotate", "relay": merged_by_another_request}})
+    response = chat_response()
+    headers = await relay(make_handler(fake), data, response)
+    assert (chat_text(response), headers["x-relay-mode"], headers["x-relay-outcome"]) == (PRIMARY, "annotate", "relayed")
+
+
 @pytest.mark.parametrize("block", [{"mode": "bogus"}, {"gaurd_action": "error"}, "guard", {}])
 async def test_an_invalid_model_info_block_refuses_that_model_without_calling_the_secondary(block):
     fake = FakeSecondary({SEC: REFINED})
