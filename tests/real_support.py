@@ -142,16 +142,21 @@ class Tap:
 # ----- independent oracles: what the relay's contract says a judge reply means ----------------------
 
 
-def verdict_of(text: str) -> str | None:
-    """"allow" / "block" when ``text`` is exactly the JSON verdict object the contract accepts (a
-    ```json fence around it allowed), else None. Written apart from relay_plugin on purpose."""
+def _json_of(text: str) -> object:
+    """The JSON value of ``text`` (a ```json fence around it allowed), or None."""
     stripped = text.strip()
     if stripped.startswith("```") and stripped.endswith("```"):
         stripped = stripped.strip("`").removeprefix("json").strip()
     try:
-        value = json.loads(stripped)
+        return json.loads(stripped)
     except ValueError:
         return None
+
+
+def verdict_of(text: str) -> str | None:
+    """"allow" / "block" when ``text`` is exactly the JSON verdict object the contract accepts (a
+    ```json fence around it allowed), else None. Written apart from relay_plugin on purpose."""
+    value = _json_of(text)
     if not isinstance(value, dict) or value.get("verdict") not in ("allow", "block"):
         return None
     return value["verdict"] if isinstance(value.get("reason", ""), str) else None
@@ -159,13 +164,7 @@ def verdict_of(text: str) -> str | None:
 
 def score_of(text: str) -> float | None:
     """The score when ``text`` is the JSON score object with a number in 0-10, else None."""
-    stripped = text.strip()
-    if stripped.startswith("```") and stripped.endswith("```"):
-        stripped = stripped.strip("`").removeprefix("json").strip()
-    try:
-        value = json.loads(stripped)
-    except ValueError:
-        return None
+    value = _json_of(text)
     score = value.get("score") if isinstance(value, dict) else None
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 10:
         return None

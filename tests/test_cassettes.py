@@ -130,6 +130,15 @@ async def test_a_streamed_answer_reassembles_to_the_providers_text_usage_and_cos
     assert run.cost == pytest.approx(priced(provider, wire), abs=1e-8)
 
 
+def assert_blocked(run, name: str, reason: str, cost: float) -> None:
+    """The guard's block as the client sees it: the refusal, content_filter, the judge's reason, its cost."""
+    assert run.headers["x-relay-outcome"] == "blocked", explain(run, name)
+    assert run.text == relay_plugin.DEFAULT_GUARD_MESSAGE
+    assert run.response.choices[0].finish_reason == "content_filter"
+    assert run.outcome.reason == reason
+    assert run.cost == pytest.approx(cost, abs=1e-8)
+
+
 @pytest.mark.parametrize("name", NAMES)
 async def test_guard_blocks_the_answer_on_the_providers_strict_json_verdict(name):
     provider = cs.PROVIDERS[name]
@@ -139,11 +148,7 @@ async def test_guard_blocks_the_answer_on_the_providers_strict_json_verdict(name
     with replaying(provider, "judge"):
         run = await cs.run_relay(provider, "judge")
 
-    assert run.headers["x-relay-outcome"] == "blocked", explain(run, name)
-    assert run.text == relay_plugin.DEFAULT_GUARD_MESSAGE
-    assert run.response.choices[0].finish_reason == "content_filter"
-    assert run.outcome.reason == reason
-    assert run.cost == pytest.approx(priced(provider, wire), abs=1e-8)
+    assert_blocked(run, name, reason, priced(provider, wire))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -164,11 +169,7 @@ async def test_guard_asks_for_the_verdict_schema_in_the_providers_own_shape_and_
     with replaying(provider, "judge_schema"):
         run = await cs.run_relay(provider, "judge_schema")
 
-    assert run.headers["x-relay-outcome"] == "blocked", explain(run, name)
-    assert run.text == relay_plugin.DEFAULT_GUARD_MESSAGE
-    assert run.response.choices[0].finish_reason == "content_filter"
-    assert run.outcome.reason == reason
-    assert run.cost == pytest.approx(priced(provider, wire), abs=1e-8)
+    assert_blocked(run, name, reason, priced(provider, wire))
 
 
 @pytest.mark.parametrize("name", NAMES)
