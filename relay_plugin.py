@@ -41,9 +41,17 @@ prints the table of every variable. A ``relay:`` block in a model's ``model_info
 mode settings for that model; ``metadata.relay`` in a request body may override them for one request,
 within what ``RELAY_CLIENT_OVERRIDE`` allows.
 
+Only the operator's configuration switches a guard off: the relay recognises its own calls by an HMAC
+proof a client cannot make (section "Trust"), and what a guard cannot judge is blocked under
+``RELAY_FAIL_MODE=closed``. Secondary calls are booked to the calling key in LiteLLM's spend tracking
+(``RELAY_SPEND_ATTRIBUTION``) and counted in ``relay_*`` Prometheus metrics (section "The operator's
+books"). What an older LiteLLM cannot do is detected and announced at startup (section "LiteLLM
+features").
+
 Dependencies: the standard library and litellm. ``redis`` is imported only when Redis state is on
-(``RELAY_REDIS_URL`` or ``RELAY_STATE=redis``), to share budgets, breakers and the cache across workers
-and instances (see docs/deploy.md).
+(``RELAY_REDIS_URL``, ``RELAY_REDIS_CLUSTER_NODES``, ``RELAY_REDIS_SENTINELS`` or ``RELAY_STATE=redis``),
+to share budgets, breakers and the cache across workers and instances (see docs/deploy.md);
+``prometheus_client`` only when it is installed and ``RELAY_PROMETHEUS`` is not ``off``.
 """
 
 import asyncio
