@@ -107,9 +107,9 @@ def scenarios() -> dict[str, Scenario]:
         Scenario("smoke", "CI smoke: refine on the mock primary", mix=("chat", "messages"), models=("mock-primary",),
                  users=4, duration=5),
         Scenario("real-baseline", "the real model (SmolLM2 on llama.cpp), no plugin", plugin=False, relay_on=False,
-                 kind="real", mix=REAL_MIX, models=(REAL_PRIMARY,), users=2),
+                 kind="real", mix=REAL_MIX, models=(REAL_PRIMARY,), users=1),
         Scenario("real-guard", "the real model, RELAY_MODE=guard (simulated judge)", kind="real", mix=REAL_MIX,
-                 models=(REAL_PRIMARY,), users=2, env={"RELAY_MODE": "guard", "RELAY_APPLY_TO": REAL_PRIMARY}),
+                 models=(REAL_PRIMARY,), users=1, env={"RELAY_MODE": "guard", "RELAY_APPLY_TO": REAL_PRIMARY}),
     ]
     return {s.name: s for s in found}
 
