@@ -83,7 +83,9 @@ def start_llama(log_path: Path, port: int = 0, *, threads: int | None = None, ti
          "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
          "--n_threads_batch", str(threads), "--seed", str(SEED), "--verbose", "False"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # llama_cpp.server's settings read PORT/HOST from the environment over its own flags: `PORT=N make
+        # real` (the proxy's port) must not move the model server onto it
+        env={**{k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}, "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
