@@ -2100,7 +2100,6 @@ class Reply:
     output_tokens: int | None = None  #: as the provider reported them
     priced: bool = True  #: False: no explicit price or cost-map entry, ``cost_usd`` is not a real figure
     prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 # =================================================================================================
@@ -2658,8 +2657,7 @@ class _Run:
                 for name, limit in usd_caps:
                     if name in handler.refused_counters and await handler.store.counter(name) + floor > limit:
                         raise refused
-                prompt_tokens = litellm.token_counter(model=model, messages=messages)
-                worst = (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + config.secondary_max_tokens * price[1]
+                worst = worst_case_usd(model, messages, price, config.secondary_max_tokens)
             holds = [(name, limit, worst) for name, limit in usd_caps]
         if config.max_calls is not None:
             holds.append((f"calls:{window}", float(config.max_calls), 1.0))
@@ -3702,15 +3700,20 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     text = getattr(choices[0].message, "content", None) if choices else None
     if not isinstance(text, str) or not text.strip():
         raise SecondaryError("empty_response", f"{model} returned no text")
-    usage = getattr(response, "usage", None)
     # a secondary that repeats its system prompt must not hand the client the relay's proof
     return Reply(model=model, text=_PROOF_IN_PROMPT.sub("[relay-call]", text), cost_usd=_cost_of(response),
                  truncated=getattr(choices[0], "finish_reason", None) in TRUNCATED_FINISH,
-                 output_tokens=getattr(usage, "completion_tokens", None), **_tokens_of(response))
+                 **_tokens_of(response))
 
 
 #: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
 TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
+
+
+def worst_case_usd(model: str, messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
+    """What one secondary call can cost at most: its prompt (counted with headroom) and a full answer."""
+    prompt_tokens = litellm.token_counter(model=model, messages=messages)
+    return (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + max_tokens * price[1]
 
 
 def _cost_of(response: Any) -> float:
@@ -4181,8 +4184,7 @@ async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) ->
     price = handler.price(model)
     worst = 0.0
     if price is not None:  # unpriced: only a budget already spent refuses
-        prompt_tokens = litellm.token_counter(model=model, messages=messages)
-        worst = (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + handler.config.secondary_max_tokens * price[1]
+        worst = worst_case_usd(model, messages, price, handler.config.secondary_max_tokens)
     for scope, counter, spent_at_auth, limit in books.budgets:
         spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
         if spent + worst > limit:
@@ -4192,10 +4194,12 @@ async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) ->
                                  f"cannot cover a call to {model} (up to {worst:.6f} USD)", skipped=True)
 
 
-def _tokens_of(response: Any) -> dict[str, int]:
+def _tokens_of(response: Any) -> dict[str, Any]:
+    """Reply's token fields from a response's usage (output tokens None when the provider gave none)."""
     usage = getattr(response, "usage", None)
+    output = getattr(usage, "completion_tokens", None)
     return {"prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-            "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0)}
+            "output_tokens": int(output) if isinstance(output, (int, float)) else None}
 
 
 #: breaker states as the relay_breaker_state gauge reports them
@@ -4291,7 +4295,7 @@ class RelayMetrics:
             books = _BOOKS.get()
             self.secondary_cost.labels(secondary_model=label, mode=books.mode if books else "unknown").inc(reply.cost_usd)
             self.secondary_tokens.labels(secondary_model=label, token_type="prompt").inc(reply.prompt_tokens)
-            self.secondary_tokens.labels(secondary_model=label, token_type="completion").inc(reply.completion_tokens)
+            self.secondary_tokens.labels(secondary_model=label, token_type="completion").inc(reply.output_tokens or 0)
             return reply
         return measured
 
