@@ -64,21 +64,21 @@ def realworld(workdir, sim):
         "RELAY_RETRY_BASE_S": "0.05",
         "RELAY_VENDOR_TRACE_ID": "not ours",  # another program's variable under the prefix
     }
-    previous = sim.configure()["force_markers"]
-    sim.configure(force_markers={**previous, **FORCED})
-    handle = start_test_proxy(workdir, "realworld", sim.url, env, model_list=extra_models(sim.url))
-    yield handle
-    handle.proxy.stop()
-    sim.configure(force_markers=previous)
+    yield from proxy_with_forced_markers(workdir, sim, "realworld", env)
 
 
 @pytest.fixture(scope="module")
 def budgeted(workdir, sim):
     env = {**BASE_RELAY_ENV, "RELAY_CLIENT_OVERRIDE": "full", "RELAY_SECONDARY_MAX_TOKENS": str(MAX_TOKENS),
            "RELAY_BUDGET_USD": "0.05"}
+    yield from proxy_with_forced_markers(workdir, sim, "budgeted", env)
+
+
+def proxy_with_forced_markers(workdir, sim, name: str, env: dict):
+    """A proxy over the extra models while the simulator forces FORCED's markers (restored afterwards)."""
     previous = sim.configure()["force_markers"]
     sim.configure(force_markers={**previous, **FORCED})
-    handle = start_test_proxy(workdir, "budgeted", sim.url, env, model_list=extra_models(sim.url))
+    handle = start_test_proxy(workdir, name, sim.url, env, model_list=extra_models(sim.url))
     yield handle
     handle.proxy.stop()
     sim.configure(force_markers=previous)
