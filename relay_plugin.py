@@ -33,7 +33,8 @@ Every response that went through the plugin carries ``x-relay-mode``, ``x-relay-
 Streams (``stream=true``) get every mode too: the headers say ``x-relay-outcome: pending`` and the
 outcome travels in a ``relay`` object at the end of the stream (section "Streams" below). Timeouts,
 retries, a circuit breaker per secondary, budget and call caps, a result cache and a fail policy keep
-a slow, failing or expensive secondary from hurting the primary path (section "Resilience").
+a slow, failing or expensive secondary from hurting the primary path (sections "Primitives" and
+"Relay work").
 
 Configuration is read from the environment once, at import, and validated; an invalid value stops
 the proxy at startup with one line naming the variable. ``python relay_plugin.py --env-table``
@@ -47,6 +48,27 @@ proof a client cannot make (section "Trust"), and what a guard cannot judge is b
 (``RELAY_SPEND_ATTRIBUTION``) and counted in ``relay_*`` Prometheus metrics (section "The operator's
 books"). What an older LiteLLM cannot do is detected and announced at startup (section "LiteLLM
 features").
+
+Sections, in order (the banner names below; each needs only what comes before it)
+----------------------------------------------------------------------------------
+ 1. Errors
+ 2. Configuration: every RELAY_* variable, parsed and validated in one place
+ 3. Request-dict helpers: the proxy's request dict (and its router), read and marked
+ 4. Text: redaction, delimiters, judge replies
+ 5. Conversations and responses: the text surface of every endpoint
+ 6. Trust: which calls are the relay's own (unforgeable), and which secrets never leave the proxy
+ 7. Prompts: what each mode sends to its secondary
+ 8. Structured output for the judges (RELAY_JUDGE_FORMAT)
+ 9. Primitives: the circuit breaker, the local store and the store protocol
+10. The relay's result for one request
+11. LiteLLM features: what the running LiteLLM offers, found by looking at it (never by its version)
+12. The operator's books: spend attribution, LiteLLM budgets, trace ids, Prometheus metrics
+13. Reaching a secondary: the litellm call, prices, error classes
+14. Relay work: one request's run (cache, breaker, budget, timeout, retries) and the mode table
+15. The LiteLLM callback
+16. Streams: the same modes for stream=true clients
+17. Shared state in Redis: one budget, one breaker and one cache for every worker and instance
+18. The instance: what `callbacks: relay_plugin.proxy_handler_instance` loads, built on first access
 
 Dependencies: the standard library and litellm. ``redis`` is imported only when Redis state is on
 (``RELAY_REDIS_URL``, ``RELAY_REDIS_CLUSTER_NODES``, ``RELAY_REDIS_SENTINELS`` or ``RELAY_STATE=redis``),
@@ -127,6 +149,16 @@ class SecondaryError(RelayError):
     #: what a client may read about this failure; None: ``detail`` (the relay's own words) may be shown.
     #: Set for provider errors, whose text may name internal hosts, users or keys (those go to the log).
     public: str | None = None
+
+
+class RelayRejected(RelayError):
+    """The relay decided the client gets an HTTP error (guard error action, fail-closed)."""
+
+    def __init__(self, status: int, message: str, outcome: "Outcome"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.outcome = outcome
 
 
 # =================================================================================================
@@ -509,7 +541,87 @@ def env_table() -> str:
 
 
 # =================================================================================================
-# Text helpers: redaction, delimiters, judge replies
+# Request-dict helpers: the proxy's request dict (and its router), read and marked
+# =================================================================================================
+
+#: True while relay work runs in this task: a hook that fires inside it never relays again.
+_IN_RELAY: Final = contextvars.ContextVar("relay_in_progress", default=False)
+_RESULT_KEY: Final = "relay_result"  #: where the Outcome waits for the headers hook (metadata bucket)
+_CLIENT_KEY: Final = "relay"  #: the client's override block inside request metadata
+_STREAM_KEY: Final = "relay_stream_decision"  #: the headers hook's decision, reused by the stream hook
+_SEEN_KEY: Final = "relay_seen"  #: the mark of a request this process relayed already
+_MODEL_CONFIG_REFUSAL: Final = "relay: this model is not served: its relay settings are invalid; the proxy's log names the setting"
+#: litellm_params that hold credentials: their values are masked wherever they would appear
+_SECRET_PARAM: Final = re.compile(r"(?i)key|secret|token|password|credential")
+DEPTH_HEADER: Final = "x-relay-depth"
+_SEEN_MAX: Final = 50_000
+#: secondary models whose breaker and price are kept in this process at most (least recently used go)
+MODELS_MAX: Final = 1024
+
+
+def _proxy_router() -> Any:
+    """The running proxy's router, or None outside the proxy (the SDK, unit tests)."""
+    module = sys.modules.get("litellm.proxy.proxy_server")
+    return getattr(module, "llm_router", None) if module is not None else None
+
+
+def _bucket(data: Mapping[str, Any]) -> dict:
+    """The proxy's internal metadata dict: ``litellm_metadata`` on messages/responses, else ``metadata``."""
+    bucket = data.get("litellm_metadata")
+    if isinstance(bucket, dict):
+        return bucket
+    bucket = data.get("metadata")
+    if isinstance(bucket, dict):
+        return bucket
+    if isinstance(data, dict):
+        return data.setdefault("metadata", {})
+    return {}
+
+
+def _client_block(block: Any) -> dict[str, Any] | None:
+    """``metadata.relay`` as a dict (a JSON string is accepted: Responses API metadata values are strings)."""
+    if block is None:
+        return None
+    if isinstance(block, str):
+        try:
+            block = json.loads(block)
+        except ValueError:
+            raise ConfigError(f"metadata.relay={block!r} is invalid: allowed: an object or its JSON text") from None
+    if not isinstance(block, dict):
+        raise ConfigError(f"metadata.relay={block!r} is invalid: allowed: an object or its JSON text")
+    return block
+
+
+def _planned_models(plan: Plan) -> list[str]:
+    """The secondaries a plan may call, in the order its mode calls them."""
+    if plan.mode == "escalate":
+        return [plan.secondary_model, plan.escalate_model]
+    if plan.mode == "consensus":
+        return [*plan.consensus_models, plan.secondary_model]
+    return [plan.secondary_model]
+
+
+def _key_id(user_api_key_dict: Any) -> str | None:
+    """A stable, non-reversible id of the caller's API key, for per-key budgets."""
+    key = getattr(user_api_key_dict, "api_key", None) or getattr(user_api_key_dict, "token", None)
+    return hashlib.sha256(str(key).encode()).hexdigest()[:16] if key else None
+
+
+def _http_error(status: int, message: str, headers: dict[str, str] | None = None, keep_headers: bool = False) -> Exception:
+    from fastapi import HTTPException  # the proxy's own web framework, present wherever hooks run
+
+    error = HTTPException(status_code=status, detail=message, headers=headers)
+    if headers and keep_headers:
+        # /v1/messages drops an HTTPException's own headers; a ProxyException keeps them
+        with contextlib.suppress(ImportError):
+            from litellm.proxy.common_request_processing import proxy_exception_from_http_exception
+
+            return proxy_exception_from_http_exception(error, dict(headers))
+    return error
+
+
+# =================================================================================================
+# Text: redaction, delimiters, judge replies
 # =================================================================================================
 
 _REDACTIONS: Final = (
@@ -658,93 +770,6 @@ def parse_judge_score(reply: str) -> tuple[float, str]:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 10 or not isinstance(reason, str):
         raise SecondaryError("bad_verdict", 'expected {"score": 0-10, "reason": "..."}')
     return float(score), reason
-
-
-# =================================================================================================
-# Structured output for the judges (RELAY_JUDGE_FORMAT)
-# =================================================================================================
-# A small judge does not follow "reply with strict JSON" reliably; asked for a JSON schema through the
-# provider's structured-output feature (litellm translates OpenAI's ``response_format`` for each
-# provider), its decoder is held to the schema. The reply still goes through parse_verdict /
-# parse_judge_score unchanged: the schema makes a valid verdict likelier, it never turns an
-# unparseable one into an allow.
-
-#: {"verdict": "allow"|"block", "reason": "..."}: what parse_verdict accepts
-VERDICT_SCHEMA: Final = {
-    "type": "object",
-    "properties": {"verdict": {"type": "string", "enum": ["allow", "block"]}, "reason": {"type": "string"}},
-    "required": ["verdict", "reason"],
-    "additionalProperties": False,
-}
-#: {"score": 0..10, "reason": "..."}: an enum rather than minimum/maximum, which some providers'
-#: structured output (Anthropic's) does not accept; parse_judge_score still checks the range
-SCORE_SCHEMA: Final = {
-    "type": "object",
-    "properties": {"score": {"type": "integer", "enum": list(range(11))}, "reason": {"type": "string"}},
-    "required": ["score", "reason"],
-    "additionalProperties": False,
-}
-#: how a secondary is asked for JSON: "prompt" (the instructions only), "schema" (OpenAI's
-#: ``json_schema`` response_format, which litellm translates per provider) or "json_object"
-#: (``{"type": "json_object", "schema": ...}``, the dialect of llama-cpp-python's server)
-JUDGE_STYLES: Final = ("prompt", "schema", "json_object")
-#: model_info key of a secondary's deployment that names its style (beats litellm's capability map)
-JUDGE_STYLE_KEY: Final = "relay_judge_format"
-_JUDGE_STYLE_CACHE: dict[tuple[int, str], str] = {}
-
-
-def judge_response_format(name: str, schema: Mapping[str, Any], style: str) -> dict | None:
-    """The ``response_format`` of a judge call in ``style`` (None: prompt only)."""
-    if style == "json_object":
-        return {"type": "json_object", "schema": dict(schema)}
-    if style == "schema":
-        return {"type": "json_schema", "json_schema": {"name": name, "schema": dict(schema), "strict": True}}
-    return None
-
-
-def _deployment_style(setting: str, model: str, model_info: Mapping[str, Any]) -> str:
-    """The style of one deployment (or of a plain litellm model string, with empty ``model_info``)."""
-    declared = model_info.get(JUDGE_STYLE_KEY)
-    if declared in JUDGE_STYLES:  # the operator's word on this deployment is the most specific
-        return declared
-    if setting == "schema":
-        return "schema"
-    flag = model_info.get("supports_response_schema")
-    if isinstance(flag, bool):
-        return "schema" if flag else "prompt"
-    try:
-        return "schema" if litellm.supports_response_schema(model=model) else "prompt"
-    except Exception:  # noqa: BLE001 - a model litellm cannot place does not support it as far as we know
-        return "prompt"
-
-
-def judge_style(setting: str, model: str) -> str:
-    """How to ask ``model`` for a judge's JSON under ``RELAY_JUDGE_FORMAT=setting``.
-
-    ``prompt``: always the instructions only. ``auto``: for a ``model_name`` of the proxy, each of its
-    deployments' ``model_info`` decides (``relay_judge_format``, else litellm's own
-    ``supports_response_schema`` flag, else litellm's capability map for the deployment's model); for
-    any other model string, litellm's map. ``schema``: structured output for every judge, except on
-    deployments whose ``relay_judge_format`` says otherwise. Deployments of one name that disagree get ``prompt`` (the router
-    picks one after the request is built).
-    """
-    if setting == "prompt":
-        return "prompt"
-    router = _proxy_router()
-    cache_key = (id(router), f"{setting}:{model}")
-    if cache_key in _JUDGE_STYLE_CACHE:
-        return _JUDGE_STYLE_CACHE[cache_key]
-    deployments = []
-    if router is not None and model in (router.model_names or ()):
-        deployments = [((d.get("litellm_params") or {}).get("model") or model, d.get("model_info") or {})
-                       for d in router.get_model_list(model_name=model) or []]
-    styles = {_deployment_style(setting, name, info) for name, info in deployments or [(model, {})]}
-    style = styles.pop() if len(styles) == 1 else "prompt"
-    if len(_JUDGE_STYLE_CACHE) > 1024:
-        _JUDGE_STYLE_CACHE.clear()
-    _JUDGE_STYLE_CACHE[cache_key] = style
-    log.debug("relay: judge calls to %s ask for JSON by %s", model, style)
-    return style
 
 
 # =================================================================================================
@@ -1005,6 +1030,152 @@ def _responses_text(items: Any) -> str:
 
 
 # =================================================================================================
+# Trust: which calls are the relay's own (unforgeable), and which secrets never leave the proxy
+# =================================================================================================
+#
+# A client must not be able to switch an operator's relay off. So nothing a client can write (a header,
+# a metadata key, a call id) is taken as "this is the relay's own call". The relay recognises its own
+# calls by:
+#   - in the same process: the ``_IN_RELAY`` ContextVar, set while relay work runs;
+#   - across HTTP (a secondary that is this proxy, or another relay-equipped one): a proof, carried
+#     twice, in the ``x-relay-depth`` header and in the body's system prompt (an intermediary may drop
+#     headers, never the prompt). The proof is ``<depth>.<unix time>.<HMAC>`` where the HMAC, keyed with
+#     RELAY_SIGNING_SECRET (else a key derived from the proxy's master key, the same on every instance),
+#     covers the depth, the time and the call's last user message: copying it onto another prompt, or
+#     using it after ``PROOF_MAX_AGE_S``, proves nothing.
+
+#: how long a proof is accepted after it was made (generous: clocks of instances drift)
+PROOF_MAX_AGE_S: Final = 600.0
+_PROOF_TOKEN: Final = re.compile(r"\A([0-9]{1,3})([ra])\.([0-9]{1,12})\.([0-9a-f]{32})\Z")
+_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call ([0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32})\]")
+#: what a relay call is: ``r`` a review (the relay's own prompt envelope: guard, judge, refine, annotate,
+#: merge), ``a`` an answer (escalate's premium model and consensus members get the client's conversation)
+REVIEW: Final = "r"
+ANSWER: Final = "a"
+#: metadata keys only the relay writes: a client's copies are dropped before any hook reads them
+RELAY_OWNED_KEYS: Final = ("relay_internal", "relay_depth", "relay_result", "relay_stream_decision", "relay_seen",
+                           "relay_judged")
+_signing_key_cache: list[bytes] = []
+
+
+def _signing_key() -> bytes:
+    """The HMAC key of the relay's proofs: RELAY_SIGNING_SECRET, else derived from the master key
+    (shared by every instance of one deployment), else a random key of this process."""
+    if _signing_key_cache:
+        return _signing_key_cache[0]
+    module = sys.modules.get("litellm.proxy.proxy_server")  # RELAY_SIGNING_SECRET: set by RelayHandler
+    secret = str(getattr(module, "master_key", None) or os.environ.get("LITELLM_MASTER_KEY") or "")
+    secret = "relay-proof-from-master-key:" + secret if secret else ""
+    key = hashlib.sha256(secret.encode()).digest() if secret else os.urandom(32)
+    if secret or "litellm.proxy.proxy_server" not in sys.modules:  # a random key may be replaced once a master key exists
+        _signing_key_cache.append(key)
+    return key
+
+
+def _proof_subject(turns: list[dict[str, str]]) -> str:
+    """What a proof is bound to: the last user message, whitespace-normalised (providers' wire formats
+    may re-split it into blocks, never change its words)."""
+    last = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
+    return " ".join(last.split())
+
+
+def _proof_mac(depth: int, kind: str, stamp: int, subject: str) -> str:
+    import hmac
+
+    message = f"relay-call|{depth}|{kind}|{stamp}|{subject}".encode()
+    return hmac.new(_signing_key(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None, kind: str = REVIEW) -> str:
+    """The proof that a call with this conversation is the relay's own ``kind`` of call, at ``depth``."""
+    stamp = int(time.time() if now is None else now)
+    return f"{depth}{kind}.{stamp}.{_proof_mac(depth, kind, stamp, _proof_subject(turns))}"
+
+
+def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None, kinds: str = REVIEW + ANSWER) -> int:
+    """The depth a proof token proves for this conversation (for a call of one of ``kinds``); 0: nothing."""
+    import hmac
+
+    match = _PROOF_TOKEN.match(token.strip()) if isinstance(token, str) else None
+    if match is None or match.group(2) not in kinds:
+        return 0
+    depth, kind, stamp = int(match.group(1)), match.group(2), int(match.group(3))
+    if abs((time.time() if now is None else now) - stamp) > PROOF_MAX_AGE_S:
+        return 0
+    expected = _proof_mac(depth, kind, stamp, _proof_subject(turns))
+    return depth if hmac.compare_digest(expected, match.group(4)) else 0
+
+
+#: a proof anywhere in a text (with or without its ``[relay-call ...]`` frame)
+_PROOF_ANYWHERE: Final = re.compile(r"\[?(?:relay-call\s+)?\b[0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32}\b\]?")
+
+
+def _without_proofs(text: str) -> str:
+    """A secondary's answer without the proof of its own call: a model that echoes its system prompt
+    (where the proof is) must not hand the client a proof to replay within its lifetime."""
+    return _PROOF_ANYWHERE.sub("[relay-call]", text) if text else text
+
+
+class ReviewSystemMessage(dict):
+    """The system message of a review the relay wrote itself (``review_messages``). Only a call that
+    carries one gets a review proof (one that may skip a guard): a client can copy the relay's words
+    into its own system prompt, so the words never decide it."""
+
+
+def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
+    """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
+    goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
+    review = any(isinstance(m, ReviewSystemMessage) for m in kwargs["messages"])
+    messages = [dict(m) for m in kwargs["messages"]]
+    system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
+    proof = relay_proof(depth, conversation_of({"messages": messages}), kind=REVIEW if review else ANSWER)
+    if system is None:
+        messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})
+    else:
+        system["content"] = f"{system['content']}\n\n[relay-call {proof}]"
+    kwargs["messages"] = messages
+    kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), DEPTH_HEADER: proof}
+    kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "relay_internal": True, "relay_depth": depth}
+
+
+def _request_headers(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    server_request = data.get("proxy_server_request")
+    headers = server_request.get("headers") if isinstance(server_request, Mapping) else None
+    return headers if isinstance(headers, Mapping) else {}
+
+
+def relay_call_depth(data: Mapping[str, Any], kinds: str = REVIEW + ANSWER) -> int:
+    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call (of
+    one of ``kinds``) made at depth n, proven by the header or by the system prompt. Nothing else a
+    client sends counts."""
+    turns = conversation_of(data)
+    tokens = [v for k, v in _request_headers(data).items() if isinstance(k, str) and k.lower() == DEPTH_HEADER]
+    tokens += [m.group(1) for t in turns if t["role"] == "system" for m in _PROOF_IN_PROMPT.finditer(t["content"])]
+    return max((proven_depth(token, turns, kinds=kinds) for token in tokens), default=0)
+
+
+def is_relay_call() -> bool:
+    """True while this task runs relay work: a hook that fires inside it never relays again."""
+    return _IN_RELAY.get()
+
+
+def strip_client_markers(data: dict) -> None:
+    """Drop what a client sent in the relay's own places: metadata keys only the relay writes, and an
+    ``x-relay-depth`` header that proves nothing (so nothing downstream can mistake it for a proof)."""
+    for name in ("metadata", "litellm_metadata"):
+        bucket = data.get(name)
+        if isinstance(bucket, dict):
+            for key in RELAY_OWNED_KEYS:
+                bucket.pop(key, None)
+    headers = _request_headers(data)
+    forged = [k for k, v in headers.items() if isinstance(k, str) and k.lower() == DEPTH_HEADER
+              and not proven_depth(v, conversation_of(data))]
+    if forged and isinstance(headers, dict):
+        for key in forged:
+            headers.pop(key, None)
+
+
+# =================================================================================================
 # Prompts: what each mode sends to its secondary
 # =================================================================================================
 
@@ -1083,12 +1254,6 @@ class Prepared:
         return restored
 
 
-class ReviewSystemMessage(dict):
-    """The system message of a review the relay wrote itself (``review_messages``). Only a call that
-    carries one gets a review proof (one that may skip a guard): a client can copy the relay's words
-    into its own system prompt, so the words never decide it."""
-
-
 def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[str, str] | None = None) -> list[dict]:
     """System instructions plus the conversation and answer(s) inside per-call random delimiters."""
     nonce = secrets.token_hex(6)
@@ -1103,7 +1268,94 @@ def review_messages(instructions: str, prepared: Prepared, candidates: Mapping[s
 
 
 # =================================================================================================
-# Resilience: circuit breaker, budget and cache, behind one small store interface
+# Structured output for the judges (RELAY_JUDGE_FORMAT)
+# =================================================================================================
+# A small judge does not follow "reply with strict JSON" reliably; asked for a JSON schema through the
+# provider's structured-output feature (litellm translates OpenAI's ``response_format`` for each
+# provider), its decoder is held to the schema. The reply still goes through parse_verdict /
+# parse_judge_score unchanged: the schema makes a valid verdict likelier, it never turns an
+# unparseable one into an allow.
+
+#: {"verdict": "allow"|"block", "reason": "..."}: what parse_verdict accepts
+VERDICT_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"verdict": {"type": "string", "enum": ["allow", "block"]}, "reason": {"type": "string"}},
+    "required": ["verdict", "reason"],
+    "additionalProperties": False,
+}
+#: {"score": 0..10, "reason": "..."}: an enum rather than minimum/maximum, which some providers'
+#: structured output (Anthropic's) does not accept; parse_judge_score still checks the range
+SCORE_SCHEMA: Final = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "enum": list(range(11))}, "reason": {"type": "string"}},
+    "required": ["score", "reason"],
+    "additionalProperties": False,
+}
+#: how a secondary is asked for JSON: "prompt" (the instructions only), "schema" (OpenAI's
+#: ``json_schema`` response_format, which litellm translates per provider) or "json_object"
+#: (``{"type": "json_object", "schema": ...}``, the dialect of llama-cpp-python's server)
+JUDGE_STYLES: Final = ("prompt", "schema", "json_object")
+#: model_info key of a secondary's deployment that names its style (beats litellm's capability map)
+JUDGE_STYLE_KEY: Final = "relay_judge_format"
+_JUDGE_STYLE_CACHE: dict[tuple[int, str], str] = {}
+
+
+def judge_response_format(name: str, schema: Mapping[str, Any], style: str) -> dict | None:
+    """The ``response_format`` of a judge call in ``style`` (None: prompt only)."""
+    if style == "json_object":
+        return {"type": "json_object", "schema": dict(schema)}
+    if style == "schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": dict(schema), "strict": True}}
+    return None
+
+
+def _deployment_style(setting: str, model: str, model_info: Mapping[str, Any]) -> str:
+    """The style of one deployment (or of a plain litellm model string, with empty ``model_info``)."""
+    declared = model_info.get(JUDGE_STYLE_KEY)
+    if declared in JUDGE_STYLES:  # the operator's word on this deployment is the most specific
+        return declared
+    if setting == "schema":
+        return "schema"
+    flag = model_info.get("supports_response_schema")
+    if isinstance(flag, bool):
+        return "schema" if flag else "prompt"
+    try:
+        return "schema" if litellm.supports_response_schema(model=model) else "prompt"
+    except Exception:  # noqa: BLE001 - a model litellm cannot place does not support it as far as we know
+        return "prompt"
+
+
+def judge_style(setting: str, model: str) -> str:
+    """How to ask ``model`` for a judge's JSON under ``RELAY_JUDGE_FORMAT=setting``.
+
+    ``prompt``: always the instructions only. ``auto``: for a ``model_name`` of the proxy, each of its
+    deployments' ``model_info`` decides (``relay_judge_format``, else litellm's own
+    ``supports_response_schema`` flag, else litellm's capability map for the deployment's model); for
+    any other model string, litellm's map. ``schema``: structured output for every judge, except on
+    deployments whose ``relay_judge_format`` says otherwise. Deployments of one name that disagree get ``prompt`` (the router
+    picks one after the request is built).
+    """
+    if setting == "prompt":
+        return "prompt"
+    router = _proxy_router()
+    cache_key = (id(router), f"{setting}:{model}")
+    if cache_key in _JUDGE_STYLE_CACHE:
+        return _JUDGE_STYLE_CACHE[cache_key]
+    deployments = []
+    if router is not None and model in (router.model_names or ()):
+        deployments = [((d.get("litellm_params") or {}).get("model") or model, d.get("model_info") or {})
+                       for d in router.get_model_list(model_name=model) or []]
+    styles = {_deployment_style(setting, name, info) for name, info in deployments or [(model, {})]}
+    style = styles.pop() if len(styles) == 1 else "prompt"
+    if len(_JUDGE_STYLE_CACHE) > 1024:
+        _JUDGE_STYLE_CACHE.clear()
+    _JUDGE_STYLE_CACHE[cache_key] = style
+    log.debug("relay: judge calls to %s ask for JSON by %s", model, style)
+    return style
+
+
+# =================================================================================================
+# Primitives: the circuit breaker, the local store and the store protocol
 # =================================================================================================
 
 STATE_CLOSED: Final = "closed"
@@ -1295,729 +1547,6 @@ class LocalStore:
             self.cache.popitem(last=False)
 
 
-def _price_of(model: str) -> tuple[float, float] | None:
-    """Worst-case ``(input, output)`` USD per token of a secondary, or None when it is unknown.
-
-    A ``model_name`` of the proxy is priced from its deployments (``model_info`` / ``litellm_params``
-    custom prices first, then litellm's cost map), taking the most expensive deployment.
-    """
-    router = _proxy_router()
-    deployments = router.get_model_list(model_name=model) if router is not None and model in (router.model_names or ()) else None
-    candidates = []
-    for deployment in deployments or [{"litellm_params": {"model": model}, "model_info": {}}]:
-        params = dict(deployment.get("litellm_params") or {})
-        info = dict(deployment.get("model_info") or {})
-        price = None
-        for source in (info, params):
-            if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
-                price = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
-                break
-        if price is None:
-            name = info.get("base_model") or params.get("model") or model
-            # litellm's cost map prices Ollama models under "ollama/" only; ollama_chat/ runs the same model
-            for candidate in (name, "ollama/" + name.split("/", 1)[1]) if name.startswith("ollama_chat/") else (name,):
-                price = _cost_map_price(candidate)
-                if price is not None:
-                    break
-            if price is None:
-                return None
-        candidates.append(price)
-    return (max(p[0] for p in candidates), max(p[1] for p in candidates)) if candidates else None
-
-
-def _cost_map_price(model: str) -> tuple[float, float] | None:
-    """``(input, output)`` from litellm's cost map, or None when the map has no price for ``model``.
-
-    ``get_model_info`` answers 0 for a model the proxy's router merely registered (a sparse entry
-    without prices): that 0 is a placeholder, not a price. Only an entry that itself carries both
-    prices counts (an entry's real 0, e.g. a local Ollama model, does).
-    """
-    try:
-        info = litellm.get_model_info(model=model)
-    except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
-        return None
-    raw = litellm.model_cost.get(info.get("key") or model) or litellm.model_cost.get(model) or {}
-    if raw.get("input_cost_per_token") is None or raw.get("output_cost_per_token") is None:
-        return None
-    return float(raw["input_cost_per_token"]), float(raw["output_cost_per_token"])
-
-
-#: prompt-token estimates get this headroom, so a reservation stays an upper bound of the real cost
-PROMPT_TOKEN_MARGIN: Final = 1.25
-PROMPT_TOKEN_OVERHEAD: Final = 16
-
-
-# =================================================================================================
-# Shared state in Redis: one budget, one breaker and one cache for every worker and instance
-# =================================================================================================
-
-#: a Redis URL must use one of these schemes (redis-py's own)
-REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
-#: budget counters live one window plus the deadline plus this, so a late settle still finds its counter
-COUNTER_GRACE_S: Final = 60.0
-#: a breaker untouched this long (beyond its cooldown) is forgotten: a fresh closed breaker
-BREAKER_IDLE_S: Final = 3600.0
-#: a half-open probe permit not given back within the deadline plus this is dropped (its process died)
-PROBE_LEASE_MARGIN_S: Final = 5.0
-#: connections one process opens to Redis at most (operations take well under a millisecond each)
-REDIS_MAX_CONNECTIONS: Final = 64
-#: the pool size per node of a Cluster or Sentinel primary (those pools refuse beyond it instead of waiting)
-REDIS_MAX_CONNECTIONS_PER_NODE: Final = 2 * REDIS_MAX_CONNECTIONS
-#: a Redis failure within this many RELAY_REDIS_RETRY_S of the previous one continues the same outage,
-#: even if Redis answered in between (a Cluster failing over answers for some slots before the
-#: others), so it is not announced again
-OUTAGE_MERGE_RETRIES: Final = 3
-#: the cache index is split into at most this many hash slots, each entry in its index's slot
-CACHE_SHARDS: Final = 16
-#: ... and a shard holds at least this many entries (a small cache stays one exact LRU-by-write)
-CACHE_SHARD_MIN_ENTRIES: Final = 64
-
-# Each script is one atomic read-modify-write on the server. Amounts are decimal text (INCRBYFLOAT);
-# breaker time is the server's clock in milliseconds (TIME), plus an offset that tests move.
-_LUA_RESERVE: Final = """
--- KEYS: counters. ARGV[1]: lifetime (ms) of a counter this creates; then limit, amount per counter.
-for i = 1, #KEYS do
-  local held = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if held + tonumber(ARGV[2 * i + 1]) > tonumber(ARGV[2 * i]) + 1e-12 then return 0 end
-end
-for i = 1, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[2 * i + 1])
-  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
-end
-return 1
-"""
-_LUA_ADJUST: Final = """
--- settle and release. KEYS: counters; ARGV: the change of each. An expired counter is not recreated.
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBYFLOAT', KEYS[i], ARGV[i]) end
-end
-return 1
-"""
-_LUA_BREAKER: Final = """
--- One breaker: a hash with state, opened_at (ms), results ('0'/'1' per call, newest last), successes,
--- opened (count) and one field 'p:<token>' = lease end (ms) per half-open probe in flight.
--- ARGV[1]: clock offset (ms); ARGV[2]: idle lifetime (ms); ARGV[3]: cooldown (ms); ARGV[4]: operation.
-local key, op = KEYS[1], ARGV[4]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-
-local function drop_probes()
-  for _, field in ipairs(redis.call('HKEYS', key)) do
-    if string.sub(field, 1, 2) == 'p:' then redis.call('HDEL', key, field) end
-  end
-end
-local function open()
-  drop_probes()
-  redis.call('HSET', key, 'state', 'open', 'opened_at', now, 'results', '', 'successes', 0)
-  redis.call('HINCRBY', key, 'opened', 1)
-end
-local function close()
-  drop_probes()
-  redis.call('HSET', key, 'state', 'closed', 'results', '')
-end
-local function current_state()
-  local state = redis.call('HGET', key, 'state') or 'closed'
-  if state == 'open' and now - tonumber(redis.call('HGET', key, 'opened_at')) >= tonumber(ARGV[3]) then
-    drop_probes()
-    redis.call('HSET', key, 'state', 'half_open', 'successes', 0)
-    state = 'half_open'
-  end
-  return state
-end
-
-local result = false
-if op == 'state' then
-  result = current_state()
-elseif op == 'acquire' then
-  -- ARGV[5]: probes; ARGV[6]: probe lease (ms); ARGV[7]: token
-  local state = current_state()
-  if state == 'closed' then
-    result = 'call'
-  elseif state == 'half_open' then
-    local fields, live = redis.call('HGETALL', key), 0
-    for i = 1, #fields, 2 do
-      if string.sub(fields[i], 1, 2) == 'p:' then
-        if tonumber(fields[i + 1]) <= now then redis.call('HDEL', key, fields[i]) else live = live + 1 end
-      end
-    end
-    if live < tonumber(ARGV[5]) then
-      redis.call('HSET', key, 'p:' .. ARGV[7], now + tonumber(ARGV[6]))
-      result = 'probe:' .. ARGV[7]
-    end
-  end
-else
-  -- record. ARGV[5]: permit; ARGV[6]: '1' failed, '0' succeeded, '' given back; ARGV[7]: probes;
-  -- ARGV[8]: window; ARGV[9]: min calls; ARGV[10]: failure rate
-  local permit, failed = ARGV[5], ARGV[6]
-  if string.sub(permit, 1, 6) == 'probe:' then
-    -- a probe token exists only in the half-open period that issued it: a stale one counts for nothing
-    if redis.call('HDEL', key, 'p:' .. string.sub(permit, 7)) == 1 and failed ~= '' then
-      if failed == '1' then
-        open()
-      elseif redis.call('HINCRBY', key, 'successes', 1) >= tonumber(ARGV[7]) then
-        close()
-      end
-    end
-  elseif failed ~= '' and (redis.call('HGET', key, 'state') or 'closed') == 'closed' then
-    local window = tonumber(ARGV[8])
-    local results = (redis.call('HGET', key, 'results') or '') .. failed
-    if #results > window then results = string.sub(results, -window) end
-    local _, failures = string.gsub(results, '1', '')
-    if #results >= tonumber(ARGV[9]) and failures >= tonumber(ARGV[10]) * #results then
-      open()
-    else
-      redis.call('HSET', key, 'results', results)
-    end
-  end
-end
-if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[2]) end
-return result
-"""
-_LUA_CACHE_PUT: Final = """
--- KEYS[1]: the entry; KEYS[2]: the index (entry keys by write time).
--- ARGV: value, lifetime (ms), now (epoch s), ttl (s), most entries
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
-if excess > 0 then
-  local evicted = redis.call('ZPOPMIN', KEYS[2], excess)
-  for i = 1, #evicted, 2 do redis.call('DEL', evicted[i]) end
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return 1
-"""
-
-
-class SharedReservation(Reservation):
-    """Holds made in Redis: they are settled or released there, never in a fallback store."""
-
-
-def _ms(seconds: float) -> int:
-    return max(int(seconds * 1000), 1)
-
-
-class RedisStore:
-    """LocalStore's coroutines on one Redis, shared by every process that uses the same key prefix.
-
-    Each read-modify-write is one Lua script, atomic across processes: reserve-if-all-fit, settle,
-    release, breaker transitions and half-open permits. The client is a single Redis, a Redis Cluster
-    or a Sentinel-managed primary; the keys and scripts are the same on all three, and every script
-    touches keys of one hash slot only (the ``{...}`` part of a key, see :meth:`key`):
-    ``<prefix>:{budget:<window>}:<counter>`` (every counter of one window together, since one
-    reservation holds on all of them at once; expire one window after they are created, plus the
-    deadline and a grace), ``<prefix>:{breaker:<model>}`` (one slot per model; expires after an idle hour
-    plus the cooldown), ``<prefix>:{cache:<shard>}:<key>`` and ``<prefix>:{cache:<shard>}:index`` (up to
-    ``CACHE_SHARDS`` slots; expire with the cache TTL; beyond its share of ``RELAY_CACHE_MAX_ENTRIES`` a
-    shard drops its oldest-written entries).
-
-    Breakers run on the Redis server's clock, not on the ``now`` argument: every process has its own
-    monotonic clock and they cannot be compared. A probe permit is a lease: one that a dead process never
-    gave back expires after the deadline. The cache compares ``now`` (epoch seconds) with each entry's
-    expiry, and Redis drops the entry after its TTL. Redis errors propagate (see :class:`FailoverStore`).
-    """
-
-    def __init__(self, config: "RelayConfig", client: Any, *, where: str = "redis"):
-        from redis.exceptions import RedisError  # imported only when Redis state is enabled
-
-        self.config = config
-        self.client = client  #: a ``redis.asyncio.Redis`` with ``decode_responses=True``
-        self.prefix = config.redis_prefix
-        self.where = where  #: the server, for log lines (no password)
-        #: what a failing Redis raises
-        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
-        #: added to the server clock in the breaker scripts: tests move it instead of sleeping
-        self.clock_offset_s = 0.0
-        # at most REDIS_MAX_CONNECTIONS operations in flight: a Cluster's or Sentinel's connection pool
-        # refuses beyond its size instead of waiting, and a burst must wait here, not fail as an outage
-        self._gate = asyncio.Semaphore(REDIS_MAX_CONNECTIONS)
-        self._reserve = self._gated(client.register_script(_LUA_RESERVE))
-        self._adjust = self._gated(client.register_script(_LUA_ADJUST))
-        self._breaker_script = self._gated(client.register_script(_LUA_BREAKER))
-        self._cache_put = self._gated(client.register_script(_LUA_CACHE_PUT))
-        self._get = self._gated(client.get)
-
-    def _gated(self, operation: Callable[..., Any]) -> Callable[..., Any]:
-        async def gated(*args: Any, **kwargs: Any) -> Any:
-            async with self._gate:
-                if getattr(self.client, "_initialize", False):
-                    # a Cluster client learns the topology first (again after a node failed); once, not
-                    # from every command of a burst at the same time, which drops connections in use
-                    await self.client.initialize()
-                return await operation(*args, **kwargs)
-        return gated
-
-    def __repr__(self) -> str:
-        return f"<RedisStore {self.where} prefix={self.prefix!r}>"
-
-    def key(self, kind: str, name: str) -> str:
-        """The Redis key of ``name`` (a budget counter, a model's breaker or a cache entry).
-
-        The ``{...}`` hash tag decides the Cluster slot: what one script touches shares a tag, and
-        different windows, models and cache shards get different ones, so they spread over the nodes.
-        A counter's name ends with its window (``spend:key:<id>:<window>``)."""
-        if kind == "budget":
-            return f"{self.prefix}:{{budget:{name.rsplit(':', 1)[-1]}}}:{name}"
-        if kind == "breaker":
-            return f"{self.prefix}:{{breaker:{name}}}"
-        return f"{self.prefix}:{{cache:{self._cache_shard(name)}}}:{name}"
-
-    def _cache_shard(self, key: str) -> int:
-        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % self._cache_shards
-
-    @property
-    def _cache_shards(self) -> int:
-        return max(1, min(CACHE_SHARDS, self.config.cache_max_entries // CACHE_SHARD_MIN_ENTRIES))
-
-    # ----- budget -----
-    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
-        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else nothing."""
-        if holds:
-            c = self.config
-            lifetime = _ms(c.budget_window_s + c.deadline_s + COUNTER_GRACE_S)
-            args: list[Any] = [lifetime]
-            for _, limit, amount in holds:
-                args += [repr(float(limit)), repr(float(amount))]
-            if not await self._reserve(keys=[self.key("budget", name) for name, _, _ in holds], args=args):
-                return None
-        return SharedReservation(tuple((name, float(amount)) for name, _, amount in holds))
-
-    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
-        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
-        await self._change([(name, actual.get(name, held) - held) for name, held in reservation.counters])
-
-    async def release(self, reservation: Reservation) -> None:
-        await self._change([(name, -held) for name, held in reservation.counters])
-
-    async def _change(self, deltas: list[tuple[str, float]]) -> None:
-        deltas = [(name, delta) for name, delta in deltas if delta]
-        if deltas:
-            await self._adjust(keys=[self.key("budget", n) for n, _ in deltas], args=[repr(float(d)) for _, d in deltas])
-
-    async def counter(self, name: str) -> float:
-        return float(await self._get(self.key("budget", name)) or 0.0)
-
-    # ----- breakers -----
-    async def _breaker(self, model: str, op: str, *args: Any) -> Any:
-        c = self.config
-        return await self._breaker_script(
-            keys=[self.key("breaker", model)],
-            args=[round(self.clock_offset_s * 1000), _ms(BREAKER_IDLE_S + c.breaker_cooldown_s),
-                  _ms(c.breaker_cooldown_s), op, *args])
-
-    async def breaker_acquire(self, model: str, now: float) -> str | None:
-        """``"call"``, ``"probe:<token>"`` or None; ``now`` is not used (the server's clock is)."""
-        c = self.config
-        return await self._breaker(model, "acquire", c.breaker_probes, _ms(c.deadline_s + PROBE_LEASE_MARGIN_S),
-                                   secrets.token_hex(8))
-
-    async def breaker_record(self, model: str, permit: str, failed: bool | None, now: float) -> None:
-        """``failed`` None: the call never completed; the permit is given back."""
-        if permit == "call" and failed is None:
-            return
-        c = self.config
-        await self._breaker(model, "record", permit, "" if failed is None else str(int(failed)), c.breaker_probes,
-                            c.breaker_window, c.breaker_min_calls, repr(c.breaker_failure_rate))
-
-    async def breaker_state(self, model: str, now: float) -> str:
-        return await self._breaker(model, "state")
-
-    # ----- cache -----
-    async def cache_get(self, key: str, now: float) -> str | None:
-        entry = await self._get(self.key("cache", key))
-        if entry is None:
-            return None
-        expires, _, text = entry.partition("|")
-        return text if float(expires) > now else None
-
-    async def cache_put(self, key: str, text: str, now: float) -> None:
-        ttl = self.config.cache_ttl_s
-        index = f"{self.prefix}:{{cache:{self._cache_shard(key)}}}:index"
-        per_shard = self.config.cache_max_entries // self._cache_shards
-        await self._cache_put(keys=[self.key("cache", key), index],
-                              args=[f"{now + ttl!r}|{text}", _ms(ttl), repr(now), repr(ttl), per_shard])
-
-
-class FailoverStore:
-    """Shared state first; while it fails, ``RELAY_STATE_FAILURE`` decides.
-
-    ``closed``: the operations a relay needs before calling (cache lookup, breaker permit, reservation)
-    raise ``SecondaryError("state_unavailable", skipped=True)``, so the relay is skipped and the client
-    keeps the primary answer (or gets what ``RELAY_FAIL_MODE=closed`` says). ``local``: they use the
-    in-process ``fallback`` store. Either way, what runs after a call (settle, release, breaker record,
-    cache put) never raises: a hold made in Redis that cannot be settled stays counted until its window
-    ends, and a probe permit that cannot be given back expires by itself.
-
-    One ERROR line when an outage starts, one INFO line when Redis answers again. After a failure Redis
-    is not tried for ``retry_s``; redis-py reconnects by itself on the next try.
-    """
-
-    def __init__(self, primary: RedisStore, fallback: LocalStore, *, mode: str, retry_s: float, bound_s: float,
-                 clock: Callable[[], float] = time.monotonic):
-        self.primary, self.fallback, self.mode = primary, fallback, mode
-        self.retry_s = retry_s  #: seconds without trying Redis after a failure
-        self.bound_s = bound_s  #: longest wait on one Redis operation, whatever redis-py does
-        self.clock = clock
-        self.down_since: float | None = None  #: clock time the current outage started, None while up
-        self.outages = 0  #: outages seen, ever
-        self.lost = 0  #: settlements, releases and breaker records that could not reach Redis
-        self._retry_at = 0.0
-        self._lost_before = 0  #: ``lost`` when the current outage started
-        self._announced = False
-        self._failed_at: float | None = None  #: clock time of the last failure (see OUTAGE_MERGE_RETRIES)
-        self._outage_began = 0.0
-
-    def __repr__(self) -> str:
-        state = "up" if self.down_since is None else "down"
-        return f"<FailoverStore {self.primary!r} {state} on_failure={self.mode} outages={self.outages} lost={self.lost}>"
-
-    async def _shared(self, op: str, call: Callable[[], Any]) -> tuple[bool, Any]:
-        """``(True, result)`` of one Redis operation, or ``(False, None)`` when Redis is down."""
-        if self.down_since is not None and self.clock() < self._retry_at:
-            return False, None
-        try:
-            async with asyncio.timeout(self.bound_s):
-                result = await call()
-        except Exception as exc:  # noqa: BLE001 - Redis errors, and what a client raises while a node dies under it
-            failed_before, self._failed_at = self._failed_at, self.clock()
-            self._retry_at = self.clock() + self.retry_s
-            if self.down_since is None and failed_before is not None and \
-                    self.clock() - failed_before <= OUTAGE_MERGE_RETRIES * self.retry_s:
-                self.down_since = self._outage_began  # the same outage goes on: no second ERROR line
-            elif self.down_since is None:
-                self.down_since = self._outage_began = self.clock()
-                self.outages += 1
-                self._lost_before = self.lost
-                log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
-                          "again every %gs.", self.primary.where, scrub_secrets(f"{type(exc).__name__}: {exc}"), op,
-                          "Relays are skipped (RELAY_STATE_FAILURE=closed) until it is back."
-                          if self.mode == "closed" else
-                          "This process uses its own budget, caps, breakers and cache (RELAY_STATE_FAILURE=local) "
-                          "until it is back: caps hold per process meanwhile.", self.retry_s)
-            return False, None
-        if self.down_since is not None:
-            log.info("relay: shared state in Redis (%s) is back after %.1fs (%d settlements or breaker records "
-                     "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since,
-                     self.lost - self._lost_before)
-            self.down_since = None
-        elif not self._announced:
-            log.info("relay: shared state in Redis (%s), key prefix %r", self.primary.where, self.primary.prefix)
-        self._announced = True
-        return True, result
-
-    async def _needed(self, op: str, call: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
-        """What a relay needs before it calls: from Redis, else from ``fallback`` or a skip."""
-        ok, result = await self._shared(op, call)
-        return result if ok else await self._unavailable(op, fallback)
-
-    async def _unavailable(self, op: str, fallback: Callable[[], Any]) -> Any:
-        if self.mode == "local":
-            return await fallback()
-        raise SecondaryError("state_unavailable", f"the shared state in Redis is unavailable ({op}); no cap can be "
-                             "guaranteed (RELAY_STATE_FAILURE=closed)", skipped=True)
-
-    async def _after(self, op: str, call: Callable[[], Any]) -> None:
-        ok, _ = await self._shared(op, call)
-        if not ok:
-            self.lost += 1
-            log.info("relay: %s not written to Redis (unavailable)", op)
-
-    # ----- budget -----
-    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
-        return await self._needed("reserve", lambda: self.primary.reserve(holds), lambda: self.fallback.reserve(holds))
-
-    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
-        if isinstance(reservation, SharedReservation):
-            await self._after("settle", lambda: self.primary.settle(reservation, actual))
-        else:
-            await self.fallback.settle(reservation, actual)
-
-    async def release(self, reservation: Reservation) -> None:
-        if isinstance(reservation, SharedReservation):
-            await self._after("release", lambda: self.primary.release(reservation))
-        else:
-            await self.fallback.release(reservation)
-
-    async def counter(self, name: str) -> float:
-        return await self._needed("counter", lambda: self.primary.counter(name), lambda: self.fallback.counter(name))
-
-    # ----- breakers: a permit remembers the store that issued it -----
-    async def breaker_acquire(self, model: str, now: float) -> tuple[Any, str] | None:
-        ok, permit = await self._shared("breaker acquire", lambda: self.primary.breaker_acquire(model, now))
-        store: Any = self.primary
-        if not ok:
-            permit = await self._unavailable("breaker acquire", lambda: self.fallback.breaker_acquire(model, now))
-            store = self.fallback
-        return None if permit is None else (store, permit)
-
-    async def breaker_record(self, model: str, permit: tuple[Any, str], failed: bool | None, now: float) -> None:
-        store, inner = permit
-        if store is self.primary:
-            await self._after("breaker record", lambda: self.primary.breaker_record(model, inner, failed, now))
-        else:
-            await self.fallback.breaker_record(model, inner, failed, now)
-
-    async def breaker_state(self, model: str, now: float) -> str:
-        return await self._needed("breaker state", lambda: self.primary.breaker_state(model, now),
-                                  lambda: self.fallback.breaker_state(model, now))
-
-    # ----- cache -----
-    async def cache_get(self, key: str, now: float) -> str | None:
-        return await self._needed("cache lookup", lambda: self.primary.cache_get(key, now),
-                                  lambda: self.fallback.cache_get(key, now))
-
-    async def cache_put(self, key: str, text: str, now: float) -> None:
-        ok, _ = await self._shared("cache write", lambda: self.primary.cache_put(key, text, now))
-        if not ok and self.mode == "local":
-            await self.fallback.cache_put(key, text, now)
-
-
-def _masked_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        return parts._replace(netloc=f"{parts.username or ''}:***@{netloc}").geturl()
-    except ValueError:
-        return "(an unparseable URL)"
-
-
-def redis_url_of(config: "RelayConfig", env: Mapping[str, str]) -> str | None:
-    """The Redis URL of the shared state, or None for in-process state.
-
-    ``RELAY_STATE`` (unset: ``redis`` when ``RELAY_REDIS_URL`` is set), then ``RELAY_REDIS_URL``, else
-    LiteLLM's own ``REDIS_HOST`` / ``REDIS_PORT`` / ``REDIS_PASSWORD``. Raises :class:`ConfigError`.
-    """
-    from urllib.parse import quote, urlsplit
-
-    state = config.state or ("redis" if config.redis_url else "local")
-    if state == "local":
-        return None
-    if config.redis_url:
-        try:
-            scheme = urlsplit(config.redis_url).scheme.lower()
-        except ValueError:
-            scheme = ""
-        if scheme not in REDIS_SCHEMES:
-            raise ConfigError(f"RELAY_REDIS_URL={_masked_url(config.redis_url)!r} is invalid: allowed: a "
-                              "redis://, rediss:// or unix:// URL")
-        return config.redis_url
-    host = (env.get("REDIS_HOST") or "").strip()
-    if not host:
-        raise ConfigError("RELAY_REDIS_URL is missing: allowed: a redis://, rediss:// or unix:// URL, or LiteLLM's "
-                          "REDIS_HOST (with REDIS_PORT, REDIS_PASSWORD), required when RELAY_STATE is redis")
-    port = (env.get("REDIS_PORT") or "").strip() or "6379"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"REDIS_PORT={port!r} is invalid: allowed: a TCP port, 1 to 65535")
-    password = env.get("REDIS_PASSWORD") or ""
-    auth = f":{quote(password, safe='')}@" if password else ""
-    return f"redis://{auth}{f'[{host}]' if ':' in host else host}:{port}"
-
-
-def redis_client(url: str, timeout_s: float) -> Any:
-    """A ``redis.asyncio`` client as the shared state uses it: ``timeout_s`` on connects and replies, one
-    immediate retry on a fresh connection (a pooled one may be dead after a Redis restart) but none
-    after a timeout (that is the failure policy's to handle), at most ``REDIS_MAX_CONNECTIONS``."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=timeout_s, decode_responses=True,
-        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
-    return aioredis.Redis.from_pool(pool)
-
-
-@dataclass(frozen=True, repr=False)  # its repr never shows the passwords
-class RedisTarget:
-    """Where the shared state lives: one Redis (``url``), a Redis Cluster (``nodes``: some of its nodes)
-    or the primary that Sentinel names ``service`` (``nodes``: the sentinels)."""
-
-    topology: str  #: "single", "cluster" or "sentinel"
-    url: str | None = None
-    nodes: tuple[tuple[str, int], ...] = ()
-    service: str | None = None
-    username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None  #: the sentinels' own, if any
-    tls: bool = False
-
-    def __repr__(self) -> str:
-        return f"<RedisTarget {self.where}>"
-
-    @property
-    def where(self) -> str:
-        """The target for messages and logs, without a password."""
-        if self.topology == "single":
-            return _masked_url(self.url or "")
-        nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
-        scheme = "rediss" if self.tls else "redis"
-        if self.topology == "cluster":
-            return f"{scheme} cluster {nodes}"
-        return f"{scheme} sentinel {nodes} service {self.service}"
-
-
-def _node_list(name: str, raw: str) -> tuple[tuple[tuple[str, int], ...], bool, str | None, str | None]:
-    """``(nodes, tls, username, password)`` of a RELAY_REDIS_CLUSTER_NODES / RELAY_REDIS_SENTINELS value:
-    ``host:port`` entries or ``redis://`` / ``rediss://`` URLs, all with the same scheme and credentials."""
-    from urllib.parse import unquote, urlsplit
-
-    entries = [e.strip() for e in raw.split(",") if e.strip()]
-    nodes, schemes, credentials = [], set(), set()
-    try:
-        for entry in entries:
-            parts = urlsplit(entry if "://" in entry else "redis://" + entry)
-            if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname or parts.port is None:
-                raise ValueError(entry)
-            if parts.path not in ("", "/", "/0"):
-                raise ValueError(entry)  # a Cluster has database 0 only; so has the relay's Sentinel setup
-            nodes.append((parts.hostname, parts.port))
-            schemes.add(parts.scheme.lower())
-            credentials.add((unquote(parts.username) if parts.username else None,
-                             unquote(parts.password) if parts.password is not None else None))
-    except ValueError:
-        nodes = []
-    if not nodes or len(schemes) != 1 or len(credentials) != 1:
-        shown = ",".join(_masked_url(e) if "://" in e else e for e in entries)
-        raise ConfigError(f"{name}={shown!r} is invalid: allowed: comma-separated host:port (or redis:// or "
-                          "rediss:// URLs, all with one scheme and one password)")
-    username, password = credentials.pop()
-    return tuple(nodes), schemes.pop() == "rediss", username, password
-
-
-def _litellm_nodes(name: str, raw: str, shape: str) -> tuple[tuple[str, int], ...]:
-    """LiteLLM's JSON node lists: REDIS_CLUSTER_NODES ``[{"host": h, "port": p}, ...]`` (``shape``
-    "dicts") and REDIS_SENTINEL_NODES ``[[h, p], ...]`` ("pairs")."""
-    try:
-        items = json.loads(raw)
-        nodes = tuple((str(i["host"]), int(i["port"])) if shape == "dicts" else (str(i[0]), int(i[1])) for i in items)
-        if not nodes or not all(h and 0 < p < 65536 for h, p in nodes):
-            raise ValueError
-        return nodes
-    except (ValueError, TypeError, KeyError, IndexError):
-        example = '[{"host": "h", "port": 7000}, ...]' if shape == "dicts" else '[["h", 26379], ...]'
-        raise ConfigError(f"{name} is invalid: allowed: LiteLLM's JSON list {example}") from None
-
-
-def redis_target_of(config: "RelayConfig", env: Mapping[str, str]) -> RedisTarget | None:
-    """Where the shared state lives, or None for in-process state. Raises :class:`ConfigError`.
-
-    The relay's own settings first (one of RELAY_REDIS_URL, RELAY_REDIS_CLUSTER_NODES,
-    RELAY_REDIS_SENTINELS); with ``RELAY_STATE=redis`` and none of them, LiteLLM's: REDIS_CLUSTER_NODES,
-    then REDIS_SENTINEL_NODES with REDIS_SERVICE_NAME, then REDIS_HOST (see :func:`redis_url_of`).
-    """
-    own = [(n, v) for n, v in (("RELAY_REDIS_URL", config.redis_url), ("RELAY_REDIS_CLUSTER_NODES", config.redis_cluster_nodes),
-                               ("RELAY_REDIS_SENTINELS", config.redis_sentinels)) if v]
-    state = config.state or ("redis" if own else "local")
-    if state == "local":
-        return None
-    if len(own) > 1:
-        raise ConfigError(f"{own[1][0]} is invalid together with {own[0][0]}: allowed: one of RELAY_REDIS_URL, "
-                          "RELAY_REDIS_CLUSTER_NODES and RELAY_REDIS_SENTINELS")
-    service = config.redis_sentinel_service or (env.get("REDIS_SERVICE_NAME") or "").strip() or None
-    if own and own[0][0] == "RELAY_REDIS_CLUSTER_NODES":
-        nodes, tls, username, password = _node_list(own[0][0], own[0][1])
-        target = RedisTarget("cluster", nodes=nodes, username=username, password=password, tls=tls)
-    elif own and own[0][0] == "RELAY_REDIS_SENTINELS":
-        nodes, tls, username, password = _node_list(own[0][0], own[0][1])
-        target = RedisTarget("sentinel", nodes=nodes, service=service, username=username, password=password,
-                             sentinel_password=password, tls=tls)
-    elif own or not (env.get("REDIS_CLUSTER_NODES") or env.get("REDIS_SENTINEL_NODES") or "").strip():
-        if config.redis_sentinel_service:
-            raise ConfigError("RELAY_REDIS_SENTINELS is missing: allowed: comma-separated host:port of the "
-                              "sentinels, required when RELAY_REDIS_SENTINEL_SERVICE is set")
-        return RedisTarget("single", url=redis_url_of(replace(config, state="redis"), env))
-    else:
-        credentials = {"username": env.get("REDIS_USERNAME") or None, "password": env.get("REDIS_PASSWORD") or None,
-                       "tls": (env.get("REDIS_SSL") or "").strip().lower() == "true"}
-        if (env.get("REDIS_CLUSTER_NODES") or "").strip():
-            target = RedisTarget("cluster", nodes=_litellm_nodes("REDIS_CLUSTER_NODES", env["REDIS_CLUSTER_NODES"], "dicts"),
-                                 **credentials)
-        else:
-            target = RedisTarget("sentinel", nodes=_litellm_nodes("REDIS_SENTINEL_NODES", env["REDIS_SENTINEL_NODES"], "pairs"),
-                                 service=service, sentinel_password=env.get("REDIS_SENTINEL_PASSWORD") or None, **credentials)
-    if target.topology == "sentinel" and not target.service:
-        raise ConfigError("RELAY_REDIS_SENTINEL_SERVICE is missing: allowed: the name of the primary the sentinels "
-                          "monitor (or LiteLLM's REDIS_SERVICE_NAME), required with Redis Sentinel")
-    if target.topology == "cluster" and ("{" in config.redis_prefix or "}" in config.redis_prefix):
-        raise ConfigError(f"RELAY_REDIS_PREFIX={config.redis_prefix!r} is invalid: allowed: a prefix without "
-                          "{ or } on Redis Cluster (they would change the hash slots of the keys)")
-    return target
-
-
-def redis_cluster_client(target: RedisTarget, timeout_s: float) -> Any:
-    """A ``redis.asyncio.RedisCluster`` for the shared state. It follows MOVED redirects and a failover
-    by itself (a new topology is fetched after a node fails), but does not retry a failed command on
-    its own: a script that timed out may have run, and running a settle twice would undercount."""
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], username=target.username,
-        password=target.password, ssl=target.tls, decode_responses=True, socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), max_connections=REDIS_MAX_CONNECTIONS_PER_NODE)
-
-
-def redis_sentinel_client(target: RedisTarget, timeout_s: float) -> Any:
-    """A ``redis.asyncio.Redis`` on the primary that the sentinels name: each new connection asks them,
-    and a connection to a primary that was demoted (READONLY) is dropped, so a failover is followed."""
-    from redis.asyncio.retry import Retry
-    from redis.asyncio.sentinel import Sentinel
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "ssl": target.tls}
-    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**timeouts, "password": target.sentinel_password,
-                                                             "username": target.username if target.sentinel_password else None})
-    return sentinel.master_for(
-        target.service, decode_responses=True, username=target.username, password=target.password,
-        max_connections=REDIS_MAX_CONNECTIONS_PER_NODE, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        **timeouts)
-
-
-def make_store(config: "RelayConfig", env: Mapping[str, str] = os.environ) -> "LocalStore | FailoverStore":
-    """The store the handler uses: LocalStore, or Redis (RELAY_STATE=redis) with LocalStore as the fallback.
-
-    ``redis`` is imported here, only when Redis state is enabled. Raises :class:`ConfigError`.
-    """
-    local = LocalStore(config)
-    target = redis_target_of(config, env)
-    if target is None:
-        return local
-    try:
-        import redis.asyncio  # noqa: F401 - the check; redis_client imports what it uses
-    except ImportError:
-        raise ConfigError("RELAY_STATE=redis is invalid here: allowed: only where the redis package is installed "
-                          "(pip install redis)") from None
-    timeout_s = config.redis_timeout_s
-    if target.topology == "cluster":
-        client = redis_cluster_client(target, timeout_s)
-    elif target.topology == "sentinel":
-        client = redis_sentinel_client(target, timeout_s)
-    else:
-        client = redis_client(target.url or "", timeout_s)
-    primary = RedisStore(config, client, where=target.where)
-    # the whole operation is bounded, whatever the client does inside (reconnects, redirects, a new topology)
-    return FailoverStore(primary, local, mode=config.state_failure, retry_s=config.redis_retry_s, bound_s=timeout_s)
-
-
-def _load_store(config: "RelayConfig") -> "LocalStore | FailoverStore":
-    try:
-        return make_store(config)
-    except ConfigError as exc:
-        print(f"relay_plugin: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        if "litellm.proxy.proxy_server" in sys.modules:
-            os._exit(2)  # inside the proxy: stop now, with the one line above and no traceback
-        raise SystemExit(2) from None
-
-
 # =================================================================================================
 # The relay's result for one request
 # =================================================================================================
@@ -2103,33 +1632,917 @@ class Reply:
 
 
 # =================================================================================================
-# The LiteLLM callback
+# LiteLLM features: what the running LiteLLM offers, found by looking at it (never by its version)
 # =================================================================================================
 
-#: True while relay work runs in this task: a hook that fires inside it never relays again.
-_IN_RELAY: Final = contextvars.ContextVar("relay_in_progress", default=False)
-_RESULT_KEY: Final = "relay_result"  #: where the Outcome waits for the headers hook (metadata bucket)
-_CLIENT_KEY: Final = "relay"  #: the client's override block inside request metadata
-_STREAM_KEY: Final = "relay_stream_decision"  #: the headers hook's decision, reused by the stream hook
-_SEEN_KEY: Final = "relay_seen"  #: the mark of a request this process relayed already
-_MODEL_CONFIG_REFUSAL: Final = "relay: this model is not served: its relay settings are invalid; the proxy's log names the setting"
-#: litellm_params that hold credentials: their values are masked wherever they would appear
-_SECRET_PARAM: Final = re.compile(r"(?i)key|secret|token|password|credential")
-DEPTH_HEADER: Final = "x-relay-depth"
-_SEEN_MAX: Final = 50_000
-#: secondary models whose breaker and price are kept in this process at most (least recently used go)
-MODELS_MAX: Final = 1024
+#: each startup line about a missing LiteLLM feature starts with these words (`make test-compat`
+#: collects them into the README's compatibility table)
+DEGRADED_MARK: Final = "relay degraded on this LiteLLM: "
 
 
-class RelayRejected(RelayError):
-    """The relay decided the client gets an HTTP error (guard error action, fail-closed)."""
+@dataclass(frozen=True)
+class LiteLLMFeatures:
+    """The hooks and shapes of the running LiteLLM that the relay depends on and can do without."""
 
-    def __init__(self, status: int, message: str, outcome: Outcome):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.outcome = outcome
+    #: the proxy asks callbacks for extra response headers (``async_post_call_response_headers_hook``)
+    response_headers: bool
+    #: the proxy's streaming path watches for a client that goes away (and closes the stream then)
+    stream_disconnect: bool = True
 
+
+def detect_features() -> LiteLLMFeatures:
+    """Look at the loaded LiteLLM: the base class must declare the hook and, inside the proxy, the
+    proxy's dispatcher must exist (an older proxy never calls a hook it does not know)."""
+    declared = callable(getattr(CustomLogger, "async_post_call_response_headers_hook", None))
+    proxy_utils = sys.modules.get("litellm.proxy.utils")
+    dispatcher = getattr(proxy_utils, "ProxyLogging", None)
+    called = dispatcher is None or callable(getattr(dispatcher, "post_call_response_headers_hook", None))
+    processing = sys.modules.get("litellm.proxy.common_request_processing")
+    watches = processing is None or callable(getattr(processing, "_record_streaming_client_disconnect_if_needed", None))
+    return LiteLLMFeatures(response_headers=declared and called, stream_disconnect=watches)
+
+
+def degradations(features: LiteLLMFeatures) -> list[str]:
+    """One line per thing this LiteLLM cannot do, saying what the operator gets instead."""
+    lines = []
+    if not features.response_headers:
+        lines.append("no response-headers hook (async_post_call_response_headers_hook): no x-relay-* headers; "
+                     "the `relay` object in every non-streamed body (and at the end of every relayed stream) "
+                     "says what the relay did")
+    if not features.stream_disconnect:
+        lines.append("the proxy does not watch streams for a client that disconnects: a relayed stream's "
+                     "secondary call runs to its end (and is paid for) after the client has gone")
+    return lines
+
+
+def _announce_degradations(features: LiteLLMFeatures) -> None:
+    for line in degradations(features):
+        log.warning("%s%s", DEGRADED_MARK, line)
+
+
+def _say_in_body_without_headers(response: Any, outcome: "Outcome") -> None:
+    """Without response headers the body's ``relay`` object is the only place that says what the relay
+    did, so put it on every non-streamed answer (keeping what a mode put there, e.g. an analysis)."""
+    if FEATURES.response_headers or response is None:
+        return
+    existing = response.get("relay") if isinstance(response, dict) else getattr(response, "relay", None)
+    relay = {**(existing if isinstance(existing, dict) else {}), **outcome.as_dict()}
+    if outcome.override:
+        relay["override"] = outcome.override
+    if outcome.cache:
+        relay["cache"] = outcome.cache
+    try:
+        if isinstance(response, dict):
+            response["relay"] = relay
+        else:
+            setattr(response, "relay", relay)
+    except (AttributeError, TypeError, ValueError):  # a response type that takes no extra field
+        log.debug("relay: cannot attach the relay object to a %s", type(response).__name__)
+
+
+FEATURES: Final = detect_features() if __name__ != "__main__" else LiteLLMFeatures(response_headers=True)
+
+
+# =================================================================================================
+# The operator's books: spend attribution, LiteLLM budgets, trace ids, Prometheus metrics
+# =================================================================================================
+#
+# With RELAY_SPEND_ATTRIBUTION=caller a secondary call is made the way LiteLLM's own internal
+# sub-calls are (litellm_core_utils/internal_call_metadata.py): without `no-log`, so LiteLLM's cost
+# tracker books it, and with the caller's identity in its metadata, so the spend row, the key's and
+# team's spend counters and every logging callback see the calling key. The caller's budget
+# reservation is never copied: a sub-call that finalised it would lose the parent request's spend.
+
+#: LiteLLM's metadata field naming which internal feature made a billed sub-call (spend rows keep it)
+INTERNAL_CALL_ORIGIN_KEY: Final = "internal_call_origin"
+INTERNAL_CALL_ORIGIN: Final = "relay"
+#: the caller's identity a secondary call is booked to; deliberately not `user_api_key_auth` and
+#: `user_api_key_budget_reservation`, which carry the parent request's budget reservation
+_IDENTITY_KEYS: Final = ("user_api_key", "user_api_key_hash", "user_api_key_alias", "user_api_key_team_id",
+                         "user_api_key_team_alias", "user_api_key_org_id", "user_api_key_user_id",
+                         "user_api_key_end_user_id")
+_TRACE_KWARGS: Final = ("litellm_trace_id", "litellm_session_id")
+
+
+@dataclass(frozen=True)
+class CallerBooks:
+    """Whose books one request's secondary calls go into, and the LiteLLM budgets that bound them."""
+
+    mode: str  #: the relay mode (a metrics label)
+    attributed: bool  #: RELAY_SPEND_ATTRIBUTION=caller
+    identity: Mapping[str, Any]  #: metadata copied into each secondary call
+    trace: Mapping[str, str]  #: litellm_trace_id / litellm_session_id shared with the request
+    #: ``(scope, LiteLLM spend counter, spend at auth, max_budget)`` of the caller's key and team
+    budgets: tuple[tuple[str, str, float, float], ...] = ()
+    #: LiteLLM's budget reservation of the request (read, never forwarded): what it holds on the counters
+    reservation: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any], config: "RelayConfig", mode: str) -> "CallerBooks":
+        if config.spend_attribution != "caller":
+            return cls(mode, False, {}, {})
+        bucket = _bucket(data)
+        identity = {k: bucket[k] for k in _IDENTITY_KEYS if bucket.get(k) is not None}
+        trace = {k: data[k] for k in _TRACE_KWARGS if isinstance(data.get(k), str) and data[k]}
+        budgets = []
+        for scope, owner, spend, limit, counter in (
+                ("key", "user_api_key_hash", "user_api_key_spend", "user_api_key_max_budget", "spend:key:{}"),
+                ("team", "user_api_key_team_id", "user_api_key_team_spend", "user_api_key_team_max_budget", "spend:team:{}")):
+            if bucket.get(owner) and isinstance(bucket.get(limit), (int, float)):
+                budgets.append((scope, counter.format(bucket[owner]), float(bucket.get(spend) or 0.0), float(bucket[limit])))
+        reservation = bucket.get("user_api_key_budget_reservation")
+        return cls(mode, True, identity, trace, tuple(budgets), reservation if isinstance(reservation, Mapping) else None)
+
+
+#: the books of the request whose relay work runs in this task (set around the relay work)
+_BOOKS: Final = contextvars.ContextVar("relay_caller_books", default=None)
+
+
+@contextlib.contextmanager
+def _caller_books(data: Mapping[str, Any], config: "RelayConfig", mode: str) -> Any:
+    """The request's books for work started inside the block (a shadow task copies them at creation)."""
+    token = _BOOKS.set(CallerBooks.of(data, config, mode))
+    try:
+        yield
+    finally:
+        _BOOKS.reset(token)
+
+
+def _pin_trace_id(data: dict) -> None:
+    """One trace id for the request and its secondary calls (the router would give each call its own)."""
+    if not isinstance(data.get("litellm_trace_id"), str) or not data["litellm_trace_id"]:
+        data["litellm_trace_id"] = str(uuid.uuid4())
+
+
+def _attribute_spend(kwargs: dict[str, Any]) -> None:
+    """Book a secondary call to the caller (caller mode); otherwise it stays `no-log`, out of the books.
+
+    The relay's own markers in ``kwargs["metadata"]`` win over anything copied from the caller."""
+    books = _BOOKS.get()
+    if books is None or not books.attributed:
+        return
+    kwargs.pop("no-log", None)
+    kwargs["metadata"] = {**books.identity, INTERNAL_CALL_ORIGIN_KEY: INTERNAL_CALL_ORIGIN, **kwargs.get("metadata", {})}
+    kwargs.update(books.trace)
+
+
+async def _litellm_spend(counter: str, spent_at_auth: float, reservation: Mapping[str, Any] | None) -> float:
+    """A key's or team's spend as LiteLLM's budget check reads it (its spend counter), without what
+    this request's own budget reservation still holds there (often the whole remaining budget, until
+    the primary's cost is booked); the spend known at auth when the counter cannot be read."""
+    reader = getattr(sys.modules.get("litellm.proxy.proxy_server"), "get_current_spend", None)
+    if reader is None:
+        return spent_at_auth
+    try:
+        spent = float(await reader(counter_key=counter, fallback_spend=spent_at_auth))
+    except Exception:  # noqa: BLE001 - an unreadable counter leaves the spend known at auth
+        return spent_at_auth
+    if reservation is not None and not reservation.get("finalized"):
+        for entry in reservation.get("entries") or ():
+            if isinstance(entry, Mapping) and entry.get("counter_key") == counter:
+                spent -= float(entry.get("reserved_cost") or 0.0) + float(entry.get("applied_adjustment") or 0.0)
+    return max(spent, spent_at_auth)
+
+
+def _tokens_of(response: Any) -> dict[str, Any]:
+    """Reply's token fields from a response's usage (output tokens None when the provider gave none)."""
+    usage = getattr(response, "usage", None)
+    output = getattr(usage, "completion_tokens", None)
+    return {"prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
+            "output_tokens": int(output) if isinstance(output, (int, float)) else None}
+
+
+#: breaker states as the relay_breaker_state gauge reports them
+_BREAKER_GAUGE: Final = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
+#: distinct values one label may take; later ones are reported as "other" (client-chosen model names
+#: must not grow the series without bound)
+_LABEL_VALUES_MAX: Final = 64
+#: where the metrics live across executions of this module: the proxy loads a callback module by
+#: path (not via sys.modules), so `import relay_plugin` elsewhere executes it again, and registering
+#: a metric twice in prometheus_client's registry fails
+_METRICS_HOME: Final = "_relay_plugin_metrics"
+
+
+class RelayMetrics:
+    """The relay's Prometheus metrics on prometheus_client's default registry (the one the proxy's
+    ``/metrics`` serves, or the per-process files under ``PROMETHEUS_MULTIPROC_DIR`` it aggregates).
+
+    Labels are bounded: modes, outcome classes and reasons are fixed words, model names are capped."""
+
+    def __init__(self, prometheus: Any):
+        c, g, h = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
+        self.requests = c("relay_requests", "Requests the relay saw, by outcome class and reason",
+                          ["mode", "outcome", "reason", "requested_model"])
+        self.secondary_calls = c("relay_secondary_calls", "Secondary calls made, by result (ok or the failure reason)",
+                                 ["secondary_model", "result"])
+        self.secondary_cost = c("relay_secondary_cost_usd", "USD spent on secondary calls", ["secondary_model", "mode"])
+        self.secondary_tokens = c("relay_secondary_tokens", "Tokens of secondary calls", ["secondary_model", "token_type"])
+        self.added_latency = h("relay_added_latency_seconds", "Time the relay added to a response", ["mode"],
+                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45, 90))
+        self.secondary_latency = h("relay_secondary_latency_seconds", "Duration of one secondary call", ["secondary_model"],
+                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45))
+        self.breaker_state = g("relay_breaker_state", "Circuit breaker per secondary: 0 closed, 1 half-open, 2 open",
+                               ["secondary_model"], multiprocess_mode="livemax")
+        self.budget_refusals = c("relay_budget_refusals", "Secondary work refused by a budget (relay: RELAY_BUDGET_*, "
+                                 "RELAY_MAX_CALLS; key, team: LiteLLM's max_budget)", ["scope"])
+        self.cache_requests = c("relay_cache_requests", "Relayed requests by result-cache result", ["result"])
+        self.shadow_in_flight = g("relay_shadow_in_flight", "Shadow analyses running", multiprocess_mode="livesum")
+        self._seen: dict[str, set[str]] = {}
+
+    @classmethod
+    def shared(cls) -> "RelayMetrics | None":
+        """This process's metrics, created on first use; None without prometheus_client."""
+        try:
+            import prometheus_client
+        except ImportError:
+            return None
+        metrics = getattr(prometheus_client, _METRICS_HOME, None)
+        if metrics is None:
+            metrics = cls(prometheus_client)
+            setattr(prometheus_client, _METRICS_HOME, metrics)
+        return metrics
+
+    def bounded(self, label: str, value: str) -> str:
+        seen = self._seen.setdefault(label, set())
+        if value in seen:
+            return value
+        if len(seen) >= _LABEL_VALUES_MAX:
+            return "other"
+        seen.add(value)
+        return value
+
+    def request(self, handler: "RelayHandler", data: Mapping[str, Any], outcome: "Outcome") -> None:
+        kind, _, reason = outcome.outcome.partition(":")
+        self.requests.labels(mode=outcome.mode, outcome=kind, reason=reason,
+                             requested_model=self.bounded("requested_model", str(data.get("model") or ""))).inc()
+        if outcome.models and outcome.mode != "shadow":
+            self.added_latency.labels(mode=outcome.mode).observe(outcome.latency_ms / 1000)
+        if outcome.outcome == "skipped:budget":
+            self.budget_refusals.labels(scope="relay").inc()
+        if outcome.cache:
+            self.cache_requests.labels(result=outcome.cache).inc()
+        if outcome.models:
+            self.refresh_breakers(handler, outcome.models)
+
+    def measured(self, complete: Callable[..., Any], clock: Callable[[], float]) -> Callable[..., Any]:
+        """``complete`` counted and timed (on the handler's ``clock``): calls, results, latency, cost and
+        tokens per secondary model."""
+        async def measured(model: str, messages: list[dict], **kwargs: Any) -> Reply:
+            label = self.bounded("secondary_model", model)
+            started, result = clock(), "error"
+            try:
+                reply = await complete(model, messages, **kwargs)
+                result = "ok"
+            except SecondaryError as exc:
+                result = exc.reason
+                raise
+            except asyncio.CancelledError:
+                result = "cancelled"
+                raise
+            finally:
+                self.secondary_calls.labels(secondary_model=label, result=result).inc()
+                self.secondary_latency.labels(secondary_model=label).observe(max(clock() - started, 0.0))
+            books = _BOOKS.get()
+            self.secondary_cost.labels(secondary_model=label, mode=books.mode if books else "unknown").inc(reply.cost_usd)
+            self.secondary_tokens.labels(secondary_model=label, token_type="prompt").inc(reply.prompt_tokens)
+            self.secondary_tokens.labels(secondary_model=label, token_type="completion").inc(reply.output_tokens or 0)
+            return reply
+        return measured
+
+    def refresh_breakers(self, handler: "RelayHandler", models: list[str]) -> None:
+        """Set the breaker gauge of ``models`` from the store: now from this process's own breakers,
+        soon from a shared store (it answers asynchronously)."""
+        if isinstance(handler.store, LocalStore):
+            for model in models:
+                state = handler.store._breaker(model).current_state(handler.clock())
+                self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+            return
+
+        async def refresh() -> None:
+            for model in models:
+                with contextlib.suppress(Exception):
+                    state = await handler.store.breaker_state(model, handler.clock())
+                    self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to refresh from
+            asyncio.get_running_loop().create_task(refresh(), name="relay-breaker-gauge")
+
+    def track_shadow(self, task: asyncio.Task) -> None:
+        self.shadow_in_flight.inc()
+        task.add_done_callback(lambda _: self.shadow_in_flight.dec())
+
+
+# =================================================================================================
+# Reaching a secondary: the litellm call, prices, error classes
+# =================================================================================================
+
+
+def _deployment_relay_block(model_info: Mapping[str, Any]) -> Any:
+    """The ``relay:`` block of the deployment a request used (``model_info`` as the router filled it in).
+
+    Some LiteLLM routers (1.90) hand out a ``model_info`` whose nested dicts are shared by every
+    deployment of one backend model (say several ``model_name``s on ``ollama_chat/llama3``): each
+    request's model-group lookup merges its own ``model_info`` into a shallow copy of the backend's
+    cost-map entry, so that shared ``relay`` dict becomes the block of whichever model was asked for
+    last. The cost-map entry litellm registers under the deployment's own ``id`` keeps the block as
+    configured: read it there when litellm has one with a ``relay`` key, else from ``model_info``.
+    """
+    registered = getattr(sys.modules.get("litellm"), "model_cost", None)
+    entry = registered.get(model_info.get("id")) if isinstance(registered, dict) and model_info.get("id") else None
+    if isinstance(entry, Mapping) and "relay" in entry:
+        return entry["relay"]
+    return model_info.get("relay")
+
+
+async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int,
+                            on_delta: Callable[[str], Any] | None = None, response_format: dict | None = None) -> "Reply":
+    """One secondary call: a ``model_name`` of the proxy goes through its router, anything else to litellm.
+
+    With ``on_delta`` the call streams and each text delta is awaited through it as it arrives.
+    """
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "timeout": timeout,
+        "num_retries": 0,  # the relay owns the retry policy of its secondary calls
+        "no-log": True,
+    }
+    mark_relay_call(kwargs, depth)
+    _attribute_spend(kwargs)
+    if on_delta is not None:
+        kwargs.update(stream=True, stream_options={"include_usage": True})
+    if response_format is not None:
+        kwargs["response_format"] = response_format
+    router = _proxy_router()
+    try:
+        async with asyncio.timeout(timeout):
+            if router is not None and model in (router.model_names or ()):
+                response = await router.acompletion(**kwargs)
+            else:
+                response = await litellm.acompletion(max_retries=0, **kwargs)
+            if on_delta is not None:
+                chunks = []
+                async for chunk in response:
+                    chunks.append(chunk)
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        await on_delta(delta)
+                response = litellm.stream_chunk_builder(chunks, messages=messages) if chunks else None
+    except TimeoutError:
+        raise SecondaryError("timeout", f"{model} did not answer within {timeout:g}s", retryable=True) from None
+    except Exception as exc:  # noqa: BLE001 - every provider error becomes a typed SecondaryError
+        raise _classify_error(model, exc) from None
+    choices = getattr(response, "choices", None) or []
+    text = getattr(choices[0].message, "content", None) if choices else None
+    if not isinstance(text, str) or not text.strip():
+        raise SecondaryError("empty_response", f"{model} returned no text")
+    # a secondary that repeats its system prompt must not hand the client the relay's proof
+    return Reply(model=model, text=_PROOF_IN_PROMPT.sub("[relay-call]", text), cost_usd=_cost_of(response),
+                 truncated=getattr(choices[0], "finish_reason", None) in TRUNCATED_FINISH,
+                 **_tokens_of(response))
+
+
+#: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
+TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
+
+
+def worst_case_usd(model: str, messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
+    """What one secondary call can cost at most: its prompt (counted with headroom) and a full answer."""
+    prompt_tokens = litellm.token_counter(model=model, messages=messages)
+    return (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + max_tokens * price[1]
+
+
+def _cost_of(response: Any) -> float:
+    hidden = getattr(response, "_hidden_params", None) or {}
+    cost = hidden.get("response_cost")
+    if cost is None:
+        try:
+            cost = litellm.completion_cost(completion_response=response)
+        except Exception:  # noqa: BLE001 - an unpriced model costs what we cannot know
+            cost = 0.0
+    return float(cost or 0.0)
+
+
+#: what a client reads about a provider error, by reason class (the provider's own text goes to the log)
+PROVIDER_ERROR_PHRASES: Final = {
+    "timeout": "the secondary model did not answer in time",
+    "rate_limited": "the secondary model's provider is rate limiting",
+    "connection": "the secondary model's provider could not be reached",
+    "provider_error": "the secondary model's provider failed",
+    "provider_rejected": "the secondary model's provider rejected the call",
+    "bad_response": "the secondary model's provider sent an answer that could not be read",
+    "cooldown": "every deployment of the secondary model is cooling down after failures",
+    "empty_response": "the secondary model returned no text",
+    "error": "the secondary model call failed",
+}
+
+
+def _classify_error(model: str, exc: Exception) -> SecondaryError:
+    error = _classify_provider_error(model, exc)
+    error.public = PROVIDER_ERROR_PHRASES.get(error.reason, "the secondary model call failed")
+    return error
+
+
+def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    detail = scrub_secrets(f"{model}: {name}: {str(exc)[:300]}")
+    if _is_no_choices_error(exc):
+        return SecondaryError("empty_response", detail)
+    if name == "RouterRateLimitError":  # the router's own refusal: every deployment is cooling down after failures
+        return SecondaryError("cooldown", detail)
+    if isinstance(exc, litellm.Timeout) or "Timeout" in name:
+        return SecondaryError("timeout", detail, retryable=True)
+    if isinstance(exc, litellm.RateLimitError) or status == 429:
+        return SecondaryError("rate_limited", detail, retryable=True, retry_after=_retry_after(exc))
+    if _unparseable(exc):  # litellm reports it as a connection error or a 500: a retry would fail (and bill) again
+        return SecondaryError("bad_response", detail)
+    if isinstance(exc, (litellm.APIConnectionError, OSError)) or "connection error" in detail.lower():
+        return SecondaryError("connection", detail, retryable=True)  # litellm reports some as a 500
+    if isinstance(status, int) and status >= 500 or isinstance(exc, (litellm.InternalServerError, litellm.ServiceUnavailableError)):
+        return SecondaryError("provider_error", detail, retryable=True, retry_after=_retry_after(exc))
+    if isinstance(status, int) and 400 <= status < 500:
+        return SecondaryError("provider_rejected", detail)
+    return SecondaryError("error", detail)
+
+
+#: what litellm's messages say when a provider's body was not valid JSON (json's own wording)
+_JSON_ERROR: Final = re.compile(r"Unable to get json response|JSONDecodeError|Expecting (?:value|property name|',' "
+                                r"delimiter|':' delimiter)|Unterminated string|Extra data: line|Invalid control character")
+
+
+def _unparseable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is a provider response that could not be parsed."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, json.JSONDecodeError) or _JSON_ERROR.search(str(exc)[:2000]):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def _is_no_choices_error(exc: Exception) -> bool:
+    """An older LiteLLM (seen on 1.100) raises on a 200 answer with no choices, where newer ones return
+    it (and the relay then says empty_response): the same empty answer, whichever LiteLLM reports it."""
+    return "returned a response with no 'choices'" in str(exc)
+
+
+def _retry_after(exc: Exception) -> float | None:
+    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None), "headers", None)
+    try:
+        value = headers.get("retry-after") if headers is not None else None
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+# ----- prices: a secondary's worst case, from the deployment's prices or litellm's cost map ------
+
+
+def _price_of(model: str) -> tuple[float, float] | None:
+    """Worst-case ``(input, output)`` USD per token of a secondary, or None when it is unknown.
+
+    A ``model_name`` of the proxy is priced from its deployments (``model_info`` / ``litellm_params``
+    custom prices first, then litellm's cost map), taking the most expensive deployment.
+    """
+    router = _proxy_router()
+    deployments = router.get_model_list(model_name=model) if router is not None and model in (router.model_names or ()) else None
+    candidates = []
+    for deployment in deployments or [{"litellm_params": {"model": model}, "model_info": {}}]:
+        params = dict(deployment.get("litellm_params") or {})
+        info = dict(deployment.get("model_info") or {})
+        price = None
+        for source in (info, params):
+            if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
+                price = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
+                break
+        if price is None:
+            name = info.get("base_model") or params.get("model") or model
+            # litellm's cost map prices Ollama models under "ollama/" only; ollama_chat/ runs the same model
+            for candidate in (name, "ollama/" + name.split("/", 1)[1]) if name.startswith("ollama_chat/") else (name,):
+                price = _cost_map_price(candidate)
+                if price is not None:
+                    break
+            if price is None:
+                return None
+        candidates.append(price)
+    return (max(p[0] for p in candidates), max(p[1] for p in candidates)) if candidates else None
+
+
+def _cost_map_price(model: str) -> tuple[float, float] | None:
+    """``(input, output)`` from litellm's cost map, or None when the map has no price for ``model``.
+
+    ``get_model_info`` answers 0 for a model the proxy's router merely registered (a sparse entry
+    without prices): that 0 is a placeholder, not a price. Only an entry that itself carries both
+    prices counts (an entry's real 0, e.g. a local Ollama model, does).
+    """
+    try:
+        info = litellm.get_model_info(model=model)
+    except Exception:  # noqa: BLE001 - litellm raises a plain Exception for unmapped models
+        return None
+    raw = litellm.model_cost.get(info.get("key") or model) or litellm.model_cost.get(model) or {}
+    if raw.get("input_cost_per_token") is None or raw.get("output_cost_per_token") is None:
+        return None
+    return float(raw["input_cost_per_token"]), float(raw["output_cost_per_token"])
+
+
+#: prompt-token estimates get this headroom, so a reservation stays an upper bound of the real cost
+PROMPT_TOKEN_MARGIN: Final = 1.25
+PROMPT_TOKEN_OVERHEAD: Final = 16
+
+
+# =================================================================================================
+# Relay work: one request's run (cache, breaker, budget, timeout, retries) and the mode table
+# =================================================================================================
+
+
+class _Run:
+    """One request's relay work: every secondary call goes through :meth:`call`, which applies the
+    cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
+    adds the models called and their cost to the outcome."""
+
+    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis", "sink", "streamed",
+                 "_prepared")
+
+    def __init__(self, handler: "RelayHandler", plan: Plan, depth: int, outcome: "Outcome", key_id: str | None = None):
+        self.handler, self.plan, self.depth, self.outcome, self.key_id = handler, plan, depth, outcome, key_id
+        self.deadline_at = handler.clock() + handler.config.deadline_s
+        self.analysis: str | None = None  #: annotate's analysis, attached once the outcome is final
+        #: streams only: where the text of a call that makes the final answer goes as it arrives
+        self.sink: Callable[[str], Any] | None = None
+        self.streamed = ""  #: what went through the sink
+        self._prepared: tuple[str, Prepared] | None = None  #: (answer text, its Prepared), built once
+
+    def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
+        text = surface.get_text()
+        if self._prepared is None or self._prepared[0] != text:
+            self._prepared = (text, self.handler._prepare(data, text))
+        return self._prepared[1]
+
+    async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False,
+                   live: bool = True, response_format: dict | None = None) -> Reply:
+        """One secondary answer. ``key`` names what the answer depends on, for the cache; ``final``
+        says the answer becomes the client's answer, so a stream may send it on as it arrives (unless
+        ``live`` is False: it must be restored first) and a truncated one is refused."""
+        sink = self.sink if final and live else None
+        handler, config = self.handler, self.handler.config
+        if model not in self.outcome.models:
+            self.outcome.models.append(model)
+        cache_key = _cache_key(model, key) if config.cache_ttl_s > 0 and key else None
+        if cache_key is not None:
+            cached = await handler.store.cache_get(cache_key, handler.wall())
+            self.outcome.note_cache(cached is not None)
+            if cached is not None:
+                if sink is not None:
+                    await self._emit(sink, cached)
+                return Reply(model, cached, 0.0)
+        attempt = 0
+        while True:
+            try:
+                reply = await self._attempt(model, messages, sink, response_format)
+                break
+            except SecondaryError as exc:
+                if not exc.retryable or attempt >= config.retries or self.streamed:
+                    raise  # a stream that began cannot start over
+                delay = min(config.retry_max_s, config.retry_base_s * 2 ** attempt) * handler._rng.random()
+                delay = max(delay, exc.retry_after or 0.0)
+                if handler.clock() + delay >= self.deadline_at:
+                    raise
+                attempt += 1
+                handler.stats["retries"] += 1
+                await asyncio.sleep(delay)
+        self.outcome.cost_usd += reply.cost_usd
+        if final and reply.truncated:  # a cut answer never replaces a complete one (nor is it cached)
+            raise SecondaryError("truncated", f"{model} stopped at its output limit ({config.secondary_max_tokens} "
+                                 "tokens, RELAY_SECONDARY_MAX_TOKENS); the answer was not replaced")
+        if cache_key is not None:
+            await handler.store.cache_put(cache_key, reply.text, handler.wall())
+        return reply
+
+    async def _emit(self, sink: Callable[[str], Any], text: str) -> None:
+        self.streamed += text
+        await sink(text)
+
+    async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None,
+                       response_format: dict | None = None) -> Reply:
+        handler, config, store = self.handler, self.handler.config, self.handler.store
+        await _check_caller_budget(self, model, messages)
+        permit = await store.breaker_acquire(model, handler.clock())
+        if permit is None:
+            raise SecondaryError("breaker_open", f"the circuit breaker of {model} is open", skipped=True)
+        failed: bool | None = None  # None: no outcome to record, the permit goes back
+        spent: float | None = None  # None: the call never reached the provider, the reservation goes back
+        reservation = None
+        try:
+            if config.budgeted:
+                reservation = await self._reserve(model, messages)
+            started = handler.clock()
+            remaining = self.deadline_at - started
+            streaming = {"on_delta": lambda text: self._emit(sink, text)} if sink is not None else {}
+            if response_format is not None:  # only judges ask for it; other callers keep their signature
+                streaming["response_format"] = response_format
+            reply = await handler._complete(
+                model, messages, max_tokens=config.secondary_max_tokens,
+                timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
+            if not reply.cost_usd and handler.price(model) is None:  # litellm's 0 for an unpriced model is a placeholder
+                reply = replace(reply, priced=False)
+                if model not in self.outcome.unpriced:
+                    self.outcome.unpriced.append(model)
+            reply = replace(reply, text=_without_proofs(reply.text))
+            spent = reply.cost_usd
+            failed = handler.clock() - started > config.breaker_slow_s
+            handler.check_overshoot(model, reply, reservation)
+            return reply
+        except SecondaryError as exc:
+            if not exc.skipped:
+                spent, failed = 0.0, exc.reason in BREAKER_FAILURES
+            raise
+        finally:
+            if reservation is not None:
+                if spent is None:
+                    await store.release(reservation)
+                else:
+                    await store.settle(reservation, {name: spent for name, _ in reservation.counters if name.startswith("spend:")})
+            await store.breaker_record(model, permit, failed, handler.clock())
+
+    async def _reserve(self, model: str, messages: list[dict]) -> Reservation:
+        """Hold the call's worst-case cost (and one call) on every cap that applies, or refuse."""
+        handler, config = self.handler, self.handler.config
+        window = int(handler.wall() // config.budget_window_s)
+        refused = SecondaryError("budget", f"the relay budget of this window cannot cover a call to {model}", skipped=True)
+        usd_caps = []
+        if config.budget_usd is not None:
+            usd_caps.append((f"spend:{window}", config.budget_usd))
+        if config.budget_usd_per_key is not None and self.key_id is not None:
+            usd_caps.append((f"spend:key:{self.key_id}:{window}", config.budget_usd_per_key))
+        holds: list[tuple[str, float, float]] = []
+        if usd_caps:
+            price = handler.price(model)
+            if price is None and not config.allow_unpriced:
+                raise SecondaryError("unpriced", f"no price is known for {model} (RELAY_ALLOW_UNPRICED=true allows it)", skipped=True)
+            worst = 0.0
+            if price is not None:
+                # every call costs at least this much: once a cap has refused in this window, check the
+                # floor first, so a spent budget refuses without counting tokens
+                floor = PROMPT_TOKEN_OVERHEAD * price[0] + config.secondary_max_tokens * price[1]
+                for name, limit in usd_caps:
+                    if name in handler.refused_counters and await handler.store.counter(name) + floor > limit:
+                        raise refused
+                worst = worst_case_usd(model, messages, price, config.secondary_max_tokens)
+            holds = [(name, limit, worst) for name, limit in usd_caps]
+        if config.max_calls is not None:
+            holds.append((f"calls:{window}", float(config.max_calls), 1.0))
+        reservation = await handler.store.reserve(holds)
+        if reservation is None:
+            if len(handler.refused_counters) > _SEEN_MAX:
+                handler.refused_counters.clear()
+            handler.refused_counters.update(name for name, _, _ in holds)
+            raise refused
+        return reservation
+
+
+async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) -> None:
+    """Refuse a secondary call (``skipped:key_budget``) that the caller's LiteLLM key or team budget
+    cannot cover: the key's or team's spend now, plus the relay's spend in this request, plus the
+    call's worst case."""
+    books = _BOOKS.get()
+    if books is None or not books.budgets:
+        return
+    handler = run.handler
+    price = handler.price(model)
+    worst = 0.0
+    if price is not None:  # unpriced: only a budget already spent refuses
+        worst = worst_case_usd(model, messages, price, handler.config.secondary_max_tokens)
+    for scope, counter, spent_at_auth, limit in books.budgets:
+        spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
+        if spent + worst > limit:
+            if handler.metrics is not None:
+                handler.metrics.budget_refusals.labels(scope=scope).inc()
+            raise SecondaryError("key_budget", f"the LiteLLM {scope} budget ({limit:g} USD, {spent:.6f} spent) "
+                                 f"cannot cover a call to {model} (up to {worst:.6f} USD)", skipped=True)
+
+
+def _cache_key(model: str, key: tuple) -> str:
+    return hashlib.sha256(json.dumps([model, *key], sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----- what a replacing mode (refine, escalate, consensus) must respect -------------------------------
+
+#: modes whose secondary text replaces the primary answer
+REPLACING_MODES: Final = frozenset({"refine", "escalate", "consensus"})
+#: content part types that carry text; anything else (images, audio, files, tool results) does not
+_TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text"})
+
+
+def replace_skip(data: Mapping[str, Any], prepared: Prepared) -> tuple[str, str] | None:
+    """``(reason, detail)`` when no secondary text may replace this request's answer, else None:
+    the secondary would not have seen all of it, or the client asked for a format it cannot keep."""
+    if prepared.clipped:
+        return "input_too_long", ("the conversation and answer exceed RELAY_MAX_INPUT_CHARS; the secondary would "
+                                  "not see all of it, so its text must not replace the answer")
+    part = _non_text_part(data)
+    if part in ("previous_response_id", "conversation"):
+        return "non_text_input", f"earlier turns are held by the provider ({part}); the secondary would not see them"
+    if part:
+        return "non_text_input", f"the conversation holds {part} content the secondary would not see"
+    if _structured_output(data):
+        return "structured_output", "the client asked for a JSON answer; a rewrite could break it"
+    return None
+
+
+def _non_text_part(data: Mapping[str, Any]) -> str | None:
+    """The kind of the first non-text element of the conversation (image, audio, file, tool call or result),
+    or of earlier turns the request only points to (Responses' ``previous_response_id``, ``conversation``)."""
+    for held_elsewhere in ("previous_response_id", "conversation"):
+        if data.get(held_elsewhere) and "messages" not in data:
+            return held_elsewhere
+    source = data.get("messages") if isinstance(data.get("messages"), list) else data.get("input")
+    items = list(source) if isinstance(source, list) else []
+    for extra in (data.get("system"), data.get("instructions")):
+        if isinstance(extra, list):
+            items.append({"role": "system", "content": extra})
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        if item.get("role") in ("tool", "function") or item.get("tool_calls") or item.get("function_call"):
+            return "tool"
+        if item.get("type") not in (None, "message"):  # Responses items: function_call_output, reasoning, ...
+            return str(item["type"])
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, Mapping) else "text"
+            if kind not in _TEXT_PARTS:
+                return str(kind)
+    return None
+
+
+def _structured_output(data: Mapping[str, Any]) -> bool:
+    """True when the client asked for JSON: chat's response_format, Responses' text.format, Messages'
+    output_format / output_config.format."""
+    formats = [data.get("response_format"), data.get("output_format")]
+    for holder in (data.get("text"), data.get("output_config")):
+        if isinstance(holder, Mapping):
+            formats.append(holder.get("format"))
+    for fmt in formats:
+        kind = fmt if isinstance(fmt, str) else fmt.get("type") if isinstance(fmt, Mapping) else getattr(fmt, "type", None)
+        if kind in ("json_object", "json_schema", "json"):
+            return True
+    return False
+
+
+def _stop_sequences(data: Mapping[str, Any]) -> list[str]:
+    stops = data.get("stop") if data.get("stop") is not None else data.get("stop_sequences")
+    stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
+    return [s for s in stops if isinstance(s, str) and s]
+
+
+def _live(data: Mapping[str, Any], prepared: Prepared) -> bool:
+    """May a stream send a secondary's final text on as it arrives? Not when it must first be restored
+    (redaction) or cut (stop sequences): what left cannot be taken back."""
+    return not prepared.masks and not _stop_sequences(data)
+
+
+def _final_text(data: Mapping[str, Any], prepared: Prepared, text: str) -> str:
+    """A secondary's text as the client's answer: the user's masked data put back, and cut before the
+    first of the client's stop sequences, as the primary's own answer would have been."""
+    text = prepared.restore(text)
+    cut = min((text.find(s) for s in _stop_sequences(data) if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
+    plan = run.plan
+    prepared = run.prepared(data, surface)
+    instructions = plan.refine_prompt or REFINE_INSTRUCTIONS
+    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                           key=(instructions, prepared.turns, prepared.answer), final=True, live=_live(data, prepared))
+    text = _final_text(data, prepared, reply.text)
+    if text.strip() != surface.get_text().strip():
+        surface.set_text(text)
+        run.outcome.outcome = "modified"
+
+
+def guard_windows(text: str, size: int) -> list[str]:
+    """``text`` cut into windows of at most ``size`` characters that overlap a little, so that a phrase
+    cut at a boundary is whole in one of them. Every character is in at least one window."""
+    if len(text) <= size:
+        return [text]
+    overlap = min(200, size // 10)
+    step = max(size - overlap, 1)
+    return [text[i:i + size] for i in range(0, len(text) - overlap, step)]
+
+
+async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
+    """Judge everything a user will read: every answer (choice), tool calls included, each in windows
+    the judge can take whole; the strictest verdict wins. Never a partial judgment reported as whole."""
+    plan = run.plan
+    if run.depth >= run.handler.config.max_depth and plan.fail_mode == "closed":
+        raise SecondaryError("depth", "a relay call at RELAY_MAX_DEPTH: its judge would be one call too deep",
+                             skipped=True)
+    answers = surface.readable()
+    if answers is None:
+        raise SecondaryError("unsupported_response", "the guard cannot read this kind of response", skipped=True)
+    instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
+    size = max(run.handler.config.max_input_chars // 2, 1)  # what Prepared.build leaves an answer unclipped
+    turns = conversation_of(data)
+    structured = _judge_format(run, plan.secondary_model, "relay_verdict", VERDICT_SCHEMA)
+    verdict, reason = "allow", ""
+    for answer in answers:
+        windows = guard_windows(answer, size)
+        for number, window in enumerate(windows, 1):
+            prepared = run.handler._prepare_turns(turns, window)
+            reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                                   key=(instructions, prepared.turns, prepared.answer, *structured.values()),
+                                   **structured)
+            verdict, reason = parse_verdict(reply.text)
+            if verdict == "block":
+                break
+        if verdict == "block":
+            break
+    if verdict == "block":
+        run.outcome.outcome, run.outcome.reason = "blocked", reason or "blocked by policy"
+        if plan.guard_action == "error":
+            raise RelayRejected(400, f"relay guard blocked the answer: {run.outcome.reason}", run.outcome)
+        _block(plan, surface, run.outcome)
+
+
+def _judge_format(run: _Run, model: str, name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The judge call's extra keyword: ``{"response_format": ...}`` or nothing (RELAY_JUDGE_FORMAT)."""
+    response_format = judge_response_format(name, schema, judge_style(run.handler.config.judge_format, model))
+    return {"response_format": response_format} if response_format is not None else {}
+
+
+def _block(plan: Plan, surface: Surface, outcome: "Outcome") -> None:
+    surface.refuse(plan.guard_message)
+
+
+async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
+    plan = run.plan
+    prepared = run.prepared(data, surface)
+    instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
+    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
+                           key=(instructions, prepared.turns, prepared.answer))
+    analysis = prepared.restore(reply.text, strict=False)  # a review, not the answer: a stray mask may stay
+    if plan.annotate_target == "append" and not _structured_output(data):
+        surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{analysis}")
+        run.outcome.outcome = "modified"
+    else:  # text after a JSON answer would break it: a structured answer gets its analysis in the body
+        run.analysis = analysis
+
+
+async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
+    plan = run.plan
+    prepared = run.prepared(data, surface)
+    structured = _judge_format(run, plan.secondary_model, "relay_score", SCORE_SCHEMA)
+    judged = await run.call(plan.secondary_model, review_messages(JUDGE_INSTRUCTIONS, prepared),
+                            key=(JUDGE_INSTRUCTIONS, prepared.turns, prepared.answer, *structured.values()), **structured)
+    score, reason = parse_judge_score(judged.text)
+    run.outcome.reason = f"score {score:g}: {reason}"
+    if score >= plan.escalate_threshold:
+        return
+    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns), final=True,
+                             live=_live(data, prepared))
+    surface.set_text(_final_text(data, prepared, premium.text))
+    run.outcome.outcome = "escalated"
+
+
+async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
+    plan = run.plan
+    prepared = run.prepared(data, surface)
+    members = await asyncio.gather(
+        *(run.call(m, prepared.turns, key=("answer", prepared.turns)) for m in plan.consensus_models),
+        return_exceptions=True)
+    candidates = {"primary": prepared.answer}
+    failures = []
+    for model, member in zip(plan.consensus_models, members):
+        if isinstance(member, Reply):
+            candidates[model] = member.text
+        elif isinstance(member, SecondaryError):
+            failures.append(f"{model}: {member.reason}")
+        else:
+            raise member
+    if len(candidates) == 1:
+        raise SecondaryError("consensus_members", "every consensus member failed: " + "; ".join(failures))
+    merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates),
+                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates), final=True, live=_live(data, prepared))
+    surface.set_text(_final_text(data, prepared, merged.text))
+    run.outcome.outcome = "modified"
+    if failures:
+        run.outcome.reason = "members failed: " + "; ".join(failures)
+
+
+MODE_RUNNERS: Final = {
+    "refine": _run_refine,
+    "guard": _run_guard,
+    "annotate": _run_annotate,
+    "escalate": _run_escalate,
+    "consensus": _run_consensus,
+}
+
+
+# =================================================================================================
+# The LiteLLM callback
+# =================================================================================================
 
 class RelayHandler(CustomLogger):
     """The proxy callback. ``proxy_handler_instance`` at the bottom of this file is the one to register."""
@@ -2523,369 +2936,6 @@ class RelayHandler(CustomLogger):
         """Wait for in-flight shadow analyses (tests and graceful shutdown)."""
         while self._shadow_tasks:
             await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
-
-
-class _Run:
-    """One request's relay work: every secondary call goes through :meth:`call`, which applies the
-    cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
-    adds the models called and their cost to the outcome."""
-
-    __slots__ = ("handler", "plan", "depth", "outcome", "key_id", "deadline_at", "analysis", "sink", "streamed",
-                 "_prepared")
-
-    def __init__(self, handler: "RelayHandler", plan: Plan, depth: int, outcome: "Outcome", key_id: str | None = None):
-        self.handler, self.plan, self.depth, self.outcome, self.key_id = handler, plan, depth, outcome, key_id
-        self.deadline_at = handler.clock() + handler.config.deadline_s
-        self.analysis: str | None = None  #: annotate's analysis, attached once the outcome is final
-        #: streams only: where the text of a call that makes the final answer goes as it arrives
-        self.sink: Callable[[str], Any] | None = None
-        self.streamed = ""  #: what went through the sink
-        self._prepared: tuple[str, Prepared] | None = None  #: (answer text, its Prepared), built once
-
-    def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
-        text = surface.get_text()
-        if self._prepared is None or self._prepared[0] != text:
-            self._prepared = (text, self.handler._prepare(data, text))
-        return self._prepared[1]
-
-    async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False,
-                   live: bool = True, response_format: dict | None = None) -> Reply:
-        """One secondary answer. ``key`` names what the answer depends on, for the cache; ``final``
-        says the answer becomes the client's answer, so a stream may send it on as it arrives (unless
-        ``live`` is False: it must be restored first) and a truncated one is refused."""
-        sink = self.sink if final and live else None
-        handler, config = self.handler, self.handler.config
-        if model not in self.outcome.models:
-            self.outcome.models.append(model)
-        cache_key = _cache_key(model, key) if config.cache_ttl_s > 0 and key else None
-        if cache_key is not None:
-            cached = await handler.store.cache_get(cache_key, handler.wall())
-            self.outcome.note_cache(cached is not None)
-            if cached is not None:
-                if sink is not None:
-                    await self._emit(sink, cached)
-                return Reply(model, cached, 0.0)
-        attempt = 0
-        while True:
-            try:
-                reply = await self._attempt(model, messages, sink, response_format)
-                break
-            except SecondaryError as exc:
-                if not exc.retryable or attempt >= config.retries or self.streamed:
-                    raise  # a stream that began cannot start over
-                delay = min(config.retry_max_s, config.retry_base_s * 2 ** attempt) * handler._rng.random()
-                delay = max(delay, exc.retry_after or 0.0)
-                if handler.clock() + delay >= self.deadline_at:
-                    raise
-                attempt += 1
-                handler.stats["retries"] += 1
-                await asyncio.sleep(delay)
-        self.outcome.cost_usd += reply.cost_usd
-        if final and reply.truncated:  # a cut answer never replaces a complete one (nor is it cached)
-            raise SecondaryError("truncated", f"{model} stopped at its output limit ({config.secondary_max_tokens} "
-                                 "tokens, RELAY_SECONDARY_MAX_TOKENS); the answer was not replaced")
-        if cache_key is not None:
-            await handler.store.cache_put(cache_key, reply.text, handler.wall())
-        return reply
-
-    async def _emit(self, sink: Callable[[str], Any], text: str) -> None:
-        self.streamed += text
-        await sink(text)
-
-    async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None,
-                       response_format: dict | None = None) -> Reply:
-        handler, config, store = self.handler, self.handler.config, self.handler.store
-        await _check_caller_budget(self, model, messages)
-        permit = await store.breaker_acquire(model, handler.clock())
-        if permit is None:
-            raise SecondaryError("breaker_open", f"the circuit breaker of {model} is open", skipped=True)
-        failed: bool | None = None  # None: no outcome to record, the permit goes back
-        spent: float | None = None  # None: the call never reached the provider, the reservation goes back
-        reservation = None
-        try:
-            if config.budgeted:
-                reservation = await self._reserve(model, messages)
-            started = handler.clock()
-            remaining = self.deadline_at - started
-            streaming = {"on_delta": lambda text: self._emit(sink, text)} if sink is not None else {}
-            if response_format is not None:  # only judges ask for it; other callers keep their signature
-                streaming["response_format"] = response_format
-            reply = await handler._complete(
-                model, messages, max_tokens=config.secondary_max_tokens,
-                timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
-            if not reply.cost_usd and handler.price(model) is None:  # litellm's 0 for an unpriced model is a placeholder
-                reply = replace(reply, priced=False)
-                if model not in self.outcome.unpriced:
-                    self.outcome.unpriced.append(model)
-            reply = replace(reply, text=_without_proofs(reply.text))
-            spent = reply.cost_usd
-            failed = handler.clock() - started > config.breaker_slow_s
-            handler.check_overshoot(model, reply, reservation)
-            return reply
-        except SecondaryError as exc:
-            if not exc.skipped:
-                spent, failed = 0.0, exc.reason in BREAKER_FAILURES
-            raise
-        finally:
-            if reservation is not None:
-                if spent is None:
-                    await store.release(reservation)
-                else:
-                    await store.settle(reservation, {name: spent for name, _ in reservation.counters if name.startswith("spend:")})
-            await store.breaker_record(model, permit, failed, handler.clock())
-
-    async def _reserve(self, model: str, messages: list[dict]) -> Reservation:
-        """Hold the call's worst-case cost (and one call) on every cap that applies, or refuse."""
-        handler, config = self.handler, self.handler.config
-        window = int(handler.wall() // config.budget_window_s)
-        refused = SecondaryError("budget", f"the relay budget of this window cannot cover a call to {model}", skipped=True)
-        usd_caps = []
-        if config.budget_usd is not None:
-            usd_caps.append((f"spend:{window}", config.budget_usd))
-        if config.budget_usd_per_key is not None and self.key_id is not None:
-            usd_caps.append((f"spend:key:{self.key_id}:{window}", config.budget_usd_per_key))
-        holds: list[tuple[str, float, float]] = []
-        if usd_caps:
-            price = handler.price(model)
-            if price is None and not config.allow_unpriced:
-                raise SecondaryError("unpriced", f"no price is known for {model} (RELAY_ALLOW_UNPRICED=true allows it)", skipped=True)
-            worst = 0.0
-            if price is not None:
-                # every call costs at least this much: once a cap has refused in this window, check the
-                # floor first, so a spent budget refuses without counting tokens
-                floor = PROMPT_TOKEN_OVERHEAD * price[0] + config.secondary_max_tokens * price[1]
-                for name, limit in usd_caps:
-                    if name in handler.refused_counters and await handler.store.counter(name) + floor > limit:
-                        raise refused
-                worst = worst_case_usd(model, messages, price, config.secondary_max_tokens)
-            holds = [(name, limit, worst) for name, limit in usd_caps]
-        if config.max_calls is not None:
-            holds.append((f"calls:{window}", float(config.max_calls), 1.0))
-        reservation = await handler.store.reserve(holds)
-        if reservation is None:
-            if len(handler.refused_counters) > _SEEN_MAX:
-                handler.refused_counters.clear()
-            handler.refused_counters.update(name for name, _, _ in holds)
-            raise refused
-        return reservation
-
-
-def _cache_key(model: str, key: tuple) -> str:
-    return hashlib.sha256(json.dumps([model, *key], sort_keys=True, default=str).encode()).hexdigest()
-
-
-async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
-    plan = run.plan
-    prepared = run.prepared(data, surface)
-    instructions = plan.refine_prompt or REFINE_INSTRUCTIONS
-    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer), final=True, live=_live(data, prepared))
-    text = _final_text(data, prepared, reply.text)
-    if text.strip() != surface.get_text().strip():
-        surface.set_text(text)
-        run.outcome.outcome = "modified"
-
-
-def guard_windows(text: str, size: int) -> list[str]:
-    """``text`` cut into windows of at most ``size`` characters that overlap a little, so that a phrase
-    cut at a boundary is whole in one of them. Every character is in at least one window."""
-    if len(text) <= size:
-        return [text]
-    overlap = min(200, size // 10)
-    step = max(size - overlap, 1)
-    return [text[i:i + size] for i in range(0, len(text) - overlap, step)]
-
-
-async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
-    """Judge everything a user will read: every answer (choice), tool calls included, each in windows
-    the judge can take whole; the strictest verdict wins. Never a partial judgment reported as whole."""
-    plan = run.plan
-    if run.depth >= run.handler.config.max_depth and plan.fail_mode == "closed":
-        raise SecondaryError("depth", "a relay call at RELAY_MAX_DEPTH: its judge would be one call too deep",
-                             skipped=True)
-    answers = surface.readable()
-    if answers is None:
-        raise SecondaryError("unsupported_response", "the guard cannot read this kind of response", skipped=True)
-    instructions = GUARD_INSTRUCTIONS.format(policy=plan.guard_policy)
-    size = max(run.handler.config.max_input_chars // 2, 1)  # what Prepared.build leaves an answer unclipped
-    turns = conversation_of(data)
-    structured = _judge_format(run, plan.secondary_model, "relay_verdict", VERDICT_SCHEMA)
-    verdict, reason = "allow", ""
-    for answer in answers:
-        windows = guard_windows(answer, size)
-        for number, window in enumerate(windows, 1):
-            prepared = run.handler._prepare_turns(turns, window)
-            reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                                   key=(instructions, prepared.turns, prepared.answer, *structured.values()),
-                                   **structured)
-            verdict, reason = parse_verdict(reply.text)
-            if verdict == "block":
-                break
-        if verdict == "block":
-            break
-    if verdict == "block":
-        run.outcome.outcome, run.outcome.reason = "blocked", reason or "blocked by policy"
-        if plan.guard_action == "error":
-            raise RelayRejected(400, f"relay guard blocked the answer: {run.outcome.reason}", run.outcome)
-        _block(plan, surface, run.outcome)
-
-
-def _judge_format(run: _Run, model: str, name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
-    """The judge call's extra keyword: ``{"response_format": ...}`` or nothing (RELAY_JUDGE_FORMAT)."""
-    response_format = judge_response_format(name, schema, judge_style(run.handler.config.judge_format, model))
-    return {"response_format": response_format} if response_format is not None else {}
-
-
-def _block(plan: Plan, surface: Surface, outcome: "Outcome") -> None:
-    surface.refuse(plan.guard_message)
-
-
-async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
-    plan = run.plan
-    prepared = run.prepared(data, surface)
-    instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
-    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer))
-    analysis = prepared.restore(reply.text, strict=False)  # a review, not the answer: a stray mask may stay
-    if plan.annotate_target == "append" and not _structured_output(data):
-        surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{analysis}")
-        run.outcome.outcome = "modified"
-    else:  # text after a JSON answer would break it: a structured answer gets its analysis in the body
-        run.analysis = analysis
-
-
-async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
-    plan = run.plan
-    prepared = run.prepared(data, surface)
-    structured = _judge_format(run, plan.secondary_model, "relay_score", SCORE_SCHEMA)
-    judged = await run.call(plan.secondary_model, review_messages(JUDGE_INSTRUCTIONS, prepared),
-                            key=(JUDGE_INSTRUCTIONS, prepared.turns, prepared.answer, *structured.values()), **structured)
-    score, reason = parse_judge_score(judged.text)
-    run.outcome.reason = f"score {score:g}: {reason}"
-    if score >= plan.escalate_threshold:
-        return
-    premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns), final=True,
-                             live=_live(data, prepared))
-    surface.set_text(_final_text(data, prepared, premium.text))
-    run.outcome.outcome = "escalated"
-
-
-async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
-    plan = run.plan
-    prepared = run.prepared(data, surface)
-    members = await asyncio.gather(
-        *(run.call(m, prepared.turns, key=("answer", prepared.turns)) for m in plan.consensus_models),
-        return_exceptions=True)
-    candidates = {"primary": prepared.answer}
-    failures = []
-    for model, member in zip(plan.consensus_models, members):
-        if isinstance(member, Reply):
-            candidates[model] = member.text
-        elif isinstance(member, SecondaryError):
-            failures.append(f"{model}: {member.reason}")
-        else:
-            raise member
-    if len(candidates) == 1:
-        raise SecondaryError("consensus_members", "every consensus member failed: " + "; ".join(failures))
-    merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates),
-                            key=(MERGE_INSTRUCTIONS, prepared.turns, candidates), final=True, live=_live(data, prepared))
-    surface.set_text(_final_text(data, prepared, merged.text))
-    run.outcome.outcome = "modified"
-    if failures:
-        run.outcome.reason = "members failed: " + "; ".join(failures)
-
-
-# ----- what a replacing mode (refine, escalate, consensus) must respect -------------------------------
-
-#: modes whose secondary text replaces the primary answer
-REPLACING_MODES: Final = frozenset({"refine", "escalate", "consensus"})
-#: content part types that carry text; anything else (images, audio, files, tool results) does not
-_TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text"})
-
-
-def replace_skip(data: Mapping[str, Any], prepared: Prepared) -> tuple[str, str] | None:
-    """``(reason, detail)`` when no secondary text may replace this request's answer, else None:
-    the secondary would not have seen all of it, or the client asked for a format it cannot keep."""
-    if prepared.clipped:
-        return "input_too_long", ("the conversation and answer exceed RELAY_MAX_INPUT_CHARS; the secondary would "
-                                  "not see all of it, so its text must not replace the answer")
-    part = _non_text_part(data)
-    if part in ("previous_response_id", "conversation"):
-        return "non_text_input", f"earlier turns are held by the provider ({part}); the secondary would not see them"
-    if part:
-        return "non_text_input", f"the conversation holds {part} content the secondary would not see"
-    if _structured_output(data):
-        return "structured_output", "the client asked for a JSON answer; a rewrite could break it"
-    return None
-
-
-def _non_text_part(data: Mapping[str, Any]) -> str | None:
-    """The kind of the first non-text element of the conversation (image, audio, file, tool call or result),
-    or of earlier turns the request only points to (Responses' ``previous_response_id``, ``conversation``)."""
-    for held_elsewhere in ("previous_response_id", "conversation"):
-        if data.get(held_elsewhere) and "messages" not in data:
-            return held_elsewhere
-    source = data.get("messages") if isinstance(data.get("messages"), list) else data.get("input")
-    items = list(source) if isinstance(source, list) else []
-    for extra in (data.get("system"), data.get("instructions")):
-        if isinstance(extra, list):
-            items.append({"role": "system", "content": extra})
-    for item in items:
-        if not isinstance(item, Mapping):
-            continue
-        if item.get("role") in ("tool", "function") or item.get("tool_calls") or item.get("function_call"):
-            return "tool"
-        if item.get("type") not in (None, "message"):  # Responses items: function_call_output, reasoning, ...
-            return str(item["type"])
-        content = item.get("content")
-        for part in content if isinstance(content, list) else ():
-            kind = part.get("type") if isinstance(part, Mapping) else "text"
-            if kind not in _TEXT_PARTS:
-                return str(kind)
-    return None
-
-
-def _structured_output(data: Mapping[str, Any]) -> bool:
-    """True when the client asked for JSON: chat's response_format, Responses' text.format, Messages'
-    output_format / output_config.format."""
-    formats = [data.get("response_format"), data.get("output_format")]
-    for holder in (data.get("text"), data.get("output_config")):
-        if isinstance(holder, Mapping):
-            formats.append(holder.get("format"))
-    for fmt in formats:
-        kind = fmt if isinstance(fmt, str) else fmt.get("type") if isinstance(fmt, Mapping) else getattr(fmt, "type", None)
-        if kind in ("json_object", "json_schema", "json"):
-            return True
-    return False
-
-
-def _stop_sequences(data: Mapping[str, Any]) -> list[str]:
-    stops = data.get("stop") if data.get("stop") is not None else data.get("stop_sequences")
-    stops = [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []
-    return [s for s in stops if isinstance(s, str) and s]
-
-
-def _live(data: Mapping[str, Any], prepared: Prepared) -> bool:
-    """May a stream send a secondary's final text on as it arrives? Not when it must first be restored
-    (redaction) or cut (stop sequences): what left cannot be taken back."""
-    return not prepared.masks and not _stop_sequences(data)
-
-
-def _final_text(data: Mapping[str, Any], prepared: Prepared, text: str) -> str:
-    """A secondary's text as the client's answer: the user's masked data put back, and cut before the
-    first of the client's stop sequences, as the primary's own answer would have been."""
-    text = prepared.restore(text)
-    cut = min((text.find(s) for s in _stop_sequences(data) if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
-
-
-MODE_RUNNERS: Final = {
-    "refine": _run_refine,
-    "guard": _run_guard,
-    "annotate": _run_annotate,
-    "escalate": _run_escalate,
-    "consensus": _run_consensus,
-}
 
 
 # =================================================================================================
@@ -3630,699 +3680,678 @@ class StreamRelay:
 
 
 # =================================================================================================
-# Reaching a secondary model through litellm
+# Shared state in Redis: one budget, one breaker and one cache for every worker and instance
 # =================================================================================================
 
+#: a Redis URL must use one of these schemes (redis-py's own)
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+#: budget counters live one window plus the deadline plus this, so a late settle still finds its counter
+COUNTER_GRACE_S: Final = 60.0
+#: a breaker untouched this long (beyond its cooldown) is forgotten: a fresh closed breaker
+BREAKER_IDLE_S: Final = 3600.0
+#: a half-open probe permit not given back within the deadline plus this is dropped (its process died)
+PROBE_LEASE_MARGIN_S: Final = 5.0
+#: connections one process opens to Redis at most (operations take well under a millisecond each)
+REDIS_MAX_CONNECTIONS: Final = 64
+#: the pool size per node of a Cluster or Sentinel primary (those pools refuse beyond it instead of waiting)
+REDIS_MAX_CONNECTIONS_PER_NODE: Final = 2 * REDIS_MAX_CONNECTIONS
+#: a Redis failure within this many RELAY_REDIS_RETRY_S of the previous one continues the same outage,
+#: even if Redis answered in between (a Cluster failing over answers for some slots before the
+#: others), so it is not announced again
+OUTAGE_MERGE_RETRIES: Final = 3
+#: the cache index is split into at most this many hash slots, each entry in its index's slot
+CACHE_SHARDS: Final = 16
+#: ... and a shard holds at least this many entries (a small cache stays one exact LRU-by-write)
+CACHE_SHARD_MIN_ENTRIES: Final = 64
 
-def _proxy_router() -> Any:
-    """The running proxy's router, or None outside the proxy (the SDK, unit tests)."""
-    module = sys.modules.get("litellm.proxy.proxy_server")
-    return getattr(module, "llm_router", None) if module is not None else None
+# Each script is one atomic read-modify-write on the server. Amounts are decimal text (INCRBYFLOAT);
+# breaker time is the server's clock in milliseconds (TIME), plus an offset that tests move.
+_LUA_RESERVE: Final = """
+-- KEYS: counters. ARGV[1]: lifetime (ms) of a counter this creates; then limit, amount per counter.
+for i = 1, #KEYS do
+  local held = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if held + tonumber(ARGV[2 * i + 1]) > tonumber(ARGV[2 * i]) + 1e-12 then return 0 end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[2 * i + 1])
+  if redis.call('PTTL', KEYS[i]) < 0 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"""
+_LUA_ADJUST: Final = """
+-- settle and release. KEYS: counters; ARGV: the change of each. An expired counter is not recreated.
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBYFLOAT', KEYS[i], ARGV[i]) end
+end
+return 1
+"""
+_LUA_BREAKER: Final = """
+-- One breaker: a hash with state, opened_at (ms), results ('0'/'1' per call, newest last), successes,
+-- opened (count) and one field 'p:<token>' = lease end (ms) per half-open probe in flight.
+-- ARGV[1]: clock offset (ms); ARGV[2]: idle lifetime (ms); ARGV[3]: cooldown (ms); ARGV[4]: operation.
+local key, op = KEYS[1], ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+
+local function drop_probes()
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(field, 1, 2) == 'p:' then redis.call('HDEL', key, field) end
+  end
+end
+local function open()
+  drop_probes()
+  redis.call('HSET', key, 'state', 'open', 'opened_at', now, 'results', '', 'successes', 0)
+  redis.call('HINCRBY', key, 'opened', 1)
+end
+local function close()
+  drop_probes()
+  redis.call('HSET', key, 'state', 'closed', 'results', '')
+end
+local function current_state()
+  local state = redis.call('HGET', key, 'state') or 'closed'
+  if state == 'open' and now - tonumber(redis.call('HGET', key, 'opened_at')) >= tonumber(ARGV[3]) then
+    drop_probes()
+    redis.call('HSET', key, 'state', 'half_open', 'successes', 0)
+    state = 'half_open'
+  end
+  return state
+end
+
+local result = false
+if op == 'state' then
+  result = current_state()
+elseif op == 'acquire' then
+  -- ARGV[5]: probes; ARGV[6]: probe lease (ms); ARGV[7]: token
+  local state = current_state()
+  if state == 'closed' then
+    result = 'call'
+  elseif state == 'half_open' then
+    local fields, live = redis.call('HGETALL', key), 0
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'p:' then
+        if tonumber(fields[i + 1]) <= now then redis.call('HDEL', key, fields[i]) else live = live + 1 end
+      end
+    end
+    if live < tonumber(ARGV[5]) then
+      redis.call('HSET', key, 'p:' .. ARGV[7], now + tonumber(ARGV[6]))
+      result = 'probe:' .. ARGV[7]
+    end
+  end
+else
+  -- record. ARGV[5]: permit; ARGV[6]: '1' failed, '0' succeeded, '' given back; ARGV[7]: probes;
+  -- ARGV[8]: window; ARGV[9]: min calls; ARGV[10]: failure rate
+  local permit, failed = ARGV[5], ARGV[6]
+  if string.sub(permit, 1, 6) == 'probe:' then
+    -- a probe token exists only in the half-open period that issued it: a stale one counts for nothing
+    if redis.call('HDEL', key, 'p:' .. string.sub(permit, 7)) == 1 and failed ~= '' then
+      if failed == '1' then
+        open()
+      elseif redis.call('HINCRBY', key, 'successes', 1) >= tonumber(ARGV[7]) then
+        close()
+      end
+    end
+  elseif failed ~= '' and (redis.call('HGET', key, 'state') or 'closed') == 'closed' then
+    local window = tonumber(ARGV[8])
+    local results = (redis.call('HGET', key, 'results') or '') .. failed
+    if #results > window then results = string.sub(results, -window) end
+    local _, failures = string.gsub(results, '1', '')
+    if #results >= tonumber(ARGV[9]) and failures >= tonumber(ARGV[10]) * #results then
+      open()
+    else
+      redis.call('HSET', key, 'results', results)
+    end
+  end
+end
+if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[2]) end
+return result
+"""
+_LUA_CACHE_PUT: Final = """
+-- KEYS[1]: the entry; KEYS[2]: the index (entry keys by write time).
+-- ARGV: value, lifetime (ms), now (epoch s), ttl (s), most entries
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (tonumber(ARGV[3]) - tonumber(ARGV[4])))
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if excess > 0 then
+  local evicted = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #evicted, 2 do redis.call('DEL', evicted[i]) end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
 
 
-def _deployment_relay_block(model_info: Mapping[str, Any]) -> Any:
-    """The ``relay:`` block of the deployment a request used (``model_info`` as the router filled it in).
+class SharedReservation(Reservation):
+    """Holds made in Redis: they are settled or released there, never in a fallback store."""
 
-    Some LiteLLM routers (1.90) hand out a ``model_info`` whose nested dicts are shared by every
-    deployment of one backend model (say several ``model_name``s on ``ollama_chat/llama3``): each
-    request's model-group lookup merges its own ``model_info`` into a shallow copy of the backend's
-    cost-map entry, so that shared ``relay`` dict becomes the block of whichever model was asked for
-    last. The cost-map entry litellm registers under the deployment's own ``id`` keeps the block as
-    configured: read it there when litellm has one with a ``relay`` key, else from ``model_info``.
+
+def _ms(seconds: float) -> int:
+    return max(int(seconds * 1000), 1)
+
+
+class RedisStore:
+    """LocalStore's coroutines on one Redis, shared by every process that uses the same key prefix.
+
+    Each read-modify-write is one Lua script, atomic across processes: reserve-if-all-fit, settle,
+    release, breaker transitions and half-open permits. The client is a single Redis, a Redis Cluster
+    or a Sentinel-managed primary; the keys and scripts are the same on all three, and every script
+    touches keys of one hash slot only (the ``{...}`` part of a key, see :meth:`key`):
+    ``<prefix>:{budget:<window>}:<counter>`` (every counter of one window together, since one
+    reservation holds on all of them at once; expire one window after they are created, plus the
+    deadline and a grace), ``<prefix>:{breaker:<model>}`` (one slot per model; expires after an idle hour
+    plus the cooldown), ``<prefix>:{cache:<shard>}:<key>`` and ``<prefix>:{cache:<shard>}:index`` (up to
+    ``CACHE_SHARDS`` slots; expire with the cache TTL; beyond its share of ``RELAY_CACHE_MAX_ENTRIES`` a
+    shard drops its oldest-written entries).
+
+    Breakers run on the Redis server's clock, not on the ``now`` argument: every process has its own
+    monotonic clock and they cannot be compared. A probe permit is a lease: one that a dead process never
+    gave back expires after the deadline. The cache compares ``now`` (epoch seconds) with each entry's
+    expiry, and Redis drops the entry after its TTL. Redis errors propagate (see :class:`FailoverStore`).
     """
-    registered = getattr(sys.modules.get("litellm"), "model_cost", None)
-    entry = registered.get(model_info.get("id")) if isinstance(registered, dict) and model_info.get("id") else None
-    if isinstance(entry, Mapping) and "relay" in entry:
-        return entry["relay"]
-    return model_info.get("relay")
 
-
-async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int,
-                            on_delta: Callable[[str], Any] | None = None, response_format: dict | None = None) -> Reply:
-    """One secondary call: a ``model_name`` of the proxy goes through its router, anything else to litellm.
-
-    With ``on_delta`` the call streams and each text delta is awaited through it as it arrives.
-    """
-    kwargs: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "timeout": timeout,
-        "num_retries": 0,  # the relay owns the retry policy of its secondary calls
-        "no-log": True,
-    }
-    mark_relay_call(kwargs, depth)
-    _attribute_spend(kwargs)
-    if on_delta is not None:
-        kwargs.update(stream=True, stream_options={"include_usage": True})
-    if response_format is not None:
-        kwargs["response_format"] = response_format
-    router = _proxy_router()
-    try:
-        async with asyncio.timeout(timeout):
-            if router is not None and model in (router.model_names or ()):
-                response = await router.acompletion(**kwargs)
-            else:
-                response = await litellm.acompletion(max_retries=0, **kwargs)
-            if on_delta is not None:
-                chunks = []
-                async for chunk in response:
-                    chunks.append(chunk)
-                    delta = chunk.choices[0].delta.content if chunk.choices else None
-                    if delta:
-                        await on_delta(delta)
-                response = litellm.stream_chunk_builder(chunks, messages=messages) if chunks else None
-    except TimeoutError:
-        raise SecondaryError("timeout", f"{model} did not answer within {timeout:g}s", retryable=True) from None
-    except Exception as exc:  # noqa: BLE001 - every provider error becomes a typed SecondaryError
-        raise _classify_error(model, exc) from None
-    choices = getattr(response, "choices", None) or []
-    text = getattr(choices[0].message, "content", None) if choices else None
-    if not isinstance(text, str) or not text.strip():
-        raise SecondaryError("empty_response", f"{model} returned no text")
-    # a secondary that repeats its system prompt must not hand the client the relay's proof
-    return Reply(model=model, text=_PROOF_IN_PROMPT.sub("[relay-call]", text), cost_usd=_cost_of(response),
-                 truncated=getattr(choices[0], "finish_reason", None) in TRUNCATED_FINISH,
-                 **_tokens_of(response))
-
-
-#: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
-TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
-
-
-def worst_case_usd(model: str, messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
-    """What one secondary call can cost at most: its prompt (counted with headroom) and a full answer."""
-    prompt_tokens = litellm.token_counter(model=model, messages=messages)
-    return (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + max_tokens * price[1]
-
-
-def _cost_of(response: Any) -> float:
-    hidden = getattr(response, "_hidden_params", None) or {}
-    cost = hidden.get("response_cost")
-    if cost is None:
-        try:
-            cost = litellm.completion_cost(completion_response=response)
-        except Exception:  # noqa: BLE001 - an unpriced model costs what we cannot know
-            cost = 0.0
-    return float(cost or 0.0)
-
-
-#: what a client reads about a provider error, by reason class (the provider's own text goes to the log)
-PROVIDER_ERROR_PHRASES: Final = {
-    "timeout": "the secondary model did not answer in time",
-    "rate_limited": "the secondary model's provider is rate limiting",
-    "connection": "the secondary model's provider could not be reached",
-    "provider_error": "the secondary model's provider failed",
-    "provider_rejected": "the secondary model's provider rejected the call",
-    "bad_response": "the secondary model's provider sent an answer that could not be read",
-    "cooldown": "every deployment of the secondary model is cooling down after failures",
-    "empty_response": "the secondary model returned no text",
-    "error": "the secondary model call failed",
-}
-
-
-def _classify_error(model: str, exc: Exception) -> SecondaryError:
-    error = _classify_provider_error(model, exc)
-    error.public = PROVIDER_ERROR_PHRASES.get(error.reason, "the secondary model call failed")
-    return error
-
-
-def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
-    status = getattr(exc, "status_code", None)
-    name = type(exc).__name__
-    detail = scrub_secrets(f"{model}: {name}: {str(exc)[:300]}")
-    if _is_no_choices_error(exc):
-        return SecondaryError("empty_response", detail)
-    if name == "RouterRateLimitError":  # the router's own refusal: every deployment is cooling down after failures
-        return SecondaryError("cooldown", detail)
-    if isinstance(exc, litellm.Timeout) or "Timeout" in name:
-        return SecondaryError("timeout", detail, retryable=True)
-    if isinstance(exc, litellm.RateLimitError) or status == 429:
-        return SecondaryError("rate_limited", detail, retryable=True, retry_after=_retry_after(exc))
-    if _unparseable(exc):  # litellm reports it as a connection error or a 500: a retry would fail (and bill) again
-        return SecondaryError("bad_response", detail)
-    if isinstance(exc, (litellm.APIConnectionError, OSError)) or "connection error" in detail.lower():
-        return SecondaryError("connection", detail, retryable=True)  # litellm reports some as a 500
-    if isinstance(status, int) and status >= 500 or isinstance(exc, (litellm.InternalServerError, litellm.ServiceUnavailableError)):
-        return SecondaryError("provider_error", detail, retryable=True, retry_after=_retry_after(exc))
-    if isinstance(status, int) and 400 <= status < 500:
-        return SecondaryError("provider_rejected", detail)
-    return SecondaryError("error", detail)
-
-
-#: what litellm's messages say when a provider's body was not valid JSON (json's own wording)
-_JSON_ERROR: Final = re.compile(r"Unable to get json response|JSONDecodeError|Expecting (?:value|property name|',' "
-                                r"delimiter|':' delimiter)|Unterminated string|Extra data: line|Invalid control character")
-
-
-def _unparseable(exc: BaseException) -> bool:
-    """True when ``exc`` (or what caused it) is a provider response that could not be parsed."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, json.JSONDecodeError) or _JSON_ERROR.search(str(exc)[:2000]):
-            return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
-
-
-def _is_no_choices_error(exc: Exception) -> bool:
-    """An older LiteLLM (seen on 1.100) raises on a 200 answer with no choices, where newer ones return
-    it (and the relay then says empty_response): the same empty answer, whichever LiteLLM reports it."""
-    return "returned a response with no 'choices'" in str(exc)
-
-
-def _retry_after(exc: Exception) -> float | None:
-    headers = getattr(exc, "litellm_response_headers", None) or getattr(getattr(exc, "response", None), "headers", None)
-    try:
-        value = headers.get("retry-after") if headers is not None else None
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-# =================================================================================================
-# Small helpers over the proxy's request dict
-# =================================================================================================
-
-
-def _bucket(data: Mapping[str, Any]) -> dict:
-    """The proxy's internal metadata dict: ``litellm_metadata`` on messages/responses, else ``metadata``."""
-    bucket = data.get("litellm_metadata")
-    if isinstance(bucket, dict):
-        return bucket
-    bucket = data.get("metadata")
-    if isinstance(bucket, dict):
-        return bucket
-    if isinstance(data, dict):
-        return data.setdefault("metadata", {})
-    return {}
-
-
-def _client_block(block: Any) -> dict[str, Any] | None:
-    """``metadata.relay`` as a dict (a JSON string is accepted: Responses API metadata values are strings)."""
-    if block is None:
-        return None
-    if isinstance(block, str):
-        try:
-            block = json.loads(block)
-        except ValueError:
-            raise ConfigError(f"metadata.relay={block!r} is invalid: allowed: an object or its JSON text") from None
-    if not isinstance(block, dict):
-        raise ConfigError(f"metadata.relay={block!r} is invalid: allowed: an object or its JSON text")
-    return block
-
-
-def _planned_models(plan: Plan) -> list[str]:
-    """The secondaries a plan may call, in the order its mode calls them."""
-    if plan.mode == "escalate":
-        return [plan.secondary_model, plan.escalate_model]
-    if plan.mode == "consensus":
-        return [*plan.consensus_models, plan.secondary_model]
-    return [plan.secondary_model]
-
-
-def _key_id(user_api_key_dict: Any) -> str | None:
-    """A stable, non-reversible id of the caller's API key, for per-key budgets."""
-    key = getattr(user_api_key_dict, "api_key", None) or getattr(user_api_key_dict, "token", None)
-    return hashlib.sha256(str(key).encode()).hexdigest()[:16] if key else None
-
-
-def _http_error(status: int, message: str, headers: dict[str, str] | None = None, keep_headers: bool = False) -> Exception:
-    from fastapi import HTTPException  # the proxy's own web framework, present wherever hooks run
-
-    error = HTTPException(status_code=status, detail=message, headers=headers)
-    if headers and keep_headers:
-        # /v1/messages drops an HTTPException's own headers; a ProxyException keeps them
-        with contextlib.suppress(ImportError):
-            from litellm.proxy.common_request_processing import proxy_exception_from_http_exception
-
-            return proxy_exception_from_http_exception(error, dict(headers))
-    return error
-
-
-# =================================================================================================
-# Trust: which calls are the relay's own (unforgeable), and which secrets never leave the proxy
-# =================================================================================================
-#
-# A client must not be able to switch an operator's relay off. So nothing a client can write (a header,
-# a metadata key, a call id) is taken as "this is the relay's own call". The relay recognises its own
-# calls by:
-#   - in the same process: the ``_IN_RELAY`` ContextVar, set while relay work runs;
-#   - across HTTP (a secondary that is this proxy, or another relay-equipped one): a proof, carried
-#     twice, in the ``x-relay-depth`` header and in the body's system prompt (an intermediary may drop
-#     headers, never the prompt). The proof is ``<depth>.<unix time>.<HMAC>`` where the HMAC, keyed with
-#     RELAY_SIGNING_SECRET (else a key derived from the proxy's master key, the same on every instance),
-#     covers the depth, the time and the call's last user message: copying it onto another prompt, or
-#     using it after ``PROOF_MAX_AGE_S``, proves nothing.
-
-#: how long a proof is accepted after it was made (generous: clocks of instances drift)
-PROOF_MAX_AGE_S: Final = 600.0
-_PROOF_TOKEN: Final = re.compile(r"\A([0-9]{1,3})([ra])\.([0-9]{1,12})\.([0-9a-f]{32})\Z")
-_PROOF_IN_PROMPT: Final = re.compile(r"\[relay-call ([0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32})\]")
-#: what a relay call is: ``r`` a review (the relay's own prompt envelope: guard, judge, refine, annotate,
-#: merge), ``a`` an answer (escalate's premium model and consensus members get the client's conversation)
-REVIEW: Final = "r"
-ANSWER: Final = "a"
-#: metadata keys only the relay writes: a client's copies are dropped before any hook reads them
-RELAY_OWNED_KEYS: Final = ("relay_internal", "relay_depth", "relay_result", "relay_stream_decision", "relay_seen",
-                           "relay_judged")
-_signing_key_cache: list[bytes] = []
-
-
-def _signing_key() -> bytes:
-    """The HMAC key of the relay's proofs: RELAY_SIGNING_SECRET, else derived from the master key
-    (shared by every instance of one deployment), else a random key of this process."""
-    if _signing_key_cache:
-        return _signing_key_cache[0]
-    module = sys.modules.get("litellm.proxy.proxy_server")  # RELAY_SIGNING_SECRET: set by RelayHandler
-    secret = str(getattr(module, "master_key", None) or os.environ.get("LITELLM_MASTER_KEY") or "")
-    secret = "relay-proof-from-master-key:" + secret if secret else ""
-    key = hashlib.sha256(secret.encode()).digest() if secret else os.urandom(32)
-    if secret or "litellm.proxy.proxy_server" not in sys.modules:  # a random key may be replaced once a master key exists
-        _signing_key_cache.append(key)
-    return key
-
-
-def _proof_subject(turns: list[dict[str, str]]) -> str:
-    """What a proof is bound to: the last user message, whitespace-normalised (providers' wire formats
-    may re-split it into blocks, never change its words)."""
-    last = next((t["content"] for t in reversed(turns) if t["role"] == "user"), "")
-    return " ".join(last.split())
-
-
-def _proof_mac(depth: int, kind: str, stamp: int, subject: str) -> str:
-    import hmac
-
-    message = f"relay-call|{depth}|{kind}|{stamp}|{subject}".encode()
-    return hmac.new(_signing_key(), message, hashlib.sha256).hexdigest()[:32]
-
-
-def relay_proof(depth: int, turns: list[dict[str, str]], now: float | None = None, kind: str = REVIEW) -> str:
-    """The proof that a call with this conversation is the relay's own ``kind`` of call, at ``depth``."""
-    stamp = int(time.time() if now is None else now)
-    return f"{depth}{kind}.{stamp}.{_proof_mac(depth, kind, stamp, _proof_subject(turns))}"
-
-
-def proven_depth(token: Any, turns: list[dict[str, str]], now: float | None = None, kinds: str = REVIEW + ANSWER) -> int:
-    """The depth a proof token proves for this conversation (for a call of one of ``kinds``); 0: nothing."""
-    import hmac
-
-    match = _PROOF_TOKEN.match(token.strip()) if isinstance(token, str) else None
-    if match is None or match.group(2) not in kinds:
-        return 0
-    depth, kind, stamp = int(match.group(1)), match.group(2), int(match.group(3))
-    if abs((time.time() if now is None else now) - stamp) > PROOF_MAX_AGE_S:
-        return 0
-    expected = _proof_mac(depth, kind, stamp, _proof_subject(turns))
-    return depth if hmac.compare_digest(expected, match.group(4)) else 0
-
-
-#: a proof anywhere in a text (with or without its ``[relay-call ...]`` frame)
-_PROOF_ANYWHERE: Final = re.compile(r"\[?(?:relay-call\s+)?\b[0-9]{1,3}[ra]\.[0-9]{1,12}\.[0-9a-f]{32}\b\]?")
-
-
-def _without_proofs(text: str) -> str:
-    """A secondary's answer without the proof of its own call: a model that echoes its system prompt
-    (where the proof is) must not hand the client a proof to replay within its lifetime."""
-    return _PROOF_ANYWHERE.sub("[relay-call]", text) if text else text
-
-
-def mark_relay_call(kwargs: dict[str, Any], depth: int) -> None:
-    """Make the secondary call in ``kwargs`` recognisable as the relay's own, at ``depth``: the proof
-    goes in the ``x-relay-depth`` header and at the end of the (first) system message."""
-    review = any(isinstance(m, ReviewSystemMessage) for m in kwargs["messages"])
-    messages = [dict(m) for m in kwargs["messages"]]
-    system = next((m for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str)), None)
-    proof = relay_proof(depth, conversation_of({"messages": messages}), kind=REVIEW if review else ANSWER)
-    if system is None:
-        messages.insert(0, {"role": "system", "content": f"[relay-call {proof}]"})
-    else:
-        system["content"] = f"{system['content']}\n\n[relay-call {proof}]"
-    kwargs["messages"] = messages
-    kwargs["extra_headers"] = {**(kwargs.get("extra_headers") or {}), DEPTH_HEADER: proof}
-    kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "relay_internal": True, "relay_depth": depth}
-
-
-def _request_headers(data: Mapping[str, Any]) -> Mapping[str, Any]:
-    server_request = data.get("proxy_server_request")
-    headers = server_request.get("headers") if isinstance(server_request, Mapping) else None
-    return headers if isinstance(headers, Mapping) else {}
-
-
-def relay_call_depth(data: Mapping[str, Any], kinds: str = REVIEW + ANSWER) -> int:
-    """How deep in relay calls this request is: 0 for a client's request, n for the relay's own call (of
-    one of ``kinds``) made at depth n, proven by the header or by the system prompt. Nothing else a
-    client sends counts."""
-    turns = conversation_of(data)
-    tokens = [v for k, v in _request_headers(data).items() if isinstance(k, str) and k.lower() == DEPTH_HEADER]
-    tokens += [m.group(1) for t in turns if t["role"] == "system" for m in _PROOF_IN_PROMPT.finditer(t["content"])]
-    return max((proven_depth(token, turns, kinds=kinds) for token in tokens), default=0)
-
-
-def is_relay_call() -> bool:
-    """True while this task runs relay work: a hook that fires inside it never relays again."""
-    return _IN_RELAY.get()
-
-
-def strip_client_markers(data: dict) -> None:
-    """Drop what a client sent in the relay's own places: metadata keys only the relay writes, and an
-    ``x-relay-depth`` header that proves nothing (so nothing downstream can mistake it for a proof)."""
-    for name in ("metadata", "litellm_metadata"):
-        bucket = data.get(name)
-        if isinstance(bucket, dict):
-            for key in RELAY_OWNED_KEYS:
-                bucket.pop(key, None)
-    headers = _request_headers(data)
-    forged = [k for k, v in headers.items() if isinstance(k, str) and k.lower() == DEPTH_HEADER
-              and not proven_depth(v, conversation_of(data))]
-    if forged and isinstance(headers, dict):
-        for key in forged:
-            headers.pop(key, None)
-
-
-# =================================================================================================
-# LiteLLM features: what the running LiteLLM offers, found by looking at it (never by its version)
-# =================================================================================================
-
-#: each startup line about a missing LiteLLM feature starts with these words (`make test-compat`
-#: collects them into the README's compatibility table)
-DEGRADED_MARK: Final = "relay degraded on this LiteLLM: "
-
-
-@dataclass(frozen=True)
-class LiteLLMFeatures:
-    """The hooks and shapes of the running LiteLLM that the relay depends on and can do without."""
-
-    #: the proxy asks callbacks for extra response headers (``async_post_call_response_headers_hook``)
-    response_headers: bool
-    #: the proxy's streaming path watches for a client that goes away (and closes the stream then)
-    stream_disconnect: bool = True
-
-
-def detect_features() -> LiteLLMFeatures:
-    """Look at the loaded LiteLLM: the base class must declare the hook and, inside the proxy, the
-    proxy's dispatcher must exist (an older proxy never calls a hook it does not know)."""
-    declared = callable(getattr(CustomLogger, "async_post_call_response_headers_hook", None))
-    proxy_utils = sys.modules.get("litellm.proxy.utils")
-    dispatcher = getattr(proxy_utils, "ProxyLogging", None)
-    called = dispatcher is None or callable(getattr(dispatcher, "post_call_response_headers_hook", None))
-    processing = sys.modules.get("litellm.proxy.common_request_processing")
-    watches = processing is None or callable(getattr(processing, "_record_streaming_client_disconnect_if_needed", None))
-    return LiteLLMFeatures(response_headers=declared and called, stream_disconnect=watches)
-
-
-def degradations(features: LiteLLMFeatures) -> list[str]:
-    """One line per thing this LiteLLM cannot do, saying what the operator gets instead."""
-    lines = []
-    if not features.response_headers:
-        lines.append("no response-headers hook (async_post_call_response_headers_hook): no x-relay-* headers; "
-                     "the `relay` object in every non-streamed body (and at the end of every relayed stream) "
-                     "says what the relay did")
-    if not features.stream_disconnect:
-        lines.append("the proxy does not watch streams for a client that disconnects: a relayed stream's "
-                     "secondary call runs to its end (and is paid for) after the client has gone")
-    return lines
-
-
-def _announce_degradations(features: LiteLLMFeatures) -> None:
-    for line in degradations(features):
-        log.warning("%s%s", DEGRADED_MARK, line)
-
-
-def _say_in_body_without_headers(response: Any, outcome: "Outcome") -> None:
-    """Without response headers the body's ``relay`` object is the only place that says what the relay
-    did, so put it on every non-streamed answer (keeping what a mode put there, e.g. an analysis)."""
-    if FEATURES.response_headers or response is None:
-        return
-    existing = response.get("relay") if isinstance(response, dict) else getattr(response, "relay", None)
-    relay = {**(existing if isinstance(existing, dict) else {}), **outcome.as_dict()}
-    if outcome.override:
-        relay["override"] = outcome.override
-    if outcome.cache:
-        relay["cache"] = outcome.cache
-    try:
-        if isinstance(response, dict):
-            response["relay"] = relay
-        else:
-            setattr(response, "relay", relay)
-    except (AttributeError, TypeError, ValueError):  # a response type that takes no extra field
-        log.debug("relay: cannot attach the relay object to a %s", type(response).__name__)
-
-
-FEATURES: Final = detect_features() if __name__ != "__main__" else LiteLLMFeatures(response_headers=True)
-
-
-# =================================================================================================
-# The operator's books: spend attribution, LiteLLM budgets, trace ids, Prometheus metrics
-# =================================================================================================
-#
-# With RELAY_SPEND_ATTRIBUTION=caller a secondary call is made the way LiteLLM's own internal
-# sub-calls are (litellm_core_utils/internal_call_metadata.py): without `no-log`, so LiteLLM's cost
-# tracker books it, and with the caller's identity in its metadata, so the spend row, the key's and
-# team's spend counters and every logging callback see the calling key. The caller's budget
-# reservation is never copied: a sub-call that finalised it would lose the parent request's spend.
-
-#: LiteLLM's metadata field naming which internal feature made a billed sub-call (spend rows keep it)
-INTERNAL_CALL_ORIGIN_KEY: Final = "internal_call_origin"
-INTERNAL_CALL_ORIGIN: Final = "relay"
-#: the caller's identity a secondary call is booked to; deliberately not `user_api_key_auth` and
-#: `user_api_key_budget_reservation`, which carry the parent request's budget reservation
-_IDENTITY_KEYS: Final = ("user_api_key", "user_api_key_hash", "user_api_key_alias", "user_api_key_team_id",
-                         "user_api_key_team_alias", "user_api_key_org_id", "user_api_key_user_id",
-                         "user_api_key_end_user_id")
-_TRACE_KWARGS: Final = ("litellm_trace_id", "litellm_session_id")
-
-
-@dataclass(frozen=True)
-class CallerBooks:
-    """Whose books one request's secondary calls go into, and the LiteLLM budgets that bound them."""
-
-    mode: str  #: the relay mode (a metrics label)
-    attributed: bool  #: RELAY_SPEND_ATTRIBUTION=caller
-    identity: Mapping[str, Any]  #: metadata copied into each secondary call
-    trace: Mapping[str, str]  #: litellm_trace_id / litellm_session_id shared with the request
-    #: ``(scope, LiteLLM spend counter, spend at auth, max_budget)`` of the caller's key and team
-    budgets: tuple[tuple[str, str, float, float], ...] = ()
-    #: LiteLLM's budget reservation of the request (read, never forwarded): what it holds on the counters
-    reservation: Mapping[str, Any] | None = None
-
-    @classmethod
-    def of(cls, data: Mapping[str, Any], config: "RelayConfig", mode: str) -> "CallerBooks":
-        if config.spend_attribution != "caller":
-            return cls(mode, False, {}, {})
-        bucket = _bucket(data)
-        identity = {k: bucket[k] for k in _IDENTITY_KEYS if bucket.get(k) is not None}
-        trace = {k: data[k] for k in _TRACE_KWARGS if isinstance(data.get(k), str) and data[k]}
-        budgets = []
-        for scope, owner, spend, limit, counter in (
-                ("key", "user_api_key_hash", "user_api_key_spend", "user_api_key_max_budget", "spend:key:{}"),
-                ("team", "user_api_key_team_id", "user_api_key_team_spend", "user_api_key_team_max_budget", "spend:team:{}")):
-            if bucket.get(owner) and isinstance(bucket.get(limit), (int, float)):
-                budgets.append((scope, counter.format(bucket[owner]), float(bucket.get(spend) or 0.0), float(bucket[limit])))
-        reservation = bucket.get("user_api_key_budget_reservation")
-        return cls(mode, True, identity, trace, tuple(budgets), reservation if isinstance(reservation, Mapping) else None)
-
-
-#: the books of the request whose relay work runs in this task (set around the relay work)
-_BOOKS: Final = contextvars.ContextVar("relay_caller_books", default=None)
-
-
-@contextlib.contextmanager
-def _caller_books(data: Mapping[str, Any], config: "RelayConfig", mode: str) -> Any:
-    """The request's books for work started inside the block (a shadow task copies them at creation)."""
-    token = _BOOKS.set(CallerBooks.of(data, config, mode))
-    try:
-        yield
-    finally:
-        _BOOKS.reset(token)
-
-
-def _pin_trace_id(data: dict) -> None:
-    """One trace id for the request and its secondary calls (the router would give each call its own)."""
-    if not isinstance(data.get("litellm_trace_id"), str) or not data["litellm_trace_id"]:
-        data["litellm_trace_id"] = str(uuid.uuid4())
-
-
-def _attribute_spend(kwargs: dict[str, Any]) -> None:
-    """Book a secondary call to the caller (caller mode); otherwise it stays `no-log`, out of the books.
-
-    The relay's own markers in ``kwargs["metadata"]`` win over anything copied from the caller."""
-    books = _BOOKS.get()
-    if books is None or not books.attributed:
-        return
-    kwargs.pop("no-log", None)
-    kwargs["metadata"] = {**books.identity, INTERNAL_CALL_ORIGIN_KEY: INTERNAL_CALL_ORIGIN, **kwargs.get("metadata", {})}
-    kwargs.update(books.trace)
-
-
-async def _litellm_spend(counter: str, spent_at_auth: float, reservation: Mapping[str, Any] | None) -> float:
-    """A key's or team's spend as LiteLLM's budget check reads it (its spend counter), without what
-    this request's own budget reservation still holds there (often the whole remaining budget, until
-    the primary's cost is booked); the spend known at auth when the counter cannot be read."""
-    reader = getattr(sys.modules.get("litellm.proxy.proxy_server"), "get_current_spend", None)
-    if reader is None:
-        return spent_at_auth
-    try:
-        spent = float(await reader(counter_key=counter, fallback_spend=spent_at_auth))
-    except Exception:  # noqa: BLE001 - an unreadable counter leaves the spend known at auth
-        return spent_at_auth
-    if reservation is not None and not reservation.get("finalized"):
-        for entry in reservation.get("entries") or ():
-            if isinstance(entry, Mapping) and entry.get("counter_key") == counter:
-                spent -= float(entry.get("reserved_cost") or 0.0) + float(entry.get("applied_adjustment") or 0.0)
-    return max(spent, spent_at_auth)
-
-
-async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) -> None:
-    """Refuse a secondary call (``skipped:key_budget``) that the caller's LiteLLM key or team budget
-    cannot cover: the key's or team's spend now, plus the relay's spend in this request, plus the
-    call's worst case."""
-    books = _BOOKS.get()
-    if books is None or not books.budgets:
-        return
-    handler = run.handler
-    price = handler.price(model)
-    worst = 0.0
-    if price is not None:  # unpriced: only a budget already spent refuses
-        worst = worst_case_usd(model, messages, price, handler.config.secondary_max_tokens)
-    for scope, counter, spent_at_auth, limit in books.budgets:
-        spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
-        if spent + worst > limit:
-            if handler.metrics is not None:
-                handler.metrics.budget_refusals.labels(scope=scope).inc()
-            raise SecondaryError("key_budget", f"the LiteLLM {scope} budget ({limit:g} USD, {spent:.6f} spent) "
-                                 f"cannot cover a call to {model} (up to {worst:.6f} USD)", skipped=True)
-
-
-def _tokens_of(response: Any) -> dict[str, Any]:
-    """Reply's token fields from a response's usage (output tokens None when the provider gave none)."""
-    usage = getattr(response, "usage", None)
-    output = getattr(usage, "completion_tokens", None)
-    return {"prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-            "output_tokens": int(output) if isinstance(output, (int, float)) else None}
-
-
-#: breaker states as the relay_breaker_state gauge reports them
-_BREAKER_GAUGE: Final = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
-#: distinct values one label may take; later ones are reported as "other" (client-chosen model names
-#: must not grow the series without bound)
-_LABEL_VALUES_MAX: Final = 64
-#: where the metrics live across executions of this module: the proxy loads a callback module by
-#: path (not via sys.modules), so `import relay_plugin` elsewhere executes it again, and registering
-#: a metric twice in prometheus_client's registry fails
-_METRICS_HOME: Final = "_relay_plugin_metrics"
-
-
-class RelayMetrics:
-    """The relay's Prometheus metrics on prometheus_client's default registry (the one the proxy's
-    ``/metrics`` serves, or the per-process files under ``PROMETHEUS_MULTIPROC_DIR`` it aggregates).
-
-    Labels are bounded: modes, outcome classes and reasons are fixed words, model names are capped."""
-
-    def __init__(self, prometheus: Any):
-        c, g, h = prometheus.Counter, prometheus.Gauge, prometheus.Histogram
-        self.requests = c("relay_requests", "Requests the relay saw, by outcome class and reason",
-                          ["mode", "outcome", "reason", "requested_model"])
-        self.secondary_calls = c("relay_secondary_calls", "Secondary calls made, by result (ok or the failure reason)",
-                                 ["secondary_model", "result"])
-        self.secondary_cost = c("relay_secondary_cost_usd", "USD spent on secondary calls", ["secondary_model", "mode"])
-        self.secondary_tokens = c("relay_secondary_tokens", "Tokens of secondary calls", ["secondary_model", "token_type"])
-        self.added_latency = h("relay_added_latency_seconds", "Time the relay added to a response", ["mode"],
-                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45, 90))
-        self.secondary_latency = h("relay_secondary_latency_seconds", "Duration of one secondary call", ["secondary_model"],
-                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 45))
-        self.breaker_state = g("relay_breaker_state", "Circuit breaker per secondary: 0 closed, 1 half-open, 2 open",
-                               ["secondary_model"], multiprocess_mode="livemax")
-        self.budget_refusals = c("relay_budget_refusals", "Secondary work refused by a budget (relay: RELAY_BUDGET_*, "
-                                 "RELAY_MAX_CALLS; key, team: LiteLLM's max_budget)", ["scope"])
-        self.cache_requests = c("relay_cache_requests", "Relayed requests by result-cache result", ["result"])
-        self.shadow_in_flight = g("relay_shadow_in_flight", "Shadow analyses running", multiprocess_mode="livesum")
-        self._seen: dict[str, set[str]] = {}
-
-    @classmethod
-    def shared(cls) -> "RelayMetrics | None":
-        """This process's metrics, created on first use; None without prometheus_client."""
-        try:
-            import prometheus_client
-        except ImportError:
-            return None
-        metrics = getattr(prometheus_client, _METRICS_HOME, None)
-        if metrics is None:
-            metrics = cls(prometheus_client)
-            setattr(prometheus_client, _METRICS_HOME, metrics)
-        return metrics
-
-    def bounded(self, label: str, value: str) -> str:
-        seen = self._seen.setdefault(label, set())
-        if value in seen:
-            return value
-        if len(seen) >= _LABEL_VALUES_MAX:
-            return "other"
-        seen.add(value)
-        return value
-
-    def request(self, handler: "RelayHandler", data: Mapping[str, Any], outcome: "Outcome") -> None:
-        kind, _, reason = outcome.outcome.partition(":")
-        self.requests.labels(mode=outcome.mode, outcome=kind, reason=reason,
-                             requested_model=self.bounded("requested_model", str(data.get("model") or ""))).inc()
-        if outcome.models and outcome.mode != "shadow":
-            self.added_latency.labels(mode=outcome.mode).observe(outcome.latency_ms / 1000)
-        if outcome.outcome == "skipped:budget":
-            self.budget_refusals.labels(scope="relay").inc()
-        if outcome.cache:
-            self.cache_requests.labels(result=outcome.cache).inc()
-        if outcome.models:
-            self.refresh_breakers(handler, outcome.models)
-
-    def measured(self, complete: Callable[..., Any], clock: Callable[[], float]) -> Callable[..., Any]:
-        """``complete`` counted and timed (on the handler's ``clock``): calls, results, latency, cost and
-        tokens per secondary model."""
-        async def measured(model: str, messages: list[dict], **kwargs: Any) -> Reply:
-            label = self.bounded("secondary_model", model)
-            started, result = clock(), "error"
-            try:
-                reply = await complete(model, messages, **kwargs)
-                result = "ok"
-            except SecondaryError as exc:
-                result = exc.reason
-                raise
-            except asyncio.CancelledError:
-                result = "cancelled"
-                raise
-            finally:
-                self.secondary_calls.labels(secondary_model=label, result=result).inc()
-                self.secondary_latency.labels(secondary_model=label).observe(max(clock() - started, 0.0))
-            books = _BOOKS.get()
-            self.secondary_cost.labels(secondary_model=label, mode=books.mode if books else "unknown").inc(reply.cost_usd)
-            self.secondary_tokens.labels(secondary_model=label, token_type="prompt").inc(reply.prompt_tokens)
-            self.secondary_tokens.labels(secondary_model=label, token_type="completion").inc(reply.output_tokens or 0)
-            return reply
-        return measured
-
-    def refresh_breakers(self, handler: "RelayHandler", models: list[str]) -> None:
-        """Set the breaker gauge of ``models`` from the store: now from this process's own breakers,
-        soon from a shared store (it answers asynchronously)."""
-        if isinstance(handler.store, LocalStore):
-            for model in models:
-                state = handler.store._breaker(model).current_state(handler.clock())
-                self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+    def __init__(self, config: "RelayConfig", client: Any, *, where: str = "redis"):
+        from redis.exceptions import RedisError  # imported only when Redis state is enabled
+
+        self.config = config
+        self.client = client  #: a ``redis.asyncio.Redis`` with ``decode_responses=True``
+        self.prefix = config.redis_prefix
+        self.where = where  #: the server, for log lines (no password)
+        #: what a failing Redis raises
+        self.errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        #: added to the server clock in the breaker scripts: tests move it instead of sleeping
+        self.clock_offset_s = 0.0
+        # at most REDIS_MAX_CONNECTIONS operations in flight: a Cluster's or Sentinel's connection pool
+        # refuses beyond its size instead of waiting, and a burst must wait here, not fail as an outage
+        self._gate = asyncio.Semaphore(REDIS_MAX_CONNECTIONS)
+        self._reserve = self._gated(client.register_script(_LUA_RESERVE))
+        self._adjust = self._gated(client.register_script(_LUA_ADJUST))
+        self._breaker_script = self._gated(client.register_script(_LUA_BREAKER))
+        self._cache_put = self._gated(client.register_script(_LUA_CACHE_PUT))
+        self._get = self._gated(client.get)
+
+    def _gated(self, operation: Callable[..., Any]) -> Callable[..., Any]:
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            async with self._gate:
+                if getattr(self.client, "_initialize", False):
+                    # a Cluster client learns the topology first (again after a node failed); once, not
+                    # from every command of a burst at the same time, which drops connections in use
+                    await self.client.initialize()
+                return await operation(*args, **kwargs)
+        return gated
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.where} prefix={self.prefix!r}>"
+
+    def key(self, kind: str, name: str) -> str:
+        """The Redis key of ``name`` (a budget counter, a model's breaker or a cache entry).
+
+        The ``{...}`` hash tag decides the Cluster slot: what one script touches shares a tag, and
+        different windows, models and cache shards get different ones, so they spread over the nodes.
+        A counter's name ends with its window (``spend:key:<id>:<window>``)."""
+        if kind == "budget":
+            return f"{self.prefix}:{{budget:{name.rsplit(':', 1)[-1]}}}:{name}"
+        if kind == "breaker":
+            return f"{self.prefix}:{{breaker:{name}}}"
+        return f"{self.prefix}:{{cache:{self._cache_shard(name)}}}:{name}"
+
+    def _cache_shard(self, key: str) -> int:
+        return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % self._cache_shards
+
+    @property
+    def _cache_shards(self) -> int:
+        return max(1, min(CACHE_SHARDS, self.config.cache_max_entries // CACHE_SHARD_MIN_ENTRIES))
+
+    # ----- budget -----
+    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
+        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else nothing."""
+        if holds:
+            c = self.config
+            lifetime = _ms(c.budget_window_s + c.deadline_s + COUNTER_GRACE_S)
+            args: list[Any] = [lifetime]
+            for _, limit, amount in holds:
+                args += [repr(float(limit)), repr(float(amount))]
+            if not await self._reserve(keys=[self.key("budget", name) for name, _, _ in holds], args=args):
+                return None
+        return SharedReservation(tuple((name, float(amount)) for name, _, amount in holds))
+
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
+        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
+        await self._change([(name, actual.get(name, held) - held) for name, held in reservation.counters])
+
+    async def release(self, reservation: Reservation) -> None:
+        await self._change([(name, -held) for name, held in reservation.counters])
+
+    async def _change(self, deltas: list[tuple[str, float]]) -> None:
+        deltas = [(name, delta) for name, delta in deltas if delta]
+        if deltas:
+            await self._adjust(keys=[self.key("budget", n) for n, _ in deltas], args=[repr(float(d)) for _, d in deltas])
+
+    async def counter(self, name: str) -> float:
+        return float(await self._get(self.key("budget", name)) or 0.0)
+
+    # ----- breakers -----
+    async def _breaker(self, model: str, op: str, *args: Any) -> Any:
+        c = self.config
+        return await self._breaker_script(
+            keys=[self.key("breaker", model)],
+            args=[round(self.clock_offset_s * 1000), _ms(BREAKER_IDLE_S + c.breaker_cooldown_s),
+                  _ms(c.breaker_cooldown_s), op, *args])
+
+    async def breaker_acquire(self, model: str, now: float) -> str | None:
+        """``"call"``, ``"probe:<token>"`` or None; ``now`` is not used (the server's clock is)."""
+        c = self.config
+        return await self._breaker(model, "acquire", c.breaker_probes, _ms(c.deadline_s + PROBE_LEASE_MARGIN_S),
+                                   secrets.token_hex(8))
+
+    async def breaker_record(self, model: str, permit: str, failed: bool | None, now: float) -> None:
+        """``failed`` None: the call never completed; the permit is given back."""
+        if permit == "call" and failed is None:
             return
+        c = self.config
+        await self._breaker(model, "record", permit, "" if failed is None else str(int(failed)), c.breaker_probes,
+                            c.breaker_window, c.breaker_min_calls, repr(c.breaker_failure_rate))
 
-        async def refresh() -> None:
-            for model in models:
-                with contextlib.suppress(Exception):
-                    state = await handler.store.breaker_state(model, handler.clock())
-                    self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to refresh from
-            asyncio.get_running_loop().create_task(refresh(), name="relay-breaker-gauge")
+    async def breaker_state(self, model: str, now: float) -> str:
+        return await self._breaker(model, "state")
 
-    def track_shadow(self, task: asyncio.Task) -> None:
-        self.shadow_in_flight.inc()
-        task.add_done_callback(lambda _: self.shadow_in_flight.dec())
+    # ----- cache -----
+    async def cache_get(self, key: str, now: float) -> str | None:
+        entry = await self._get(self.key("cache", key))
+        if entry is None:
+            return None
+        expires, _, text = entry.partition("|")
+        return text if float(expires) > now else None
+
+    async def cache_put(self, key: str, text: str, now: float) -> None:
+        ttl = self.config.cache_ttl_s
+        index = f"{self.prefix}:{{cache:{self._cache_shard(key)}}}:index"
+        per_shard = self.config.cache_max_entries // self._cache_shards
+        await self._cache_put(keys=[self.key("cache", key), index],
+                              args=[f"{now + ttl!r}|{text}", _ms(ttl), repr(now), repr(ttl), per_shard])
+
+
+class FailoverStore:
+    """Shared state first; while it fails, ``RELAY_STATE_FAILURE`` decides.
+
+    ``closed``: the operations a relay needs before calling (cache lookup, breaker permit, reservation)
+    raise ``SecondaryError("state_unavailable", skipped=True)``, so the relay is skipped and the client
+    keeps the primary answer (or gets what ``RELAY_FAIL_MODE=closed`` says). ``local``: they use the
+    in-process ``fallback`` store. Either way, what runs after a call (settle, release, breaker record,
+    cache put) never raises: a hold made in Redis that cannot be settled stays counted until its window
+    ends, and a probe permit that cannot be given back expires by itself.
+
+    One ERROR line when an outage starts, one INFO line when Redis answers again. After a failure Redis
+    is not tried for ``retry_s``; redis-py reconnects by itself on the next try.
+    """
+
+    def __init__(self, primary: RedisStore, fallback: LocalStore, *, mode: str, retry_s: float, bound_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.primary, self.fallback, self.mode = primary, fallback, mode
+        self.retry_s = retry_s  #: seconds without trying Redis after a failure
+        self.bound_s = bound_s  #: longest wait on one Redis operation, whatever redis-py does
+        self.clock = clock
+        self.down_since: float | None = None  #: clock time the current outage started, None while up
+        self.outages = 0  #: outages seen, ever
+        self.lost = 0  #: settlements, releases and breaker records that could not reach Redis
+        self._retry_at = 0.0
+        self._lost_before = 0  #: ``lost`` when the current outage started
+        self._announced = False
+        self._failed_at: float | None = None  #: clock time of the last failure (see OUTAGE_MERGE_RETRIES)
+        self._outage_began = 0.0
+
+    def __repr__(self) -> str:
+        state = "up" if self.down_since is None else "down"
+        return f"<FailoverStore {self.primary!r} {state} on_failure={self.mode} outages={self.outages} lost={self.lost}>"
+
+    async def _shared(self, op: str, call: Callable[[], Any]) -> tuple[bool, Any]:
+        """``(True, result)`` of one Redis operation, or ``(False, None)`` when Redis is down."""
+        if self.down_since is not None and self.clock() < self._retry_at:
+            return False, None
+        try:
+            async with asyncio.timeout(self.bound_s):
+                result = await call()
+        except Exception as exc:  # noqa: BLE001 - Redis errors, and what a client raises while a node dies under it
+            failed_before, self._failed_at = self._failed_at, self.clock()
+            self._retry_at = self.clock() + self.retry_s
+            if self.down_since is None and failed_before is not None and \
+                    self.clock() - failed_before <= OUTAGE_MERGE_RETRIES * self.retry_s:
+                self.down_since = self._outage_began  # the same outage goes on: no second ERROR line
+            elif self.down_since is None:
+                self.down_since = self._outage_began = self.clock()
+                self.outages += 1
+                self._lost_before = self.lost
+                log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
+                          "again every %gs.", self.primary.where, scrub_secrets(f"{type(exc).__name__}: {exc}"), op,
+                          "Relays are skipped (RELAY_STATE_FAILURE=closed) until it is back."
+                          if self.mode == "closed" else
+                          "This process uses its own budget, caps, breakers and cache (RELAY_STATE_FAILURE=local) "
+                          "until it is back: caps hold per process meanwhile.", self.retry_s)
+            return False, None
+        if self.down_since is not None:
+            log.info("relay: shared state in Redis (%s) is back after %.1fs (%d settlements or breaker records "
+                     "could not be written meanwhile)", self.primary.where, self.clock() - self.down_since,
+                     self.lost - self._lost_before)
+            self.down_since = None
+        elif not self._announced:
+            log.info("relay: shared state in Redis (%s), key prefix %r", self.primary.where, self.primary.prefix)
+        self._announced = True
+        return True, result
+
+    async def _needed(self, op: str, call: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """What a relay needs before it calls: from Redis, else from ``fallback`` or a skip."""
+        ok, result = await self._shared(op, call)
+        return result if ok else await self._unavailable(op, fallback)
+
+    async def _unavailable(self, op: str, fallback: Callable[[], Any]) -> Any:
+        if self.mode == "local":
+            return await fallback()
+        raise SecondaryError("state_unavailable", f"the shared state in Redis is unavailable ({op}); no cap can be "
+                             "guaranteed (RELAY_STATE_FAILURE=closed)", skipped=True)
+
+    async def _after(self, op: str, call: Callable[[], Any]) -> None:
+        ok, _ = await self._shared(op, call)
+        if not ok:
+            self.lost += 1
+            log.info("relay: %s not written to Redis (unavailable)", op)
+
+    # ----- budget -----
+    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
+        return await self._needed("reserve", lambda: self.primary.reserve(holds), lambda: self.fallback.reserve(holds))
+
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
+        if isinstance(reservation, SharedReservation):
+            await self._after("settle", lambda: self.primary.settle(reservation, actual))
+        else:
+            await self.fallback.settle(reservation, actual)
+
+    async def release(self, reservation: Reservation) -> None:
+        if isinstance(reservation, SharedReservation):
+            await self._after("release", lambda: self.primary.release(reservation))
+        else:
+            await self.fallback.release(reservation)
+
+    async def counter(self, name: str) -> float:
+        return await self._needed("counter", lambda: self.primary.counter(name), lambda: self.fallback.counter(name))
+
+    # ----- breakers: a permit remembers the store that issued it -----
+    async def breaker_acquire(self, model: str, now: float) -> tuple[Any, str] | None:
+        ok, permit = await self._shared("breaker acquire", lambda: self.primary.breaker_acquire(model, now))
+        store: Any = self.primary
+        if not ok:
+            permit = await self._unavailable("breaker acquire", lambda: self.fallback.breaker_acquire(model, now))
+            store = self.fallback
+        return None if permit is None else (store, permit)
+
+    async def breaker_record(self, model: str, permit: tuple[Any, str], failed: bool | None, now: float) -> None:
+        store, inner = permit
+        if store is self.primary:
+            await self._after("breaker record", lambda: self.primary.breaker_record(model, inner, failed, now))
+        else:
+            await self.fallback.breaker_record(model, inner, failed, now)
+
+    async def breaker_state(self, model: str, now: float) -> str:
+        return await self._needed("breaker state", lambda: self.primary.breaker_state(model, now),
+                                  lambda: self.fallback.breaker_state(model, now))
+
+    # ----- cache -----
+    async def cache_get(self, key: str, now: float) -> str | None:
+        return await self._needed("cache lookup", lambda: self.primary.cache_get(key, now),
+                                  lambda: self.fallback.cache_get(key, now))
+
+    async def cache_put(self, key: str, text: str, now: float) -> None:
+        ok, _ = await self._shared("cache write", lambda: self.primary.cache_put(key, text, now))
+        if not ok and self.mode == "local":
+            await self.fallback.cache_put(key, text, now)
+
+
+def _masked_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        return parts._replace(netloc=f"{parts.username or ''}:***@{netloc}").geturl()
+    except ValueError:
+        return "(an unparseable URL)"
+
+
+def redis_url_of(config: "RelayConfig", env: Mapping[str, str]) -> str | None:
+    """The Redis URL of the shared state, or None for in-process state.
+
+    ``RELAY_STATE`` (unset: ``redis`` when ``RELAY_REDIS_URL`` is set), then ``RELAY_REDIS_URL``, else
+    LiteLLM's own ``REDIS_HOST`` / ``REDIS_PORT`` / ``REDIS_PASSWORD``. Raises :class:`ConfigError`.
+    """
+    from urllib.parse import quote, urlsplit
+
+    state = config.state or ("redis" if config.redis_url else "local")
+    if state == "local":
+        return None
+    if config.redis_url:
+        try:
+            scheme = urlsplit(config.redis_url).scheme.lower()
+        except ValueError:
+            scheme = ""
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigError(f"RELAY_REDIS_URL={_masked_url(config.redis_url)!r} is invalid: allowed: a "
+                              "redis://, rediss:// or unix:// URL")
+        return config.redis_url
+    host = (env.get("REDIS_HOST") or "").strip()
+    if not host:
+        raise ConfigError("RELAY_REDIS_URL is missing: allowed: a redis://, rediss:// or unix:// URL, or LiteLLM's "
+                          "REDIS_HOST (with REDIS_PORT, REDIS_PASSWORD), required when RELAY_STATE is redis")
+    port = (env.get("REDIS_PORT") or "").strip() or "6379"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"REDIS_PORT={port!r} is invalid: allowed: a TCP port, 1 to 65535")
+    password = env.get("REDIS_PASSWORD") or ""
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def redis_client(url: str, timeout_s: float) -> Any:
+    """A ``redis.asyncio`` client as the shared state uses it: ``timeout_s`` on connects and replies, one
+    immediate retry on a fresh connection (a pooled one may be dead after a Redis restart) but none
+    after a timeout (that is the failure policy's to handle), at most ``REDIS_MAX_CONNECTIONS``."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=timeout_s, decode_responses=True,
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    return aioredis.Redis.from_pool(pool)
+
+
+@dataclass(frozen=True, repr=False)  # its repr never shows the passwords
+class RedisTarget:
+    """Where the shared state lives: one Redis (``url``), a Redis Cluster (``nodes``: some of its nodes)
+    or the primary that Sentinel names ``service`` (``nodes``: the sentinels)."""
+
+    topology: str  #: "single", "cluster" or "sentinel"
+    url: str | None = None
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None  #: the sentinels' own, if any
+    tls: bool = False
+
+    def __repr__(self) -> str:
+        return f"<RedisTarget {self.where}>"
+
+    @property
+    def where(self) -> str:
+        """The target for messages and logs, without a password."""
+        if self.topology == "single":
+            return _masked_url(self.url or "")
+        nodes = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        scheme = "rediss" if self.tls else "redis"
+        if self.topology == "cluster":
+            return f"{scheme} cluster {nodes}"
+        return f"{scheme} sentinel {nodes} service {self.service}"
+
+
+def _node_list(name: str, raw: str) -> tuple[tuple[tuple[str, int], ...], bool, str | None, str | None]:
+    """``(nodes, tls, username, password)`` of a RELAY_REDIS_CLUSTER_NODES / RELAY_REDIS_SENTINELS value:
+    ``host:port`` entries or ``redis://`` / ``rediss://`` URLs, all with the same scheme and credentials."""
+    from urllib.parse import unquote, urlsplit
+
+    entries = [e.strip() for e in raw.split(",") if e.strip()]
+    nodes, schemes, credentials = [], set(), set()
+    try:
+        for entry in entries:
+            parts = urlsplit(entry if "://" in entry else "redis://" + entry)
+            if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname or parts.port is None:
+                raise ValueError(entry)
+            if parts.path not in ("", "/", "/0"):
+                raise ValueError(entry)  # a Cluster has database 0 only; so has the relay's Sentinel setup
+            nodes.append((parts.hostname, parts.port))
+            schemes.add(parts.scheme.lower())
+            credentials.add((unquote(parts.username) if parts.username else None,
+                             unquote(parts.password) if parts.password is not None else None))
+    except ValueError:
+        nodes = []
+    if not nodes or len(schemes) != 1 or len(credentials) != 1:
+        shown = ",".join(_masked_url(e) if "://" in e else e for e in entries)
+        raise ConfigError(f"{name}={shown!r} is invalid: allowed: comma-separated host:port (or redis:// or "
+                          "rediss:// URLs, all with one scheme and one password)")
+    username, password = credentials.pop()
+    return tuple(nodes), schemes.pop() == "rediss", username, password
+
+
+def _litellm_nodes(name: str, raw: str, shape: str) -> tuple[tuple[str, int], ...]:
+    """LiteLLM's JSON node lists: REDIS_CLUSTER_NODES ``[{"host": h, "port": p}, ...]`` (``shape``
+    "dicts") and REDIS_SENTINEL_NODES ``[[h, p], ...]`` ("pairs")."""
+    try:
+        items = json.loads(raw)
+        nodes = tuple((str(i["host"]), int(i["port"])) if shape == "dicts" else (str(i[0]), int(i[1])) for i in items)
+        if not nodes or not all(h and 0 < p < 65536 for h, p in nodes):
+            raise ValueError
+        return nodes
+    except (ValueError, TypeError, KeyError, IndexError):
+        example = '[{"host": "h", "port": 7000}, ...]' if shape == "dicts" else '[["h", 26379], ...]'
+        raise ConfigError(f"{name} is invalid: allowed: LiteLLM's JSON list {example}") from None
+
+
+def redis_target_of(config: "RelayConfig", env: Mapping[str, str]) -> RedisTarget | None:
+    """Where the shared state lives, or None for in-process state. Raises :class:`ConfigError`.
+
+    The relay's own settings first (one of RELAY_REDIS_URL, RELAY_REDIS_CLUSTER_NODES,
+    RELAY_REDIS_SENTINELS); with ``RELAY_STATE=redis`` and none of them, LiteLLM's: REDIS_CLUSTER_NODES,
+    then REDIS_SENTINEL_NODES with REDIS_SERVICE_NAME, then REDIS_HOST (see :func:`redis_url_of`).
+    """
+    own = [(n, v) for n, v in (("RELAY_REDIS_URL", config.redis_url), ("RELAY_REDIS_CLUSTER_NODES", config.redis_cluster_nodes),
+                               ("RELAY_REDIS_SENTINELS", config.redis_sentinels)) if v]
+    state = config.state or ("redis" if own else "local")
+    if state == "local":
+        return None
+    if len(own) > 1:
+        raise ConfigError(f"{own[1][0]} is invalid together with {own[0][0]}: allowed: one of RELAY_REDIS_URL, "
+                          "RELAY_REDIS_CLUSTER_NODES and RELAY_REDIS_SENTINELS")
+    service = config.redis_sentinel_service or (env.get("REDIS_SERVICE_NAME") or "").strip() or None
+    if own and own[0][0] == "RELAY_REDIS_CLUSTER_NODES":
+        nodes, tls, username, password = _node_list(own[0][0], own[0][1])
+        target = RedisTarget("cluster", nodes=nodes, username=username, password=password, tls=tls)
+    elif own and own[0][0] == "RELAY_REDIS_SENTINELS":
+        nodes, tls, username, password = _node_list(own[0][0], own[0][1])
+        target = RedisTarget("sentinel", nodes=nodes, service=service, username=username, password=password,
+                             sentinel_password=password, tls=tls)
+    elif own or not (env.get("REDIS_CLUSTER_NODES") or env.get("REDIS_SENTINEL_NODES") or "").strip():
+        if config.redis_sentinel_service:
+            raise ConfigError("RELAY_REDIS_SENTINELS is missing: allowed: comma-separated host:port of the "
+                              "sentinels, required when RELAY_REDIS_SENTINEL_SERVICE is set")
+        return RedisTarget("single", url=redis_url_of(replace(config, state="redis"), env))
+    else:
+        credentials = {"username": env.get("REDIS_USERNAME") or None, "password": env.get("REDIS_PASSWORD") or None,
+                       "tls": (env.get("REDIS_SSL") or "").strip().lower() == "true"}
+        if (env.get("REDIS_CLUSTER_NODES") or "").strip():
+            target = RedisTarget("cluster", nodes=_litellm_nodes("REDIS_CLUSTER_NODES", env["REDIS_CLUSTER_NODES"], "dicts"),
+                                 **credentials)
+        else:
+            target = RedisTarget("sentinel", nodes=_litellm_nodes("REDIS_SENTINEL_NODES", env["REDIS_SENTINEL_NODES"], "pairs"),
+                                 service=service, sentinel_password=env.get("REDIS_SENTINEL_PASSWORD") or None, **credentials)
+    if target.topology == "sentinel" and not target.service:
+        raise ConfigError("RELAY_REDIS_SENTINEL_SERVICE is missing: allowed: the name of the primary the sentinels "
+                          "monitor (or LiteLLM's REDIS_SERVICE_NAME), required with Redis Sentinel")
+    if target.topology == "cluster" and ("{" in config.redis_prefix or "}" in config.redis_prefix):
+        raise ConfigError(f"RELAY_REDIS_PREFIX={config.redis_prefix!r} is invalid: allowed: a prefix without "
+                          "{ or } on Redis Cluster (they would change the hash slots of the keys)")
+    return target
+
+
+def redis_cluster_client(target: RedisTarget, timeout_s: float) -> Any:
+    """A ``redis.asyncio.RedisCluster`` for the shared state. It follows MOVED redirects and a failover
+    by itself (a new topology is fetched after a node fails), but does not retry a failed command on
+    its own: a script that timed out may have run, and running a settle twice would undercount."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes], username=target.username,
+        password=target.password, ssl=target.tls, decode_responses=True, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0), max_connections=REDIS_MAX_CONNECTIONS_PER_NODE)
+
+
+def redis_sentinel_client(target: RedisTarget, timeout_s: float) -> Any:
+    """A ``redis.asyncio.Redis`` on the primary that the sentinels name: each new connection asks them,
+    and a connection to a primary that was demoted (READONLY) is dropped, so a failover is followed."""
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, "ssl": target.tls}
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**timeouts, "password": target.sentinel_password,
+                                                             "username": target.username if target.sentinel_password else None})
+    return sentinel.master_for(
+        target.service, decode_responses=True, username=target.username, password=target.password,
+        max_connections=REDIS_MAX_CONNECTIONS_PER_NODE, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        **timeouts)
+
+
+def make_store(config: "RelayConfig", env: Mapping[str, str] = os.environ) -> "LocalStore | FailoverStore":
+    """The store the handler uses: LocalStore, or Redis (RELAY_STATE=redis) with LocalStore as the fallback.
+
+    ``redis`` is imported here, only when Redis state is enabled. Raises :class:`ConfigError`.
+    """
+    local = LocalStore(config)
+    target = redis_target_of(config, env)
+    if target is None:
+        return local
+    try:
+        import redis.asyncio  # noqa: F401 - the check; redis_client imports what it uses
+    except ImportError:
+        raise ConfigError("RELAY_STATE=redis is invalid here: allowed: only where the redis package is installed "
+                          "(pip install redis)") from None
+    timeout_s = config.redis_timeout_s
+    if target.topology == "cluster":
+        client = redis_cluster_client(target, timeout_s)
+    elif target.topology == "sentinel":
+        client = redis_sentinel_client(target, timeout_s)
+    else:
+        client = redis_client(target.url or "", timeout_s)
+    primary = RedisStore(config, client, where=target.where)
+    # the whole operation is bounded, whatever the client does inside (reconnects, redirects, a new topology)
+    return FailoverStore(primary, local, mode=config.state_failure, retry_s=config.redis_retry_s, bound_s=timeout_s)
+
+
+def _load_store(config: "RelayConfig") -> "LocalStore | FailoverStore":
+    try:
+        return make_store(config)
+    except ConfigError as exc:
+        print(f"relay_plugin: invalid configuration: {exc}", file=sys.stderr, flush=True)
+        if "litellm.proxy.proxy_server" in sys.modules:
+            os._exit(2)  # inside the proxy: stop now, with the one line above and no traceback
+        raise SystemExit(2) from None
 
 
 # =================================================================================================
-# The ready instance: what `callbacks: relay_plugin.proxy_handler_instance` loads
+# The instance: what `callbacks: relay_plugin.proxy_handler_instance` loads, built on first access
 # =================================================================================================
 
 
