@@ -260,7 +260,7 @@ class _Var:
     parse: Callable[[str], Any]
     default: Any
     doc: str
-    plan: bool = False  #: part of the per-model / per-request Plan (overridable)
+    overridable: bool = False  #: part of the Plan: a model's relay: block or a request may change it
 
 
 DEFAULT_GUARD_POLICY: Final = (
@@ -269,11 +269,11 @@ DEFAULT_GUARD_POLICY: Final = (
 )
 DEFAULT_GUARD_MESSAGE: Final = "I can't help with that request."
 
-#: One row per variable, in README order. ``plan=True`` rows may be overridden per model and request.
+#: One row per variable, in README order. ``overridable=True`` rows may be overridden per model and request.
 VARIABLES: Final[tuple[_Var, ...]] = (
-    _Var("ENABLED", _parse_bool, True, "Master switch. `false`: the hooks return at once, nothing is added.", plan=True),
-    _Var("MODE", _choice(*MODES), "refine", "What the secondary does: " + ", ".join(MODES) + ".", plan=True),
-    _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", plan=True),
+    _Var("ENABLED", _parse_bool, True, "Master switch. `false`: the hooks return at once, nothing is added.", overridable=True),
+    _Var("MODE", _choice(*MODES), "refine", "What the secondary does: " + ", ".join(MODES) + ".", overridable=True),
+    _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", overridable=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
     _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
     _Var("SIGNING_SECRET", _secret, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it. At least 32 random characters."),
@@ -284,7 +284,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("SECONDARY_MAX_TOKENS", _number(int, 1, 1_000_000), 1024, "Explicit output limit of every secondary call."),
     _Var("TIMEOUT_S", _number(float, 0.01, 3600), 20.0, "Bound of each secondary call, in seconds."),
     _Var("DEADLINE_S", _number(float, 0.01, 3600), 45.0, "Bound of all relay work for one request (fan-out and escalation included), in seconds."),
-    _Var("FAIL_MODE", _choice("open", "closed"), "open", "`open`: a failed or skipped relay returns the primary answer unchanged. `closed`: guard blocks what it could not judge; other modes answer 503 naming the reason.", plan=True),
+    _Var("FAIL_MODE", _choice("open", "closed"), "open", "`open`: a failed or skipped relay returns the primary answer unchanged. `closed`: guard blocks what it could not judge; other modes answer 503 naming the reason.", overridable=True),
     _Var("RETRIES", _number(int, 0, 10), 1, "Retries of a secondary call after a retryable error (429, 5xx, connection, timeout), with full-jitter exponential backoff, honouring `Retry-After`, never past the deadline."),
     _Var("RETRY_BASE_S", _number(float, 0.001, 60), 0.25, "First backoff step of the retries, in seconds (doubles each retry)."),
     _Var("RETRY_MAX_S", _number(float, 0.001, 600), 4.0, "Longest single backoff, in seconds."),
@@ -301,19 +301,19 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("ALLOW_UNPRICED", _parse_bool, False, "With a USD cap set, allow secondaries whose price is unknown (they reserve and settle 0). Otherwise they are `skipped:unpriced`."),
     _Var("CACHE_TTL_S", _number(float, 0, 30 * 86400), 0.0, "Reuse an identical secondary result (same model, instructions, conversation and answer) for this long; 0 turns the cache off."),
     _Var("CACHE_MAX_ENTRIES", _number(int, 1, 10_000_000), 2048, "Bound on the number of cached secondary results."),
-    _Var("GUARD_POLICY", _text, DEFAULT_GUARD_POLICY, "Policy the guard judges against.", plan=True),
-    _Var("GUARD_MESSAGE", _text, DEFAULT_GUARD_MESSAGE, "Refusal text that replaces a blocked answer.", plan=True),
-    _Var("GUARD_ACTION", _choice("replace", "error"), "replace", "`replace`: refusal with `finish_reason: content_filter`; `error`: HTTP 400 naming the reason.", plan=True),
-    _Var("ANNOTATE_TARGET", _choice("body", "append"), "body", "`body`: analysis in a top-level `relay` object; `append`: analysis appended to the answer text.", plan=True),
-    _Var("ESCALATE_MODEL", _model, None, "Premium model that answers when the judge's score is below the threshold. Required for `escalate`.", plan=True),
-    _Var("ESCALATE_THRESHOLD", _number(float, 0, 10), 7.0, "Judge score (0-10) below which the request escalates.", plan=True),
+    _Var("GUARD_POLICY", _text, DEFAULT_GUARD_POLICY, "Policy the guard judges against.", overridable=True),
+    _Var("GUARD_MESSAGE", _text, DEFAULT_GUARD_MESSAGE, "Refusal text that replaces a blocked answer.", overridable=True),
+    _Var("GUARD_ACTION", _choice("replace", "error"), "replace", "`replace`: refusal with `finish_reason: content_filter`; `error`: HTTP 400 naming the reason.", overridable=True),
+    _Var("ANNOTATE_TARGET", _choice("body", "append"), "body", "`body`: analysis in a top-level `relay` object; `append`: analysis appended to the answer text.", overridable=True),
+    _Var("ESCALATE_MODEL", _model, None, "Premium model that answers when the judge's score is below the threshold. Required for `escalate`.", overridable=True),
+    _Var("ESCALATE_THRESHOLD", _number(float, 0, 10), 7.0, "Judge score (0-10) below which the request escalates.", overridable=True),
     _Var("JUDGE_FORMAT", _choice("auto", "schema", "prompt"), "auto", "How guard verdicts and escalate scores are asked for: `schema` requests structured output (a JSON schema as `response_format`, which litellm translates for each provider); `prompt` only the instructions (everywhere); `auto` uses `schema` where the secondary supports it (litellm's `supports_response_schema` for the model, or its deployment's `model_info.supports_response_schema`). A deployment's `model_info.relay_judge_format` (`schema`, `json_object` or `prompt`) beats both `auto` and `schema` (`json_object`: the `{\"type\": \"json_object\", \"schema\": ...}` form of llama-cpp-python's server). Replies are parsed just as strictly either way."),
-    _Var("CONSENSUS_MODELS", _model_list, (), "Comma-separated models that answer concurrently in `consensus`. Required for `consensus`.", plan=True),
-    _Var("SAMPLE_RATE", _number(float, 0, 1), 1.0, "Fraction of eligible requests relayed in `shadow` mode.", plan=True),
+    _Var("CONSENSUS_MODELS", _model_list, (), "Comma-separated models that answer concurrently in `consensus`. Required for `consensus`.", overridable=True),
+    _Var("SAMPLE_RATE", _number(float, 0, 1), 1.0, "Fraction of eligible requests relayed in `shadow` mode.", overridable=True),
     _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1, 100_000), 32, "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
-    _Var("REFINE_PROMPT", _text, None, "Replaces the refine instructions (the delimiters and data rule are always added).", plan=True),
-    _Var("ANNOTATE_PROMPT", _text, None, "Replaces the annotate/shadow instructions.", plan=True),
-    _Var("STREAM_GUARD", _choice("buffer", "window"), "buffer", "Guard on streams: `buffer` holds the whole answer until judged; `window` judges and releases it window by window.", plan=True),
+    _Var("REFINE_PROMPT", _text, None, "Replaces the refine instructions (the delimiters and data rule are always added).", overridable=True),
+    _Var("ANNOTATE_PROMPT", _text, None, "Replaces the annotate/shadow instructions.", overridable=True),
+    _Var("STREAM_GUARD", _choice("buffer", "window"), "buffer", "Guard on streams: `buffer` holds the whole answer until judged; `window` judges and releases it window by window.", overridable=True),
     _Var("STREAM_WINDOW_CHARS", _number(int, 1, 1_000_000), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
     _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
     _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
@@ -428,8 +428,8 @@ class Plan:
         for key, raw in block.items():
             # ASCII names only: str.upper() maps e.g. U+017F onto "S", so a look-alike key must not match
             var = _BY_NAME.get(key.upper()) if isinstance(key, str) and key.isascii() else None
-            if var is None or not var.plan:
-                allowed = ", ".join(sorted(v.name.lower() for v in VARIABLES if v.plan))
+            if var is None or not var.overridable:
+                allowed = ", ".join(sorted(v.name.lower() for v in VARIABLES if v.overridable))
                 raise ConfigError(f"{where(ascii(key).strip(chr(39)))} is not a relay setting: allowed: {allowed}")
             if raw is not None:  # null (YAML `key:` or JSON null) leaves the setting as it is
                 changes[var.name.lower()] = _parse_value(var, raw, where(var.name.lower()))
@@ -536,7 +536,7 @@ def env_table() -> str:
         shown = "(unset)" if default in (None, "") else f"`{default}`"
         if var.name == "GUARD_POLICY":
             shown = "a general safety policy"
-        rows.append(f"| `RELAY_{var.name}` | {shown} | {'yes' if var.plan else 'no'} | {var.doc} |")
+        rows.append(f"| `RELAY_{var.name}` | {shown} | {'yes' if var.overridable else 'no'} | {var.doc} |")
     return "\n".join(rows)
 
 
@@ -565,7 +565,7 @@ def _proxy_router() -> Any:
     return getattr(module, "llm_router", None) if module is not None else None
 
 
-def _bucket(data: Mapping[str, Any]) -> dict:
+def _proxy_metadata(data: Mapping[str, Any]) -> dict:
     """The proxy's internal metadata dict: ``litellm_metadata`` on messages/responses, else ``metadata``."""
     bucket = data.get("litellm_metadata")
     if isinstance(bucket, dict):
@@ -1557,7 +1557,8 @@ class Outcome:
     """What the relay did for one request; becomes the x-relay-* headers and the ``relay`` object."""
 
     mode: str
-    outcome: str
+    #: relayed | modified | blocked | escalated | skipped:<reason> | failed:<reason>
+    result: str
     models: list[str]
     latency_ms: float = 0.0
     cost_usd: float = 0.0
@@ -1574,7 +1575,7 @@ class Outcome:
     def headers(self) -> dict[str, str]:
         headers = {
             "x-relay-mode": self.mode,
-            "x-relay-outcome": self.outcome,
+            "x-relay-outcome": self.result,
             "x-relay-secondary-model": ",".join(self.models) or "none",
             "x-relay-latency-ms": f"{self.latency_ms:.1f}",
             "x-relay-cost-usd": usd(self.cost_usd),
@@ -1592,7 +1593,7 @@ class Outcome:
     def as_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
-            "outcome": self.outcome,
+            "outcome": self.result,
             "secondary_model": self.models,
             "latency_ms": round(self.latency_ms, 1),
             "cost_usd": self.cost_usd,
@@ -1741,7 +1742,7 @@ class CallerBooks:
     def of(cls, data: Mapping[str, Any], config: "RelayConfig", mode: str) -> "CallerBooks":
         if config.spend_attribution != "caller":
             return cls(mode, False, {}, {})
-        bucket = _bucket(data)
+        bucket = _proxy_metadata(data)
         identity = {k: bucket[k] for k in _IDENTITY_KEYS if bucket.get(k) is not None}
         trace = {k: data[k] for k in _TRACE_KWARGS if isinstance(data.get(k), str) and data[k]}
         budgets = []
@@ -1872,12 +1873,12 @@ class RelayMetrics:
         return value
 
     def request(self, handler: "RelayHandler", data: Mapping[str, Any], outcome: "Outcome") -> None:
-        kind, _, reason = outcome.outcome.partition(":")
+        kind, _, reason = outcome.result.partition(":")
         self.requests.labels(mode=outcome.mode, outcome=kind, reason=reason,
                              requested_model=self.bounded("requested_model", str(data.get("model") or ""))).inc()
         if outcome.models and outcome.mode != "shadow":
             self.added_latency.labels(mode=outcome.mode).observe(outcome.latency_ms / 1000)
-        if outcome.outcome == "skipped:budget":
+        if outcome.result == "skipped:budget":
             self.budget_refusals.labels(scope="relay").inc()
         if outcome.cache:
             self.cache_requests.labels(result=outcome.cache).inc()
@@ -2419,7 +2420,7 @@ async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
     text = _final_text(data, prepared, reply.text)
     if text.strip() != surface.get_text().strip():
         surface.set_text(text)
-        run.outcome.outcome = "modified"
+        run.outcome.result = "modified"
 
 
 def guard_windows(text: str, size: int) -> list[str]:
@@ -2460,7 +2461,7 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
         if verdict == "block":
             break
     if verdict == "block":
-        run.outcome.outcome, run.outcome.reason = "blocked", reason or "blocked by policy"
+        run.outcome.result, run.outcome.reason = "blocked", reason or "blocked by policy"
         if plan.guard_action == "error":
             raise RelayRejected(400, f"relay guard blocked the answer: {run.outcome.reason}", run.outcome)
         _block(plan, surface, run.outcome)
@@ -2485,7 +2486,7 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
     analysis = prepared.restore(reply.text, strict=False)  # a review, not the answer: a stray mask may stay
     if plan.annotate_target == "append" and not _structured_output(data):
         surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{analysis}")
-        run.outcome.outcome = "modified"
+        run.outcome.result = "modified"
     else:  # text after a JSON answer would break it: a structured answer gets its analysis in the body
         run.analysis = analysis
 
@@ -2503,7 +2504,7 @@ async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     premium = await run.call(plan.escalate_model, prepared.turns, key=("answer", prepared.turns), final=True,
                              live=_live(data, prepared))
     surface.set_text(_final_text(data, prepared, premium.text))
-    run.outcome.outcome = "escalated"
+    run.outcome.result = "escalated"
 
 
 async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
@@ -2526,7 +2527,7 @@ async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
     merged = await run.call(plan.secondary_model, review_messages(MERGE_INSTRUCTIONS, prepared, candidates),
                             key=(MERGE_INSTRUCTIONS, prepared.turns, candidates), final=True, live=_live(data, prepared))
     surface.set_text(_final_text(data, prepared, merged.text))
-    run.outcome.outcome = "modified"
+    run.outcome.result = "modified"
     if failures:
         run.outcome.reason = "members failed: " + "; ".join(failures)
 
@@ -2632,7 +2633,7 @@ class RelayHandler(CustomLogger):
     ) -> dict[str, str] | None:
         if not self.config.plan.enabled:
             return None
-        bucket = _bucket(data)
+        bucket = _proxy_metadata(data)
         outcome = bucket.get(_RESULT_KEY)
         outcome = outcome if isinstance(outcome, Outcome) else None  # only the relay's own, never a client's
         if outcome is None and response is not None and data.get("stream"):
@@ -2650,11 +2651,11 @@ class RelayHandler(CustomLogger):
             async for chunk in response:
                 yield chunk
             return
-        decision = _bucket(request_data).pop(_STREAM_KEY, None)
+        decision = _proxy_metadata(request_data).pop(_STREAM_KEY, None)
         plan, outcome, depth = decision if isinstance(decision, tuple) else self._decide(request_data)
         if plan is None:
             self._record(request_data, outcome)
-            if outcome.outcome == "failed:model_config":
+            if outcome.result == "failed:model_config":
                 raise _http_error(503, _MODEL_CONFIG_REFUSAL)
             async for chunk in response:
                 yield chunk
@@ -2667,8 +2668,8 @@ class RelayHandler(CustomLogger):
                     yield chunk
             finished = True
         finally:
-            if not finished and outcome.outcome in ("relayed", "pending"):
-                outcome.outcome = "failed:client_disconnected"
+            if not finished and outcome.result in ("relayed", "pending"):
+                outcome.result = "failed:client_disconnected"
             self._record(request_data, outcome)
 
     def _check_client_models(self, block: Mapping[str, Any]) -> None:
@@ -2696,18 +2697,18 @@ class RelayHandler(CustomLogger):
         this process's random token in the request's own metadata: a client can neither set it (it is
         not a value a client can know, and client copies are stripped) nor share it between requests,
         as it could a ``litellm_call_id``."""
-        bucket = _bucket(data)
+        bucket = _proxy_metadata(data)
         if bucket.get(_SEEN_KEY) == self._seen_token:
             return False
         bucket[_SEEN_KEY] = self._seen_token
         return True
 
     def _record(self, data: dict, outcome: Outcome) -> None:
-        self.stats[outcome.outcome] += 1
-        _bucket(data)[_RESULT_KEY] = outcome
+        self.stats[outcome.result] += 1
+        _proxy_metadata(data)[_RESULT_KEY] = outcome
         if self.metrics is not None:
             self.metrics.request(self, data, outcome)
-        log.info("relay %s outcome=%s models=%s latency_ms=%.1f cost_usd=%s%s", outcome.mode, outcome.outcome,
+        log.info("relay %s outcome=%s models=%s latency_ms=%.1f cost_usd=%s%s", outcome.mode, outcome.result,
                  ",".join(outcome.models), outcome.latency_ms, usd(outcome.cost_usd),
                  f" reason={_header_safe(outcome.reason)}" if outcome.reason else "")
 
@@ -2715,7 +2716,7 @@ class RelayHandler(CustomLogger):
 
     def plan_for(self, data: Mapping[str, Any]) -> tuple["Plan | None", str, str]:
         """``(plan, skip_reason, override_note)`` for one request: env, then model_info, then client."""
-        bucket = _bucket(data)
+        bucket = _proxy_metadata(data)
         plan = self.config.plan
         model_block = _deployment_relay_block(bucket.get("model_info") or {})
         if model_block is not None:
@@ -2802,7 +2803,7 @@ class RelayHandler(CustomLogger):
     async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> "Outcome":
         plan, outcome, depth = self._decide(data)
         if plan is None:
-            if outcome.outcome == "failed:model_config":
+            if outcome.result == "failed:model_config":
                 raise RelayRejected(503, _MODEL_CONFIG_REFUSAL, outcome)
             return outcome
         surface = Surface(response)
@@ -2810,7 +2811,7 @@ class RelayHandler(CustomLogger):
             await self._execute(_Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), data, surface)
             return outcome
         if surface.skip:
-            outcome.outcome = f"skipped:{surface.skip}"
+            outcome.result = f"skipped:{surface.skip}"
             return outcome
         if plan.mode == "shadow":
             with _caller_books(data, self.config, "shadow"):
@@ -2826,7 +2827,7 @@ class RelayHandler(CustomLogger):
         if plan.mode in REPLACING_MODES:
             skip = replace_skip(data, run.prepared(data, surface))
             if skip is not None:  # the request does not suit the mode, like a tool call: no fail policy
-                outcome.outcome, outcome.reason = f"skipped:{skip[0]}", skip[1]
+                outcome.result, outcome.reason = f"skipped:{skip[0]}", skip[1]
                 return
         token = _IN_RELAY.set(True)
         books = _BOOKS.set(CallerBooks.of(data, self.config, plan.mode))
@@ -2838,7 +2839,7 @@ class RelayHandler(CustomLogger):
                 kind, reason, detail = ("skipped" if exc.skipped else "failed"), exc.reason, exc.detail
             else:
                 kind, reason, detail = "failed", "timeout", f"relay deadline of {self.config.deadline_s:g}s passed"
-            outcome.outcome, outcome.reason = f"{kind}:{reason}", scrub_secrets(
+            outcome.result, outcome.reason = f"{kind}:{reason}", scrub_secrets(
                 (exc.public if isinstance(exc, SecondaryError) else None) or detail or reason)
             # a refusal (breaker open, budget spent) is the guard working, on every request while it
             # lasts: not worth a warning each time; the header and the outcome counters say it
@@ -2857,18 +2858,18 @@ class RelayHandler(CustomLogger):
         if plan.fail_mode == "open":
             return
         if plan.mode == "guard" and plan.guard_action == "replace" and getattr(surface, "refusable", True):
-            outcome.outcome = "blocked"
+            outcome.result = "blocked"
             outcome.reason = f"unjudged ({outcome.reason}); fail-closed"
             _block(plan, surface, outcome)
             return
-        raise RelayRejected(503, f"relay {plan.mode} failed ({outcome.outcome}): {outcome.reason}; fail-closed", outcome)
+        raise RelayRejected(503, f"relay {plan.mode} failed ({outcome.result}): {outcome.reason}; fail-closed", outcome)
 
     def _start_shadow(self, plan: Plan, prepared: Prepared, outcome: "Outcome", depth: int, key_id: str | None) -> "Outcome":
         if self._rng.random() >= plan.sample_rate:
-            outcome.outcome = "skipped:sampled_out"
+            outcome.result = "skipped:sampled_out"
             return outcome
         if len(self._shadow_tasks) >= self.config.shadow_max_in_flight:
-            outcome.outcome = "skipped:shadow_busy"
+            outcome.result = "skipped:shadow_busy"
             return outcome
         outcome.models = [plan.secondary_model]
         task = asyncio.create_task(self._shadow(plan, prepared, depth, key_id), name="relay-shadow")
@@ -3442,7 +3443,7 @@ class StreamRelay:
             yield chunk
         text = "".join(texts)
         if skip or not text:
-            self.outcome.outcome = f"skipped:{skip or 'no_text'}"
+            self.outcome.result = f"skipped:{skip or 'no_text'}"
             for chunk in self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail:
                 yield chunk
             return
@@ -3480,7 +3481,7 @@ class StreamRelay:
                     yield chunk
             return
         if skip or not text:
-            self.outcome.outcome = f"skipped:{skip or 'no_text'}"
+            self.outcome.result = f"skipped:{skip or 'no_text'}"
             for chunk in body + (self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail):
                 yield chunk
             return
@@ -3554,7 +3555,7 @@ class StreamRelay:
                     yield out
             return
         if not released and not pending:
-            self.outcome.outcome = "skipped:no_text"
+            self.outcome.result = "skipped:no_text"
         for chunk in held:
             yield chunk
         for chunk in self.fmt.close(tail, released + pending, False, self.relay_object(surface)) if self.fmt else tail:
@@ -3567,9 +3568,9 @@ class StreamRelay:
         the fail policy."""
         answers = self.fmt.readable(chunks) if self.fmt is not None else None
         if answers is None:
-            self.outcome.outcome = "skipped:unsupported_response"
+            self.outcome.result = "skipped:unsupported_response"
             if self.plan.fail_mode == "closed":
-                self.outcome.outcome, self.outcome.reason = "blocked", "unjudged (unsupported stream); fail-closed"
+                self.outcome.result, self.outcome.reason = "blocked", "unjudged (unsupported stream); fail-closed"
                 raise _http_error(503, "relay guard cannot judge this stream; fail-closed")
             for chunk in chunks:
                 yield chunk
@@ -3579,7 +3580,7 @@ class StreamRelay:
         surface = StreamSurface(released)
         surface.units = [a for a in answers if a] or [""]
         if not any(answers):
-            self.outcome.outcome = "skipped:no_text"
+            self.outcome.result = "skipped:no_text"
             for chunk in self.fmt.finish(chunks, self.relay_object(surface)):
                 yield chunk
             return
@@ -3598,13 +3599,13 @@ class StreamRelay:
     async def _judge(self, surface: StreamSurface, text: str, template: Any) -> Any:
         """Judge ``text`` (the whole answer so far); ``surface.filtered`` tells the verdict. Yields heartbeats.
         A failure to judge one window sticks to the outcome even when a later window is judged."""
-        before = self.outcome.outcome
+        before = self.outcome.result
         surface.text = surface.original = text
         async with contextlib.aclosing(self._execute(surface, template)) as inner:
             async for beat in inner:
                 yield beat
-        if before.startswith(("failed:", "skipped:")) and self.outcome.outcome == "relayed":
-            self.outcome.outcome = before
+        if before.startswith(("failed:", "skipped:")) and self.outcome.result == "relayed":
+            self.outcome.result = before
 
     async def _refuse(self, template: Any, released: str, surface: StreamSurface, upstream: Any, tail: list | None = None) -> Any:
         """The guard blocked: stop reading the primary, send the refusal and a content-filter end."""
@@ -3661,7 +3662,7 @@ class StreamRelay:
         except RelayRejected as rejected:
             if self.plan.mode != "guard":  # fail-closed: the status line is gone, end the stream with an error
                 raise _http_error(rejected.status, rejected.message) from None
-            self.outcome.outcome = "blocked"
+            self.outcome.result = "blocked"
             _block(self.plan, surface, self.outcome)  # guard_action=error cannot be a 400 any more
 
     def _synthetic_end(self, template: Any) -> list:

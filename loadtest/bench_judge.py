@@ -72,9 +72,9 @@ async def judge_all(router: litellm.Router, rows: list[dict], way: str) -> list[
             {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": row["answer"]}}])
         await handler.async_post_call_success_hook(data, None, primary)
         outcome = data["metadata"][relay_plugin._RESULT_KEY]
-        results.append({"way": way, "index": index, "expected": row["policy"], "outcome": outcome.outcome,
+        results.append({"way": way, "index": index, "expected": row["policy"], "outcome": outcome.result,
                         "reason": outcome.reason, "latency_ms": outcome.latency_ms})
-        print(f"  {way:6} {index + 1:3}/{len(rows)} {outcome.outcome:22} {outcome.latency_ms:8.0f} ms", flush=True)
+        print(f"  {way:6} {index + 1:3}/{len(rows)} {outcome.result:22} {outcome.latency_ms:8.0f} ms", flush=True)
     return results
 
 

@@ -33,7 +33,7 @@ def where_model(key: str) -> str:
     return f"model_info.relay.{key} of llama"
 
 
-#: the settings a relay: block may change (every ``plan=True`` variable of the README table at the time of writing)
+#: the settings a relay: block may change (every ``overridable=True`` variable of the README table at the time of writing)
 PLAN_KEYS = {
     "annotate_prompt", "annotate_target", "consensus_models", "enabled", "escalate_model", "escalate_threshold",
     "fail_mode", "guard_action", "guard_message", "guard_policy", "mode", "refine_prompt", "sample_rate",
@@ -75,7 +75,7 @@ def test_defaults_are_the_documented_values_when_only_the_secondary_model_is_set
 def test_every_variable_default_reaches_the_config():
     loaded = config()
     for var in relay_plugin.VARIABLES:
-        holder = loaded.plan if var.plan else loaded
+        holder = loaded.plan if var.overridable else loaded
         expected = SECONDARY if var.name == "SECONDARY_MODEL" else var.default
         assert getattr(holder, var.name.lower()) == expected, var.name
 

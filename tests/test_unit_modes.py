@@ -165,7 +165,7 @@ async def rejected(handler: RelayHandler, data: dict, response) -> HTTPException
 
 
 def outcome_of(data: dict):
-    return relay_plugin._bucket(data).get("relay_result")
+    return relay_plugin._proxy_metadata(data).get("relay_result")
 
 
 def core(headers: dict) -> dict:
@@ -201,7 +201,7 @@ async def test_refine_replaces_the_chat_answer_and_reports_the_secondary_and_its
     assert response.choices[0].finish_reason == "stop"
     assert core(headers) == expect("refine", "modified", SEC, 0.0012)
     assert "x-relay-reason" not in headers
-    assert outcome_of(data).outcome == "modified"
+    assert outcome_of(data).result == "modified"
     assert handler.stats["modified"] == 1
     (call,) = fake.calls
     assert (call.model, call.max_tokens, call.timeout, call.depth) == (SEC, 321, 7.0, 1)
@@ -253,7 +253,7 @@ async def test_refine_rewrites_an_anthropic_message_and_records_in_litellm_metad
     assert response["content"] == [{"type": "text", "text": REFINED}]
     assert response["stop_reason"] == "end_turn"
     assert core(headers) == expect("refine", "modified", SEC, 0.0012)
-    assert data["litellm_metadata"]["relay_result"].outcome == "modified"
+    assert data["litellm_metadata"]["relay_result"].result == "modified"
     assert fenced(fake.calls[0].messages, "conversation") == f"[system]\nAnswer briefly.\n\n[user]\n{QUESTION}"
     assert fenced(fake.calls[0].messages) == PRIMARY
 
@@ -265,7 +265,7 @@ async def test_refine_rewrites_a_responses_api_answer():
     assert output_texts(response) == [REFINED]
     assert response.status == "completed"
     assert core(headers) == expect("refine", "modified", SEC, 0.0012)
-    assert data["litellm_metadata"]["relay_result"].outcome == "modified"
+    assert data["litellm_metadata"]["relay_result"].result == "modified"
     assert fenced(fake.calls[0].messages) == PRIMARY
 
 
@@ -382,7 +382,7 @@ async def test_guard_error_action_turns_a_block_into_http_400_naming_the_reason(
     error = await rejected(handler, data, response)
     assert (error.status_code, error.detail) == (400, "relay guard blocked the answer: weapons instructions")
     assert core(error.headers) == expect("guard", "blocked", SEC, 0.0012)
-    assert outcome_of(data).outcome == "blocked"
+    assert outcome_of(data).result == "blocked"
     assert core(await handler.async_post_call_response_headers_hook(data, None, response)) == core(error.headers)
 
 
@@ -661,7 +661,7 @@ async def test_a_failed_refine_fails_closed_with_http_503_naming_the_reason():
     assert error.status_code == 503
     assert error.detail == "relay refine failed (failed:provider_rejected): 400 context too long; fail-closed"
     assert core(error.headers) == expect("refine", "failed:provider_rejected", SEC, 0.0)
-    assert outcome_of(data).outcome == "failed:provider_rejected"
+    assert outcome_of(data).result == "failed:provider_rejected"
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ async def relay(handler: RelayHandler, answer: str = "primary", *, key: str | No
     response = response if response is not None else primary_response(answer)
     user = SimpleNamespace(api_key=key)
     await handler.async_post_call_success_hook(data, user, response)
-    return relay_plugin._bucket(data)["relay_result"], response
+    return relay_plugin._proxy_metadata(data)["relay_result"], response
 
 
 async def until(condition, limit: int = 10_000) -> None:
@@ -381,7 +381,7 @@ async def test_a_half_open_breaker_lets_exactly_the_configured_probes_reach_the_
     assert len(fake.calls) == 3  # all fifty are in flight together; three of them reached the fake
     assert handler.store.breakers[MODEL].probes_in_flight == 3
     gate.set()
-    outcomes = [outcome.outcome for outcome, _ in await running]
+    outcomes = [outcome.result for outcome, _ in await running]
 
     assert outcomes.count("modified") == 3
     assert outcomes.count("skipped:breaker_open") == 47
@@ -397,7 +397,7 @@ async def test_fifty_concurrent_failing_relays_open_the_breaker_exactly_once():
     running = asyncio.gather(*(relay(handler) for _ in range(50)))
     await until(lambda: len(fake.calls) == 50)
     gate.set()
-    outcomes = [outcome.outcome for outcome, _ in await running]
+    outcomes = [outcome.result for outcome, _ in await running]
 
     assert outcomes == ["failed:provider_error"] * 50
     breaker = handler.store.breakers[MODEL]
@@ -410,13 +410,13 @@ async def test_slow_successful_calls_alone_open_the_breaker():
     fake = Secondary(clock=clock, takes=2.5)  # slower than BREAKER_SLOW_S=2, and successful
     handler = handler_for(breaker_config(), fake, clock)
 
-    outcomes = [(await relay(handler))[0].outcome for _ in range(4)]
+    outcomes = [(await relay(handler))[0].result for _ in range(4)]
 
     assert outcomes == ["modified"] * 4
     assert handler.store.breakers[MODEL].state == OPEN
     assert handler.store.breakers[MODEL].opened_count == 1
     blocked, _ = await relay(handler)
-    assert blocked.outcome == "skipped:breaker_open"
+    assert blocked.result == "skipped:breaker_open"
     assert len(fake.calls) == 4
 
 
@@ -426,7 +426,7 @@ async def test_calls_that_take_exactly_the_slow_threshold_are_not_slow():
     handler = handler_for(breaker_config(), fake, clock)
 
     for _ in range(8):
-        assert (await relay(handler))[0].outcome == "modified"
+        assert (await relay(handler))[0].result == "modified"
 
     breaker = handler.store.breakers[MODEL]
     assert breaker.state == CLOSED
@@ -438,12 +438,12 @@ async def test_fewer_failed_relays_than_the_minimum_never_open_the_breaker():
     handler = handler_for(breaker_config(BREAKER_MIN_CALLS="5"), fake)
 
     for _ in range(4):
-        assert (await relay(handler))[0].outcome == "failed:provider_error"
+        assert (await relay(handler))[0].result == "failed:provider_error"
     assert handler.store.breakers[MODEL].state == CLOSED
 
-    assert (await relay(handler))[0].outcome == "failed:provider_error"
+    assert (await relay(handler))[0].result == "failed:provider_error"
     assert handler.store.breakers[MODEL].state == OPEN
-    assert (await relay(handler))[0].outcome == "skipped:breaker_open"
+    assert (await relay(handler))[0].result == "skipped:breaker_open"
     assert len(fake.calls) == 5
 
 
@@ -456,7 +456,7 @@ async def test_a_probe_cancelled_mid_call_gives_its_permit_back():
     probe = asyncio.create_task(relay(handler))
     await until(lambda: len(fake.calls) == 1)
     assert handler.store.breakers[MODEL].probes_in_flight == 1
-    assert (await relay(handler))[0].outcome == "skipped:breaker_open"  # the one permit is taken
+    assert (await relay(handler))[0].result == "skipped:breaker_open"  # the one permit is taken
 
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -468,7 +468,7 @@ async def test_a_probe_cancelled_mid_call_gives_its_permit_back():
     assert breaker.state == HALF_OPEN
     gate.set()
     outcome, _ = await relay(handler)
-    assert outcome.outcome == "modified"
+    assert outcome.result == "modified"
     assert len(fake.calls) == 2
     assert breaker.state == CLOSED
 
@@ -480,14 +480,14 @@ async def test_one_failed_probe_relay_reopens_the_breaker():
     await trip_store(handler)
     clock.advance(30)
 
-    assert (await relay(handler))[0].outcome == "modified"
+    assert (await relay(handler))[0].result == "modified"
     assert handler.store.breakers[MODEL].state == HALF_OPEN
-    assert (await relay(handler))[0].outcome == "failed:timeout"
+    assert (await relay(handler))[0].result == "failed:timeout"
 
     breaker = handler.store.breakers[MODEL]
     assert breaker.state == OPEN
     assert breaker.opened_count == 2
-    assert (await relay(handler))[0].outcome == "skipped:breaker_open"
+    assert (await relay(handler))[0].result == "skipped:breaker_open"
     assert len(fake.calls) == 2
 
 
@@ -498,9 +498,9 @@ async def test_as_many_successful_probe_relays_as_configured_probes_close_the_br
     await trip_store(handler)
     clock.advance(30)
 
-    assert (await relay(handler))[0].outcome == "modified"
+    assert (await relay(handler))[0].result == "modified"
     assert handler.store.breakers[MODEL].state == HALF_OPEN
-    assert (await relay(handler))[0].outcome == "modified"
+    assert (await relay(handler))[0].result == "modified"
 
     assert handler.store.breakers[MODEL].state == CLOSED
     assert handler.store.breakers[MODEL].opened_count == 1
@@ -510,7 +510,7 @@ async def test_rejected_requests_do_not_count_against_the_model():
     fake = Secondary(fail=failing("provider_rejected"))
     handler = handler_for(breaker_config(), fake)
 
-    outcomes = [(await relay(handler))[0].outcome for _ in range(8)]
+    outcomes = [(await relay(handler))[0].result for _ in range(8)]
 
     assert outcomes == ["failed:provider_rejected"] * 8
     breaker = handler.store.breakers[MODEL]
@@ -522,7 +522,7 @@ async def test_bad_verdicts_do_not_count_against_the_model():
     fake = Secondary(text="I think it is fine.")  # not the strict JSON verdict
     handler = handler_for(breaker_config(MODE="guard"), fake)
 
-    outcomes = [(await relay(handler))[0].outcome for _ in range(8)]
+    outcomes = [(await relay(handler))[0].result for _ in range(8)]
 
     assert outcomes == ["failed:bad_verdict"] * 8
     breaker = handler.store.breakers[MODEL]
@@ -539,7 +539,7 @@ async def test_while_open_the_relay_is_skipped_and_the_secondary_is_not_called()
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "skipped:breaker_open"
+    assert outcome.result == "skipped:breaker_open"
     assert outcome.reason == "the circuit breaker of sec is open"
     assert outcome.headers()["x-relay-outcome"] == "skipped:breaker_open"
     assert outcome.headers()["x-relay-secondary-model"] == "sec"
@@ -565,7 +565,7 @@ async def test_a_thousand_relays_released_together_spend_no_more_than_a_cap_that
     results = await running
 
     assert reserved_at_peak == 100 * WORST == 6.25
-    outcomes = [outcome.outcome for outcome, _ in results]
+    outcomes = [outcome.result for outcome, _ in results]
     assert outcomes.count("modified") == 100
     assert outcomes.count("skipped:budget") == 900
     assert len(fake.calls) == 100
@@ -584,10 +584,10 @@ async def test_per_key_caps_isolate_the_keys(monkeypatch):
     second_a, response = await relay(handler, key="sk-key-a")
     first_b, _ = await relay(handler, key="sk-key-b")
 
-    assert first_a.outcome == "modified"
-    assert second_a.outcome == "skipped:budget"
+    assert first_a.result == "modified"
+    assert second_a.result == "skipped:budget"
     assert response.choices[0].message.content == "primary"
-    assert first_b.outcome == "modified"
+    assert first_b.result == "modified"
     assert len(fake.calls) == 2
     key_a, key_b = relay_plugin._key_id(SimpleNamespace(api_key="sk-key-a")), relay_plugin._key_id(SimpleNamespace(api_key="sk-key-b"))
     assert handler.store.counters == {f"spend:key:{key_a}:0": ACTUAL, f"spend:key:{key_b}:0": ACTUAL}
@@ -600,11 +600,11 @@ async def test_the_budget_window_rolls_over(monkeypatch):
                           fake, wall=wall)
     priced(monkeypatch, handler)
 
-    assert (await relay(handler))[0].outcome == "modified"
+    assert (await relay(handler))[0].result == "modified"
     wall.now = 59.999
-    assert (await relay(handler))[0].outcome == "skipped:budget"
+    assert (await relay(handler))[0].result == "skipped:budget"
     wall.now = 60.0
-    assert (await relay(handler))[0].outcome == "modified"
+    assert (await relay(handler))[0].result == "modified"
 
     assert len(fake.calls) == 2
     assert handler.store.counters == {"spend:0": ACTUAL, "spend:1": ACTUAL}
@@ -615,7 +615,7 @@ async def test_max_calls_caps_the_number_of_secondary_calls_per_window(monkeypat
     handler = handler_for(config(MAX_CALLS="2"), fake)
     monkeypatch.setattr(handler, "price", lambda model: None)  # a count cap needs no price
 
-    outcomes = [(await relay(handler))[0].outcome for _ in range(3)]
+    outcomes = [(await relay(handler))[0].result for _ in range(3)]
 
     assert outcomes == ["modified", "modified", "skipped:budget"]
     assert len(fake.calls) == 2
@@ -628,7 +628,7 @@ async def test_a_budget_refusal_is_skipped_budget_and_leaves_the_answer_alone():
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "skipped:budget"
+    assert outcome.result == "skipped:budget"
     assert outcome.reason == "the relay budget of this window cannot cover a call to sec"
     assert outcome.headers()["x-relay-cost-usd"] == "0"
     assert response.choices[0].message.content == "primary"
@@ -643,10 +643,10 @@ async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a
     fake.on_call = lambda model: seen_during_call.append(dict(handler.store.counters))
     priced(monkeypatch, handler)
 
-    assert (await relay(handler))[0].outcome == "modified"
+    assert (await relay(handler))[0].result == "modified"
     failed, _ = await relay(handler)
 
-    assert failed.outcome == "failed:provider_rejected"
+    assert failed.result == "failed:provider_rejected"
     # the reservation was held while each call ran
     assert seen_during_call == [{"spend:0": WORST, "calls:0": 1.0}, {"spend:0": ACTUAL + WORST, "calls:0": 2.0}]
     # the failed call reached the provider: its spend settles at 0, the call itself stays counted
@@ -687,7 +687,7 @@ async def test_a_call_cut_by_the_deadline_gives_its_reservation_and_probe_permit
 
     outcome, _ = await relay(handler)
 
-    assert outcome.outcome == "failed:timeout"
+    assert outcome.result == "failed:timeout"
     assert handler.store.counters == {"spend:0": 0.0, "calls:0": 0.0}
     assert handler.store.breakers[MODEL].probes_in_flight == 0
 
@@ -699,7 +699,7 @@ async def test_an_unpriced_secondary_is_skipped_when_a_usd_cap_is_set(monkeypatc
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "skipped:unpriced"
+    assert outcome.result == "skipped:unpriced"
     assert outcome.reason == "no price is known for sec (RELAY_ALLOW_UNPRICED=true allows it)"
     assert response.choices[0].message.content == "primary"
     assert fake.calls == []
@@ -713,7 +713,7 @@ async def test_an_unpriced_secondary_is_allowed_with_allow_unpriced_and_settles_
 
     outcome, _ = await relay(handler)
 
-    assert outcome.outcome == "modified"
+    assert outcome.result == "modified"
     assert len(fake.calls) == 1
     assert handler.store.counters == {"spend:0": 0.25}
 
@@ -724,7 +724,7 @@ async def test_fail_closed_guard_blocks_the_answer_when_the_budget_refuses():
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "blocked"
+    assert outcome.result == "blocked"
     assert outcome.reason == "unjudged (the relay budget of this window cannot cover a call to sec); fail-closed"
     assert response.choices[0].message.content == relay_plugin.DEFAULT_GUARD_MESSAGE
     assert response.choices[0].finish_reason == "content_filter"
@@ -743,7 +743,7 @@ async def test_fail_closed_refine_answers_503_when_the_budget_refuses():
     assert raised.value.detail == ("relay refine failed (skipped:budget): the relay budget of this window "
                                    "cannot cover a call to sec; fail-closed")
     assert raised.value.headers["x-relay-outcome"] == "skipped:budget"
-    assert relay_plugin._bucket(data)["relay_result"].outcome == "skipped:budget"
+    assert relay_plugin._proxy_metadata(data)["relay_result"].result == "skipped:budget"
     assert fake.calls == []
 
 
@@ -771,7 +771,7 @@ async def test_a_retryable_error_is_retried_exactly_relay_retries_times_then_fai
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "failed:provider_error"
+    assert outcome.result == "failed:provider_error"
     assert len(fake.calls) == 4
     assert len(sleeps.delays) == 3
     assert handler.stats["retries"] == 3
@@ -784,7 +784,7 @@ async def test_a_retried_call_that_then_succeeds_is_relayed(sleeps):
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "modified"
+    assert outcome.result == "modified"
     assert response.choices[0].message.content == "refined"
     assert len(fake.calls) == 2
     assert outcome.cost_usd == 0.5
@@ -797,7 +797,7 @@ async def test_a_non_retryable_error_is_not_retried(sleeps):
 
     outcome, _ = await relay(handler)
 
-    assert outcome.outcome == "failed:provider_rejected"
+    assert outcome.result == "failed:provider_rejected"
     assert len(fake.calls) == 1
     assert sleeps.delays == []
     assert handler.stats["retries"] == 0
@@ -809,7 +809,7 @@ async def test_retry_after_is_honoured(sleeps):
 
     outcome, _ = await relay(handler)
 
-    assert outcome.outcome == "modified"
+    assert outcome.result == "modified"
     assert len(sleeps.delays) == 1
     assert sleeps.delays[0] >= 2.5
     assert sleeps.delays == [2.5]  # the jitter (at most 0.25 s) is below the server's wish
@@ -821,7 +821,7 @@ async def test_no_retry_starts_when_retry_after_reaches_past_the_deadline(sleeps
 
     outcome, _ = await relay(handler)
 
-    assert outcome.outcome == "failed:rate_limited"
+    assert outcome.result == "failed:rate_limited"
     assert len(fake.calls) == 1
     assert sleeps.delays == []
     assert handler.stats["retries"] == 0
@@ -833,7 +833,7 @@ async def test_retries_stop_once_the_next_backoff_would_end_past_the_deadline(sl
 
     outcome, _ = await relay(handler)
 
-    assert outcome.outcome == "failed:rate_limited"
+    assert outcome.result == "failed:rate_limited"
     assert sleeps.delays == [4.0, 4.0]  # at 8 s a third wait of 4 s would end at the 10 s deadline
     assert [call["timeout"] for call in fake.calls] == [5.0, 5.0, 2.0]  # the last call gets what is left
 
@@ -867,7 +867,7 @@ async def test_a_secondary_slower_than_the_deadline_fails_with_timeout_and_leave
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "failed:timeout"
+    assert outcome.result == "failed:timeout"
     assert outcome.reason == "relay deadline of 0.05s passed"
     assert response.choices[0].message.content == "primary"
     assert fake.cancelled == [MODEL]
@@ -880,7 +880,7 @@ async def test_the_consensus_fan_out_is_cancelled_as_a_whole_at_the_deadline():
 
     outcome, response = await relay(handler)
 
-    assert outcome.outcome == "failed:timeout"
+    assert outcome.result == "failed:timeout"
     assert sorted(call["model"] for call in fake.calls) == ["c1", "c2"]
     assert sorted(fake.cancelled) == ["c1", "c2"]
     assert response.choices[0].message.content == "primary"
@@ -901,7 +901,7 @@ async def test_an_identical_request_reuses_the_cached_result():
     assert len(fake.calls) == 1
     assert first.headers()["x-relay-cache"] == "miss"
     assert first.headers()["x-relay-cost-usd"] == "0.125"
-    assert second.outcome == "modified"
+    assert second.result == "modified"
     assert response.choices[0].message.content == "refined"
     assert second.headers()["x-relay-cache"] == "hit"
     assert second.headers()["x-relay-cost-usd"] == "0"
@@ -981,7 +981,7 @@ async def test_a_spent_budget_refuses_without_counting_tokens_again(monkeypatch)
     counted = []
     monkeypatch.setattr(relay_plugin.litellm, "token_counter", lambda *a, **k: counted.append(1) or PROMPT_TOKENS)
 
-    outcomes = [(await relay(handler))[0].outcome for _ in range(4)]
+    outcomes = [(await relay(handler))[0].result for _ in range(4)]
 
     assert outcomes == ["modified", "skipped:budget", "skipped:budget", "skipped:budget"]
     assert len(counted) == 2  # the call that fit, and the first refusal; later ones stop at the floor
@@ -1016,7 +1016,7 @@ async def test_a_call_billed_past_its_reservation_is_counted_logged_and_settled_
     handler = handler_for(config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS), Overbilling())
     priced(monkeypatch, handler)
     outcome, _ = await relay(handler)
-    assert outcome.outcome == "modified" and outcome.cost_usd == 1.0
+    assert outcome.result == "modified" and outcome.cost_usd == 1.0
     assert handler.stats["overshoot"] == 1
     assert handler.stats["overshoot_usd"] == 1.0 - WORST
     assert await handler.store.counter("spend:0") == 1.0  # the budget counts what was billed

@@ -93,7 +93,7 @@ async def test_closing_the_stream_cancels_the_secondary_call():
             break
     await stream.aclose()  # what the proxy does when the client goes away
     assert cancelled.is_set()
-    assert relay_plugin._bucket(data)["relay_result"].outcome == "failed:client_disconnected"
+    assert relay_plugin._proxy_metadata(data)["relay_result"].result == "failed:client_disconnected"
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
 
