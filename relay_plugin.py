@@ -94,7 +94,7 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Callable, Final, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Mapping
 
 if __name__ != "__main__":  # `python relay_plugin.py --env-table` needs no litellm
     import litellm
@@ -165,7 +165,8 @@ class RelayRejected(RelayError):
 # Configuration: every RELAY_* variable, parsed and validated in one place
 # =================================================================================================
 
-MODES: Final = ("refine", "guard", "annotate", "escalate", "consensus", "shadow")
+#: every RELAY_MODE; what each one is lives in one row of ``MODES`` (section "Relay work")
+MODE_NAMES: Final = ("refine", "guard", "annotate", "escalate", "consensus", "shadow")
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
@@ -272,7 +273,7 @@ DEFAULT_GUARD_MESSAGE: Final = "I can't help with that request."
 #: One row per variable, in README order. ``overridable=True`` rows may be overridden per model and request.
 VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("ENABLED", _parse_bool, True, "Master switch. `false`: the hooks return at once, nothing is added.", overridable=True),
-    _Var("MODE", _choice(*MODES), "refine", "What the secondary does: " + ", ".join(MODES) + ".", overridable=True),
+    _Var("MODE", _choice(*MODE_NAMES), "refine", "What the secondary does: " + ", ".join(MODE_NAMES) + ".", overridable=True),
     _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", overridable=True),
     _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
     _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
@@ -590,15 +591,6 @@ def _client_block(block: Any) -> dict[str, Any] | None:
     if not isinstance(block, dict):
         raise ConfigError(f"metadata.relay={block!r} is invalid: allowed: an object or its JSON text")
     return block
-
-
-def _planned_models(plan: Plan) -> list[str]:
-    """The secondaries a plan may call, in the order its mode calls them."""
-    if plan.mode == "escalate":
-        return [plan.secondary_model, plan.escalate_model]
-    if plan.mode == "consensus":
-        return [*plan.consensus_models, plan.secondary_model]
-    return [plan.secondary_model]
 
 
 def _key_id(user_api_key_dict: Any) -> str | None:
@@ -2177,8 +2169,104 @@ class _Run:
     def prepared(self, data: Mapping[str, Any], surface: Surface) -> Prepared:
         text = surface.get_text()
         if self._prepared is None or self._prepared[0] != text:
-            self._prepared = (text, self.handler._prepare(data, text))
+            self._prepared = (text, self.prepare_turns(conversation_of(data), text))
         return self._prepared[1]
+
+    def prepare_turns(self, turns: list[dict[str, str]], answer: str) -> Prepared:
+        config = self.handler.config
+        return Prepared.build(turns, answer, redact_pii=config.redact, max_chars=config.max_input_chars)
+
+    async def review(self, instructions: str, prepared: Prepared, *, final: bool = False, live: bool = True,
+                     response_format: dict | None = None) -> Reply:
+        """The secondary's review of the prepared conversation and answer under ``instructions``."""
+        extra = {"response_format": response_format} if response_format is not None else {}
+        return await self.call(self.plan.secondary_model, review_messages(instructions, prepared),
+                               key=(instructions, prepared.turns, prepared.answer, *extra.values()),
+                               final=final, live=live, **extra)
+
+    async def execute(self, data: Mapping[str, Any], surface: Any) -> None:
+        """Run the plan's mode under the deadline; a failure gets the fail policy, never an exception
+        (but the RelayRejected a fail-closed or error-action policy asks for)."""
+        handler, plan, outcome = self.handler, self.plan, self.outcome
+        started = time.perf_counter()
+        # a stream's run is built when its stream starts: the deadline starts with the work
+        self.deadline_at = handler.clock() + handler.config.deadline_s
+        if MODES[plan.mode].replaces:
+            skip = replace_skip(data, self.prepared(data, surface))
+            if skip is not None:  # the request does not suit the mode, like a tool call: no fail policy
+                outcome.result, outcome.reason = f"skipped:{skip[0]}", skip[1]
+                return
+        token = _IN_RELAY.set(True)
+        books = _BOOKS.set(CallerBooks.of(data, handler.config, plan.mode))
+        try:
+            async with asyncio.timeout(handler.config.deadline_s):
+                await MODES[plan.mode].run(self, data, surface)
+        except (SecondaryError, TimeoutError) as exc:
+            kind, reason, public, detail = self._failure(exc)
+            outcome.result, outcome.reason = f"{kind}:{reason}", public
+            # a refusal (breaker open, budget spent) is the guard working, on every request while it
+            # lasts: not worth a warning each time; the header and the outcome counters say it
+            log.log(logging.DEBUG if kind == "skipped" else logging.WARNING, "relay %s %s: %s %s",
+                    plan.mode, kind, reason, detail)
+            self.fail_closed(surface)
+        finally:
+            _BOOKS.reset(books)
+            _IN_RELAY.reset(token)
+            outcome.latency_ms += (time.perf_counter() - started) * 1000
+        if self.analysis is not None:
+            surface.attach({**outcome.as_dict(), "analysis": self.analysis})
+
+    def _failure(self, exc: SecondaryError | TimeoutError) -> tuple[str, str, str, str]:
+        """``(kind, reason, public text, log detail)`` of a failed run, secrets scrubbed."""
+        if isinstance(exc, SecondaryError):
+            kind, reason, detail = ("skipped" if exc.skipped else "failed"), exc.reason, exc.detail
+            return kind, reason, scrub_secrets(exc.public or detail or reason), scrub_secrets(detail)
+        detail = f"relay deadline of {self.handler.config.deadline_s:g}s passed"
+        return "failed", "timeout", detail, detail
+
+    def fail_closed(self, surface: Any) -> None:
+        """Apply RELAY_FAIL_MODE to a failed run: open keeps the answer; closed does what the mode's row says."""
+        plan, outcome = self.plan, self.outcome
+        if plan.fail_mode == "open":
+            return
+        if MODES[plan.mode].fails_closed == "refuse" and plan.guard_action == "replace" and getattr(surface, "refusable", True):
+            outcome.result = "blocked"
+            outcome.reason = f"unjudged ({outcome.reason}); fail-closed"
+            surface.refuse(plan.guard_message)
+            return
+        raise RelayRejected(503, f"relay {plan.mode} failed ({outcome.result}): {outcome.reason}; fail-closed", outcome)
+
+    def in_background(self, data: Mapping[str, Any], surface: Any) -> None:
+        """A background mode (shadow): sampled and bounded, it runs after the response left, on its own
+        outcome; what it finds is only logged and counted. ``self.outcome`` says whether it started."""
+        handler, plan = self.handler, self.plan
+        if handler.rng.random() >= plan.sample_rate:
+            self.outcome.result = "skipped:sampled_out"
+            return
+        if len(handler.shadow_tasks) >= handler.config.shadow_max_in_flight:
+            self.outcome.result = "skipped:shadow_busy"
+            return
+        self.outcome.models = MODES[plan.mode].models(plan)
+        work = _Run(handler, plan, self.depth, Outcome(plan.mode, "relayed", []), self.key_id)
+        work.prepared(data, surface)  # the conversation and the answer as the client got them
+        task = asyncio.create_task(work._run_in_background(data, surface), name=f"relay-{plan.mode}")
+        handler.shadow_tasks.add(task)
+        task.add_done_callback(handler.shadow_tasks.discard)
+        if handler.metrics is not None:
+            handler.metrics.track_shadow(task)
+
+    async def _run_in_background(self, data: Mapping[str, Any], surface: Any) -> None:
+        token = _IN_RELAY.set(True)
+        try:
+            async with asyncio.timeout(self.handler.config.deadline_s):
+                await MODES[self.plan.mode].run(self, data, surface)
+            self.handler.stats[f"{self.plan.mode}:done"] += 1
+        except (SecondaryError, TimeoutError) as exc:
+            _, reason, _, _ = self._failure(exc)
+            self.handler.stats[f"{self.plan.mode}:failed:{reason}"] += 1
+            log.warning("relay %s analysis failed: %s", self.plan.mode, reason)
+        finally:
+            _IN_RELAY.reset(token)
 
     async def call(self, model: str, messages: list[dict], *, key: tuple = (), final: bool = False,
                    live: bool = True, response_format: dict | None = None) -> Reply:
@@ -2205,7 +2293,7 @@ class _Run:
             except SecondaryError as exc:
                 if not exc.retryable or attempt >= config.retries or self.streamed:
                     raise  # a stream that began cannot start over
-                delay = min(config.retry_max_s, config.retry_base_s * 2 ** attempt) * handler._rng.random()
+                delay = min(config.retry_max_s, config.retry_base_s * 2 ** attempt) * handler.rng.random()
                 delay = max(delay, exc.retry_after or 0.0)
                 if handler.clock() + delay >= self.deadline_at:
                     raise
@@ -2242,7 +2330,7 @@ class _Run:
             streaming = {"on_delta": lambda text: self._emit(sink, text)} if sink is not None else {}
             if response_format is not None:  # only judges ask for it; other callers keep their signature
                 streaming["response_format"] = response_format
-            reply = await handler._complete(
+            reply = await handler.complete(
                 model, messages, max_tokens=config.secondary_max_tokens,
                 timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
             if not reply.cost_usd and handler.price(model) is None:  # litellm's 0 for an unpriced model is a placeholder
@@ -2329,8 +2417,6 @@ def _cache_key(model: str, key: tuple) -> str:
 
 # ----- what a replacing mode (refine, escalate, consensus) must respect -------------------------------
 
-#: modes whose secondary text replaces the primary answer
-REPLACING_MODES: Final = frozenset({"refine", "escalate", "consensus"})
 #: content part types that carry text; anything else (images, audio, files, tool results) does not
 _TEXT_PARTS: Final = frozenset({"text", "input_text", "output_text"})
 
@@ -2414,9 +2500,7 @@ def _final_text(data: Mapping[str, Any], prepared: Prepared, text: str) -> str:
 async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
-    instructions = plan.refine_prompt or REFINE_INSTRUCTIONS
-    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer), final=True, live=_live(data, prepared))
+    reply = await run.review(plan.refine_prompt or REFINE_INSTRUCTIONS, prepared, final=True, live=_live(data, prepared))
     text = _final_text(data, prepared, reply.text)
     if text.strip() != surface.get_text().strip():
         surface.set_text(text)
@@ -2451,10 +2535,8 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
     for answer in answers:
         windows = guard_windows(answer, size)
         for number, window in enumerate(windows, 1):
-            prepared = run.handler._prepare_turns(turns, window)
-            reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                                   key=(instructions, prepared.turns, prepared.answer, *structured.values()),
-                                   **structured)
+            prepared = run.prepare_turns(turns, window)
+            reply = await run.review(instructions, prepared, **structured)
             verdict, reason = parse_verdict(reply.text)
             if verdict == "block":
                 break
@@ -2464,7 +2546,7 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
         run.outcome.result, run.outcome.reason = "blocked", reason or "blocked by policy"
         if plan.guard_action == "error":
             raise RelayRejected(400, f"relay guard blocked the answer: {run.outcome.reason}", run.outcome)
-        _block(plan, surface, run.outcome)
+        surface.refuse(plan.guard_message)
 
 
 def _judge_format(run: _Run, model: str, name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -2473,16 +2555,10 @@ def _judge_format(run: _Run, model: str, name: str, schema: Mapping[str, Any]) -
     return {"response_format": response_format} if response_format is not None else {}
 
 
-def _block(plan: Plan, surface: Surface, outcome: "Outcome") -> None:
-    surface.refuse(plan.guard_message)
-
-
 async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
-    instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
-    reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                           key=(instructions, prepared.turns, prepared.answer))
+    reply = await run.review(plan.annotate_prompt or ANNOTATE_INSTRUCTIONS, prepared)
     analysis = prepared.restore(reply.text, strict=False)  # a review, not the answer: a stray mask may stay
     if plan.annotate_target == "append" and not _structured_output(data):
         surface.set_text(f"{surface.get_text()}\n\n---\nReview by {reply.model}:\n{analysis}")
@@ -2495,8 +2571,7 @@ async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
     structured = _judge_format(run, plan.secondary_model, "relay_score", SCORE_SCHEMA)
-    judged = await run.call(plan.secondary_model, review_messages(JUDGE_INSTRUCTIONS, prepared),
-                            key=(JUDGE_INSTRUCTIONS, prepared.turns, prepared.answer, *structured.values()), **structured)
+    judged = await run.review(JUDGE_INSTRUCTIONS, prepared, **structured)
     score, reason = parse_judge_score(judged.text)
     run.outcome.reason = f"score {score:g}: {reason}"
     if score >= plan.escalate_threshold:
@@ -2532,12 +2607,51 @@ async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
         run.outcome.reason = "members failed: " + "; ".join(failures)
 
 
-MODE_RUNNERS: Final = {
-    "refine": _run_refine,
-    "guard": _run_guard,
-    "annotate": _run_annotate,
-    "escalate": _run_escalate,
-    "consensus": _run_consensus,
+async def _run_shadow(run: _Run, data: dict, surface: Surface) -> None:
+    prepared = run.prepared(data, surface)
+    reply = await run.review(run.plan.annotate_prompt or ANNOTATE_INSTRUCTIONS, prepared)
+    log.info("relay shadow analysis by %s (cost_usd=%s): %s", reply.model, usd(reply.cost_usd), _clip(reply.text, 2000))
+
+
+# ----- the mode table: one row per RELAY_MODE ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one mode is. Every place that treats modes differently reads its row in ``MODES``."""
+
+    #: the mode's work on one answer: ``await run(run, data, surface)``; it edits the surface and the outcome
+    run: Callable[[_Run, dict, Any], Awaitable[None]]
+    #: how a stream=true client gets it: "pass" (text leaves as it arrives; the stream's end waits for the
+    #: work), "buffer" (nothing leaves before the final answer), "guard" (RELAY_STREAM_GUARD: buffer or window)
+    stream: str
+    #: the secondaries a plan may call, in the order the mode calls them
+    models: Callable[[Plan], list[str]]
+    #: under RELAY_FAIL_MODE=closed, a failed run: "refuse" (the guard's refusal replaces the answer,
+    #: RELAY_GUARD_ACTION=replace), "reject" (HTTP 503), "never" (it runs after the answer left)
+    fails_closed: str
+    #: the secondary's text may replace the answer, so what the client asked for must survive (replace_skip)
+    replaces: bool = False
+    #: a guard: it reads every choice and tool call, an opt_in client cannot switch it off, and a relay proof
+    #: never skips it when it fails closed (section "Trust")
+    guards: bool = False
+    #: runs after the response left, sampled and bounded (Run.in_background)
+    background: bool = False
+
+
+def _secondary(plan: Plan) -> list[str]:
+    return [plan.secondary_model]
+
+
+MODES: Final[Mapping[str, Mode]] = {
+    "refine": Mode(_run_refine, stream="buffer", models=_secondary, fails_closed="reject", replaces=True),
+    "guard": Mode(_run_guard, stream="guard", models=_secondary, fails_closed="refuse", guards=True),
+    "annotate": Mode(_run_annotate, stream="pass", models=_secondary, fails_closed="reject"),
+    "escalate": Mode(_run_escalate, stream="buffer", models=lambda plan: [plan.secondary_model, plan.escalate_model],
+                     fails_closed="reject", replaces=True),
+    "consensus": Mode(_run_consensus, stream="buffer", models=lambda plan: [*plan.consensus_models, plan.secondary_model],
+                      fails_closed="reject", replaces=True),
+    "shadow": Mode(_run_shadow, stream="pass", models=_secondary, fails_closed="never", background=True),
 }
 
 
@@ -2554,16 +2668,16 @@ class RelayHandler(CustomLogger):
         super().__init__()
         self.config = config
         #: the call that reaches a secondary: ``await complete(model, messages, max_tokens=, timeout=, depth=)``
-        self._complete = complete or _litellm_complete
+        self.complete = complete or _litellm_complete
         #: the relay's Prometheus metrics (None: prometheus_client absent or RELAY_PROMETHEUS=off)
         self.metrics = RelayMetrics.shared() if config.prometheus != "off" else None
         if self.metrics is not None:
-            self._complete = self.metrics.measured(self._complete, clock)
+            self.complete = self.metrics.measured(self.complete, clock)
         #: budget counters, breakers and cache (LocalStore, or a shared store with the same coroutines)
         self.store = store or LocalStore(config)
         self.clock = clock  #: monotonic seconds: deadlines, breaker cooldowns, slow calls
         self.wall = wall  #: epoch seconds: budget windows and cache expiry, comparable across processes
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()  #: retry jitter and shadow sampling
         self._prices: OrderedDict[str, tuple[float, float] | None] = OrderedDict()
         #: budget counters that refused a reservation (names carry their window, so old ones never match)
         self.refused_counters: set[str] = set()
@@ -2574,7 +2688,7 @@ class RelayHandler(CustomLogger):
         if config.signing_secret:
             _signing_key_cache[:] = [hashlib.sha256(config.signing_secret.encode()).digest()]
         self._model_plans: dict[str, Plan | ConfigError] = {}
-        self._shadow_tasks: set[asyncio.Task] = set()
+        self.shadow_tasks: set[asyncio.Task] = set()  #: background (shadow) runs in flight
         #: outcome counters, e.g. ``stats["modified"]``, ``stats["failed:timeout"]``; beside them ``retries``,
         #: ``overshoot`` (calls past their token or cost bound), ``overshoot_usd`` (cost above the reservations)
         #: and ``refused_model`` (client-chosen models not in the model list)
@@ -2641,7 +2755,7 @@ class RelayHandler(CustomLogger):
             plan, outcome, depth = bucket[_STREAM_KEY] = self._decide(data)
             if plan is not None:
                 return {"x-relay-mode": plan.mode, "x-relay-outcome": "pending",
-                        "x-relay-secondary-model": ",".join(_planned_models(plan))}
+                        "x-relay-secondary-model": ",".join(MODES[plan.mode].models(plan))}
         return outcome.headers() if outcome is not None else None
 
     async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: "UserAPIKeyAuth", response: Any,
@@ -2764,7 +2878,7 @@ class RelayHandler(CustomLogger):
             return plan, "ignored"
         if policy == "opt_in":
             refused = set(block) - OPT_IN_KEYS
-            if plan.mode == "guard" and plan.enabled:  # an operator's guard stays on
+            if MODES[plan.mode].guards and plan.enabled:  # an operator's guard stays on
                 refused |= set(block) & {"enabled", "mode"}
             block = {k: v for k, v in block.items() if k not in refused}
             note = _header_safe("ignored:" + ",".join(sorted(ascii(k).strip("'") for k in refused))) if refused else "applied"
@@ -2787,7 +2901,7 @@ class RelayHandler(CustomLogger):
         # A proof can leak (a provider's logs, a secondary that repeats its prompt) and be replayed within
         # its lifetime: so a fail-closed guard never skips on one; it blocks without calling a judge
         # (_run_guard), which also keeps a loop back into this proxy bounded.
-        closed_guard = plan is not None and plan.mode == "guard" and plan.fail_mode == "closed"
+        closed_guard = plan is not None and MODES[plan.mode].guards and plan.fail_mode == "closed"
         if relay_call_depth(data, REVIEW) >= self.config.max_depth and not closed_guard:
             return None, Outcome(mode, "skipped:depth", []), depth
         if plan is None:
@@ -2796,7 +2910,7 @@ class RelayHandler(CustomLogger):
         # The relay's answer calls (escalate's premium, consensus members) carry the client's own
         # conversation: a model could echo their proof to the client. So they never skip a guard (whose
         # own calls are reviews, and bounded by those); they do skip every other mode (bounded loops).
-        if plan.mode != "guard" and depth >= self.config.max_depth:
+        if not MODES[plan.mode].guards and depth >= self.config.max_depth:
             return None, Outcome(mode, "skipped:depth", []), depth
         return plan, Outcome(plan.mode, "relayed", [], override=note), depth
 
@@ -2806,96 +2920,16 @@ class RelayHandler(CustomLogger):
             if outcome.result == "failed:model_config":
                 raise RelayRejected(503, _MODEL_CONFIG_REFUSAL, outcome)
             return outcome
-        surface = Surface(response)
-        if plan.mode == "guard" and surface.skip != "no_text":  # a guard reads every choice and tool call
-            await self._execute(_Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), data, surface)
-            return outcome
-        if surface.skip:
+        surface, row = Surface(response), MODES[plan.mode]
+        run = _Run(self, plan, depth, outcome, _key_id(user_api_key_dict))
+        if surface.skip and not (row.guards and surface.skip != "no_text"):  # a guard reads every choice and tool call
             outcome.result = f"skipped:{surface.skip}"
-            return outcome
-        if plan.mode == "shadow":
-            with _caller_books(data, self.config, "shadow"):
-                return self._start_shadow(plan, self._prepare(data, surface.get_text()), outcome, depth, _key_id(user_api_key_dict))
-        await self._execute(_Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), data, surface)
+        elif row.background:
+            with _caller_books(data, self.config, plan.mode):
+                run.in_background(data, surface)
+        else:
+            await run.execute(data, surface)
         return outcome
-
-    async def _execute(self, run: "_Run", data: Mapping[str, Any], surface: Any) -> None:
-        """Run the plan's mode under the deadline; a failure gets the fail policy, never an exception."""
-        plan, outcome = run.plan, run.outcome
-        started = time.perf_counter()
-        run.deadline_at = self.clock() + self.config.deadline_s
-        if plan.mode in REPLACING_MODES:
-            skip = replace_skip(data, run.prepared(data, surface))
-            if skip is not None:  # the request does not suit the mode, like a tool call: no fail policy
-                outcome.result, outcome.reason = f"skipped:{skip[0]}", skip[1]
-                return
-        token = _IN_RELAY.set(True)
-        books = _BOOKS.set(CallerBooks.of(data, self.config, plan.mode))
-        try:
-            async with asyncio.timeout(self.config.deadline_s):
-                await MODE_RUNNERS[plan.mode](run, data, surface)
-        except (SecondaryError, TimeoutError) as exc:
-            if isinstance(exc, SecondaryError):
-                kind, reason, detail = ("skipped" if exc.skipped else "failed"), exc.reason, exc.detail
-            else:
-                kind, reason, detail = "failed", "timeout", f"relay deadline of {self.config.deadline_s:g}s passed"
-            outcome.result, outcome.reason = f"{kind}:{reason}", scrub_secrets(
-                (exc.public if isinstance(exc, SecondaryError) else None) or detail or reason)
-            # a refusal (breaker open, budget spent) is the guard working, on every request while it
-            # lasts: not worth a warning each time; the header and the outcome counters say it
-            log.log(logging.DEBUG if kind == "skipped" else logging.WARNING, "relay %s %s: %s %s",
-                    plan.mode, kind, reason, scrub_secrets(detail))
-            self._fail(plan, surface, outcome)
-        finally:
-            _BOOKS.reset(books)
-            _IN_RELAY.reset(token)
-            outcome.latency_ms += (time.perf_counter() - started) * 1000
-        if run.analysis is not None:
-            surface.attach({**outcome.as_dict(), "analysis": run.analysis})
-
-    def _fail(self, plan: Plan, surface: Any, outcome: "Outcome") -> None:
-        """Apply RELAY_FAIL_MODE to a failed relay."""
-        if plan.fail_mode == "open":
-            return
-        if plan.mode == "guard" and plan.guard_action == "replace" and getattr(surface, "refusable", True):
-            outcome.result = "blocked"
-            outcome.reason = f"unjudged ({outcome.reason}); fail-closed"
-            _block(plan, surface, outcome)
-            return
-        raise RelayRejected(503, f"relay {plan.mode} failed ({outcome.result}): {outcome.reason}; fail-closed", outcome)
-
-    def _start_shadow(self, plan: Plan, prepared: Prepared, outcome: "Outcome", depth: int, key_id: str | None) -> "Outcome":
-        if self._rng.random() >= plan.sample_rate:
-            outcome.result = "skipped:sampled_out"
-            return outcome
-        if len(self._shadow_tasks) >= self.config.shadow_max_in_flight:
-            outcome.result = "skipped:shadow_busy"
-            return outcome
-        outcome.models = [plan.secondary_model]
-        task = asyncio.create_task(self._shadow(plan, prepared, depth, key_id), name="relay-shadow")
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
-        if self.metrics is not None:
-            self.metrics.track_shadow(task)
-        return outcome
-
-    async def _shadow(self, plan: Plan, prepared: Prepared, depth: int, key_id: str | None) -> None:
-        token = _IN_RELAY.set(True)
-        shadow = Outcome("shadow", "relayed", [])
-        run = _Run(self, plan, depth, shadow, key_id)
-        instructions = plan.annotate_prompt or ANNOTATE_INSTRUCTIONS
-        try:
-            async with asyncio.timeout(self.config.deadline_s):
-                reply = await run.call(plan.secondary_model, review_messages(instructions, prepared),
-                                       key=(instructions, prepared.turns, prepared.answer))
-            self.stats["shadow:done"] += 1
-            log.info("relay shadow analysis by %s (cost_usd=%s): %s", reply.model, usd(reply.cost_usd), _clip(reply.text, 2000))
-        except (SecondaryError, TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, SecondaryError) else "timeout"
-            self.stats[f"shadow:failed:{reason}"] += 1
-            log.warning("relay shadow analysis failed: %s", reason)
-        finally:
-            _IN_RELAY.reset(token)
 
     def price(self, model: str) -> tuple[float, float] | None:
         """``(input, output)`` USD per token of a secondary model, looked up once (the newest
@@ -2927,16 +2961,10 @@ class RelayHandler(CustomLogger):
                     reply.output_tokens if reply.output_tokens is not None else "unknown", limit, usd(reply.cost_usd),
                     usd(held) if held is not None else "none")
 
-    def _prepare(self, data: Mapping[str, Any], answer: str) -> Prepared:
-        return self._prepare_turns(conversation_of(data), answer)
-
-    def _prepare_turns(self, turns: list[dict[str, str]], answer: str) -> Prepared:
-        return Prepared.build(turns, answer, redact_pii=self.config.redact, max_chars=self.config.max_input_chars)
-
     async def drain(self) -> None:
         """Wait for in-flight shadow analyses (tests and graceful shutdown)."""
-        while self._shadow_tasks:
-            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+        while self.shadow_tasks:
+            await asyncio.gather(*list(self.shadow_tasks), return_exceptions=True)
 
 
 # =================================================================================================
@@ -3403,12 +3431,10 @@ class StreamRelay:
 
     async def run_stream(self, upstream: Any) -> Any:
         upstream = sse_events(upstream)
-        if self.plan.mode in ("shadow", "annotate"):
-            stream = self._pass_through(upstream)
-        elif self.plan.mode == "guard" and self.plan.stream_guard == "window":
-            stream = self._windowed(upstream)
-        else:
-            stream = self._buffered(upstream)
+        strategy = MODES[self.plan.mode].stream
+        if strategy == "guard":
+            strategy = self.plan.stream_guard  # buffer | window
+        stream = {"pass": self._pass_through, "buffer": self._buffered, "window": self._windowed}[strategy](upstream)
         async with contextlib.aclosing(stream) as inner:
             async for chunk in inner:
                 yield chunk
@@ -3448,10 +3474,9 @@ class StreamRelay:
                 yield chunk
             return
         surface = StreamSurface(text)
-        if self.plan.mode == "shadow":
-            with _caller_books(self.data, self.handler.config, "shadow"):
-                self.handler._start_shadow(self.plan, self.handler._prepare(self.data, text), self.outcome,
-                                           self.run.depth, self.run.key_id)
+        if MODES[self.plan.mode].background:
+            with _caller_books(self.data, self.handler.config, self.plan.mode):
+                self.run.in_background(self.data, surface)
         else:
             async with contextlib.aclosing(self._execute(surface, template)) as inner:
                 async for beat in inner:
@@ -3475,7 +3500,7 @@ class StreamRelay:
             if kind == "text":
                 texts.append(chunk)
         text = "".join(self.fmt.text(c) for c in texts) if self.fmt else ""
-        if self.plan.mode == "guard" and skip is not None:  # a guard reads tool calls and every choice
+        if MODES[self.plan.mode].guards and skip is not None:  # a guard reads tool calls and every choice
             async with contextlib.aclosing(self._guard_whole(body + tail)) as inner:
                 async for chunk in inner:
                     yield chunk
@@ -3658,12 +3683,12 @@ class StreamRelay:
     async def _mode(self, surface: StreamSurface) -> None:
         """The mode itself; errors a stream cannot answer with (its status is sent) become refusals."""
         try:
-            await self.handler._execute(self.run, self.data, surface)
+            await self.run.execute(self.data, surface)
         except RelayRejected as rejected:
-            if self.plan.mode != "guard":  # fail-closed: the status line is gone, end the stream with an error
+            if MODES[self.plan.mode].fails_closed != "refuse":  # fail-closed: the status line is gone, end the stream with an error
                 raise _http_error(rejected.status, rejected.message) from None
             self.outcome.result = "blocked"
-            _block(self.plan, surface, self.outcome)  # guard_action=error cannot be a 400 any more
+            surface.refuse(self.plan.guard_message)  # guard_action=error cannot be a 400 any more
 
     def _synthetic_end(self, template: Any) -> list:
         """End chunks for a stream cut before the primary sent its own."""

@@ -2,6 +2,7 @@
 section needs a name that a later section defines."""
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -63,3 +64,34 @@ def test_no_section_uses_a_name_a_later_section_defines():
                 if section(defined[used.id]) > section(node.lineno):
                     ahead.add((node.name, used.id))
     assert ahead == LATER_BY_DESIGN
+
+
+def test_every_mode_is_one_row_of_the_mode_table():
+    import relay_plugin
+
+    assert tuple(relay_plugin.MODES) == relay_plugin.MODE_NAMES
+    for name, row in relay_plugin.MODES.items():
+        assert row.stream in ("pass", "buffer", "guard"), name
+        assert row.fails_closed in ("refuse", "reject", "never"), name
+        assert (row.fails_closed == "never") == row.background, name  # only work after the answer cannot fail it
+    config = relay_plugin.RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "s", "RELAY_ESCALATE_MODEL": "e",
+                                                "RELAY_CONSENSUS_MODELS": "a,b"})
+    called = {name: row.models(dataclasses.replace(config.plan, mode=name)) for name, row in relay_plugin.MODES.items()}
+    assert called == {"refine": ["s"], "guard": ["s"], "annotate": ["s"], "escalate": ["s", "e"],
+                      "consensus": ["a", "b", "s"], "shadow": ["s"]}
+
+
+#: the only places besides the table that name a mode: a plan's required settings (configuration comes
+#: before the table) and the metric that leaves background work out of the added latency
+MODE_NAMED_OUTSIDE_THE_TABLE = {
+    'if self.mode == "escalate" and not self.escalate_model:',
+    'if self.mode == "consensus" and not self.consensus_models:',
+    'if outcome.models and outcome.mode != "shadow":',
+}
+
+
+def test_no_code_outside_the_mode_table_switches_on_a_mode_name():
+    modes = "|".join(("refine", "guard", "annotate", "escalate", "consensus", "shadow"))
+    switches = {line.strip() for line in SOURCE.split("\n")
+                if re.search(rf'mode\s*(?:==|!=|in)\s*[(\[{{]?\s*"(?:{modes})"', line)}
+    assert switches == MODE_NAMED_OUTSIDE_THE_TABLE

@@ -108,4 +108,4 @@ def test_metrics_on_without_prometheus_client_stops_the_start(monkeypatch):
 
 def test_metrics_off_registers_nothing_for_the_handler():
     handler = relay_plugin.RelayHandler(RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_PROMETHEUS": "off"}))
-    assert handler.metrics is None and handler._complete is relay_plugin._litellm_complete
+    assert handler.metrics is None and handler.complete is relay_plugin._litellm_complete
