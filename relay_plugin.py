@@ -2149,7 +2149,7 @@ PROMPT_TOKEN_OVERHEAD: Final = 16
 # =================================================================================================
 
 
-class _Run:
+class RelayRun:
     """One request's relay work: every secondary call goes through :meth:`call`, which applies the
     cache, the circuit breaker, the budget, the per-call timeout, the retries and the deadline, and
     adds the models called and their cost to the outcome."""
@@ -2247,7 +2247,7 @@ class _Run:
             self.outcome.result = "skipped:shadow_busy"
             return
         self.outcome.models = MODES[plan.mode].models(plan)
-        work = _Run(handler, plan, self.depth, Outcome(plan.mode, "relayed", []), self.key_id)
+        work = RelayRun(handler, plan, self.depth, Outcome(plan.mode, "relayed", []), self.key_id)
         work.prepared(data, surface)  # the conversation and the answer as the client got them
         task = asyncio.create_task(work._run_in_background(data, surface), name=f"relay-{plan.mode}")
         handler.shadow_tasks.add(task)
@@ -2390,7 +2390,7 @@ class _Run:
         return reservation
 
 
-async def _check_caller_budget(run: "_Run", model: str, messages: list[dict]) -> None:
+async def _check_caller_budget(run: "RelayRun", model: str, messages: list[dict]) -> None:
     """Refuse a secondary call (``skipped:key_budget``) that the caller's LiteLLM key or team budget
     cannot cover: the key's or team's spend now, plus the relay's spend in this request, plus the
     call's worst case."""
@@ -2497,7 +2497,7 @@ def _final_text(data: Mapping[str, Any], prepared: Prepared, text: str) -> str:
     return text[:cut] if cut >= 0 else text
 
 
-async def _run_refine(run: _Run, data: dict, surface: Surface) -> None:
+async def _run_refine(run: RelayRun, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
     reply = await run.review(plan.refine_prompt or REFINE_INSTRUCTIONS, prepared, final=True, live=_live(data, prepared))
@@ -2517,7 +2517,7 @@ def guard_windows(text: str, size: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text) - overlap, step)]
 
 
-async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
+async def _run_guard(run: RelayRun, data: dict, surface: Surface) -> None:
     """Judge everything a user will read: every answer (choice), tool calls included, each in windows
     the judge can take whole; the strictest verdict wins. Never a partial judgment reported as whole."""
     plan = run.plan
@@ -2549,13 +2549,13 @@ async def _run_guard(run: _Run, data: dict, surface: Surface) -> None:
         surface.refuse(plan.guard_message)
 
 
-def _judge_format(run: _Run, model: str, name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+def _judge_format(run: RelayRun, model: str, name: str, schema: Mapping[str, Any]) -> dict[str, Any]:
     """The judge call's extra keyword: ``{"response_format": ...}`` or nothing (RELAY_JUDGE_FORMAT)."""
     response_format = judge_response_format(name, schema, judge_style(run.handler.config.judge_format, model))
     return {"response_format": response_format} if response_format is not None else {}
 
 
-async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
+async def _run_annotate(run: RelayRun, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
     reply = await run.review(plan.annotate_prompt or ANNOTATE_INSTRUCTIONS, prepared)
@@ -2567,7 +2567,7 @@ async def _run_annotate(run: _Run, data: dict, surface: Surface) -> None:
         run.analysis = analysis
 
 
-async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
+async def _run_escalate(run: RelayRun, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
     structured = _judge_format(run, plan.secondary_model, "relay_score", SCORE_SCHEMA)
@@ -2582,7 +2582,7 @@ async def _run_escalate(run: _Run, data: dict, surface: Surface) -> None:
     run.outcome.result = "escalated"
 
 
-async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
+async def _run_consensus(run: RelayRun, data: dict, surface: Surface) -> None:
     plan = run.plan
     prepared = run.prepared(data, surface)
     members = await asyncio.gather(
@@ -2607,7 +2607,7 @@ async def _run_consensus(run: _Run, data: dict, surface: Surface) -> None:
         run.outcome.reason = "members failed: " + "; ".join(failures)
 
 
-async def _run_shadow(run: _Run, data: dict, surface: Surface) -> None:
+async def _run_shadow(run: RelayRun, data: dict, surface: Surface) -> None:
     prepared = run.prepared(data, surface)
     reply = await run.review(run.plan.annotate_prompt or ANNOTATE_INSTRUCTIONS, prepared)
     log.info("relay shadow analysis by %s (cost_usd=%s): %s", reply.model, usd(reply.cost_usd), _clip(reply.text, 2000))
@@ -2621,7 +2621,7 @@ class Mode:
     """What one mode is. Every place that treats modes differently reads its row in ``MODES``."""
 
     #: the mode's work on one answer: ``await run(run, data, surface)``; it edits the surface and the outcome
-    run: Callable[[_Run, dict, Any], Awaitable[None]]
+    run: Callable[[RelayRun, dict, Any], Awaitable[None]]
     #: how a stream=true client gets it: "pass" (text leaves as it arrives; the stream's end waits for the
     #: work), "buffer" (nothing leaves before the final answer), "guard" (RELAY_STREAM_GUARD: buffer or window)
     stream: str
@@ -2635,7 +2635,7 @@ class Mode:
     #: a guard: it reads every choice and tool call, an opt_in client cannot switch it off, and a relay proof
     #: never skips it when it fails closed (section "Trust")
     guards: bool = False
-    #: runs after the response left, sampled and bounded (Run.in_background)
+    #: runs after the response left, sampled and bounded (RelayRun.in_background)
     background: bool = False
 
 
@@ -2774,7 +2774,7 @@ class RelayHandler(CustomLogger):
             async for chunk in response:
                 yield chunk
             return
-        stream = StreamRelay(self, _Run(self, plan, depth, outcome, _key_id(user_api_key_dict)), request_data)
+        stream = StreamRelay(self, RelayRun(self, plan, depth, outcome, _key_id(user_api_key_dict)), request_data)
         finished = False
         try:
             async with contextlib.aclosing(stream.run_stream(response)) as inner:
@@ -2921,7 +2921,7 @@ class RelayHandler(CustomLogger):
                 raise RelayRejected(503, _MODEL_CONFIG_REFUSAL, outcome)
             return outcome
         surface, row = Surface(response), MODES[plan.mode]
-        run = _Run(self, plan, depth, outcome, _key_id(user_api_key_dict))
+        run = RelayRun(self, plan, depth, outcome, _key_id(user_api_key_dict))
         if surface.skip and not (row.guards and surface.skip != "no_text"):  # a guard reads every choice and tool call
             outcome.result = f"skipped:{surface.skip}"
         elif row.background:
@@ -3421,7 +3421,7 @@ def chunk_format(chunk: Any) -> ChunkFormat | None:
 class StreamRelay:
     """One stream's relay: reads the primary's chunks and yields what the client receives."""
 
-    def __init__(self, handler: "RelayHandler", run: "_Run", data: Mapping[str, Any]):
+    def __init__(self, handler: "RelayHandler", run: "RelayRun", data: Mapping[str, Any]):
         self.handler, self.run, self.data = handler, run, data
         self.plan, self.outcome = run.plan, run.outcome
         self.fmt: ChunkFormat | None = None

@@ -289,7 +289,7 @@ class RedisSentinelSet:
 
 
 async def _bench(store, n: int) -> list[float]:
-    """Per-call seconds of what ``_Run._attempt`` does with a store around one secondary call:
+    """Per-call seconds of what ``RelayRun._attempt`` does with a store around one secondary call:
     breaker permit, reservation on two caps, settle, breaker record."""
     holds = [("spend:bench", 1e9, 0.001), ("calls:bench", 1e9, 1.0)]
     samples = []
