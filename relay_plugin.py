@@ -2655,6 +2655,107 @@ MODES: Final[Mapping[str, Mode]] = {
 }
 
 
+# ----- which plan a request gets: RELAY_*, then the model's relay: block, then the client -----------
+
+
+class PlanResolver:
+    """The plan of one request: the ``RELAY_*`` plan, then the deployment's ``model_info.relay`` block
+    (validated once per distinct block), then the client's ``metadata.relay`` within
+    ``RELAY_CLIENT_OVERRIDE``; and whether the request is relayed at all (recursion, depth, trust)."""
+
+    def __init__(self, config: RelayConfig, stats: Counter[str]):
+        self.config = config
+        self.stats = stats  #: the handler's counters (``refused_model``)
+        self._model_plans: dict[str, Plan | ConfigError] = {}  #: a relay: block's JSON -> its plan or error
+
+    def check_client_models(self, block: Mapping[str, Any]) -> None:
+        """Under ``RELAY_CLIENT_OVERRIDE=full`` with ``RELAY_CLIENT_MODELS=listed``, a client may name only
+        models of the proxy's model list (or the operator's own): any other name would be called with the
+        proxy's provider keys, and each new name would leave state behind."""
+        config = self.config
+        router = _proxy_router()
+        if config.client_override != "full" or config.client_models == "any" or router is None:
+            return
+        plan = config.plan
+        allowed = {*(router.model_names or ()), plan.secondary_model, plan.escalate_model, *plan.consensus_models}
+        for key in ("secondary_model", "escalate_model", "consensus_models"):
+            value = block.get(key)
+            if value is None:
+                continue
+            for name in _model_list(value) if key == "consensus_models" else (_model(value),):
+                if name not in allowed:
+                    self.stats["refused_model"] += 1
+                    raise ConfigError(f"metadata.relay.{key}={name!r} is invalid: allowed: a model_name of this "
+                                      "proxy's model list (RELAY_CLIENT_MODELS=listed)")
+
+    def plan_for(self, data: Mapping[str, Any]) -> tuple["Plan | None", str, str]:
+        """``(plan, skip_reason, override_note)`` for one request: env, then model_info, then client."""
+        bucket = _proxy_metadata(data)
+        plan = self.config.plan
+        model_block = _deployment_relay_block(bucket.get("model_info") or {})
+        if model_block is not None:
+            plan = self.model_plan(model_block, data.get("model", ""))
+            if isinstance(plan, ConfigError):
+                return None, "model_config", ""
+        elif not any(fnmatchcase(str(data.get("model", "")), g) for g in self.config.apply_to):
+            return None, "not_applied", ""
+        block = _client_block(bucket.get(_CLIENT_KEY) or (data.get("metadata") or {}).get(_CLIENT_KEY))
+        plan, note = self._client_plan(plan, block) if block else (plan, "")
+        return (plan if plan.enabled else None), ("" if plan.enabled else "disabled"), note
+
+    def model_plan(self, block: Mapping[str, Any], model: str) -> Plan | ConfigError:
+        key = json.dumps(block, sort_keys=True, default=str)
+        if key not in self._model_plans:
+            try:
+                if not isinstance(block, Mapping):
+                    raise ConfigError(f"model_info.relay={block!r} is invalid: allowed: a mapping of relay settings")
+                self._model_plans[key] = self.config.plan.overridden(block, lambda k: f"model_info.relay.{k}")
+            except ConfigError as exc:
+                log.error("relay: model %s: %s; the model is refused (HTTP 503) until this is fixed", model, exc)
+                self._model_plans[key] = exc
+        return self._model_plans[key]
+
+    def _client_plan(self, plan: Plan, block: dict[str, Any]) -> tuple[Plan, str]:
+        policy = self.config.client_override
+        if policy == "none":
+            return plan, "ignored"
+        if policy == "opt_in":
+            refused = set(block) - OPT_IN_KEYS
+            if MODES[plan.mode].guards and plan.enabled:  # an operator's guard stays on
+                refused |= set(block) & {"enabled", "mode"}
+            block = {k: v for k, v in block.items() if k not in refused}
+            note = _header_safe("ignored:" + ",".join(sorted(ascii(k).strip("'") for k in refused))) if refused else "applied"
+        else:
+            note = "applied"
+        try:
+            return plan.overridden(block, lambda k: f"metadata.relay.{k}"), note
+        except ConfigError as exc:  # a valid block that leaves the plan incomplete
+            return plan, "ignored:" + _header_safe(str(exc))
+
+    def decide(self, data: Mapping[str, Any]) -> tuple[Plan | None, "Outcome", int]:
+        """``(plan, outcome, depth)``: the plan is None when this request is not relayed (outcome says why)."""
+        mode = self.config.plan.mode
+        if is_relay_call():
+            return None, Outcome(mode, "skipped:internal", []), 0
+        depth = relay_call_depth(data)
+        plan, skip, note = self.plan_for(data)
+        # A proof can leak (a provider's logs, a secondary that repeats its prompt) and be replayed within
+        # its lifetime: so a fail-closed guard never skips on one; it blocks without calling a judge
+        # (_run_guard), which also keeps a loop back into this proxy bounded.
+        closed_guard = plan is not None and MODES[plan.mode].guards and plan.fail_mode == "closed"
+        if relay_call_depth(data, REVIEW) >= self.config.max_depth and not closed_guard:
+            return None, Outcome(mode, "skipped:depth", []), depth
+        if plan is None:
+            outcome = "failed:model_config" if skip == "model_config" else f"skipped:{skip}"
+            return None, Outcome(mode, outcome, [], override=note), depth
+        # The relay's answer calls (escalate's premium, consensus members) carry the client's own
+        # conversation: a model could echo their proof to the client. So they never skip a guard (whose
+        # own calls are reviews, and bounded by those); they do skip every other mode (bounded loops).
+        if not MODES[plan.mode].guards and depth >= self.config.max_depth:
+            return None, Outcome(mode, "skipped:depth", []), depth
+        return plan, Outcome(plan.mode, "relayed", [], override=note), depth
+
+
 # =================================================================================================
 # The LiteLLM callback
 # =================================================================================================
@@ -2687,12 +2788,12 @@ class RelayHandler(CustomLogger):
         self._seen_token = os.urandom(16).hex()  #: marks a request this process relayed (see _first_time)
         if config.signing_secret:
             _signing_key_cache[:] = [hashlib.sha256(config.signing_secret.encode()).digest()]
-        self._model_plans: dict[str, Plan | ConfigError] = {}
         self.shadow_tasks: set[asyncio.Task] = set()  #: background (shadow) runs in flight
         #: outcome counters, e.g. ``stats["modified"]``, ``stats["failed:timeout"]``; beside them ``retries``,
         #: ``overshoot`` (calls past their token or cost bound), ``overshoot_usd`` (cost above the reservations)
         #: and ``refused_model`` (client-chosen models not in the model list)
         self.stats: Counter[str] = Counter()
+        self.plans = PlanResolver(config, self.stats)  #: which plan each request gets
         logging.getLogger("relay").setLevel(config.log_level.upper())
 
     def __repr__(self) -> str:
@@ -2718,7 +2819,7 @@ class RelayHandler(CustomLogger):
         try:
             block = _client_block(block)
             Plan.parse_block(block or {}, lambda key: f"metadata.relay.{key}")
-            self._check_client_models(block or {})
+            self.plans.check_client_models(block or {})
         except ConfigError as exc:
             raise _http_error(400, f"relay: {exc}") from None
         internal = data.setdefault("litellm_metadata", {}) if "litellm_metadata" in data else metadata
@@ -2752,7 +2853,7 @@ class RelayHandler(CustomLogger):
         outcome = outcome if isinstance(outcome, Outcome) else None  # only the relay's own, never a client's
         if outcome is None and response is not None and data.get("stream"):
             # a stream: the headers leave now, before the relay has run; decide what will happen
-            plan, outcome, depth = bucket[_STREAM_KEY] = self._decide(data)
+            plan, outcome, depth = bucket[_STREAM_KEY] = self.plans.decide(data)
             if plan is not None:
                 return {"x-relay-mode": plan.mode, "x-relay-outcome": "pending",
                         "x-relay-secondary-model": ",".join(MODES[plan.mode].models(plan))}
@@ -2766,7 +2867,7 @@ class RelayHandler(CustomLogger):
                 yield chunk
             return
         decision = _proxy_metadata(request_data).pop(_STREAM_KEY, None)
-        plan, outcome, depth = decision if isinstance(decision, tuple) else self._decide(request_data)
+        plan, outcome, depth = decision if isinstance(decision, tuple) else self.plans.decide(request_data)
         if plan is None:
             self._record(request_data, outcome)
             if outcome.result == "failed:model_config":
@@ -2785,26 +2886,6 @@ class RelayHandler(CustomLogger):
             if not finished and outcome.result in ("relayed", "pending"):
                 outcome.result = "failed:client_disconnected"
             self._record(request_data, outcome)
-
-    def _check_client_models(self, block: Mapping[str, Any]) -> None:
-        """Under ``RELAY_CLIENT_OVERRIDE=full`` with ``RELAY_CLIENT_MODELS=listed``, a client may name only
-        models of the proxy's model list (or the operator's own): any other name would be called with the
-        proxy's provider keys, and each new name would leave state behind."""
-        config = self.config
-        router = _proxy_router()
-        if config.client_override != "full" or config.client_models == "any" or router is None:
-            return
-        plan = config.plan
-        allowed = {*(router.model_names or ()), plan.secondary_model, plan.escalate_model, *plan.consensus_models}
-        for key in ("secondary_model", "escalate_model", "consensus_models"):
-            value = block.get(key)
-            if value is None:
-                continue
-            for name in _model_list(value) if key == "consensus_models" else (_model(value),):
-                if name not in allowed:
-                    self.stats["refused_model"] += 1
-                    raise ConfigError(f"metadata.relay.{key}={name!r} is invalid: allowed: a model_name of this "
-                                      "proxy's model list (RELAY_CLIENT_MODELS=listed)")
 
     def _first_time(self, data: Mapping[str, Any]) -> bool:
         """False when this request was relayed before (a hook that fires twice relays once). The mark is
@@ -2826,23 +2907,6 @@ class RelayHandler(CustomLogger):
                  ",".join(outcome.models), outcome.latency_ms, usd(outcome.cost_usd),
                  f" reason={_header_safe(outcome.reason)}" if outcome.reason else "")
 
-    # ----- deciding whether and how to relay -----------------------------------------------------
-
-    def plan_for(self, data: Mapping[str, Any]) -> tuple["Plan | None", str, str]:
-        """``(plan, skip_reason, override_note)`` for one request: env, then model_info, then client."""
-        bucket = _proxy_metadata(data)
-        plan = self.config.plan
-        model_block = _deployment_relay_block(bucket.get("model_info") or {})
-        if model_block is not None:
-            plan = self._model_plan(model_block, data.get("model", ""))
-            if isinstance(plan, ConfigError):
-                return None, "model_config", ""
-        elif not any(fnmatchcase(str(data.get("model", "")), g) for g in self.config.apply_to):
-            return None, "not_applied", ""
-        block = _client_block(bucket.get(_CLIENT_KEY) or (data.get("metadata") or {}).get(_CLIENT_KEY))
-        plan, note = self._client_plan(plan, block) if block else (plan, "")
-        return (plan if plan.enabled else None), ("" if plan.enabled else "disabled"), note
-
     def _check_proxy_once(self) -> None:
         """On the first request: learn the secrets the proxy holds (to mask them everywhere) and validate
         the ``relay:`` block of every model of the proxy's model_list. A model whose block is invalid is
@@ -2856,66 +2920,12 @@ class RelayHandler(CustomLogger):
             register_secrets(v for k, v in params.items() if _SECRET_PARAM.search(str(k)))
             block = _deployment_relay_block(deployment.get("model_info") or {})
             name = str(deployment.get("model_name", ""))
-            if block is not None and isinstance(self._model_plan(block, name), ConfigError):
+            if block is not None and isinstance(self.plans.model_plan(block, name), ConfigError):
                 self._bad_models[name] = (f"relay: model {name} is not served: its relay settings (model_info.relay) "
                                           "are invalid; the proxy's log names the setting")
 
-    def _model_plan(self, block: Mapping[str, Any], model: str) -> Plan | ConfigError:
-        key = json.dumps(block, sort_keys=True, default=str)
-        if key not in self._model_plans:
-            try:
-                if not isinstance(block, Mapping):
-                    raise ConfigError(f"model_info.relay={block!r} is invalid: allowed: a mapping of relay settings")
-                self._model_plans[key] = self.config.plan.overridden(block, lambda k: f"model_info.relay.{k}")
-            except ConfigError as exc:
-                log.error("relay: model %s: %s; the model is refused (HTTP 503) until this is fixed", model, exc)
-                self._model_plans[key] = exc
-        return self._model_plans[key]
-
-    def _client_plan(self, plan: Plan, block: dict[str, Any]) -> tuple[Plan, str]:
-        policy = self.config.client_override
-        if policy == "none":
-            return plan, "ignored"
-        if policy == "opt_in":
-            refused = set(block) - OPT_IN_KEYS
-            if MODES[plan.mode].guards and plan.enabled:  # an operator's guard stays on
-                refused |= set(block) & {"enabled", "mode"}
-            block = {k: v for k, v in block.items() if k not in refused}
-            note = _header_safe("ignored:" + ",".join(sorted(ascii(k).strip("'") for k in refused))) if refused else "applied"
-        else:
-            note = "applied"
-        try:
-            return plan.overridden(block, lambda k: f"metadata.relay.{k}"), note
-        except ConfigError as exc:  # a valid block that leaves the plan incomplete
-            return plan, "ignored:" + _header_safe(str(exc))
-
-    # ----- running the modes ----------------------------------------------------------------------
-
-    def _decide(self, data: Mapping[str, Any]) -> tuple[Plan | None, "Outcome", int]:
-        """``(plan, outcome, depth)``: the plan is None when this request is not relayed (outcome says why)."""
-        mode = self.config.plan.mode
-        if is_relay_call():
-            return None, Outcome(mode, "skipped:internal", []), 0
-        depth = relay_call_depth(data)
-        plan, skip, note = self.plan_for(data)
-        # A proof can leak (a provider's logs, a secondary that repeats its prompt) and be replayed within
-        # its lifetime: so a fail-closed guard never skips on one; it blocks without calling a judge
-        # (_run_guard), which also keeps a loop back into this proxy bounded.
-        closed_guard = plan is not None and MODES[plan.mode].guards and plan.fail_mode == "closed"
-        if relay_call_depth(data, REVIEW) >= self.config.max_depth and not closed_guard:
-            return None, Outcome(mode, "skipped:depth", []), depth
-        if plan is None:
-            outcome = "failed:model_config" if skip == "model_config" else f"skipped:{skip}"
-            return None, Outcome(mode, outcome, [], override=note), depth
-        # The relay's answer calls (escalate's premium, consensus members) carry the client's own
-        # conversation: a model could echo their proof to the client. So they never skip a guard (whose
-        # own calls are reviews, and bounded by those); they do skip every other mode (bounded loops).
-        if not MODES[plan.mode].guards and depth >= self.config.max_depth:
-            return None, Outcome(mode, "skipped:depth", []), depth
-        return plan, Outcome(plan.mode, "relayed", [], override=note), depth
-
     async def _relay(self, data: dict, response: Any, user_api_key_dict: Any) -> "Outcome":
-        plan, outcome, depth = self._decide(data)
+        plan, outcome, depth = self.plans.decide(data)
         if plan is None:
             if outcome.result == "failed:model_config":
                 raise RelayRejected(503, _MODEL_CONFIG_REFUSAL, outcome)
