@@ -272,63 +272,153 @@ DEFAULT_GUARD_MESSAGE: Final = "I can't help with that request."
 
 #: One row per variable, in README order. ``overridable=True`` rows may be overridden per model and request.
 VARIABLES: Final[tuple[_Var, ...]] = (
-    _Var("ENABLED", _parse_bool, True, "Master switch. `false`: the hooks return at once, nothing is added.", overridable=True),
-    _Var("MODE", _choice(*MODE_NAMES), "refine", "What the secondary does: " + ", ".join(MODE_NAMES) + ".", overridable=True),
-    _Var("SECONDARY_MODEL", _model, None, "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): `provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", overridable=True),
-    _Var("APPLY_TO", _glob_list, ("*",), "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
-    _Var("MAX_DEPTH", _number(int, 1, 100), 1, "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above this is never relayed (recursion guard). A client cannot claim a depth."),
-    _Var("SIGNING_SECRET", _secret, None, "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: derived from the proxy's master key. Instances that call each other must share it. At least 32 random characters."),
-    _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none", "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, but never skip or replace a guard); `full` (every plan setting)."),
-    _Var("CLIENT_MODELS", _choice("listed", "any"), "listed", "Which secondary models a client may name under `RELAY_CLIENT_OVERRIDE=full`: `listed` (a `model_name` of the proxy's `model_list`, or a model the operator configured; others are a 400), `any` (any `provider/model`, called with the proxy's provider keys)."),
-    _Var("REDACT", _parse_bool, False, "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary model."),
-    _Var("MAX_INPUT_CHARS", _number(int, 1, 10_000_000), 24000, "Cap on the conversation plus answer text sent to a secondary (oldest conversation text is cut first)."),
+    _Var("ENABLED", _parse_bool, True,
+         "Master switch. `false`: the hooks return at once, nothing is added.", overridable=True),
+    _Var("MODE", _choice(*MODE_NAMES), "refine", "What the secondary does: " + ", ".join(MODE_NAMES) + ".",
+         overridable=True),
+    _Var("SECONDARY_MODEL", _model, None,
+         "Secondary model (refiner, guard, annotator, escalate judge, consensus aggregator, shadow analyst): "
+         "`provider/model` or a `model_name` of the proxy's `model_list`. Required when enabled.", overridable=True),
+    _Var("APPLY_TO", _glob_list, ("*",),
+         "Comma-separated globs of primary model names (the `model` the client asked for) the relay applies to."),
+    _Var("MAX_DEPTH", _number(int, 1, 100), 1,
+         "A relay call whose proven depth (an HMAC proof in `x-relay-depth` and in its system prompt) is at or above "
+         "this is never relayed (recursion guard). A client cannot claim a depth."),
+    _Var("SIGNING_SECRET", _secret, None,
+         "Key of the proof that marks the relay's own calls (recursion guard; a client cannot forge it). Unset: "
+         "derived from the proxy's master key. Instances that call each other must share it. At least 32 random "
+         "characters."),
+    _Var("CLIENT_OVERRIDE", _choice("none", "opt_in", "full"), "none",
+         "What a client may change through `metadata.relay`: `none`; `opt_in` (`enabled`, `mode`, `annotate_target`, "
+         "but never skip or replace a guard); `full` (every plan setting)."),
+    _Var("CLIENT_MODELS", _choice("listed", "any"), "listed",
+         "Which secondary models a client may name under `RELAY_CLIENT_OVERRIDE=full`: `listed` (a `model_name` of "
+         "the proxy's `model_list`, or a model the operator configured; others are a 400), `any` (any "
+         "`provider/model`, called with the proxy's provider keys)."),
+    _Var("REDACT", _parse_bool, False,
+         "Mask e-mail addresses, phone numbers, card numbers and key-like tokens before anything reaches a secondary "
+         "model."),
+    _Var("MAX_INPUT_CHARS", _number(int, 1, 10_000_000), 24000,
+         "Cap on the conversation plus answer text sent to a secondary (oldest conversation text is cut first)."),
     _Var("SECONDARY_MAX_TOKENS", _number(int, 1, 1_000_000), 1024, "Explicit output limit of every secondary call."),
     _Var("TIMEOUT_S", _number(float, 0.01, 3600), 20.0, "Bound of each secondary call, in seconds."),
-    _Var("DEADLINE_S", _number(float, 0.01, 3600), 45.0, "Bound of all relay work for one request (fan-out and escalation included), in seconds."),
-    _Var("FAIL_MODE", _choice("open", "closed"), "open", "`open`: a failed or skipped relay returns the primary answer unchanged. `closed`: guard blocks what it could not judge; other modes answer 503 naming the reason.", overridable=True),
-    _Var("RETRIES", _number(int, 0, 10), 1, "Retries of a secondary call after a retryable error (429, 5xx, connection, timeout), with full-jitter exponential backoff, honouring `Retry-After`, never past the deadline."),
-    _Var("RETRY_BASE_S", _number(float, 0.001, 60), 0.25, "First backoff step of the retries, in seconds (doubles each retry)."),
+    _Var("DEADLINE_S", _number(float, 0.01, 3600), 45.0,
+         "Bound of all relay work for one request (fan-out and escalation included), in seconds."),
+    _Var("FAIL_MODE", _choice("open", "closed"), "open",
+         "`open`: a failed or skipped relay returns the primary answer unchanged. `closed`: guard blocks what it "
+         "could not judge; other modes answer 503 naming the reason.", overridable=True),
+    _Var("RETRIES", _number(int, 0, 10), 1,
+         "Retries of a secondary call after a retryable error (429, 5xx, connection, timeout), with full-jitter "
+         "exponential backoff, honouring `Retry-After`, never past the deadline."),
+    _Var("RETRY_BASE_S", _number(float, 0.001, 60), 0.25,
+         "First backoff step of the retries, in seconds (doubles each retry)."),
     _Var("RETRY_MAX_S", _number(float, 0.001, 600), 4.0, "Longest single backoff, in seconds."),
-    _Var("BREAKER_FAILURE_RATE", _number(float, 0, 1, low_open=True), 0.5, "Failure rate (failures, timeouts and slow calls) over the window that opens a secondary model's circuit breaker."),
-    _Var("BREAKER_WINDOW", _number(int, 1, 10_000), 20, "Number of most recent calls the failure rate is computed over."),
+    _Var("BREAKER_FAILURE_RATE", _number(float, 0, 1, low_open=True), 0.5,
+         "Failure rate (failures, timeouts and slow calls) over the window that opens a secondary model's circuit "
+         "breaker."),
+    _Var("BREAKER_WINDOW", _number(int, 1, 10_000), 20,
+         "Number of most recent calls the failure rate is computed over."),
     _Var("BREAKER_MIN_CALLS", _number(int, 1, 10_000), 10, "Calls the window must hold before the breaker may open."),
-    _Var("BREAKER_SLOW_S", _number(float, 0.001, 3600), 10.0, "A successful call slower than this counts as a failure for the breaker."),
-    _Var("BREAKER_COOLDOWN_S", _number(float, 0.01, 86400), 30.0, "How long an open breaker stays open before it lets probes through."),
-    _Var("BREAKER_PROBES", _number(int, 1, 1000), 1, "Concurrent probe calls admitted when half-open; that many successes close it, one failure reopens it."),
-    _Var("BUDGET_USD", _number(float, 0, 1e9), None, "Cap on all secondary spend per budget window, in USD (unset: no cap)."),
-    _Var("BUDGET_USD_PER_KEY", _number(float, 0, 1e9), None, "Cap on the secondary spend caused by each caller API key per window, in USD (unset: no cap)."),
-    _Var("MAX_CALLS", _number(int, 0, 10**12), None, "Cap on the number of secondary calls per window (unset: no cap)."),
-    _Var("BUDGET_WINDOW_S", _number(float, 1, 366 * 86400), 86400.0, "Length of the budget window, in seconds (fixed windows aligned to the epoch)."),
-    _Var("ALLOW_UNPRICED", _parse_bool, False, "With a USD cap set, allow secondaries whose price is unknown (they reserve and settle 0). Otherwise they are `skipped:unpriced`."),
-    _Var("CACHE_TTL_S", _number(float, 0, 30 * 86400), 0.0, "Reuse an identical secondary result (same model, instructions, conversation and answer) for this long; 0 turns the cache off."),
+    _Var("BREAKER_SLOW_S", _number(float, 0.001, 3600), 10.0,
+         "A successful call slower than this counts as a failure for the breaker."),
+    _Var("BREAKER_COOLDOWN_S", _number(float, 0.01, 86400), 30.0,
+         "How long an open breaker stays open before it lets probes through."),
+    _Var("BREAKER_PROBES", _number(int, 1, 1000), 1,
+         "Concurrent probe calls admitted when half-open; that many successes close it, one failure reopens it."),
+    _Var("BUDGET_USD", _number(float, 0, 1e9), None,
+         "Cap on all secondary spend per budget window, in USD (unset: no cap)."),
+    _Var("BUDGET_USD_PER_KEY", _number(float, 0, 1e9), None,
+         "Cap on the secondary spend caused by each caller API key per window, in USD (unset: no cap)."),
+    _Var("MAX_CALLS", _number(int, 0, 10**12), None,
+         "Cap on the number of secondary calls per window (unset: no cap)."),
+    _Var("BUDGET_WINDOW_S", _number(float, 1, 366 * 86400), 86400.0,
+         "Length of the budget window, in seconds (fixed windows aligned to the epoch)."),
+    _Var("ALLOW_UNPRICED", _parse_bool, False,
+         "With a USD cap set, allow secondaries whose price is unknown (they reserve and settle 0). Otherwise they "
+         "are `skipped:unpriced`."),
+    _Var("CACHE_TTL_S", _number(float, 0, 30 * 86400), 0.0,
+         "Reuse an identical secondary result (same model, instructions, conversation and answer) for this long; 0 "
+         "turns the cache off."),
     _Var("CACHE_MAX_ENTRIES", _number(int, 1, 10_000_000), 2048, "Bound on the number of cached secondary results."),
     _Var("GUARD_POLICY", _text, DEFAULT_GUARD_POLICY, "Policy the guard judges against.", overridable=True),
-    _Var("GUARD_MESSAGE", _text, DEFAULT_GUARD_MESSAGE, "Refusal text that replaces a blocked answer.", overridable=True),
-    _Var("GUARD_ACTION", _choice("replace", "error"), "replace", "`replace`: refusal with `finish_reason: content_filter`; `error`: HTTP 400 naming the reason.", overridable=True),
-    _Var("ANNOTATE_TARGET", _choice("body", "append"), "body", "`body`: analysis in a top-level `relay` object; `append`: analysis appended to the answer text.", overridable=True),
-    _Var("ESCALATE_MODEL", _model, None, "Premium model that answers when the judge's score is below the threshold. Required for `escalate`.", overridable=True),
-    _Var("ESCALATE_THRESHOLD", _number(float, 0, 10), 7.0, "Judge score (0-10) below which the request escalates.", overridable=True),
-    _Var("JUDGE_FORMAT", _choice("auto", "schema", "prompt"), "auto", "How guard verdicts and escalate scores are asked for: `schema` requests structured output (a JSON schema as `response_format`, which litellm translates for each provider); `prompt` only the instructions (everywhere); `auto` uses `schema` where the secondary supports it (litellm's `supports_response_schema` for the model, or its deployment's `model_info.supports_response_schema`). A deployment's `model_info.relay_judge_format` (`schema`, `json_object` or `prompt`) beats both `auto` and `schema` (`json_object`: the `{\"type\": \"json_object\", \"schema\": ...}` form of llama-cpp-python's server). Replies are parsed just as strictly either way."),
-    _Var("CONSENSUS_MODELS", _model_list, (), "Comma-separated models that answer concurrently in `consensus`. Required for `consensus`.", overridable=True),
-    _Var("SAMPLE_RATE", _number(float, 0, 1), 1.0, "Fraction of eligible requests relayed in `shadow` mode.", overridable=True),
-    _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1, 100_000), 32, "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
-    _Var("REFINE_PROMPT", _text, None, "Replaces the refine instructions (the delimiters and data rule are always added).", overridable=True),
+    _Var("GUARD_MESSAGE", _text, DEFAULT_GUARD_MESSAGE,
+         "Refusal text that replaces a blocked answer.", overridable=True),
+    _Var("GUARD_ACTION", _choice("replace", "error"), "replace",
+         "`replace`: refusal with `finish_reason: content_filter`; `error`: HTTP 400 naming the reason.", overridable=True),
+    _Var("ANNOTATE_TARGET", _choice("body", "append"), "body",
+         "`body`: analysis in a top-level `relay` object; `append`: analysis appended to the answer text.", overridable=True),
+    _Var("ESCALATE_MODEL", _model, None,
+         "Premium model that answers when the judge's score is below the threshold. Required for `escalate`.", overridable=True),
+    _Var("ESCALATE_THRESHOLD", _number(float, 0, 10), 7.0,
+         "Judge score (0-10) below which the request escalates.", overridable=True),
+    _Var("JUDGE_FORMAT", _choice("auto", "schema", "prompt"), "auto",
+         "How guard verdicts and escalate scores are asked for: `schema` requests structured output (a JSON schema as"
+         " `response_format`, which litellm translates for each provider); `prompt` only the instructions "
+         "(everywhere); `auto` uses `schema` where the secondary supports it (litellm's `supports_response_schema` "
+         "for the model, or its deployment's `model_info.supports_response_schema`). A deployment's "
+         "`model_info.relay_judge_format` (`schema`, `json_object` or `prompt`) beats both `auto` and `schema` "
+         "(`json_object`: the `{\"type\": \"json_object\", \"schema\": ...}` form of llama-cpp-python's server). Replies "
+         "are parsed just as strictly either way."),
+    _Var("CONSENSUS_MODELS", _model_list, (),
+         "Comma-separated models that answer concurrently in `consensus`. Required for `consensus`.", overridable=True),
+    _Var("SAMPLE_RATE", _number(float, 0, 1), 1.0,
+         "Fraction of eligible requests relayed in `shadow` mode.", overridable=True),
+    _Var("SHADOW_MAX_IN_FLIGHT", _number(int, 1, 100_000), 32,
+         "Shadow analyses running at once; beyond it a response is `skipped:shadow_busy`."),
+    _Var("REFINE_PROMPT", _text, None,
+         "Replaces the refine instructions (the delimiters and data rule are always added).", overridable=True),
     _Var("ANNOTATE_PROMPT", _text, None, "Replaces the annotate/shadow instructions.", overridable=True),
-    _Var("STREAM_GUARD", _choice("buffer", "window"), "buffer", "Guard on streams: `buffer` holds the whole answer until judged; `window` judges and releases it window by window.", overridable=True),
-    _Var("STREAM_WINDOW_CHARS", _number(int, 1, 1_000_000), 400, "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
-    _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0, "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is noticed and the work cancelled."),
+    _Var("STREAM_GUARD", _choice("buffer", "window"), "buffer",
+         "Guard on streams: `buffer` holds the whole answer until judged; `window` judges and releases it window by "
+         "window.", overridable=True),
+    _Var("STREAM_WINDOW_CHARS", _number(int, 1, 1_000_000), 400,
+         "Characters of text per judged window with `RELAY_STREAM_GUARD=window`."),
+    _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0,
+         "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is "
+         "noticed and the work cancelled."),
     _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
-    _Var("STATE", _choice("local", "redis"), None, "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every worker and instance). Unset: `redis` when `RELAY_REDIS_URL`, `RELAY_REDIS_CLUSTER_NODES` or `RELAY_REDIS_SENTINELS` is set, else `local`. `redis` without them uses LiteLLM's settings: `REDIS_CLUSTER_NODES`, else `REDIS_SENTINEL_NODES` / `REDIS_SERVICE_NAME`, else `REDIS_HOST` / `REDIS_PORT`, with `REDIS_PASSWORD`."),
-    _Var("REDIS_URL", _text, None, "Redis of the shared state: a `redis://`, `rediss://` or `unix://` URL (it may carry the password). Setting it implies `RELAY_STATE=redis`."),
-    _Var("REDIS_PREFIX", _text, "relay", "Namespace of every Redis key the relay writes. Instances that share a prefix share budgets, caps, breakers and cache, and must share those settings."),
-    _Var("STATE_FAILURE", _choice("closed", "local"), "closed", "Redis unreachable or slower than `RELAY_REDIS_TIMEOUT_S`: `closed` skips the relay (`skipped:state_unavailable`, then `RELAY_FAIL_MODE` applies), since no cap can be guaranteed; `local` uses this process's own state meanwhile (caps then hold per process), logged once per outage."),
-    _Var("REDIS_TIMEOUT_S", _number(float, 0.001, 60), 0.25, "Bound of each Redis operation end to end, in seconds (connects, redirects and the client's own retries included)."),
-    _Var("REDIS_RETRY_S", _number(float, 0.001, 3600), 1.0, "After a Redis failure, requests do not try Redis again for this long, so an outage does not add a timeout to each of them."),
-    _Var("REDIS_CLUSTER_NODES", _text, None, "Redis Cluster of the shared state: comma-separated `host:port` of some of its nodes, or `redis://` / `rediss://` URLs carrying the password and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_CLUSTER_NODES`."),
-    _Var("REDIS_SENTINELS", _text, None, "Redis Sentinel of the shared state: comma-separated `host:port` of the sentinels, or `redis://` / `rediss://` URLs carrying the password (of the sentinels and the primary) and TLS. Implies `RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_SENTINEL_NODES`."),
-    _Var("REDIS_SENTINEL_SERVICE", _text, None, "Name of the primary the sentinels monitor. Required with `RELAY_REDIS_SENTINELS`; unset: LiteLLM's `REDIS_SERVICE_NAME`."),
-    _Var("SPEND_ATTRIBUTION", _choice("caller", "none"), "caller", "`caller`: each secondary call is booked in LiteLLM's spend tracking (spend rows, key/team/user spend, budgets, callbacks such as OTel and Langfuse) to the calling key, team, user, organisation and end user, under the secondary's own model, marked `internal_call_origin: relay`, in the request's trace; a request whose LiteLLM key or team budget cannot cover a secondary call gets none (`skipped:key_budget`). `none`: secondary calls stay out of LiteLLM's books (`no-log`)."),
-    _Var("PROMETHEUS", _choice("auto", "on", "off"), "auto", "The relay's Prometheus metrics (`relay_*`) on the proxy's `/metrics`: `auto` when `prometheus_client` is installed, `on` requires it, `off` never."),
+    _Var("STATE", _choice("local", "redis"), None,
+         "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every "
+         "worker and instance). Unset: `redis` when `RELAY_REDIS_URL`, `RELAY_REDIS_CLUSTER_NODES` or "
+         "`RELAY_REDIS_SENTINELS` is set, else `local`. `redis` without them uses LiteLLM's settings: "
+         "`REDIS_CLUSTER_NODES`, else `REDIS_SENTINEL_NODES` / `REDIS_SERVICE_NAME`, else `REDIS_HOST` / "
+         "`REDIS_PORT`, with `REDIS_PASSWORD`."),
+    _Var("REDIS_URL", _text, None,
+         "Redis of the shared state: a `redis://`, `rediss://` or `unix://` URL (it may carry the password). Setting "
+         "it implies `RELAY_STATE=redis`."),
+    _Var("REDIS_PREFIX", _text, "relay",
+         "Namespace of every Redis key the relay writes. Instances that share a prefix share budgets, caps, breakers "
+         "and cache, and must share those settings."),
+    _Var("STATE_FAILURE", _choice("closed", "local"), "closed",
+         "Redis unreachable or slower than `RELAY_REDIS_TIMEOUT_S`: `closed` skips the relay "
+         "(`skipped:state_unavailable`, then `RELAY_FAIL_MODE` applies), since no cap can be guaranteed; `local` uses"
+         " this process's own state meanwhile (caps then hold per process), logged once per outage."),
+    _Var("REDIS_TIMEOUT_S", _number(float, 0.001, 60), 0.25,
+         "Bound of each Redis operation end to end, in seconds (connects, redirects and the client's own retries "
+         "included)."),
+    _Var("REDIS_RETRY_S", _number(float, 0.001, 3600), 1.0,
+         "After a Redis failure, requests do not try Redis again for this long, so an outage does not add a timeout "
+         "to each of them."),
+    _Var("REDIS_CLUSTER_NODES", _text, None,
+         "Redis Cluster of the shared state: comma-separated `host:port` of some of its nodes, or `redis://` / "
+         "`rediss://` URLs carrying the password and TLS. Implies `RELAY_STATE=redis`. Unset with "
+         "`RELAY_STATE=redis`: LiteLLM's `REDIS_CLUSTER_NODES`."),
+    _Var("REDIS_SENTINELS", _text, None,
+         "Redis Sentinel of the shared state: comma-separated `host:port` of the sentinels, or `redis://` / "
+         "`rediss://` URLs carrying the password (of the sentinels and the primary) and TLS. Implies "
+         "`RELAY_STATE=redis`. Unset with `RELAY_STATE=redis`: LiteLLM's `REDIS_SENTINEL_NODES`."),
+    _Var("REDIS_SENTINEL_SERVICE", _text, None,
+         "Name of the primary the sentinels monitor. Required with `RELAY_REDIS_SENTINELS`; unset: LiteLLM's "
+         "`REDIS_SERVICE_NAME`."),
+    _Var("SPEND_ATTRIBUTION", _choice("caller", "none"), "caller",
+         "`caller`: each secondary call is booked in LiteLLM's spend tracking (spend rows, key/team/user spend, "
+         "budgets, callbacks such as OTel and Langfuse) to the calling key, team, user, organisation and end user, "
+         "under the secondary's own model, marked `internal_call_origin: relay`, in the request's trace; a request "
+         "whose LiteLLM key or team budget cannot cover a secondary call gets none (`skipped:key_budget`). `none`: "
+         "secondary calls stay out of LiteLLM's books (`no-log`)."),
+    _Var("PROMETHEUS", _choice("auto", "on", "off"), "auto",
+         "The relay's Prometheus metrics (`relay_*`) on the proxy's `/metrics`: `auto` when `prometheus_client` is "
+         "installed, `on` requires it, `off` never."),
 )
 _BY_NAME: Final = {v.name: v for v in VARIABLES}
 
