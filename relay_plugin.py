@@ -1440,6 +1440,8 @@ def judge_style(setting: str, model: str) -> str:
 # Primitives: the circuit breaker, the local store and the store protocol
 # =================================================================================================
 
+#: the breaker's states (pybreaker's names). "closed" is also a RELAY_FAIL_MODE value (`Plan.fail_mode`)
+#: and a RELAY_STATE_FAILURE value (`FailoverStore.on_failure`); neither is a breaker state.
 STATE_CLOSED: Final = "closed"
 STATE_OPEN: Final = "open"
 STATE_HALF_OPEN: Final = "half_open"
@@ -4097,22 +4099,24 @@ class RedisStore:
 
 
 class FailoverStore:
-    """Shared state first; while it fails, ``RELAY_STATE_FAILURE`` decides.
+    """Shared state first; while it fails, ``RELAY_STATE_FAILURE`` (``on_failure``) decides.
 
-    ``closed``: the operations a relay needs before calling (cache lookup, breaker permit, reservation)
-    raise ``SecondaryError("state_unavailable", skipped=True)``, so the relay is skipped and the client
-    keeps the primary answer (or gets what ``RELAY_FAIL_MODE=closed`` says). ``local``: they use the
-    in-process ``fallback`` store. Either way, what runs after a call (settle, release, breaker record,
-    cache put) never raises: a hold made in Redis that cannot be settled stays counted until its window
-    ends, and a probe permit that cannot be given back expires by itself.
+    ``RELAY_STATE_FAILURE=closed``: the operations a relay needs before calling (cache lookup, breaker
+    permit, reservation) raise ``SecondaryError("state_unavailable", skipped=True)``, so the relay is
+    skipped and the client keeps the primary answer (or gets what ``RELAY_FAIL_MODE=closed`` says).
+    ``RELAY_STATE_FAILURE=local``: they use the in-process ``fallback`` store. Either way, what runs after
+    a call (settle, release, breaker record, cache put) never raises: a hold made in Redis that cannot be
+    settled stays counted until its window ends, and a probe permit that cannot be given back expires by
+    itself.
 
     One ERROR line when an outage starts, one INFO line when Redis answers again. After a failure Redis
     is not tried for ``retry_s``; redis-py reconnects by itself on the next try.
     """
 
-    def __init__(self, primary: RedisStore, fallback: LocalStore, *, mode: str, retry_s: float, bound_s: float,
+    def __init__(self, primary: RedisStore, fallback: LocalStore, *, on_failure: str, retry_s: float, bound_s: float,
                  clock: Callable[[], float] = time.monotonic):
-        self.primary, self.fallback, self.mode = primary, fallback, mode
+        self.primary, self.fallback = primary, fallback
+        self.on_failure = on_failure  #: RELAY_STATE_FAILURE: "closed" (skip the relay) or "local" (use ``fallback``)
         self.retry_s = retry_s  #: seconds without trying Redis after a failure
         self.bound_s = bound_s  #: longest wait on one Redis operation, whatever redis-py does
         self.clock = clock
@@ -4127,7 +4131,8 @@ class FailoverStore:
 
     def __repr__(self) -> str:
         state = "up" if self.down_since is None else "down"
-        return f"<FailoverStore {self.primary!r} {state} on_failure={self.mode} outages={self.outages} lost={self.lost}>"
+        return (f"<FailoverStore {self.primary!r} {state} on_failure={self.on_failure} outages={self.outages} "
+                f"lost={self.lost}>")
 
     async def _shared(self, op: str, call: Callable[[], Any]) -> tuple[bool, Any]:
         """``(True, result)`` of one Redis operation, or ``(False, None)`` when Redis is down."""
@@ -4149,7 +4154,7 @@ class FailoverStore:
                 log.error("relay: shared state in Redis (%s) is unavailable: %s during %s. %s Redis is tried "
                           "again every %gs.", self.primary.where, scrub_secrets(f"{type(exc).__name__}: {exc}"), op,
                           "Relays are skipped (RELAY_STATE_FAILURE=closed) until it is back."
-                          if self.mode == "closed" else
+                          if self.on_failure == "closed" else
                           "This process uses its own budget, caps, breakers and cache (RELAY_STATE_FAILURE=local) "
                           "until it is back: caps hold per process meanwhile.", self.retry_s)
             return False, None
@@ -4169,7 +4174,7 @@ class FailoverStore:
         return result if ok else await self._unavailable(op, fallback)
 
     async def _unavailable(self, op: str, fallback: Callable[[], Any]) -> Any:
-        if self.mode == "local":
+        if self.on_failure == "local":
             return await fallback()
         raise SecondaryError("state_unavailable", f"the shared state in Redis is unavailable ({op}); no cap can be "
                              "guaranteed (RELAY_STATE_FAILURE=closed)", skipped=True)
@@ -4226,7 +4231,7 @@ class FailoverStore:
 
     async def cache_put(self, key: str, text: str, now: float) -> None:
         ok, _ = await self._shared("cache write", lambda: self.primary.cache_put(key, text, now))
-        if not ok and self.mode == "local":
+        if not ok and self.on_failure == "local":
             await self.fallback.cache_put(key, text, now)
 
 
@@ -4463,7 +4468,8 @@ def make_store(config: "RelayConfig", env: Mapping[str, str] = os.environ) -> "L
         client = redis_client(target.url or "", timeout_s)
     primary = RedisStore(config, client, where=target.where)
     # the whole operation is bounded, whatever the client does inside (reconnects, redirects, a new topology)
-    return FailoverStore(primary, local, mode=config.state_failure, retry_s=config.redis_retry_s, bound_s=timeout_s)
+    return FailoverStore(primary, local, on_failure=config.state_failure, retry_s=config.redis_retry_s,
+                         bound_s=timeout_s)
 
 
 def _load_store(config: "RelayConfig") -> "LocalStore | FailoverStore":

@@ -323,7 +323,8 @@ async def bench(n: int = 1000) -> str:
         store = relay_plugin.RedisStore(config, client)
         await _bench(store, 50)  # warm-up: connection and script cache
         lines.append(_summary("RedisStore", await _bench(store, n)))
-        failover = relay_plugin.FailoverStore(store, relay_plugin.LocalStore(config), mode="closed", retry_s=1, bound_s=1)
+        failover = relay_plugin.FailoverStore(store, relay_plugin.LocalStore(config), on_failure="closed", retry_s=1,
+                                              bound_s=1)
         lines.append(_summary("FailoverStore", await _bench(failover, n)))
         await client.aclose()
     finally:

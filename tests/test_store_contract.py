@@ -498,10 +498,11 @@ class Moving:
         return self.now
 
 
-async def failover(server: RedisServer, mode: str, clock=None) -> FailoverStore:
-    cfg = config(STATE_FAILURE=mode, REDIS_TIMEOUT_S="0.2", REDIS_RETRY_S="5")
+async def failover(server: RedisServer, on_failure: str, clock=None) -> FailoverStore:
+    cfg = config(STATE_FAILURE=on_failure, REDIS_TIMEOUT_S="0.2", REDIS_RETRY_S="5")
     primary = await new_redis_store(server, cfg, timeout_s=0.2)
-    return FailoverStore(primary, LocalStore(cfg), mode=mode, retry_s=5, bound_s=0.6, clock=clock or Moving())
+    return FailoverStore(primary, LocalStore(cfg), on_failure=on_failure, retry_s=5, bound_s=0.6,
+                         clock=clock or Moving())
 
 
 async def test_closed_with_redis_down_skips_what_needs_state_and_never_raises_after_a_call(own_redis):
@@ -588,7 +589,7 @@ class Flaky:
 async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_with_no_second_error_line(exc, relay_log):
     clock = Moving()
     primary = Flaky(exc)
-    store = FailoverStore(primary, LocalStore(config()), mode="closed", retry_s=0.5, bound_s=1, clock=clock)
+    store = FailoverStore(primary, LocalStore(config()), on_failure="closed", retry_s=0.5, bound_s=1, clock=clock)
     for step in range(6):  # a Cluster failing over: some operations answer, others fail, for a few seconds
         primary.failing = step % 2 == 0
         clock.now += 0.5
@@ -695,7 +696,8 @@ def test_make_store_builds_redis_with_the_local_store_as_fallback():
     store = relay_plugin.make_store(config(REDIS_URL="redis://:pw@127.0.0.1:1/0", STATE_FAILURE="local",
                                            REDIS_PREFIX="blue"), {})
     assert isinstance(store, FailoverStore) and isinstance(store.fallback, LocalStore)
-    assert (store.mode, store.primary.prefix, store.primary.where) == ("local", "blue", "redis://:***@127.0.0.1:1/0")
+    assert (store.on_failure, store.primary.prefix, store.primary.where) == (
+        "local", "blue", "redis://:***@127.0.0.1:1/0")
     assert "pw" not in repr(store)
     assert isinstance(relay_plugin.make_store(config(), {}), LocalStore)
 
