@@ -645,7 +645,6 @@ _MODEL_CONFIG_REFUSAL: Final = "relay: this model is not served: its relay setti
 #: litellm_params that hold credentials: their values are masked wherever they would appear
 _SECRET_PARAM: Final = re.compile(r"(?i)key|secret|token|password|credential")
 DEPTH_HEADER: Final = "x-relay-depth"
-_SEEN_MAX: Final = 50_000
 #: secondary models whose breaker and price are kept in this process at most (least recently used go)
 MODELS_MAX: Final = 1024
 
@@ -1541,6 +1540,12 @@ class Breaker:
         self.results.clear()
 
 
+#: budget counters remembered as having refused a reservation (see ``RelayHandler.refused_counters``);
+#: a name carries its window, so only the current window's matter: the relay-wide caps plus one per key
+#: whose cap ran out. Beyond this many the set starts over, which costs one reservation attempt per cap.
+REFUSED_COUNTERS_MAX: Final = 10_000
+
+
 @dataclass(frozen=True)
 class Reservation:
     """Amounts held on budget counters until the call settles or is released."""
@@ -1593,7 +1598,7 @@ class LocalStore:
             breaker = self.breakers[model] = Breaker(
                 failure_rate=c.breaker_failure_rate, window=c.breaker_window, min_calls=c.breaker_min_calls,
                 cooldown_s=c.breaker_cooldown_s, probes=c.breaker_probes)
-            while len(self.breakers) > MODELS_MAX:  # bounded, like the call-id set: the least recently used go
+            while len(self.breakers) > MODELS_MAX:  # bounded (MODELS_MAX): the least recently used go
                 self.breakers.popitem(last=False)
         else:
             self.breakers.move_to_end(model)
@@ -2475,7 +2480,7 @@ class RelayRun:
             holds.append((f"calls:{window}", float(config.max_calls), 1.0))
         reservation = await handler.store.reserve(holds)
         if reservation is None:
-            if len(handler.refused_counters) > _SEEN_MAX:
+            if len(handler.refused_counters) > REFUSED_COUNTERS_MAX:
                 handler.refused_counters.clear()
             handler.refused_counters.update(name for name, _, _ in holds)
             raise refused

@@ -1004,6 +1004,19 @@ async def test_breakers_and_prices_of_many_client_chosen_models_stay_bounded(mon
     assert "openai/made-up-299" in handler.store.breakers  # the newest stay
 
 
+async def test_the_counters_remembered_as_refused_stay_bounded(monkeypatch):
+    fake = Secondary()
+    handler = handler_for(config(BUDGET_USD_PER_KEY=str(WORST / 2), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    priced(monkeypatch, handler)
+    monkeypatch.setattr(relay_plugin, "REFUSED_COUNTERS_MAX", 10)
+
+    outcomes = [(await relay(handler, key=f"sk-caller-{i}"))[0].result for i in range(50)]
+
+    assert outcomes == ["skipped:budget"] * 50  # every key's cap is below one call
+    assert 0 < len(handler.refused_counters) <= 11  # one refused counter per key, cleared past the bound
+    assert fake.calls == []
+
+
 class Overbilling(Secondary):
     """A provider that bills far more output tokens than the call allowed."""
 
