@@ -94,7 +94,7 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields, replace
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Mapping, Protocol, runtime_checkable
 
 if __name__ != "__main__":  # `python relay_plugin.py --env-table` needs no litellm
     import litellm
@@ -1553,7 +1553,54 @@ class Reservation:
     counters: tuple[tuple[str, float], ...]  #: (counter name, amount held)
 
 
-class LocalStore:
+@dataclass(frozen=True)
+class Permit:
+    """A breaker's leave for one call to a secondary. The relay never looks inside: it hands the
+    permit back, with the call's outcome, to ``breaker_record`` of the store that issued it."""
+
+    token: str  #: ``"call"`` (the breaker is closed) or ``"probe:<id>"`` (one of the half-open probes)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where the relay keeps budget counters, breakers and the result cache: the coroutines that
+    :class:`LocalStore`, :class:`RedisStore` and :class:`FailoverStore` implement, and that
+    tests/test_store_contract.py checks on each.
+
+    Each coroutine is atomic on its own: on one event loop for an in-process store, across every
+    process for a shared one. ``now`` is monotonic seconds for breakers (a shared store reads its
+    server's clock instead) and epoch seconds for the cache.
+    """
+
+    async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
+        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else hold nothing."""
+
+    async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
+        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give every amount of ``reservation`` back: the call was not made."""
+
+    async def counter(self, name: str) -> float:
+        """What counter ``name`` holds now, spent plus reserved (0 for a counter never used)."""
+
+    async def breaker_acquire(self, model: str, now: float) -> Permit | None:
+        """A permit for one call to ``model``, or None while its breaker is open or its probes are all out."""
+
+    async def breaker_record(self, model: str, permit: Permit, failed: bool | None, now: float) -> None:
+        """The outcome of the call made under ``permit``; ``failed`` None gives the permit back without one."""
+
+    async def breaker_state(self, model: str, now: float) -> str:
+        """The state of ``model``'s breaker: STATE_CLOSED, STATE_OPEN or STATE_HALF_OPEN."""
+
+    async def cache_get(self, key: str, now: float) -> str | None:
+        """The text cached under ``key``, or None when there is none or it expired by ``now``."""
+
+    async def cache_put(self, key: str, text: str, now: float) -> None:
+        """Cache ``text`` under ``key`` for RELAY_CACHE_TTL_S, within RELAY_CACHE_MAX_ENTRIES (oldest go first)."""
+
+
+class LocalStore(Store):
     """In-process state: budget counters, breakers and the result cache.
 
     Every operation completes without awaiting anything, so on one event loop each is atomic. A
@@ -1571,7 +1618,6 @@ class LocalStore:
 
     # ----- budget -----
     async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
-        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else nothing."""
         if any(self.counters.get(name, 0.0) + amount > limit + 1e-12 for name, limit, amount in holds):
             return None
         for name, _, amount in holds:
@@ -1579,7 +1625,6 @@ class LocalStore:
         return Reservation(tuple((name, amount) for name, _, amount in holds))
 
     async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
-        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
         for name, held in reservation.counters:
             self.counters[name] = self.counters.get(name, 0.0) - held + actual.get(name, held)
 
@@ -1604,16 +1649,16 @@ class LocalStore:
             self.breakers.move_to_end(model)
         return breaker
 
-    async def breaker_acquire(self, model: str, now: float) -> str | None:
-        return self._breaker(model).acquire(now)
+    async def breaker_acquire(self, model: str, now: float) -> Permit | None:
+        token = self._breaker(model).acquire(now)
+        return None if token is None else Permit(token)
 
-    async def breaker_record(self, model: str, permit: str, failed: bool | None, now: float) -> None:
-        """``failed`` None: the call never completed; the permit is given back."""
+    async def breaker_record(self, model: str, permit: Permit, failed: bool | None, now: float) -> None:
         breaker = self._breaker(model)
         if failed is None:
-            breaker.release(permit)
+            breaker.release(permit.token)
         else:
-            breaker.record(permit, failed, now)
+            breaker.record(permit.token, failed, now)
 
     async def breaker_state(self, model: str, now: float) -> str:
         return self._breaker(model).current_state(now)
@@ -2860,7 +2905,7 @@ class PlanResolver:
 class RelayHandler(CustomLogger):
     """The proxy callback. ``proxy_handler_instance`` at the bottom of this file is the one to register."""
 
-    def __init__(self, config: RelayConfig, *, complete: Callable[..., Any] | None = None, store: Any = None,
+    def __init__(self, config: RelayConfig, *, complete: Callable[..., Any] | None = None, store: Store | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  rng: random.Random | None = None):
         super().__init__()
@@ -2871,8 +2916,8 @@ class RelayHandler(CustomLogger):
         self.metrics = RelayMetrics.shared() if config.prometheus != "off" else None
         if self.metrics is not None:
             self.complete = self.metrics.measured(self.complete, clock)
-        #: budget counters, breakers and cache (LocalStore, or a shared store with the same coroutines)
-        self.store = store or LocalStore(config)
+        #: budget counters, breakers and cache: a LocalStore, or make_store's FailoverStore over Redis
+        self.store: Store = store or LocalStore(config)
         self.clock = clock  #: monotonic seconds: deadlines, breaker cooldowns, slow calls
         self.wall = wall  #: epoch seconds: budget windows and cache expiry, comparable across processes
         self.rng = rng or random.Random()  #: retry jitter and shadow sampling
@@ -3958,12 +4003,16 @@ class SharedReservation(Reservation):
     """Holds made in Redis: they are settled or released there, never in a fallback store."""
 
 
+class SharedPermit(Permit):
+    """A permit issued by Redis: its outcome is recorded there, never in a fallback store."""
+
+
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1)
 
 
-class RedisStore:
-    """LocalStore's coroutines on one Redis, shared by every process that uses the same key prefix.
+class RedisStore(Store):
+    """The store's coroutines on one Redis, shared by every process that uses the same key prefix.
 
     Each read-modify-write is one Lua script, atomic across processes: reserve-if-all-fit, settle,
     release, breaker transitions and half-open permits. The client is a single Redis, a Redis Cluster
@@ -4036,7 +4085,6 @@ class RedisStore:
 
     # ----- budget -----
     async def reserve(self, holds: list[tuple[str, float, float]]) -> Reservation | None:
-        """Hold ``amount`` on every ``(counter, limit, amount)`` if all fit under their limits, else nothing."""
         if holds:
             c = self.config
             lifetime = _ms(c.budget_window_s + c.deadline_s + COUNTER_GRACE_S)
@@ -4048,7 +4096,6 @@ class RedisStore:
         return SharedReservation(tuple((name, float(amount)) for name, _, amount in holds))
 
     async def settle(self, reservation: Reservation, actual: Mapping[str, float]) -> None:
-        """Replace each held amount with the actual one (``actual[name]``, default: keep the hold)."""
         await self._change([(name, actual.get(name, held) - held) for name, held in reservation.counters])
 
     async def release(self, reservation: Reservation) -> None:
@@ -4070,19 +4117,20 @@ class RedisStore:
             args=[round(self.clock_offset_s * 1000), _ms(BREAKER_IDLE_S + c.breaker_cooldown_s),
                   _ms(c.breaker_cooldown_s), op, *args])
 
-    async def breaker_acquire(self, model: str, now: float) -> str | None:
-        """``"call"``, ``"probe:<token>"`` or None; ``now`` is not used (the server's clock is)."""
+    async def breaker_acquire(self, model: str, now: float) -> Permit | None:
+        """A :class:`SharedPermit` (``"call"`` or ``"probe:<lease token>"``) or None; ``now`` is not used
+        (the server's clock is)."""
         c = self.config
-        return await self._breaker(model, "acquire", c.breaker_probes, _ms(c.deadline_s + PROBE_LEASE_MARGIN_S),
-                                   secrets.token_hex(8))
+        token = await self._breaker(model, "acquire", c.breaker_probes, _ms(c.deadline_s + PROBE_LEASE_MARGIN_S),
+                                    secrets.token_hex(8))
+        return None if token is None else SharedPermit(token)
 
-    async def breaker_record(self, model: str, permit: str, failed: bool | None, now: float) -> None:
-        """``failed`` None: the call never completed; the permit is given back."""
-        if permit == "call" and failed is None:
+    async def breaker_record(self, model: str, permit: Permit, failed: bool | None, now: float) -> None:
+        if permit.token == "call" and failed is None:
             return
         c = self.config
-        await self._breaker(model, "record", permit, "" if failed is None else str(int(failed)), c.breaker_probes,
-                            c.breaker_window, c.breaker_min_calls, repr(c.breaker_failure_rate))
+        await self._breaker(model, "record", permit.token, "" if failed is None else str(int(failed)),
+                            c.breaker_probes, c.breaker_window, c.breaker_min_calls, repr(c.breaker_failure_rate))
 
     async def breaker_state(self, model: str, now: float) -> str:
         return await self._breaker(model, "state")
@@ -4103,7 +4151,7 @@ class RedisStore:
                               args=[f"{now + ttl!r}|{text}", _ms(ttl), repr(now), repr(ttl), per_shard])
 
 
-class FailoverStore:
+class FailoverStore(Store):
     """Shared state first; while it fails, ``RELAY_STATE_FAILURE`` (``on_failure``) decides.
 
     ``RELAY_STATE_FAILURE=closed``: the operations a relay needs before calling (cache lookup, breaker
@@ -4209,21 +4257,16 @@ class FailoverStore:
     async def counter(self, name: str) -> float:
         return await self._needed("counter", lambda: self.primary.counter(name), lambda: self.fallback.counter(name))
 
-    # ----- breakers: a permit remembers the store that issued it -----
-    async def breaker_acquire(self, model: str, now: float) -> tuple[Any, str] | None:
-        ok, permit = await self._shared("breaker acquire", lambda: self.primary.breaker_acquire(model, now))
-        store: Any = self.primary
-        if not ok:
-            permit = await self._unavailable("breaker acquire", lambda: self.fallback.breaker_acquire(model, now))
-            store = self.fallback
-        return None if permit is None else (store, permit)
+    # ----- breakers: like a reservation, a permit goes back to the store that issued it -----
+    async def breaker_acquire(self, model: str, now: float) -> Permit | None:
+        return await self._needed("breaker acquire", lambda: self.primary.breaker_acquire(model, now),
+                                  lambda: self.fallback.breaker_acquire(model, now))
 
-    async def breaker_record(self, model: str, permit: tuple[Any, str], failed: bool | None, now: float) -> None:
-        store, inner = permit
-        if store is self.primary:
-            await self._after("breaker record", lambda: self.primary.breaker_record(model, inner, failed, now))
+    async def breaker_record(self, model: str, permit: Permit, failed: bool | None, now: float) -> None:
+        if isinstance(permit, SharedPermit):
+            await self._after("breaker record", lambda: self.primary.breaker_record(model, permit, failed, now))
         else:
-            await self.fallback.breaker_record(model, inner, failed, now)
+            await self.fallback.breaker_record(model, permit, failed, now)
 
     async def breaker_state(self, model: str, now: float) -> str:
         return await self._needed("breaker state", lambda: self.primary.breaker_state(model, now),

@@ -1,6 +1,7 @@
-"""The store contract: one suite run against the in-process store and the Redis store on three
-topologies (one real redis-server, a Redis Cluster of 3 masters with replicas, a Sentinel-managed
-primary/replica pair), then what only the shared store does (keys, hash slots, expiry, several
+"""The store contract, ``relay_plugin.Store``: every store class defines each of the protocol's coroutines
+with its signature; then one suite of its promises runs against the in-process store and the Redis store
+on three topologies (one real redis-server, a Redis Cluster of 3 masters with replicas, a Sentinel-managed
+primary/replica pair); then what only the shared store does (keys, hash slots, expiry, several
 processes, outages) and how RELAY_STATE / RELAY_REDIS_* choose and build the store.
 
 Time never passes by sleeping: LocalStore reads the ``now`` argument, RedisStore's breakers read the
@@ -8,7 +9,9 @@ server clock plus ``clock_offset_s``, and :class:`Clock` moves both.
 """
 
 import asyncio
+import inspect
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import relay_plugin
-from relay_plugin import ConfigError, FailoverStore, LocalStore, RedisStore, RelayConfig, SecondaryError
+from relay_plugin import ConfigError, FailoverStore, LocalStore, RedisStore, RelayConfig, SecondaryError, Store
 from tests.redis_support import RedisClusterNodes, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +122,72 @@ def kind(permit) -> str | None:
     """``"call"``, ``"probe"`` or None, whatever the store writes after the colon of a probe permit."""
     if permit is None:
         return None
-    return "probe" if str(permit).startswith("probe") else str(permit)
+    return "probe" if permit.token.startswith("probe") else permit.token
+
+
+# ----- the protocol -------------------------------------------------------------------------------------
+
+
+def departures_from_the_store_protocol(cls: type) -> list[str]:
+    """How ``cls`` departs from :class:`relay_plugin.Store`: a protocol coroutine it does not define itself
+    (a stub inherited from the protocol does not count), one with another signature (parameter names,
+    kinds, defaults and annotations), and a public coroutine the protocol does not declare."""
+    declared = {name: f for name, f in vars(Store).items() if inspect.iscoroutinefunction(f)}
+    own = {name: f for name, f in vars(cls).items() if inspect.iscoroutinefunction(f)}
+    departures = []
+    for name, protocol_method in declared.items():
+        if name not in own:
+            departures.append(f"{name}: not a coroutine of {cls.__name__}")
+        elif inspect.signature(own[name]) != inspect.signature(protocol_method):
+            departures.append(f"{name}{inspect.signature(own[name])} is not {name}{inspect.signature(protocol_method)}")
+    departures += [f"{name}: not in the protocol" for name in own if not name.startswith("_") and name not in declared]
+    return departures
+
+
+def test_the_store_protocol_declares_exactly_the_store_coroutines_the_relay_calls():
+    source = (ROOT / "relay_plugin.py").read_text()
+    called = set(re.findall(r"\bstore\.([a-z]\w*)\(", source))
+    declared = {name for name, f in vars(Store).items() if inspect.iscoroutinefunction(f)}
+    assert declared == called
+    assert all(inspect.getdoc(getattr(Store, name)) for name in declared)
+
+
+@pytest.mark.parametrize("cls", [LocalStore, RedisStore, FailoverStore], ids=lambda cls: cls.__name__)
+def test_every_store_defines_every_coroutine_of_the_store_protocol_with_its_signature(cls):
+    assert issubclass(cls, Store)
+    assert departures_from_the_store_protocol(cls) == []
+
+
+def test_a_store_that_departs_from_the_protocol_is_caught_method_by_method():
+    class Sloppy:  # LocalStore's coroutines but five
+        reserve, settle, release = LocalStore.reserve, LocalStore.settle, LocalStore.release
+        breaker_record, breaker_state = LocalStore.breaker_record, LocalStore.breaker_state
+
+        async def counter(self, key: str) -> float:  # another parameter name
+            return 0.0
+
+        async def breaker_acquire(self, model: str, now: float) -> str | None:  # the old permit type
+            return "call"
+
+        def cache_get(self, key: str, now: float) -> str | None:  # not a coroutine
+            return None
+
+        async def peek(self) -> None:  # public, but not in the protocol
+            return None
+
+    assert departures_from_the_store_protocol(Sloppy) == [
+        "counter(self, key: str) -> float is not counter(self, name: str) -> float",
+        "breaker_acquire(self, model: str, now: float) -> str | None is not "
+        "breaker_acquire(self, model: str, now: float) -> relay_plugin.Permit | None",
+        "cache_get: not a coroutine of Sloppy",
+        "cache_put: not a coroutine of Sloppy",
+        "peek: not in the protocol",
+    ]
+
+
+def test_the_handler_and_make_store_hold_a_store():
+    assert isinstance(relay_plugin.RelayHandler(config()).store, Store)
+    assert isinstance(relay_plugin.make_store(config(REDIS_URL="redis://127.0.0.1:1"), {}), Store)
 
 
 # ----- budget ------------------------------------------------------------------------------------------
@@ -532,7 +600,7 @@ async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(ow
     assert local is not None and not isinstance(local, relay_plugin.SharedReservation)
     assert await store.reserve([("calls:1", 1.0, 1.0)]) is None
     permit = await store.breaker_acquire(MODEL, 0.0)
-    assert kind(permit[1]) == "call"
+    assert kind(permit) == "call" and not isinstance(permit, relay_plugin.SharedPermit)
     await store.breaker_record(MODEL, permit, True, 0.0)
     await store.settle(shared, {"calls:1": 0.0})  # made in Redis: never applied to the local counter
     assert await store.fallback.counter("calls:1") == 1.0

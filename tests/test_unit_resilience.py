@@ -33,8 +33,10 @@ ACTUAL = 0.046875  # what one call really costs: 48 / 1024, below the worst case
 
 
 def is_probe(permit) -> bool:
-    """Probe permits name the half-open period they belong to: ``probe:<n>``."""
-    return isinstance(permit, str) and permit.startswith("probe:")
+    """Probe permits name the half-open period they belong to: ``probe:<n>`` (a Breaker's own token, or
+    the token of the store's Permit)."""
+    token = permit.token if isinstance(permit, relay_plugin.Permit) else permit
+    return isinstance(token, str) and token.startswith("probe:")
 
 
 def probes_in(permits) -> int:
