@@ -1438,6 +1438,12 @@ def judge_style(setting: str, model: str) -> str:
 # =================================================================================================
 # Primitives: the circuit breaker, the local store and the store protocol
 # =================================================================================================
+# Inspection API, kept in the plugin on purpose: `Breaker.allows` (would acquire give a permit now?),
+# `RedisStore.clock_offset_s` (moves the clock of the breaker scripts) and `RelayHandler.drain` (waits
+# for the shadow analyses). No request path uses them; the tests and the in-process load test do.
+# `drain` cannot run at the proxy's shutdown: LiteLLM's lifespan calls no callback then (CustomLogger
+# has no shutdown method, and FastAPI runs no on_shutdown handler next to a lifespan). `Store.breaker_state`
+# is not test-only: the relay_breaker_state gauge reads it from a shared store.
 
 #: the breaker's states (pybreaker's names). "closed" is also a RELAY_FAIL_MODE value (`Plan.fail_mode`)
 #: and a RELAY_STATE_FAILURE value (`FailoverStore.on_failure`); neither is a breaker state.
@@ -1482,7 +1488,7 @@ class Breaker:
         return self.state
 
     def allows(self, now: float) -> bool:
-        """The cheap "may I?" check: would :meth:`acquire` give a permit now?"""
+        """The cheap "may I?" check: would :meth:`acquire` give a permit now? (Inspection API, see above.)"""
         state = self.current_state(now)
         return state == STATE_CLOSED or (state == STATE_HALF_OPEN and self.probes_in_flight < self.probes)
 
@@ -3114,7 +3120,7 @@ class RelayHandler(CustomLogger):
                     usd(held) if held is not None else "none")
 
     async def drain(self) -> None:
-        """Wait for in-flight shadow analyses (tests and graceful shutdown)."""
+        """Wait for in-flight shadow analyses (inspection API, see section "Primitives": tests call it)."""
         while self.shadow_tasks:
             await asyncio.gather(*list(self.shadow_tasks), return_exceptions=True)
 
