@@ -3208,6 +3208,10 @@ class ChunkFormat:
         """The stream's end chunks, told the final text, the filter decision and the relay object."""
         raise NotImplementedError
 
+    def synthetic_end(self, template: Any) -> list:
+        """End chunks for a stream the relay cut before the primary sent its own (``close`` completes them)."""
+        raise NotImplementedError
+
     def heartbeat(self, template: Any) -> Any:
         """A chunk that carries nothing, sent while relay work runs (None: the format has none)."""
         return self.text_chunk(template, "")
@@ -3271,6 +3275,11 @@ class _ChatChunks(ChunkFormat):
         relay_chunk.provider_specific_fields = {}
         setattr(relay_chunk, "relay", relay)
         return [*tail, relay_chunk]
+
+    def synthetic_end(self, template: Any) -> list:
+        end = self.text_chunk(template, "")
+        end.choices[0].finish_reason = "content_filter"
+        return [end]
 
     def readable(self, chunks: list) -> list[str]:
         texts: dict[int, list[str]] = {}
@@ -3384,12 +3393,8 @@ class _MessagesChunks(ChunkFormat):
         else:
             out += [c for c, e in zip(chunks, events) if e.get("type") == "message_start"][:1]
             out.append(self.encode({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
-        out += [self.encode({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": message}}),
-                self.encode({"type": "content_block_stop", "index": index}),
-                self.encode({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": None},
-                             "usage": {"output_tokens": 0}, "relay": relay}),
-                self.encode({"type": "message_stop"})]
-        return out
+        delta = self.text_chunk({"index": index}, message)
+        return [*out, delta, *self.close(self.synthetic_end(delta), message, True, relay)]
 
     def text(self, chunk: Any) -> str:
         return (self.parse(chunk).get("delta") or {}).get("text") or ""
@@ -3413,6 +3418,12 @@ class _MessagesChunks(ChunkFormat):
                 chunk = self.encode(event)
             out.append(chunk)
         return out
+
+    def synthetic_end(self, template: Any) -> list:
+        return [self.encode({"type": "content_block_stop", "index": self.parse(template).get("index", 0)}),
+                self.encode({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": None},
+                             "usage": {"output_tokens": 0}}),
+                self.encode({"type": "message_stop"})]
 
 
 class _ResponsesChunks(ChunkFormat):
@@ -3475,6 +3486,9 @@ class _ResponsesChunks(ChunkFormat):
                     response.incomplete_details = {"reason": "content_filter"}
                 setattr(response, "relay", relay)
         return tail
+
+    def synthetic_end(self, template: Any) -> list:
+        return []  # no made-up end: the cut stream ends with the refusal's text delta
 
 
 def _event_type(chunk: Any) -> str:
@@ -3576,173 +3590,162 @@ def chunk_format(chunk: Any) -> ChunkFormat | None:
     return None
 
 
+async def _forward(stream: Any) -> Any:
+    """The chunks of a stream relay's generator. Such a generator yields lists of chunks, or, where it
+    would ``yield from`` another one (an async generator cannot), that generator: its lists are sent on
+    in turn. A generator left early (the client went away) is closed at once, the innermost first, and
+    with it the work it waits on."""
+    async with contextlib.aclosing(stream) as batches:
+        async for batch in batches:
+            if isinstance(batch, list):
+                for chunk in batch:
+                    yield chunk
+                continue
+            async with contextlib.aclosing(_forward(batch)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+
 class StreamRelay:
-    """One stream's relay: reads the primary's chunks and yields what the client receives."""
+    """One stream's relay: reads the primary's chunks and yields what the client receives.
+
+    The mode's strategy (``Mode.stream``: pass, buffer or window) reads the primary through ``_split``,
+    which classifies each chunk, keeps the text chunks and holds the stream's end. Strategies and their
+    helpers yield lists of chunks, or a generator of the same kind to delegate to (see ``_forward``)."""
 
     def __init__(self, handler: "RelayHandler", run: "RelayRun", data: Mapping[str, Any]):
         self.handler, self.run, self.data = handler, run, data
         self.plan, self.outcome = run.plan, run.outcome
         self.fmt: ChunkFormat | None = None
+        self.texts: list = []  #: the primary's text chunks, in order
+        self.tail: list = []  #: the stream's end, held: its first chunk (finish reason, block stop, text done) and after
+        self.skip: str | None = None  #: why the relay leaves the stream alone (_STREAM_SKIPS), once a chunk said so
 
     def relay_object(self, surface: StreamSurface | None = None) -> dict:
         return {**((surface.relay or {}) if surface else {}), **self.outcome.as_dict()}
 
-    async def run_stream(self, upstream: Any) -> Any:
-        upstream = sse_events(upstream)
+    def run_stream(self, upstream: Any) -> Any:
         strategy = MODES[self.plan.mode].stream
         if strategy == "guard":
             strategy = self.plan.stream_guard  # buffer | window
-        stream = {"pass": self._pass_through, "buffer": self._buffered, "window": self._windowed}[strategy](upstream)
-        async with contextlib.aclosing(stream) as inner:
-            async for chunk in inner:
-                yield chunk
+        primary = self._split(sse_events(upstream), hold_end_after_skip=strategy == "buffer")
+        return _forward({"pass": self._pass_through, "buffer": self._buffered, "window": self._windowed}[strategy](primary))
 
-    def _kind_after(self, chunk: Any, tail: list) -> str:
-        """The chunk's kind; once the stream's end began, everything is "end" but what the relay must
-        not miss there (a tool call, another choice)."""
-        kind = self._classify(chunk)
-        if tail and kind == "text":  # text after the end (a second Responses message, a provider's quirk)
-            return "late"
-        return kind if not tail or kind in _STREAM_SKIPS else "end"
+    async def _split(self, upstream: Any, hold_end_after_skip: bool) -> Any:
+        """The primary's chunks as ``(kind, chunk)`` (ChunkFormat's kinds), but for the stream's end, which
+        is held in ``tail``. Once the end began, every chunk is "end" but what the relay must not miss
+        there: a tool call, another choice, or text ("late": a second Responses message, a provider's
+        quirk). After a skip the end is held only with ``hold_end_after_skip``, else the rest is yielded
+        in order."""
+        async with contextlib.aclosing(upstream) as chunks:
+            async for chunk in chunks:
+                if self.fmt is None:
+                    self.fmt = chunk_format(chunk)
+                kind = self.fmt.kind(chunk) if self.fmt is not None else "unknown"
+                if self.tail and kind not in _STREAM_SKIPS:
+                    kind = "late" if kind == "text" else "end"
+                self.skip = self.skip or _STREAM_SKIPS.get(kind)
+                if kind == "text":
+                    self.texts.append(chunk)
+                if kind == "end" and (self.skip is None or hold_end_after_skip):
+                    self.tail.append(chunk)
+                else:
+                    yield kind, chunk
 
-    def _classify(self, chunk: Any) -> str:
+    def _text(self) -> str:
+        return "".join(self.fmt.text(c) for c in self.texts)
+
+    def _end(self, text: str, surface: StreamSurface | None = None) -> list:
+        """The held end of the stream, told the final text and the relay object."""
         if self.fmt is None:
-            self.fmt = chunk_format(chunk)
-            if self.fmt is None:
-                return "unknown"
-        return self.fmt.kind(chunk)
+            return self.tail
+        return self.fmt.close(self.tail, text, surface is not None and surface.filtered, self.relay_object(surface))
 
-    async def _pass_through(self, upstream: Any) -> Any:
+    def _skipped(self, text: str) -> list:
+        """The end of a stream the relay leaves as it is, with the reason in the outcome."""
+        self.outcome.result = f"skipped:{self.skip or 'no_text'}"
+        return self._end(text)
+
+    async def _pass_through(self, primary: Any) -> Any:
         """shadow / annotate: text goes out as it arrives; the end waits for the analysis."""
-        texts, tail, template, skip = [], [], None, None
-        async for chunk in upstream:
-            kind = self._kind_after(chunk, tail)
-            skip = skip or _STREAM_SKIPS.get(kind)
-            if kind == "end" and skip is None:
-                tail.append(chunk)
-                continue
-            if kind == "text":
-                texts.append(self.fmt.text(chunk))
-                template = template or chunk
-            yield chunk
-        text = "".join(texts)
-        if skip or not text:
-            self.outcome.result = f"skipped:{skip or 'no_text'}"
-            for chunk in self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail:
-                yield chunk
+        async for _, chunk in primary:
+            yield [chunk]
+        text = self._text()
+        if self.skip or not text:
+            yield self._skipped(text)
             return
-        surface = StreamSurface(text)
+        template, surface = self.texts[0], StreamSurface(text)
         if MODES[self.plan.mode].background:
             with _caller_books(self.data, self.handler.config, self.plan.mode):
                 self.run.in_background(self.data, surface)
         else:
-            async with contextlib.aclosing(self._execute(surface, template)) as inner:
-                async for beat in inner:
-                    yield beat
+            yield self._execute(surface, template)
             if surface.text != text and surface.text.startswith(text):
-                yield self.fmt.text_chunk(template, surface.text[len(text):])
-        for chunk in self.fmt.close(tail, surface.text, surface.filtered, self.relay_object(surface)):
-            yield chunk
+                yield [self.fmt.text_chunk(template, surface.text[len(text):])]
+        yield self._end(surface.text, surface)
 
-    async def _buffered(self, upstream: Any) -> Any:
+    async def _buffered(self, primary: Any) -> Any:
         """refine / escalate / consensus / guard=buffer: no text leaves before the final answer is known;
         when a secondary's answer is the final answer, it streams straight to the client."""
-        body, tail, texts, skip = [], [], [], None
-        async for chunk in upstream:
-            kind = self._kind_after(chunk, tail)
-            skip = skip or _STREAM_SKIPS.get(kind)
-            if kind == "end":
-                tail.append(chunk)
-                continue
-            body.append(chunk)
-            if kind == "text":
-                texts.append(chunk)
-        text = "".join(self.fmt.text(c) for c in texts) if self.fmt else ""
-        if MODES[self.plan.mode].guards and skip is not None:  # a guard reads tool calls and every choice
-            async with contextlib.aclosing(self._guard_whole(body + tail)) as inner:
-                async for chunk in inner:
-                    yield chunk
+        body = [chunk async for _, chunk in primary]
+        text = self._text()
+        if self.skip and MODES[self.plan.mode].guards:  # a guard reads tool calls and every choice
+            yield self._guard_whole(body + self.tail)
             return
-        if skip or not text:
-            self.outcome.result = f"skipped:{skip or 'no_text'}"
-            for chunk in body + (self.fmt.close(tail, text, False, self.relay_object()) if self.fmt else tail):
-                yield chunk
+        if self.skip or not text:
+            yield body + self._skipped(text)
             return
-        template = texts[0]
+        template, surface = self.texts[0], StreamSurface(text)
         lead = body[:body.index(template)]  # what precedes the text (role chunk, message and block starts)
-        for chunk in lead:
-            yield chunk
-        surface = StreamSurface(text)
-        async with contextlib.aclosing(self._execute(surface, template, stream_final=True)) as inner:
-            async for chunk in inner:
-                yield chunk
-        streamed = self.run.streamed
-        if not streamed and surface.text == text:  # unchanged: the primary's own chunks, exactly
-            rest = body[len(lead):]
-        else:
+        yield lead
+        yield self._execute(surface, template, stream_final=True)
+        streamed, rest = self.run.streamed, body[len(lead):]
+        if streamed or surface.text != text:  # not the primary's own chunks: the final text, then the others
             if streamed and surface.text != streamed:  # the secondary broke off mid-answer: keep the answer
                 surface.text = streamed + INTERRUPTED_NOTE + text
-            text_ids = {id(c) for c in texts}
-            rest = [c for c in body[len(lead):] if id(c) not in text_ids]
-            for piece in _pieces(surface.text[len(streamed):]) if len(surface.text) > len(streamed) else ():
-                yield self.fmt.text_chunk(template, piece)
-        for chunk in rest:
-            yield chunk
-        for chunk in self.fmt.close(tail, surface.text, surface.filtered, self.relay_object(surface)):
-            yield chunk
+            text_ids = {id(c) for c in self.texts}
+            unsent = _pieces(surface.text[len(streamed):]) if len(surface.text) > len(streamed) else []
+            rest = [*(self.fmt.text_chunk(template, piece) for piece in unsent), *(c for c in rest if id(c) not in text_ids)]
+        yield rest + self._end(surface.text, surface)
 
-    async def _windowed(self, upstream: Any) -> Any:
+    async def _windowed(self, primary: Any) -> Any:
         """guard=window: each window of text is judged before it is released."""
-        window = self.handler.config.stream_window_chars
-        released, held, tail, template, skip = "", [], [], None, None
-        surface = StreamSurface("")
-        async for chunk in upstream:
-            kind = self._kind_after(chunk, tail)
-            skip = skip or _STREAM_SKIPS.get(kind)
-            if skip is not None:  # a tool call or another choice: hold the rest, judge it all, then release
-                rest = [*held, *tail, chunk]
-                async for more in upstream:
-                    rest.append(more)
-                async with contextlib.aclosing(self._guard_whole(rest, released, template)) as inner:
-                    async for out in inner:
-                        yield out
+        surface, released, pending, held = StreamSurface(""), "", "", []
+        async for kind, chunk in primary:
+            if self.skip:  # a tool call or another choice: hold the rest, judge it all, then release
+                template = self.texts[0] if self.texts else None
+                yield self._guard_whole([*held, *self.tail, chunk, *[c async for _, c in primary]], released, template)
                 return
-            if kind == "end":
-                tail.append(chunk)
-                continue
             held.append(chunk)
-            if kind == "text":
-                template = template or chunk
-            pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text")
-            if len(pending) >= window:
-                async with contextlib.aclosing(self._judge(surface, released + pending, template)) as inner:
-                    async for beat in inner:
-                        yield beat
+            pending += self.fmt.text(chunk) if kind == "text" else ""
+            if len(pending) >= self.handler.config.stream_window_chars:
+                yield self._release(surface, released, pending, held, primary)
                 if surface.filtered:
-                    async with contextlib.aclosing(self._refuse(template, released, surface, upstream)) as inner:
-                        async for out in inner:
-                            yield out
                     return
-                released += pending
-                for allowed in held:
-                    yield allowed
-                held = []
-        pending = "".join(self.fmt.text(c) for c in held if self.fmt.kind(c) == "text") if self.fmt else ""
+                released, pending, held = released + pending, "", []
+        yield self._release(surface, released, pending, held, primary)
+        if not surface.filtered:
+            yield self._end(released + pending, surface) if released + pending else self._skipped("")
+
+    async def _release(self, surface: StreamSurface, released: str, pending: str, held: list, primary: Any) -> Any:
+        """One window: ``pending`` is judged with the text released before it (the whole answer so far),
+        then the held chunks go out. Blocked, the primary is no longer read, and the refusal and a
+        content-filter end replace them. A failure to judge one window sticks to the outcome even when
+        a later window is judged."""
         if pending:
-            async with contextlib.aclosing(self._judge(surface, released + pending, template)) as inner:
-                async for beat in inner:
-                    yield beat
-        if pending and surface.filtered:
-            async with contextlib.aclosing(self._refuse(template, released, surface, None, tail)) as inner:
-                async for out in inner:
-                    yield out
+            before = self.outcome.result
+            surface.text = surface.original = released + pending
+            yield self._execute(surface, self.texts[0])
+            if before.startswith(("failed:", "skipped:")) and self.outcome.result == "relayed":
+                self.outcome.result = before
+        if not surface.filtered:
+            yield held
             return
-        if not released and not pending:
-            self.outcome.result = "skipped:no_text"
-        for chunk in held:
-            yield chunk
-        for chunk in self.fmt.close(tail, released + pending, False, self.relay_object(surface)) if self.fmt else tail:
-            yield chunk
+        with contextlib.suppress(Exception):
+            await primary.aclose()
+        template, refusal = self.texts[0], ("\n\n" if released else "") + self.plan.guard_message
+        end = self.tail or self.fmt.synthetic_end(template)
+        yield [self.fmt.text_chunk(template, refusal), *self.fmt.close(end, released + refusal, True, self.relay_object(surface))]
 
     async def _guard_whole(self, chunks: list, released: str = "", template: Any = None) -> Any:
         """guard on a stream the relay cannot cut into one text (tool calls, several choices): everything
@@ -3755,52 +3758,21 @@ class StreamRelay:
             if self.plan.fail_mode == "closed":
                 self.outcome.result, self.outcome.reason = "blocked", "unjudged (unsupported stream); fail-closed"
                 raise _http_error(503, "relay guard cannot judge this stream; fail-closed")
-            for chunk in chunks:
-                yield chunk
+            yield chunks
             return
         if released:
             answers = [released + (answers[0] if answers else ""), *answers[1:]]
         surface = StreamSurface(released)
         surface.units = [a for a in answers if a] or [""]
-        if not any(answers):
+        if any(answers):
+            yield self._execute(surface, template or chunks[0])
+        else:
             self.outcome.result = "skipped:no_text"
-            for chunk in self.fmt.finish(chunks, self.relay_object(surface)):
-                yield chunk
-            return
-        template = template or chunks[0]
-        async with contextlib.aclosing(self._execute(surface, template)) as inner:
-            async for beat in inner:
-                yield beat
         if surface.filtered:
-            for chunk in self.fmt.refusal(chunks, ("\n\n" if released else "") + self.plan.guard_message,
-                                          self.relay_object(surface), resume=bool(released)):
-                yield chunk
-            return
-        for chunk in self.fmt.finish(chunks, self.relay_object(surface)):
-            yield chunk
-
-    async def _judge(self, surface: StreamSurface, text: str, template: Any) -> Any:
-        """Judge ``text`` (the whole answer so far); ``surface.filtered`` tells the verdict. Yields heartbeats.
-        A failure to judge one window sticks to the outcome even when a later window is judged."""
-        before = self.outcome.result
-        surface.text = surface.original = text
-        async with contextlib.aclosing(self._execute(surface, template)) as inner:
-            async for beat in inner:
-                yield beat
-        if before.startswith(("failed:", "skipped:")) and self.outcome.result == "relayed":
-            self.outcome.result = before
-
-    async def _refuse(self, template: Any, released: str, surface: StreamSurface, upstream: Any, tail: list | None = None) -> Any:
-        """The guard blocked: stop reading the primary, send the refusal and a content-filter end."""
-        closer = getattr(upstream, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
-        refusal = ("\n\n" if released else "") + self.plan.guard_message
-        yield self.fmt.text_chunk(template, refusal)
-        end = tail or self._synthetic_end(template)
-        for chunk in self.fmt.close(end, released + refusal, True, self.relay_object(surface)):
-            yield chunk
+            yield self.fmt.refusal(chunks, ("\n\n" if released else "") + self.plan.guard_message,
+                                   self.relay_object(surface), resume=bool(released))
+        else:
+            yield self.fmt.finish(chunks, self.relay_object(surface))
 
     async def _execute(self, surface: StreamSurface, template: Any, stream_final: bool = False) -> Any:
         """Run the mode as for a non-streaming response, yielding heartbeats while it works and, with
@@ -3817,16 +3789,16 @@ class StreamRelay:
                 done, _ = await asyncio.wait({work, getter}, timeout=self.handler.config.stream_heartbeat_s,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    yield self.fmt.text_chunk(template, getter.result())
+                    yield [self.fmt.text_chunk(template, getter.result())]
                     continue
                 getter.cancel()
                 if work.done():
                     break
                 beat = self.fmt.heartbeat(template)
                 if beat is not None:
-                    yield beat
+                    yield [beat]
             while not deltas.empty():
-                yield self.fmt.text_chunk(template, deltas.get_nowait())
+                yield [self.fmt.text_chunk(template, deltas.get_nowait())]
             work.result()
         finally:
             self.run.sink = None
@@ -3847,20 +3819,6 @@ class StreamRelay:
                 raise _http_error(rejected.status, rejected.message) from None
             self.outcome.result = "blocked"
             surface.refuse(self.plan.guard_message)  # guard_action=error cannot be a 400 any more
-
-    def _synthetic_end(self, template: Any) -> list:
-        """End chunks for a stream cut before the primary sent its own."""
-        if isinstance(self.fmt, _ChatChunks):
-            end = self.fmt.text_chunk(template, "")
-            end.choices[0].finish_reason = "content_filter"
-            return [end]
-        if isinstance(self.fmt, _MessagesChunks):
-            index = self.fmt.parse(template).get("index", 0)
-            return [_MessagesChunks.encode({"type": "content_block_stop", "index": index}),
-                    _MessagesChunks.encode({"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": None},
-                                            "usage": {"output_tokens": 0}}),
-                    _MessagesChunks.encode({"type": "message_stop"})]
-        return []
 
 
 # =================================================================================================
