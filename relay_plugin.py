@@ -3730,14 +3730,10 @@ class StreamRelay:
     async def _release(self, surface: StreamSurface, released: str, pending: str, held: list, primary: Any) -> Any:
         """One window: ``pending`` is judged with the text released before it (the whole answer so far),
         then the held chunks go out. Blocked, the primary is no longer read, and the refusal and a
-        content-filter end replace them. A failure to judge one window sticks to the outcome even when
-        a later window is judged."""
+        content-filter end replace them."""
         if pending:
-            before = self.outcome.result
             surface.text = surface.original = released + pending
             yield self._execute(surface, self.texts[0])
-            if before.startswith(("failed:", "skipped:")) and self.outcome.result == "relayed":
-                self.outcome.result = before
         if not surface.filtered:
             yield held
             return
