@@ -3618,18 +3618,20 @@ class StreamRelay:
         self.plan, self.outcome = run.plan, run.outcome
         self.fmt: ChunkFormat | None = None
         self.texts: list = []  #: the primary's text chunks, in order
-        self.tail: list = []  #: the stream's end, held: its first chunk (finish reason, block stop, text done) and after
+        self.tail: list = []  #: the stream's end, held: its first chunk (finish reason, block stop, text done) on
         self.skip: str | None = None  #: why the relay leaves the stream alone (_STREAM_SKIPS), once a chunk said so
 
     def relay_object(self, surface: StreamSurface | None = None) -> dict:
         return {**((surface.relay or {}) if surface else {}), **self.outcome.as_dict()}
 
     def run_stream(self, upstream: Any) -> Any:
+        """What the client receives: the mode's strategy over the primary stream."""
         strategy = MODES[self.plan.mode].stream
         if strategy == "guard":
             strategy = self.plan.stream_guard  # buffer | window
         primary = self._split(sse_events(upstream), hold_end_after_skip=strategy == "buffer")
-        return _forward({"pass": self._pass_through, "buffer": self._buffered, "window": self._windowed}[strategy](primary))
+        run = {"pass": self._pass_through, "buffer": self._buffered, "window": self._windowed}[strategy]
+        return _forward(run(primary))
 
     async def _split(self, upstream: Any, hold_end_after_skip: bool) -> Any:
         """The primary's chunks as ``(kind, chunk)`` (ChunkFormat's kinds), but for the stream's end, which
@@ -3705,7 +3707,7 @@ class StreamRelay:
                 surface.text = streamed + INTERRUPTED_NOTE + text
             text_ids = {id(c) for c in self.texts}
             unsent = _pieces(surface.text[len(streamed):]) if len(surface.text) > len(streamed) else []
-            rest = [*(self.fmt.text_chunk(template, piece) for piece in unsent), *(c for c in rest if id(c) not in text_ids)]
+            rest = [*(self.fmt.text_chunk(template, p) for p in unsent), *(c for c in rest if id(c) not in text_ids)]
         yield rest + self._end(surface.text, surface)
 
     async def _windowed(self, primary: Any) -> Any:
@@ -3723,7 +3725,7 @@ class StreamRelay:
                 if surface.filtered:
                     return
                 released, pending, held = released + pending, "", []
-        yield self._release(surface, released, pending, held, primary)
+        yield self._release(surface, released, pending, held, primary)  # the last window, however short
         if not surface.filtered:
             yield self._end(released + pending, surface) if released + pending else self._skipped("")
 
@@ -3740,8 +3742,9 @@ class StreamRelay:
         with contextlib.suppress(Exception):
             await primary.aclose()
         template, refusal = self.texts[0], ("\n\n" if released else "") + self.plan.guard_message
-        end = self.tail or self.fmt.synthetic_end(template)
-        yield [self.fmt.text_chunk(template, refusal), *self.fmt.close(end, released + refusal, True, self.relay_object(surface))]
+        end = self.fmt.close(self.tail or self.fmt.synthetic_end(template), released + refusal, True,
+                             self.relay_object(surface))
+        yield [self.fmt.text_chunk(template, refusal), *end]
 
     async def _guard_whole(self, chunks: list, released: str = "", template: Any = None) -> Any:
         """guard on a stream the relay cannot cut into one text (tool calls, several choices): everything
