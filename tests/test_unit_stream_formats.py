@@ -126,7 +126,7 @@ def finish_reasons(chunks: list) -> list:
 
 
 def relay_objects(chunks: list) -> list[dict]:
-    return [getattr(c, "relay") for c in chunks if hasattr(c, "relay")]
+    return [c.relay for c in chunks if hasattr(c, "relay")]
 
 
 # ----- guard=window, chat ----------------------------------------------------------------------------
@@ -535,7 +535,7 @@ def same_events(out: list, events: list) -> bool:
 
 
 def responses_relay(events: list) -> list[dict]:
-    return [getattr(r, "relay") for r in completed(events) if hasattr(r, "relay")]
+    return [r.relay for r in completed(events) if hasattr(r, "relay")]
 
 
 def final_text(events: list) -> str:
