@@ -3458,13 +3458,48 @@ class _ResponsesChunks(ChunkFormat):
         return None  # the Responses stream has no event that carries nothing
 
     def readable(self, chunks: list) -> list[str]:
-        return _responses_readable(chunks)
+        texts, calls, others = [], {}, []
+        for chunk in chunks:
+            kind, item = _event_type(chunk), getattr(chunk, "item", None)
+            if kind == "response.output_text.delta":
+                texts.append(getattr(chunk, "delta", "") or "")
+            elif kind == "response.function_call_arguments.delta":
+                calls.setdefault(getattr(chunk, "item_id", None), ["", ""])[1] += getattr(chunk, "delta", "") or ""
+            elif kind in ("response.output_item.added", "response.output_item.done") and item is not None:
+                if _field(item, "type") == "function_call":
+                    entry = calls.setdefault(_field(item, "id"), ["", ""])
+                    entry[0] = _field(item, "name") or entry[0]
+                    if kind.endswith(".done") and _field(item, "arguments"):
+                        entry[1] = _field(item, "arguments")
+                elif kind.endswith(".done") and _field(item, "type") not in (None, "message", *_THINKING_TYPES):
+                    others.append(_as_json(item))
+        return [_joined("".join(texts), *(f"[tool call {n}] {a}" for n, a in calls.values()), *others)]
 
     def finish(self, chunks: list, relay: dict) -> list:
-        return _responses_finish(chunks, relay)
+        for chunk in chunks:
+            response = getattr(chunk, "response", None)
+            if response is not None and _event_type(chunk) in ("response.completed", "response.incomplete"):
+                setattr(response, "relay", relay)
+        return chunks
 
     def refusal(self, chunks: list, message: str, relay: dict, resume: bool = False) -> list:
-        return _responses_refusal(chunks, message, relay, resume)
+        """The opening events (unless text went out already), one text delta, and the final event whose
+        response holds only the refusal."""
+        out = [] if resume else [c for c in chunks if _event_type(c) in ("response.created", "response.in_progress")]
+        delta = next((c for c in chunks if _event_type(c) == "response.output_text.delta"), None)
+        if delta is not None:
+            out.append(self.text_chunk(delta, message))
+        ends = ("response.completed", "response.incomplete")
+        final = next((c for c in reversed(chunks) if _event_type(c) in ends), None)
+        if final is not None:
+            response = getattr(final, "response", None)
+            if response is not None:
+                surface = Surface(response)
+                if surface.kind == "responses":
+                    surface.refuse(message)
+                setattr(response, "relay", relay)
+            out.append(final)
+        return out
 
     def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
         for chunk in tail:
@@ -3493,54 +3528,6 @@ class _ResponsesChunks(ChunkFormat):
 
 def _event_type(chunk: Any) -> str:
     return str(getattr(getattr(chunk, "type", None), "value", getattr(chunk, "type", "")))
-
-
-def _responses_readable(chunks: list) -> list[str]:
-    texts, calls, others = [], {}, []
-    for chunk in chunks:
-        kind, item = _event_type(chunk), getattr(chunk, "item", None)
-        if kind == "response.output_text.delta":
-            texts.append(getattr(chunk, "delta", "") or "")
-        elif kind == "response.function_call_arguments.delta":
-            calls.setdefault(getattr(chunk, "item_id", None), ["", ""])[1] += getattr(chunk, "delta", "") or ""
-        elif kind in ("response.output_item.added", "response.output_item.done") and item is not None:
-            if _field(item, "type") == "function_call":
-                entry = calls.setdefault(_field(item, "id"), ["", ""])
-                entry[0] = _field(item, "name") or entry[0]
-                if kind.endswith(".done") and _field(item, "arguments"):
-                    entry[1] = _field(item, "arguments")
-            elif kind.endswith(".done") and _field(item, "type") not in (None, "message", *_THINKING_TYPES):
-                others.append(_as_json(item))
-    return [_joined("".join(texts), *(f"[tool call {n}] {a}" for n, a in calls.values()), *others)]
-
-
-def _responses_finish(chunks: list, relay: dict) -> list:
-    for chunk in chunks:
-        response = getattr(chunk, "response", None)
-        if response is not None and _event_type(chunk) in ("response.completed", "response.incomplete"):
-            setattr(response, "relay", relay)
-    return chunks
-
-
-def _responses_refusal(chunks: list, message: str, relay: dict, resume: bool = False) -> list:
-    """The opening events (unless text went out already), one text delta, and the final event whose
-    response holds only the refusal."""
-    out = [] if resume else [c for c in chunks if _event_type(c) in ("response.created", "response.in_progress")]
-    delta = next((c for c in chunks if _event_type(c) == "response.output_text.delta"), None)
-    if delta is not None:
-        delta = delta.model_copy(deep=True)
-        delta.delta = message
-        out.append(delta)
-    final = next((c for c in reversed(chunks) if _event_type(c) in ("response.completed", "response.incomplete")), None)
-    if final is not None:
-        response = getattr(final, "response", None)
-        if response is not None:
-            surface = Surface(response)
-            if surface.kind == "responses":
-                surface.refuse(message)
-            setattr(response, "relay", relay)
-        out.append(final)
-    return out
 
 
 def _set_parts_text(parts: Any, text: str) -> None:
