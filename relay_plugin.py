@@ -36,11 +36,14 @@ retries, a circuit breaker per secondary, budget and call caps, a result cache a
 a slow, failing or expensive secondary from hurting the primary path (sections "Primitives" and
 "Relay work").
 
-Configuration is read from the environment once, at import, and validated; an invalid value stops
-the proxy at startup with one line naming the variable. ``python relay_plugin.py --env-table``
+Configuration is read from the environment once, when the proxy loads ``proxy_handler_instance``
+(importing the module reads no variable, never exits and leaves logging alone), and validated; an
+invalid value stops the proxy at startup with one line naming the variable. ``python relay_plugin.py --env-table``
 prints the table of every variable. A ``relay:`` block in a model's ``model_info`` overrides the
 mode settings for that model; ``metadata.relay`` in a request body may override them for one request,
-within what ``RELAY_CLIENT_OVERRIDE`` allows.
+within what ``RELAY_CLIENT_OVERRIDE`` allows. The relay logs through LiteLLM's proxy logger (as
+``LiteLLM Proxy.relay``), so LiteLLM's log settings apply to its lines (``LITELLM_LOG``, ``json_logs``);
+``RELAY_LOG_LEVEL`` is the relay's own threshold, and every line is scrubbed of secrets.
 
 Only the operator's configuration switches a guard off: the relay recognises its own calls by an HMAC
 proof a client cannot make (section "Trust"), and what a guard cannot judge is blocked under
@@ -89,6 +92,7 @@ import random
 import re
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -105,20 +109,60 @@ else:  # pragma: no cover - documentation helper only
 if TYPE_CHECKING:  # pragma: no cover
     from litellm.proxy._types import UserAPIKeyAuth
 
+#: Every public name, section by section: first what operators use (the callback, the configuration,
+#: the errors, the relay's logger), then the inspection API that tests, tools and the docs rely on.
+#: ``CONFIG`` and ``proxy_handler_instance`` are built on first access (section "The instance"), so
+#: ``from relay_plugin import *`` reads the environment; a plain ``import relay_plugin`` does not.
 __all__ = [
-    "ConfigError",
-    "Plan",
-    "RelayConfig",
-    "RelayError",
-    "RelayHandler",
-    "SecondaryError",
+    # the callback, its configuration and the relay's logger
+    "proxy_handler_instance", "CONFIG", "RelayHandler", "DisabledRelay", "RelayConfig", "Plan", "log",
+    # 1. errors
+    "RelayError", "ConfigError", "SecondaryError", "RelayRejected",
+    # 2. configuration
+    "MODE_NAMES", "MIN_SIGNING_SECRET_CHARS", "DEFAULT_GUARD_POLICY", "DEFAULT_GUARD_MESSAGE", "VARIABLES",
+    "near_miss", "check_variable_names", "OPT_IN_KEYS", "env_table",
+    # 3. request-dict helpers
+    "DEPTH_HEADER", "MODELS_MAX",
+    # 4. text
+    "redact", "register_secrets", "register_env_secrets", "redact_reversibly", "scrub_secrets", "parse_verdict",
     "parse_judge_score",
-    "parse_verdict",
-    "proxy_handler_instance",
-    "redact",
+    # 5. conversations and responses
+    "conversation_of", "Surface",
+    # 6. trust
+    "PROOF_MAX_AGE_S", "REVIEW", "ANSWER", "RELAY_OWNED_KEYS", "relay_proof", "proven_depth", "ReviewSystemMessage",
+    "mark_relay_call", "relay_call_depth", "is_relay_call", "strip_client_markers",
+    # 7. prompts
+    "REFINE_INSTRUCTIONS", "ANNOTATE_INSTRUCTIONS", "GUARD_INSTRUCTIONS", "JUDGE_INSTRUCTIONS", "MERGE_INSTRUCTIONS",
+    "Prepared", "review_messages",
+    # 8. structured output for the judges (RELAY_JUDGE_FORMAT)
+    "VERDICT_SCHEMA", "SCORE_SCHEMA", "JUDGE_STYLES", "JUDGE_STYLE_KEY", "judge_response_format", "judge_style",
+    # 9. primitives
+    "STATE_CLOSED", "STATE_OPEN", "STATE_HALF_OPEN", "BREAKER_FAILURES", "Breaker", "REFUSED_COUNTERS_MAX",
+    "Reservation", "Permit", "Store", "LocalStore",
+    # 10. the relay's result for one request
+    "Outcome", "usd", "Reply",
+    # 11. LiteLLM features
+    "DEGRADED_MARK", "LiteLLMFeatures", "detect_features", "degradations", "FEATURES",
+    # 12. the operator's books
+    "INTERNAL_CALL_ORIGIN_KEY", "INTERNAL_CALL_ORIGIN", "CallerBooks", "RelayMetrics",
+    # 13. reaching a secondary
+    "TRUNCATED_FINISH", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_MARGIN", "PROMPT_TOKEN_OVERHEAD",
+    # 14. relay work
+    "RelayRun", "replace_skip", "guard_windows", "Mode", "MODES", "PlanResolver",
+    # 16. streams
+    "INTERRUPTED_NOTE", "StreamSurface", "ChunkFormat", "sse_events", "chunk_format", "StreamRelay",
+    # 17. shared state in Redis
+    "REDIS_SCHEMES", "COUNTER_GRACE_S", "BREAKER_IDLE_S", "PROBE_LEASE_MARGIN_S", "REDIS_MAX_CONNECTIONS",
+    "REDIS_MAX_CONNECTIONS_PER_NODE", "OUTAGE_MERGE_RETRIES", "CACHE_SHARDS", "CACHE_SHARD_MIN_ENTRIES",
+    "SharedReservation", "SharedPermit", "RedisStore", "FailoverStore", "redis_url_of", "redis_client", "RedisTarget",
+    "redis_target_of", "redis_cluster_client", "redis_sentinel_client", "make_store",
 ]
 
-log: Final = logging.getLogger("relay")
+#: The relay's logger: a child of LiteLLM's proxy logger (``verbose_proxy_logger`` in litellm/_logging.py),
+#: so its lines go through the proxy's handlers, formats and filters (``LITELLM_LOG``, ``json_logs: true``,
+#: LiteLLM's secret redaction). Importing adds no handler and sets no level; loading the instance sets
+#: ``RELAY_LOG_LEVEL`` on this logger alone and scrubs every line of it (section "The instance").
+log: Final = logging.getLogger("LiteLLM Proxy.relay")
 
 # =================================================================================================
 # Errors
@@ -2942,7 +2986,6 @@ class RelayHandler(CustomLogger):
         #: and ``refused_model`` (client-chosen models not in the model list)
         self.stats: Counter[str] = Counter()
         self.plans = PlanResolver(config, self.stats)  #: which plan each request gets
-        logging.getLogger("relay").setLevel(config.log_level.upper())
 
     def __repr__(self) -> str:
         plan = self.config.plan
@@ -4470,16 +4513,6 @@ def make_store(config: "RelayConfig", env: Mapping[str, str] = os.environ) -> "L
                          bound_s=timeout_s)
 
 
-def _load_store(config: "RelayConfig") -> "LocalStore | FailoverStore":
-    try:
-        return make_store(config)
-    except ConfigError as exc:
-        print(f"relay_plugin: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        if "litellm.proxy.proxy_server" in sys.modules:
-            os._exit(2)  # inside the proxy: stop now, with the one line above and no traceback
-        raise SystemExit(2) from None
-
-
 # =================================================================================================
 # The instance: what `callbacks: relay_plugin.proxy_handler_instance` loads, built on first access
 # =================================================================================================
@@ -4497,14 +4530,67 @@ class DisabledRelay(CustomLogger):
         return "<DisabledRelay: RELAY_ENABLED=false>"
 
 
-def _load_config() -> RelayConfig:
+def _scrub_every_line(logger: logging.Logger) -> None:
+    """Mask secrets in every line ``logger`` writes, whatever handler writes it: the message with its
+    arguments, the traceback and the stack. Replaces the filter an earlier load of this file installed."""
+
+    class ScrubSecrets(logging.Filter):
+        relay_scrubber = True
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg, record.args = scrub_secrets(record.getMessage()), None
+            if record.exc_info:  # formatters print exc_text, once set, instead of formatting exc_info again
+                record.exc_text = scrub_secrets(record.exc_text or logging.Formatter().formatException(record.exc_info))
+            if record.stack_info:
+                record.stack_info = scrub_secrets(record.stack_info)
+            return True
+
+    for old in [f for f in logger.filters if getattr(f, "relay_scrubber", False)]:
+        logger.removeFilter(old)
+    logger.addFilter(ScrubSecrets())
+
+
+def _load(env: Mapping[str, str] = os.environ) -> "tuple[RelayConfig, RelayHandler | DisabledRelay]":
+    """Read ``RELAY_*`` and build the store and the callback. An invalid value: one line on stderr, then
+    exit 2: ``os._exit`` inside the proxy (its config loader would catch ``SystemExit`` and print a
+    traceback), ``SystemExit`` anywhere else."""
+    register_env_secrets(env)  # the lines written while loading are scrubbed too
+    _scrub_every_line(log)
     try:
-        return RelayConfig.from_env(os.environ)
+        config = RelayConfig.from_env(env)
+        instance = RelayHandler(config, store=make_store(config, env)) if config.plan.enabled else DisabledRelay(config)
     except ConfigError as exc:
         print(f"relay_plugin: invalid configuration: {exc}", file=sys.stderr, flush=True)
         if "litellm.proxy.proxy_server" in sys.modules:
             os._exit(2)  # inside the proxy: stop now, with the one line above and no traceback
         raise SystemExit(2) from None
+    log.setLevel(config.log_level.upper())
+    if config.plan.enabled:
+        _announce_degradations(FEATURES)
+    return config, instance
+
+
+#: the names built on first access; until then importing this file has no effect outside it
+_LAZY: Final = ("CONFIG", "proxy_handler_instance")
+_loading: Final = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: ``CONFIG`` and ``proxy_handler_instance`` are built on first access, once, and are plain
+    module globals from then on. The proxy reaches this through ``getattr(module, "proxy_handler_instance")``
+    after executing this file (``get_instance_fn`` in litellm/proxy/types_utils/utils.py), so a bad
+    ``RELAY_*`` value still stops it at startup."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _loading:
+        if name not in globals():
+            config, instance = _load()
+            globals().update(CONFIG=config, proxy_handler_instance=instance)
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 if __name__ == "__main__":
@@ -4512,14 +4598,3 @@ if __name__ == "__main__":
         print(env_table())
     else:
         print(__doc__)
-else:
-    if not logging.getLogger("relay").handlers:
-        _handler = logging.StreamHandler()
-        _handler.setFormatter(logging.Formatter("%(asctime)s relay %(levelname)s %(message)s"))
-        logging.getLogger("relay").addHandler(_handler)
-        logging.getLogger("relay").propagate = False
-    CONFIG: Final = _load_config()
-    proxy_handler_instance: Final = (
-        RelayHandler(CONFIG, store=_load_store(CONFIG)) if CONFIG.plan.enabled else DisabledRelay(CONFIG))
-    if CONFIG.plan.enabled:
-        _announce_degradations(FEATURES)

@@ -32,10 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-for _name in [n for n in os.environ if n.startswith("RELAY_")]:
-    del os.environ[_name]
-os.environ["RELAY_SECONDARY_MODEL"] = "smollm2-judge"  # relay_plugin validates RELAY_* at import
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: no price-map download
 
 import litellm  # noqa: E402
 
@@ -60,6 +57,7 @@ async def judge_all(router: litellm.Router, rows: list[dict], way: str) -> list[
         **{k: v for k, v in real.REAL_RELAY_ENV.items()}, "RELAY_MODE": "guard", "RELAY_SECONDARY_MODEL": WAYS[way],
         "RELAY_APPLY_TO": "*", "RELAY_LOG_LEVEL": "error"})
     handler = relay_plugin.RelayHandler(config)
+    relay_plugin.log.setLevel(config.log_level.upper())  # what loading proxy_handler_instance does with it
     results = []
     warm = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "metadata": {},
             "litellm_call_id": f"bench-judge-warm-{way}-{time.time_ns()}"}

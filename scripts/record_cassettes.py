@@ -29,9 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported: no price-map download
-for _name in [n for n in os.environ if n.startswith("RELAY_")]:
-    del os.environ[_name]  # relay_plugin validates RELAY_* at import; the scenarios bring their own
-os.environ["RELAY_SECONDARY_MODEL"] = "openai/cassette-recorder"
 
 import litellm  # noqa: E402
 

@@ -1,12 +1,10 @@
-"""Shared fixtures. Environment first: relay_plugin reads RELAY_* once, at import."""
+"""Shared fixtures. Environment first: litellm reads LITELLM_LOCAL_MODEL_COST_MAP at import."""
 
 import os
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 for _name in [n for n in os.environ if n.startswith("RELAY_")]:
     del os.environ[_name]
-# A valid configuration for importing the module in-process; unit tests build their own RelayConfig.
-os.environ["RELAY_SECONDARY_MODEL"] = "openai/unit-test-secondary"
 
 import json
 import uuid

@@ -335,6 +335,5 @@ async def bench(n: int = 1000) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ.setdefault("RELAY_SECONDARY_MODEL", "bench")  # relay_plugin validates its environment at import
     sys.path.insert(0, str(stack.ROOT))
     print(asyncio.run(bench(int(sys.argv[1]) if sys.argv[1:] else 1000)))

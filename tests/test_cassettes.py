@@ -15,16 +15,13 @@ network guard refuses every non-loopback name lookup and connection during these
 
 import contextlib
 import json
-import os
 import socket
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # conftest sets it too: no price-map download
+import pytest
+import yaml
 
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-import relay_plugin  # noqa: E402
-from tests import cassette_support as cs  # noqa: E402
+import relay_plugin
+from tests import cassette_support as cs
 
 NAMES = list(cs.PROVIDERS)
 RECORD_HINT = "if the change is intended, re-record: make record PROVIDER={name}"

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+import relay_plugin
 from sim import stack
 from tests.canned_upstream import Canned, CannedProvider, HeaderDroppingForwarder, data_sse, pieces, sse
 from tests.conftest import BASE_RELAY_ENV, model_entry, relay_test_models, start_test_proxy
@@ -468,6 +469,6 @@ def test_no_provider_key_of_any_format_and_no_provider_detail_reaches_a_client_o
         for internal in INTERNALS:
             assert internal not in text
     time.sleep(0.2)
-    relay_lines = [line for line in leaky.log().splitlines() if " relay " in line]
+    relay_lines = [line for line in leaky.log().splitlines() if relay_plugin.log.name in line]
     assert any("prod-eu-7" in line for line in relay_lines)  # the detail went to the operator's log ...
     assert not any(key in line for line in relay_lines)  # ... without the key

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import relay_plugin
 from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, model_entry, relay_test_models, start_test_proxy
 from tests.redis_support import RedisServer
 
@@ -228,8 +229,8 @@ def test_redis_stopped_mid_run_loses_no_request_and_shared_state_resumes_when_it
         if outcome != "modified":
             assert content == primary_answer(text)
     for handle, policy in ((a, "RELAY_STATE_FAILURE=closed"), (b, "RELAY_STATE_FAILURE=local")):
-        log = handle.log()
-        outage_lines = [line for line in log.splitlines() if "ERROR relay: shared state in Redis" in line]
+        state_lines = [line for line in handle.log().splitlines() if "relay: shared state in Redis" in line]
+        outage_lines = [line for line in state_lines if f"{relay_plugin.log.name}:ERROR" in line]
         assert len(outage_lines) == 1 and policy in outage_lines[0]  # loud once per outage, not per request
-        back_lines = [line for line in log.splitlines() if "INFO relay: shared state in Redis" in line]
+        back_lines = [line for line in state_lines if f"{relay_plugin.log.name}:INFO" in line]
         assert len(back_lines) == 2 and "is back after" in back_lines[1]  # first use, then back once

@@ -544,16 +544,23 @@ def own_redis(workdir):
     server.stop()
 
 
+class RelayRecords:
+    """The records of the relay's logger among those caplog collects at the root logger (the relay's
+    logger is a child of LiteLLM's proxy logger, and its records travel up to the root)."""
+
+    def __init__(self, caplog):
+        self.caplog = caplog
+
+    @property
+    def records(self) -> list[logging.LogRecord]:
+        return [r for r in self.caplog.records if r.name == relay_plugin.log.name]
+
+
 @pytest.fixture
 def relay_log(caplog):
-    """Records of the ``relay`` logger (it does not propagate to the root logger)."""
-    logger = logging.getLogger("relay")
-    logger.addHandler(caplog.handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.setLevel(level)
+    """Records of the relay's logger, at INFO and above."""
+    with caplog.at_level(logging.INFO, logger=relay_plugin.log.name):
+        yield RelayRecords(caplog)
 
 
 class Moving:

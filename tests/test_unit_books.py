@@ -79,13 +79,19 @@ async def test_the_live_spend_leaves_out_what_this_requests_reservation_holds(mo
     assert await relay_plugin._litellm_spend("spend:key:k", 0.1, {**held, "finalized": True}) == pytest.approx(0.9)
 
 
-def test_executing_the_module_again_reuses_the_registered_metrics():
+def test_executing_the_module_again_reuses_the_registered_metrics(monkeypatch):
+    monkeypatch.setenv("RELAY_SECONDARY_MODEL", "openai/unit-test-secondary")  # what the instance is built from
     first = RelayMetrics.shared()
     spec = importlib.util.spec_from_file_location("relay_plugin_again", relay_plugin.__file__)
     again = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(again)  # what a second `import relay_plugin` next to the proxy's load does
     assert again.RelayMetrics.shared() is first
-    assert again.proxy_handler_instance.metrics is first
+    level, filters = relay_plugin.log.level, list(relay_plugin.log.filters)
+    try:
+        assert again.proxy_handler_instance.metrics is first  # built now: it sets the shared logger's level
+    finally:
+        relay_plugin.log.setLevel(level)
+        relay_plugin.log.filters[:] = filters
     assert prometheus_client.REGISTRY.get_sample_value("relay_shadow_in_flight") is not None
 
 

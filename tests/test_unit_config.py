@@ -1,5 +1,6 @@
 """RelayConfig.from_env: defaults, every parser, cross-field rules, error messages, Plan overrides."""
 
+import json
 import math
 import os
 import subprocess
@@ -423,14 +424,44 @@ def test_the_env_table_command_prints_the_same_table_without_litellm():
     assert (done.returncode, done.stdout, done.stderr) == (0, relay_plugin.env_table() + "\n", "")
 
 
-# ----- import with a bad environment -----------------------------------------------------------
+# ----- importing, and loading the instance ---------------------------------------------------------
 
 
-def import_plugin(**relay_env: str) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+def run_python(code: str, other_env: dict[str, str] | None = None, **relay_env: str) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           **(other_env or {})}
     env.update({f"RELAY_{name}": value for name, value in relay_env.items()})
-    return subprocess.run([sys.executable, "-c", "import relay_plugin"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def load_plugin(**relay_env: str) -> subprocess.CompletedProcess:
+    """What the proxy does: execute the file, then look up ``proxy_handler_instance``."""
+    return run_python("import relay_plugin; relay_plugin.proxy_handler_instance", **relay_env)
+
+
+@pytest.mark.parametrize("relay_env", [{}, {"SECONDARY_MODEL": "openai/sec", "MODE": "bogus"}], ids=["unset", "bad"])
+def test_importing_reads_no_variable_and_never_exits(relay_env):
+    litellm_alone = run_python("import litellm")
+    done = run_python("import relay_plugin", **relay_env)
+    assert (done.returncode, done.stdout, done.stderr) == (0, litellm_alone.stdout, litellm_alone.stderr)
+
+
+def test_importing_leaves_every_logger_as_it_was():
+    probe = """if True:
+        import logging, litellm
+
+        def state():
+            loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+            return {lg.name: (lg.level, lg.propagate, lg.disabled, list(lg.handlers), list(lg.filters))
+                    for lg in loggers if isinstance(lg, logging.Logger)}
+
+        before = state()
+        import relay_plugin
+        untouched = (logging.NOTSET, True, False, [], [])  # a logger that was created and left alone
+        print([name for name, now in state().items() if now != before.get(name, untouched)])
+    """
+    done = run_python(probe, SECONDARY_MODEL="openai/sec")
+    assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, ["[]"]), done.stdout + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -439,18 +470,68 @@ def import_plugin(**relay_env: str) -> subprocess.CompletedProcess:
         ({"SECONDARY_MODEL": "openai/sec", "MODE": "bogus"},
          "relay_plugin: invalid configuration: RELAY_MODE='bogus' is invalid: allowed: refine | guard | annotate | escalate | consensus | shadow"),
         ({}, "relay_plugin: invalid configuration: RELAY_SECONDARY_MODEL is missing: allowed: a model, required when the relay is enabled"),
+        ({"SECONDARY_MODEL": "openai/sec", "STATE": "redis"},  # found while building the store
+         "relay_plugin: invalid configuration: RELAY_REDIS_URL is missing: allowed: a redis://, rediss:// or unix:// URL, "
+         "or LiteLLM's REDIS_HOST (with REDIS_PORT, REDIS_PASSWORD), required when RELAY_STATE is redis"),
     ],
-    ids=["bad_mode", "missing_secondary"],
+    ids=["bad_mode", "missing_secondary", "store"],
 )
-def test_importing_with_a_bad_environment_exits_2_with_one_stderr_line(relay_env, line):
-    done = import_plugin(**relay_env)
+def test_loading_the_instance_with_a_bad_environment_exits_2_with_one_stderr_line(relay_env, line):
+    done = load_plugin(**relay_env)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [line]
 
 
-def test_importing_with_a_valid_environment_succeeds_silently():
-    done = import_plugin(SECONDARY_MODEL="openai/sec")
+def test_loading_the_instance_with_a_valid_environment_succeeds_silently():
+    done = load_plugin(SECONDARY_MODEL="openai/sec")
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_the_instance_is_built_once_and_is_then_a_plain_attribute():
+    probe = ("import relay_plugin as r; first = r.proxy_handler_instance; "
+             "print(r.proxy_handler_instance is first, r.CONFIG is first.config, 'proxy_handler_instance' in vars(r))")
+    done = run_python(probe, SECONDARY_MODEL="openai/sec")
+    assert (done.returncode, done.stdout.split()[-3:]) == (0, ["True", "True", "True"]), done.stderr[-2000:]
+
+
+#: a secret that only the relay knows to be one (from the variable's name): LiteLLM's patterns miss it
+PLAIN_SECRET = "correct-horse-battery-staple"
+LOG_PROBE = """if True:
+    import json, litellm, relay_plugin
+    if {json_logs}:
+        litellm.turn_on_json()  # what `json_logs: true` in litellm_settings does
+    relay_plugin.proxy_handler_instance
+    relay_plugin.log.warning("upstream refused %s", "{secret}")
+    relay_plugin.log.info("an info line")
+""".format
+
+
+@pytest.mark.parametrize("json_logs", [False, True], ids=["plain", "json"])
+def test_loading_the_instance_joins_litellms_proxy_logging_and_scrubs_every_line(json_logs):
+    from litellm._logging import verbose_proxy_logger
+
+    assert relay_plugin.log.parent is verbose_proxy_logger
+    done = run_python(LOG_PROBE(json_logs=json_logs, secret=PLAIN_SECRET), {"UPSTREAM_API_KEY": PLAIN_SECRET},
+                      SECONDARY_MODEL="openai/sec", UNRELATED_SETTING="1")
+    lines = [line for line in done.stderr.splitlines() if "upstream refused" in line or "RELAY_UNRELATED_SETTING" in line]
+    assert done.returncode == 0 and len(lines) == 2, done.stderr[-2000:]
+    assert "an info line" not in done.stdout + done.stderr  # RELAY_LOG_LEVEL: warning
+    if json_logs:
+        records = [json.loads(line) for line in lines]
+        assert [(r["component"], r["level"]) for r in records] == [(relay_plugin.log.name, "WARNING")] * 2
+        assert records[1]["message"] == "upstream refused [REDACTED_KEY]"
+    else:
+        assert all(f"{relay_plugin.log.name}:WARNING" in line for line in lines)
+        assert lines[1].endswith(" - upstream refused [REDACTED_KEY]")
+
+
+def test_litellms_log_level_applies_to_the_relays_lines_and_relay_log_level_to_its_own_threshold():
+    probe = LOG_PROBE(json_logs=False, secret="x")
+    shown = run_python(probe, SECONDARY_MODEL="openai/sec", LOG_LEVEL="info")
+    assert "an info line" in shown.stdout and "upstream refused" in shown.stderr, shown.stderr[-2000:]
+    hidden = run_python(probe, {"LITELLM_LOG": "ERROR"}, SECONDARY_MODEL="openai/sec", LOG_LEVEL="info")
+    assert hidden.returncode == 0, hidden.stderr[-2000:]
+    assert "upstream refused" not in hidden.stderr and "an info line" not in hidden.stdout
 
 
 def test_a_disabled_relay_loads_a_callback_without_hooks_so_the_proxy_keeps_its_fast_paths():
