@@ -5,6 +5,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from sim import stack
 from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, start_test_proxy
@@ -173,6 +174,8 @@ BAD_CONFIGS = {
     "infinite budget window": ({"RELAY_BUDGET_WINDOW_S": "inf"}, "RELAY_BUDGET_WINDOW_S='inf' is invalid: allowed: a number >= 1"),
     # a typo would leave the call cap off, silently
     "misspelt variable": ({"RELAY_MAXCALLS": "1"}, "RELAY_MAXCALLS is not a relay variable: did you mean RELAY_MAX_CALLS?"),
+    # found while building the store, not while parsing the variables
+    "redis state without redis": ({"RELAY_STATE": "redis"}, "RELAY_REDIS_URL is missing"),
 }
 
 
@@ -218,6 +221,24 @@ def test_an_invalid_variable_stops_the_proxy_with_one_line_naming_it(bad_starts,
     assert relay_lines[0].startswith("relay_plugin: invalid configuration: ")
     assert expected in relay_lines[0]
     assert "Traceback" not in stderr
+
+
+def test_the_relays_lines_follow_the_proxys_json_logs_setting(workdir, sim):
+    from tests.conftest import relay_test_models, write_config
+
+    directory = workdir / "json-logs"
+    config = write_config(directory, relay_test_models(sim.url))
+    settings = yaml.safe_load(config.read_text())
+    settings["litellm_settings"]["json_logs"] = True
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    proxy = stack.start_proxy(config, {**BASE_RELAY_ENV, "RELAY_UNRELATED_SETTING": "1"}, workdir=directory)
+    try:
+        lines = [line for line in proxy.log_text().splitlines() if "RELAY_UNRELATED_SETTING" in line]
+    finally:
+        proxy.stop()
+    records = [json.loads(line) for line in lines]  # JSON, like LiteLLM's own lines
+    assert [(r["component"], r["level"]) for r in records] == [("LiteLLM Proxy.relay", "WARNING")]
+    assert records[0]["message"].startswith("relay: RELAY_UNRELATED_SETTING is not a relay variable and is ignored")
 
 
 # ----- secrets --------------------------------------------------------------------------------
