@@ -33,6 +33,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from loadtest import harness as h
@@ -92,19 +93,34 @@ class FaultReport:
     def spend(self) -> float:
         return sum(s.cost_usd for s in self.samples)
 
+    def relay_lines(self, name: str) -> list[tuple[float, str, str]]:
+        """(epoch seconds, level, message) of each line the relay's logger wrote in instance ``name``'s
+        log. The proxies write JSON logs (``json_logs: true``): their timestamps carry microseconds."""
+        from relay_plugin import log  # its name is the `component` of the relay's JSON lines
+
+        found = []
+        for line in self.logs.get(name, "").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("component") == log.name:
+                found.append((datetime.fromisoformat(record["timestamp"]).timestamp(), record["level"], record["message"]))
+        return found
+
+    def outage_records(self, name: str, since_fault: bool = True) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+        """(when, message) of the ERROR lines (an outage begins) and of the INFO "is back" lines of
+        instance ``name``, by default those written from the fault on (a loaded machine may time out a
+        Redis call before it: that is an outage of its own, with its own line)."""
+        lines = [line for line in self.relay_lines(name) if not since_fault or line[0] >= self.fault_wall - 0.5]
+        return ([(when, message) for when, level, message in lines
+                 if level == "ERROR" and message.startswith("relay: shared state in Redis")],
+                [(when, message) for when, _, message in lines if "is back after" in message])
+
     def outage_lines(self, name: str, since_fault: bool = True) -> tuple[list[str], list[str]]:
-        """The ERROR lines (an outage begins) and INFO "is back" lines of instance ``name``'s log,
-        by default those written from the fault on (a loaded machine may time out a Redis call
-        before it: that is an outage of its own, with its own line)."""
-        def after_fault(line: str) -> bool:
-            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
-            if not since_fault or stamp is None:
-                return not since_fault
-            when = time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
-            return when >= self.fault_wall - 0.5
-        lines = [line for line in self.logs.get(name, "").splitlines() if after_fault(line)]
-        return ([line for line in lines if "ERROR relay: shared state in Redis" in line],
-                [line for line in lines if "is back after" in line])
+        """The messages of :meth:`outage_records`."""
+        errors, backs = self.outage_records(name, since_fault)
+        return [message for _, message in errors], [message for _, message in backs]
 
     def fault_outage(self, name: str) -> tuple[bool, str]:
         """Was every outage since the fault announced by exactly one ERROR line, and no ERROR line left
@@ -114,15 +130,12 @@ class FaultReport:
         before the fault (a loaded machine may time out a call just before, and failures that close
         together are one outage). A loaded machine may also see a short second outage: that one must
         be announced once too."""
-        def when(line: str) -> float:
-            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
-            return time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")) + int(stamp.group(2)) / 1000
-        errors, backs = self.outage_lines(name, since_fault=False)
-        closing = [(when(line), d) for line, d in zip(backs, self.back_after(name, since_fault=False))
-                   if when(line) >= self.fault_wall]
+        errors, backs = self.outage_records(name, since_fault=False)
+        closing = [(when, d) for (when, _), d in zip(backs, self.back_after(name, since_fault=False))
+                   if when >= self.fault_wall]
         if not closing:
             return False, "no line says Redis is back after the fault"
-        stamps = [when(line) for line in errors]
+        stamps = [when for when, _ in errors]
         windows = [(back - lasted - 0.5, back) for back, lasted in closing]
         per_outage = [sum(start <= t <= end for t in stamps) for start, end in windows]
         stray = [t for t in stamps if t >= self.fault_wall - 0.5 and not any(s <= t <= e for s, e in windows)]
@@ -257,7 +270,8 @@ def run_fault(fault: str, directory: Path, *, threads: int = 4, max_calls: int =
             env |= {"RELAY_REDIS_SENTINELS": topology.sentinels_setting, "RELAY_REDIS_SENTINEL_SERVICE": topology.service}
         starting = {}
         threads_up = [threading.Thread(target=lambda n, f: starting.__setitem__(n, h.start_proxy(
-            directory / f"proxy-{n}", model_list(sim.url), True, {**env, "RELAY_STATE_FAILURE": f})), args=(n, f))
+            directory / f"proxy-{n}", model_list(sim.url), True, {**env, "RELAY_STATE_FAILURE": f},
+            {"json_logs": True})), args=(n, f))
             for n, f in (("a", "closed"), ("b", "local"))]
         for t in threads_up:
             t.start()

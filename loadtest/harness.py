@@ -69,10 +69,10 @@ def ollama_primary(name: str, sim_url: str) -> dict:
     return {"model_name": name, "litellm_params": {"model": f"ollama_chat/{model}", "api_base": base}}
 
 
-def write_config(directory: Path, model_list: list[dict], plugin: bool) -> Path:
+def write_config(directory: Path, model_list: list[dict], plugin: bool, litellm_settings: dict | None = None) -> Path:
     """The proxy config; ``plugin=False`` is the same file without the callbacks line (the baseline)."""
     directory.mkdir(parents=True, exist_ok=True)
-    settings = {"drop_params": True}
+    settings = {"drop_params": True, **(litellm_settings or {})}
     if plugin:
         settings = {"callbacks": "relay_plugin.proxy_handler_instance", **settings}
     path = directory / "config.yaml"
@@ -93,8 +93,9 @@ def start_simulator(directory: Path, model_config: dict, force_markers: dict | N
     return sim
 
 
-def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict[str, str]) -> stack.Proxy:
-    config = write_config(directory, model_list, plugin)
+def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict[str, str],
+                litellm_settings: dict | None = None) -> stack.Proxy:
+    config = write_config(directory, model_list, plugin, litellm_settings)
     env = {"RELAY_LOG_LEVEL": "warning", **env}
     return stack.start_proxy(config, env, workdir=directory, timeout=300)  # six proxies start at once on a busy machine
 
