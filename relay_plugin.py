@@ -4570,7 +4570,10 @@ def _load(env: Mapping[str, str] = os.environ) -> "tuple[RelayConfig, RelayHandl
     return config, instance
 
 
-#: the names built on first access; until then importing this file has no effect outside it
+#: the names built on first access; until then importing this file has no effect outside it. Declared
+#: here without a value (an annotation binds nothing), so a lookup reaches ``__getattr__``.
+CONFIG: RelayConfig
+proxy_handler_instance: "RelayHandler | DisabledRelay"
 _LAZY: Final = ("CONFIG", "proxy_handler_instance")
 _loading: Final = threading.Lock()
 

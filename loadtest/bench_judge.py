@@ -34,10 +34,10 @@ from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: no price-map download
 
-import litellm  # noqa: E402
+import litellm
 
-import relay_plugin  # noqa: E402
-from sim import real  # noqa: E402
+import relay_plugin
+from sim import real
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSWERS = ROOT / "loadtest" / "judge_answers.jsonl"

@@ -105,10 +105,11 @@ class FaultReport:
             except ValueError:
                 continue
             if isinstance(record, dict) and record.get("component") == log.name:
-                found.append((datetime.fromisoformat(record["timestamp"]).timestamp(), record["level"], record["message"]))
+                when = datetime.fromisoformat(record["timestamp"]).timestamp()
+                found.append((when, record["level"], record["message"]))
         return found
 
-    def outage_records(self, name: str, since_fault: bool = True) -> tuple[list[tuple[float, str]], list[tuple[float, str]]]:
+    def outage_records(self, name: str, since_fault: bool = True) -> tuple[list[tuple[float, str]], ...]:
         """(when, message) of the ERROR lines (an outage begins) and of the INFO "is back" lines of
         instance ``name``, by default those written from the fault on (a loaded machine may time out a
         Redis call before it: that is an outage of its own, with its own line)."""

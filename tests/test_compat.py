@@ -112,7 +112,8 @@ def test_the_report_plugin_records_each_compat_test_by_area_and_its_failures(tmp
 
 def test_degradation_lines_are_collected_from_the_proxy_logs(tmp_path):
     (tmp_path / "main").mkdir()
-    line = f"07:00:00 - {relay_plugin.log.name}:WARNING: relay_plugin.py:1 - {relay_plugin.DEGRADED_MARK}no response-headers hook: x"
+    mark = relay_plugin.DEGRADED_MARK
+    line = f"07:00:00 - {relay_plugin.log.name}:WARNING: relay_plugin.py:1 - {mark}no response-headers hook: x"
     (tmp_path / "main" / "proxy-1.log").write_text(f"start\n{line}\n")
     (tmp_path / "proxy-2.log").write_text(line + "\n")
     assert compat.degraded_lines(tmp_path) == ["no response-headers hook: x"]

@@ -428,8 +428,8 @@ def test_the_env_table_command_prints_the_same_table_without_litellm():
 
 
 def run_python(code: str, other_env: dict[str, str] | None = None, **relay_env: str) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           **(other_env or {})}
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(other_env or {})}
     env.update({f"RELAY_{name}": value for name, value in relay_env.items()})
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
@@ -468,11 +468,13 @@ def test_importing_leaves_every_logger_as_it_was():
     ("relay_env", "line"),
     [
         ({"SECONDARY_MODEL": "openai/sec", "MODE": "bogus"},
-         "relay_plugin: invalid configuration: RELAY_MODE='bogus' is invalid: allowed: refine | guard | annotate | escalate | consensus | shadow"),
-        ({}, "relay_plugin: invalid configuration: RELAY_SECONDARY_MODEL is missing: allowed: a model, required when the relay is enabled"),
+         "relay_plugin: invalid configuration: RELAY_MODE='bogus' is invalid: allowed: "
+         "refine | guard | annotate | escalate | consensus | shadow"),
+        ({}, "relay_plugin: invalid configuration: RELAY_SECONDARY_MODEL is missing: allowed: a model, "
+             "required when the relay is enabled"),
         ({"SECONDARY_MODEL": "openai/sec", "STATE": "redis"},  # found while building the store
-         "relay_plugin: invalid configuration: RELAY_REDIS_URL is missing: allowed: a redis://, rediss:// or unix:// URL, "
-         "or LiteLLM's REDIS_HOST (with REDIS_PORT, REDIS_PASSWORD), required when RELAY_STATE is redis"),
+         "relay_plugin: invalid configuration: RELAY_REDIS_URL is missing: allowed: a redis://, rediss:// or "
+         "unix:// URL, or LiteLLM's REDIS_HOST (with REDIS_PORT, REDIS_PASSWORD), required when RELAY_STATE is redis"),
     ],
     ids=["bad_mode", "missing_secondary", "store"],
 )
@@ -513,7 +515,8 @@ def test_loading_the_instance_joins_litellms_proxy_logging_and_scrubs_every_line
     assert relay_plugin.log.parent is verbose_proxy_logger
     done = run_python(LOG_PROBE(json_logs=json_logs, secret=PLAIN_SECRET), {"UPSTREAM_API_KEY": PLAIN_SECRET},
                       SECONDARY_MODEL="openai/sec", UNRELATED_SETTING="1")
-    lines = [line for line in done.stderr.splitlines() if "upstream refused" in line or "RELAY_UNRELATED_SETTING" in line]
+    lines = [line for line in done.stderr.splitlines()
+             if "upstream refused" in line or "RELAY_UNRELATED_SETTING" in line]
     assert done.returncode == 0 and len(lines) == 2, done.stderr[-2000:]
     assert "an info line" not in done.stdout + done.stderr  # RELAY_LOG_LEVEL: warning
     if json_logs:
