@@ -420,7 +420,7 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0,
          "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is "
          "noticed and the work cancelled."),
-    _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the `relay` logger."),
+    _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the relay's logger (`LiteLLM Proxy.relay`, a child of LiteLLM's proxy logger)."),
     _Var("STATE", _choice("local", "redis"), None,
          "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every "
          "worker and instance). Unset: `redis` when `RELAY_REDIS_URL`, `RELAY_REDIS_CLUSTER_NODES` or "
