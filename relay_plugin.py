@@ -90,6 +90,7 @@ import re
 import secrets
 import sys
 import time
+import unicodedata
 import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields, replace
@@ -2147,10 +2148,9 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
 TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
 
 
-def worst_case_usd(model: str, messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
-    """What one secondary call can cost at most: its prompt (counted with headroom) and a full answer."""
-    prompt_tokens = litellm.token_counter(model=model, messages=messages)
-    return (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + max_tokens * price[1]
+async def worst_case_usd(messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
+    """What one secondary call can cost at most: an upper bound of its prompt tokens and a full answer."""
+    return await prompt_tokens_off_loop(messages) * price[0] + max_tokens * price[1]
 
 
 def _cost_of(response: Any) -> float:
@@ -2287,9 +2287,72 @@ def _cost_map_price(model: str) -> tuple[float, float] | None:
     return float(raw["input_cost_per_token"]), float(raw["output_cost_per_token"])
 
 
-#: prompt-token estimates get this headroom, so a reservation stays an upper bound of the real cost
-PROMPT_TOKEN_MARGIN: Final = 1.25
+#: prompt tokens a call adds besides its messages, whatever the template (BOS, the assistant's header)
 PROMPT_TOKEN_OVERHEAD: Final = 16
+#: prompt tokens a chat template adds per message besides its text (role headers, [INST] .. [/INST],
+#: <|eot_id|>): Llama 2's, whose markers are text, adds about 11, and 18 with a vocabulary of bytes only
+PROMPT_TOKENS_PER_MESSAGE: Final = 32
+#: a prompt longer than this (characters) is bounded on a worker thread, in pieces, never on the event loop
+LOOP_BOUND_MAX_CHARS: Final = 32_768
+_BOUND_PIECE_CHARS: Final = 65_536
+
+
+def prompt_token_bound(messages: list[dict]) -> int:
+    """An upper bound of the prompt tokens any provider bills for ``messages``: offline, O(n), no tokenizer.
+
+    Why it is a bound. Every tokenizer in use cuts text into tokens that each stand for at least one
+    byte of the text's UTF-8 form after the tokenizer's own normalisation: byte-level BPE (OpenAI's
+    tiktoken encodings, Llama 3, Mistral's Tekken, Qwen, DeepSeek) emits at most one token per byte;
+    SentencePiece with byte fallback (Llama 2, Mistral v1-v3, Gemma) one piece per one or more
+    characters, or one per byte of a character it has no piece for; WordPiece and Unigram never cut
+    below a character. Normalisation can lengthen a text (NFKD turns U+FDFA, 3 bytes, into 33), so a
+    text counts as the longest of its UTF-8 forms raw, NFD and NFKD (composition only shortens: NFC and
+    NFKC are never longer than NFD and NFKD). On top, one token per text (SentencePiece's dummy prefix
+    "▁" standing alone), ``PROMPT_TOKENS_PER_MESSAGE`` per message and ``PROMPT_TOKEN_OVERHEAD`` per call.
+
+    Why not litellm's ``token_counter``: a reservation must never be below what a call costs (a cap
+    holds only then; reserving too much is safe, it is settled at the actual cost), and an exact count
+    is exact for one tokenizer family only: tiktoken counts a run of digits or text outside its
+    vocabulary (CJK, emoji, base64) at a third or less of what Llama 2 bills. For names containing
+    ``llama-2``, ``llama-3`` or ``replicate`` it also fetches a tokenizer from Hugging Face, which
+    without network stalled each call 23 s with the worker frozen. The price of this bound: English
+    prose is about 4 bytes per token, so the prompt's part of a reservation is about 4x its cost.
+
+    The relay's secondary prompts are text (``conversation_of`` keeps the text parts); a value that is
+    not a string is counted as the JSON it is sent as.
+    """
+    total = PROMPT_TOKEN_OVERHEAD
+    for message in messages:
+        total += PROMPT_TOKENS_PER_MESSAGE
+        for value in message.values():
+            text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+            total += _utf8_bound(text) + 1
+    return total
+
+
+def _utf8_bound(text: str) -> int:
+    """The longest UTF-8 length of ``text`` raw, NFD and NFKD, taken piece by piece (the sum of the
+    pieces' maxima is at least the maximum of the sums, and decomposition never spans characters)."""
+    if text.isascii():  # O(1) in CPython; ASCII is the same in every normal form, one byte per character
+        return len(text)
+    size = 0
+    for start in range(0, len(text), _BOUND_PIECE_CHARS):
+        piece = text[start:start + _BOUND_PIECE_CHARS]
+        longest = len(piece.encode("utf-8", "surrogatepass"))
+        for form in ("NFD", "NFKD"):
+            if not unicodedata.is_normalized(form, piece):
+                longest = max(longest, len(unicodedata.normalize(form, piece).encode("utf-8", "surrogatepass")))
+        size += longest
+    return size
+
+
+async def prompt_tokens_off_loop(messages: list[dict]) -> int:
+    """``prompt_token_bound``, on a worker thread when the prompt is long: the bound is linear and done in
+    pieces, so the thread gives the event loop the GIL between pieces."""
+    chars = sum(len(v) if isinstance(v, str) else LOOP_BOUND_MAX_CHARS for m in messages for v in m.values())
+    if chars <= LOOP_BOUND_MAX_CHARS:
+        return prompt_token_bound(messages)
+    return await asyncio.to_thread(prompt_token_bound, messages)
 
 
 # =================================================================================================
@@ -2525,7 +2588,7 @@ class RelayRun:
                 for name, limit in usd_caps:
                     if name in handler.refused_counters and await handler.store.counter(name) + floor > limit:
                         raise refused
-                worst = worst_case_usd(model, messages, price, config.secondary_max_tokens)
+                worst = await worst_case_usd(messages, price, config.secondary_max_tokens)
             holds = [(name, limit, worst) for name, limit in usd_caps]
         if config.max_calls is not None:
             holds.append((f"calls:{window}", float(config.max_calls), 1.0))
@@ -2549,7 +2612,7 @@ async def _check_caller_budget(run: "RelayRun", model: str, messages: list[dict]
     price = handler.price(model)
     worst = 0.0
     if price is not None:  # unpriced: only a budget already spent refuses
-        worst = worst_case_usd(model, messages, price, handler.config.secondary_max_tokens)
+        worst = await worst_case_usd(messages, price, handler.config.secondary_max_tokens)
     for scope, counter, spent_at_auth, limit in books.budgets:
         spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
         if spent + worst > limit:
