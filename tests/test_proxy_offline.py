@@ -8,8 +8,8 @@ every ``socket.getaddrinfo`` / ``socket.connect`` to a destination that is not l
 at once (so a regression fails fast instead of waiting out the retries). Every secondary is on the
 loopback simulator and priced, the relay budget and the calling key's LiteLLM budget are both on (so
 both reservations count the prompt), and spend is attributed to the caller (LiteLLM's cost tracker
-runs, as in ``test_proxy_books.py``). A last request to a model outside the machine checks that the
-hook is live in the proxy.
+runs, as in ``test_proxy_books.py``). Two last requests check that both watchers of the module are
+live in the proxy: a model outside the machine, and LiteLLM's own token counter for a llama-3 name.
 """
 
 import json
@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -43,6 +44,7 @@ SECONDARIES = [
     ("mistral/mistral-large-latest", "mistral/mistral-large-latest", "openai"),
     ("anthropic/claude-3-5-haiku-20241022", "anthropic/claude-3-5-haiku-20241022", "anthropic"),
     ("claude-2.1", "anthropic/claude-3-5-haiku-20241022", "anthropic"),
+    ("claude-haiku-4-5", "anthropic/claude-haiku-4-5-20251001", "anthropic"),  # litellm's own Anthropic tokenizer
 ]
 
 
@@ -120,12 +122,19 @@ def test_no_relay_attempts_an_outbound_connection_for_llama_mistral_or_claude_se
     # every relay really called its secondary (on the simulator), and got through
     assert all(outcome == "modified" for outcome in outcomes.values()), outcomes
     called = {r["model"] for r in sim.requests(token)}
-    assert {model.split("/", 1)[1] for _, model, _ in SECONDARIES} <= called | {"claude-3-5-haiku-20241022"}, called
-    outbound = _outbound(audit_log)
+    assert {model.split("/", 1)[1] for _, model, _ in SECONDARIES} <= called, called
+    # (the control model's own host aside: the router asks an OpenAI-compatible api_base for its models)
+    outbound = [e for e in _outbound(audit_log) if e["host"] != CONTROL_HOST]
     assert not outbound, f"the proxy tried to reach outside the machine during relays:\n{_shown(outbound)}"
     assert elapsed < 60, f"{len(outcomes)} relays took {elapsed:.1f}s"
 
-    # the hook is live in this proxy: a model outside the machine is seen (and refused)
+    # both watchers are live in this proxy: a model outside the machine (litellm's async HTTP on the
+    # event loop) and LiteLLM's own token counter for a llama-3 name (a tokenizer download) are seen
+    controls = lambda: [e for e in _outbound(audit_log) if e["host"] == CONTROL_HOST]  # noqa: E731
+    before = len(controls())
     with pytest.raises(openai.APIError):
         client.chat.completions.create(model="outside", messages=[{"role": "user", "content": token}])
-    assert any(e["host"] == CONTROL_HOST for e in _outbound(audit_log)), _outbound(audit_log)
+    assert len(controls()) > before and controls()[-1]["event"] == "httpx async request", controls()
+    httpx.post(proxy.url + "/utils/token_counter", headers={"Authorization": f"Bearer {proxy.master_key}"},
+               json={"model": "ollama/llama-3-8b", "messages": [{"role": "user", "content": token}]}, timeout=60)
+    assert ("socket.getaddrinfo", "huggingface.co") in {(e["event"], e["host"]) for e in _outbound(audit_log)}

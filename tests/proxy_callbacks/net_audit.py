@@ -1,11 +1,17 @@
 """Test-only callback module: every outbound connection the proxy process attempts to a destination
 that is not loopback, recorded and refused.
 
-An audit hook (``sys.addaudithook``) sees ``socket.getaddrinfo`` and ``socket.connect`` in every
-thread of the process. A destination that is not loopback (nor a Unix socket) is appended to
-``NET_AUDIT_LOG`` (JSONL: event, host, port, thread, the innermost frames of the caller) and refused
-at once with an exception that is not an ``OSError``: HTTP clients retry connection errors (Hugging
-Face's client backs off for 23 s), so a plain refusal would make the test wait for their retries.
+Two watchers, because the proxy's event loop is uvloop, whose own C code resolves and connects
+without Python's audit events:
+- an audit hook (``sys.addaudithook``) sees ``socket.getaddrinfo`` and ``socket.connect`` of every
+  Python socket in every thread: sync HTTP clients (huggingface_hub's tokenizer download, requests,
+  urllib) and whatever runs in worker threads;
+- the async HTTP clients litellm and the relay use on the loop, ``aiohttp.ClientSession._request``
+  and ``httpx.AsyncClient.send``, are wrapped to check the URL's host before anything is sent.
+A destination that is not loopback (nor a Unix socket) is appended to ``NET_AUDIT_LOG`` (JSONL: how
+it was seen, host, port, thread, the relay's and litellm's frames that led there) and refused at once
+with an exception that is not an ``OSError``: HTTP clients retry connection errors (Hugging Face's
+client backs off for 23 s), so a plain refusal would make the test wait for their retries.
 """
 
 import ipaddress
@@ -14,7 +20,10 @@ import os
 import sys
 import threading
 import traceback
+import urllib.parse
 
+import aiohttp
+import httpx
 from litellm.integrations.custom_logger import CustomLogger
 
 LOG = os.environ["NET_AUDIT_LOG"]
@@ -57,7 +66,16 @@ def _audit(event: str, args: tuple) -> None:
     destination = _destination(event, args)
     if destination is None or _is_loopback(destination[0]):
         return
-    host, port = destination
+    _refuse(event, *destination)
+
+
+def _check_url(url, via: str) -> None:
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme in ("http", "https", "ws", "wss") and not _is_loopback(parts.hostname):
+        _refuse(via, parts.hostname, parts.port)
+
+
+def _refuse(event: str, host, port) -> None:
     stack = traceback.extract_stack()[:-2]
     # who asked: the relay's and litellm's frames, then the innermost two (the HTTP client's)
     callers = [f for f in stack if f.filename.endswith("relay_plugin.py") or "site-packages/litellm/" in f.filename]
@@ -71,5 +89,22 @@ def _audit(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_audit)
+
+_aiohttp_request = aiohttp.ClientSession._request
+_httpx_send = httpx.AsyncClient.send
+
+
+async def _watched_aiohttp_request(self, method, str_or_url, *args, **kwargs):
+    _check_url(str_or_url, "aiohttp request")
+    return await _aiohttp_request(self, method, str_or_url, *args, **kwargs)
+
+
+async def _watched_httpx_send(self, request, *args, **kwargs):
+    _check_url(request.url, "httpx async request")
+    return await _httpx_send(self, request, *args, **kwargs)
+
+
+aiohttp.ClientSession._request = _watched_aiohttp_request
+httpx.AsyncClient.send = _watched_httpx_send
 
 instance = CustomLogger()
