@@ -28,11 +28,13 @@ DASHBOARD = ROOT / "docs" / "grafana-relay.json"
 
 RICH_KEY, TEAM = "sk-books-rich-0001", "team-books"
 SPENDER_KEY = "sk-books-spender-0001"  #: a budget a few relayed requests spend
+#: above one secondary call's worst case (about 0.00013 USD here: the prompt bound is its UTF-8 size)
+SPENDER_BUDGET = 0.0003
 POOR_KEY = "sk-books-poor-0001"  #: a budget below one secondary call's worst case
 POOR_TEAM_KEY, POOR_TEAM = "sk-books-poorteam-0001", "team-poor"  #: the team, not the key, is short
 KEYS = [
     {"key": RICH_KEY, "max_budget": 100.0, "team_id": TEAM, "alias": "rich"},
-    {"key": SPENDER_KEY, "max_budget": 0.0001},
+    {"key": SPENDER_KEY, "max_budget": SPENDER_BUDGET},
     {"key": POOR_KEY, "max_budget": 0.00001},
     {"key": POOR_TEAM_KEY, "team_id": POOR_TEAM, "team_max_budget": 0.00001},
 ]
@@ -237,7 +239,7 @@ def test_relay_spend_counts_toward_the_key_budget_until_litellm_refuses_the_key(
     # the first requests were relayed (the refiner may keep the short answer as it is), later ones not
     assert outcomes[0] in ("modified", "relayed") and "skipped:key_budget" in outcomes, outcomes
     # the primaries alone never reached the budget: the relay's spend in the key's books did
-    assert primary_spend < 0.0001
+    assert primary_spend < SPENDER_BUDGET
 
 
 def test_a_key_whose_budget_cannot_cover_a_secondary_call_keeps_the_primary_answer(budget_books, sim, token):
