@@ -163,7 +163,8 @@ def model_list(sim_url: str) -> list[dict]:
 #: the virtual key the load uses, seeded into every proxy's books with a budget it never reaches
 BENCH_KEY = "sk-bench-budgeted-0001"
 BOOKS = ("litellm_books.instance",)
-RELAY_ENV = {"RELAY_MODE": "refine", "RELAY_SECONDARY_MODEL": "sec-http", "RELAY_TIMEOUT_S": "5", "RELAY_DEADLINE_S": "10"}
+RELAY_ENV = {"RELAY_MODE": "refine", "RELAY_SECONDARY_MODEL": "sec-http", "RELAY_TIMEOUT_S": "5",
+             "RELAY_DEADLINE_S": "10"}
 PROXIES = {  # name: (plugin loaded, env)
     "baseline": (False, {}),
     "disabled": (True, {"RELAY_ENABLED": "false"}),
@@ -336,12 +337,14 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
         for mode, target, what in (("refine", 1.25, f"1 HTTP secondary ({L})"),
                                    ("consensus", 2.0, f"3 members ({L}) + merge ({A})")):
             if streamed:  # the final answer streams from the secondary's (the merge's) own stream
-                what = "the secondary's stream to the client" if mode == "refine" else "the merge streamed to the client"
+                what = ("the secondary's stream to the client" if mode == "refine" else
+                        "the merge streamed to the client")
             for attribution, suffix in (("caller", ""), ("none", "-none")):
                 found.append(Figure(f"CPU/req{', streamed' if streamed else ''}: {mode}, {what}",
                                     f"{mode}{streamed}{suffix}", base, "cpu", target, attribution=attribution))
     found += [
-        Figure("capacity: breaker open / no plugin", "breaker-open", "baseline", "capacity", 0.97, attribution="caller"),
+        Figure("capacity: breaker open / no plugin", "breaker-open", "baseline", "capacity", 0.97,
+               attribution="caller"),
         Figure("capacity: budget refused / no plugin", "budget-refused", "baseline", "capacity", 0.97,
                attribution="caller"),
         Figure("capacity: plugin loaded, disabled / no plugin", "disabled", "baseline", "capacity", 0.97),
@@ -350,7 +353,8 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
         Figure("capacity: refine, attribution caller / none", "refine", "refine-none", "capacity", 0.95,
                source="earlier", attribution="caller"),
         *(Figure(f"added p50: refine, secondary of latency {L}", variant, "baseline-light", "added", latency_ms + 3,
-                 attribution=attribution) for variant, attribution in (("refine-L", "caller"), ("refine-L-none", "none"))),
+                 attribution=attribution)
+          for variant, attribution in (("refine-L", "caller"), ("refine-L-none", "none"))),
         Figure(f"added p50: consensus, 3 members of {L} + aggregator {A}", "consensus-L", "baseline-light", "added",
                latency_ms + aggregator_ms + 5, source="earlier", attribution="caller"),
         Figure(f"added p50: shadow, secondary of latency {L}", "shadow-L", "baseline-light", "added", 1.0,
@@ -551,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", default="7s", help="each throughput measurement (default 7s: 13 throughput "
-                        "variants; 10 s windows swing by about 3%% here, shorter ones more, the median over rounds helps)")
+                        "variants; 10 s windows swing by about 3%% here, shorter ones more, the median over "
+                        "rounds helps)")
     parser.add_argument("--latency-duration", default="4s", help="each latency measurement (default 4s)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="L: latency of the simulated secondaries")
     parser.add_argument("--aggregator-ms", type=float, default=20.0, help="A: latency of the consensus aggregator")
@@ -705,7 +710,8 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
                      f"{info['cpus']} cores) during the measurements; wall-clock req/s and latencies carry that noise")
     for f in misses:
         shown = {"cpu": f"{f.value:.2f}x", "capacity": f"{f.value:.3f}"}.get(f.kind, f"{f.value:+.1f} ms")
-        lines.append(f"- MISS {f.name} (attribution {f.attribution}): {shown} against {f.target:g}. Profile of {f.variant} against {f.base}: "
+        lines.append(f"- MISS {f.name} (attribution {f.attribution}): {shown} against {f.target:g}. "
+                     f"Profile of {f.variant} against {f.base}: "
                      f"{f.why or 'not profiled (--no-profile)'}")
     if in_miss:
         top = Path(inproc["_profile"]).read_text().splitlines()[:30]

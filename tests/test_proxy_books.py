@@ -229,7 +229,8 @@ def test_relay_spend_counts_toward_the_key_budget_until_litellm_refuses_the_key(
         # tokens close the rest of the gap in a few requests
         usage = " SIM:USAGE=100" if "skipped:key_budget" in outcomes else ""
         try:
-            raw = budget_books.chat(SPENDER_KEY, PRIMARY, f"Spend {i} {token} SIM:ANSWER=A short refined answer.{usage}")
+            raw = budget_books.chat(SPENDER_KEY, PRIMARY,
+                                    f"Spend {i} {token} SIM:ANSWER=A short refined answer.{usage}")
         except openai.APIStatusError as exc:
             refused = exc
             break

@@ -51,7 +51,8 @@ SECONDARIES = [
 def _models(sim_url: str) -> list[dict]:
     base = {"ollama": sim_url, "anthropic": sim_url, "openai": sim_url + "/v1"}
     primary = lambda name, relay: model_entry(name, "ollama_chat/llama3", sim_url, relay)  # noqa: E731
-    models = [model_entry(name, model, base[api], api_key=FAKE_PROVIDER_KEY, **PRICE) for name, model, api in SECONDARIES]
+    models = [model_entry(name, model, base[api], api_key=FAKE_PROVIDER_KEY, **PRICE)
+              for name, model, api in SECONDARIES]
     models += [primary(f"p-refine-{i}", {"mode": "refine", "secondary_model": name})
                for i, (name, _, _) in enumerate(SECONDARIES)]
     models.append(primary("p-consensus", {"mode": "consensus", "consensus_models": [s[0] for s in SECONDARIES[:4]],
@@ -114,7 +115,8 @@ def test_no_relay_attempts_an_outbound_connection_for_llama_mistral_or_claude_se
         relay = [c.model_extra["relay"] for c in chunks if c.model_extra and "relay" in c.model_extra]
         outcomes[f"{name} (refine, streamed)"] = relay[0]["outcome"] if relay else None
     for model in ("p-consensus", "p-consensus-2"):
-        raw = client.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": prompt}])
+        raw = client.chat.completions.with_raw_response.create(model=model,
+                                                               messages=[{"role": "user", "content": prompt}])
         outcomes[f"{model}"] = raw.headers.get("x-relay-outcome")
     elapsed = time.monotonic() - started
     time.sleep(1.0)  # logging and spend tracking finish after the answers

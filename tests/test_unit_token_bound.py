@@ -124,12 +124,15 @@ def test_the_bound_is_above_every_tokenizers_count_of_adversarial_prompts_in_eve
 def test_the_bound_is_about_the_utf8_size_of_the_text():
     text = "漢字🙂1234 abc"
     messages = [{"role": "user", "content": text}]
-    expected = relay_plugin.PROMPT_TOKEN_OVERHEAD + relay_plugin.PROMPT_TOKENS_PER_MESSAGE + (4 + 1) + (len(text.encode()) + 1)
+    per_text = lambda text: len(text.encode()) + 1  # noqa: E731 - its bytes and a leading "▁"
+    expected = (relay_plugin.PROMPT_TOKEN_OVERHEAD + relay_plugin.PROMPT_TOKENS_PER_MESSAGE
+                + per_text("user") + per_text(text))
     assert prompt_token_bound(messages) == expected
+    user = lambda content: prompt_token_bound([{"role": "user", "content": content}])  # noqa: E731
     # normalisation that lengthens the text counts: U+FDFA is 3 bytes, its NFKC form 33
-    assert prompt_token_bound([{"role": "user", "content": "\ufdfa"}]) - prompt_token_bound([{"role": "user", "content": ""}]) == 33
+    assert user("\ufdfa") - user("") == 33
     # what a client can put in a JSON string but UTF-8 cannot hold counts too, without failing
-    assert prompt_token_bound([{"role": "user", "content": "\ud800"}]) > prompt_token_bound([{"role": "user", "content": ""}])
+    assert user("\ud800") > user("")
 
 
 def test_the_bound_never_asks_a_tokenizer_or_the_network(monkeypatch):
@@ -147,10 +150,14 @@ def test_the_bound_never_asks_a_tokenizer_or_the_network(monkeypatch):
 def test_a_long_prompt_is_bounded_on_a_worker_thread_and_a_short_one_inline(monkeypatch):
     where = []
     real = relay_plugin.prompt_token_bound
-    monkeypatch.setattr(relay_plugin, "prompt_token_bound",
-                        lambda messages: where.append(threading.current_thread() is threading.main_thread()) or real(messages))
+    def recorded(messages):
+        where.append(threading.current_thread() is threading.main_thread())
+        return real(messages)
+
+    monkeypatch.setattr(relay_plugin, "prompt_token_bound", recorded)
     short = [{"role": "user", "content": "x" * (relay_plugin.LOOP_BOUND_MAX_CHARS - 10)}]
-    long = [{"role": "system", "content": "x" * 10}, {"role": "user", "content": "漢" * relay_plugin.LOOP_BOUND_MAX_CHARS}]
+    long = [{"role": "system", "content": "x" * 10},
+            {"role": "user", "content": "漢" * relay_plugin.LOOP_BOUND_MAX_CHARS}]
 
     async def both():
         return await prompt_tokens_off_loop(short), await prompt_tokens_off_loop(long)
