@@ -70,7 +70,7 @@ loadtest: $(STAMP) redis-tools
 	$(PY) -m loadtest.two_instances
 	$(PY) -m loadtest.failover
 
-## bench: the relay's cost as ratios against a proxy without the plugin, measured side by side (table in loadtest/RESULTS.md)
+## bench: issue 13's goal figures (proxy CPU per relayed request against a plain one, caller and none attribution, streamed too; added latency; the no-call paths), raw figures beside ratios, PASS/MISS (~9 min; table in loadtest/RESULTS.md)
 bench: $(STAMP)
 	$(PY) -m loadtest.bench
 

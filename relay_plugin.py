@@ -94,6 +94,7 @@ import secrets
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields, replace
@@ -146,7 +147,8 @@ __all__ = [
     # 12. the operator's books
     "INTERNAL_CALL_ORIGIN_KEY", "INTERNAL_CALL_ORIGIN", "CallerBooks", "RelayMetrics",
     # 13. reaching a secondary
-    "TRUNCATED_FINISH", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_MARGIN", "PROMPT_TOKEN_OVERHEAD",
+    "TRUNCATED_FINISH", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_OVERHEAD",
+    "PROMPT_TOKENS_PER_MESSAGE", "LOOP_BOUND_MAX_CHARS", "prompt_token_bound", "prompt_tokens_off_loop",
     # 14. relay work
     "RelayRun", "replace_skip", "guard_windows", "Mode", "MODES", "PlanResolver",
     # 16. streams
@@ -2191,10 +2193,9 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
 TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
 
 
-def worst_case_usd(model: str, messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
-    """What one secondary call can cost at most: its prompt (counted with headroom) and a full answer."""
-    prompt_tokens = litellm.token_counter(model=model, messages=messages)
-    return (prompt_tokens * PROMPT_TOKEN_MARGIN + PROMPT_TOKEN_OVERHEAD) * price[0] + max_tokens * price[1]
+async def worst_case_usd(messages: list[dict], price: tuple[float, float], max_tokens: int) -> float:
+    """What one secondary call can cost at most: an upper bound of its prompt tokens and a full answer."""
+    return await prompt_tokens_off_loop(messages) * price[0] + max_tokens * price[1]
 
 
 def _cost_of(response: Any) -> float:
@@ -2331,9 +2332,73 @@ def _cost_map_price(model: str) -> tuple[float, float] | None:
     return float(raw["input_cost_per_token"]), float(raw["output_cost_per_token"])
 
 
-#: prompt-token estimates get this headroom, so a reservation stays an upper bound of the real cost
-PROMPT_TOKEN_MARGIN: Final = 1.25
+#: prompt tokens a call adds besides its messages, whatever the template (BOS, the assistant's header)
 PROMPT_TOKEN_OVERHEAD: Final = 16
+#: prompt tokens a chat template adds per message besides its text (role headers, [INST] .. [/INST],
+#: <|eot_id|>): Llama 2's, whose markers are text, adds about 11, and 18 with a vocabulary of bytes only
+PROMPT_TOKENS_PER_MESSAGE: Final = 32
+#: a prompt longer than this (characters) is bounded on a worker thread, in pieces, never on the event loop
+LOOP_BOUND_MAX_CHARS: Final = 16_384
+_BOUND_PIECE_CHARS: Final = 65_536
+
+
+def prompt_token_bound(messages: list[dict]) -> int:
+    """An upper bound of the prompt tokens any provider bills for ``messages``: offline, O(n), no tokenizer.
+
+    Why it is a bound. Every tokenizer in use cuts text into tokens that each stand for at least one
+    byte of the text's UTF-8 form after the tokenizer's own normalisation: byte-level BPE (OpenAI's
+    tiktoken encodings, Llama 3, Mistral's Tekken, Qwen, DeepSeek) emits at most one token per byte;
+    SentencePiece with byte fallback (Llama 2, Mistral v1-v3, Gemma) one piece per one or more
+    characters, or one per byte of a character it has no piece for; WordPiece and Unigram never cut
+    below a character. A tokenizer that normalises does so with NFC (Cohere's) or NFKC (Anthropic's,
+    SentencePiece's nmt_nfkc), and NFKC can lengthen a text (U+FDFA, 3 bytes, becomes 33; NFC never
+    lengthens what NFKC does not), so a text counts as the longer of its UTF-8 forms raw and NFKC. On
+    top, one token per text (SentencePiece's dummy prefix "▁" standing alone),
+    ``PROMPT_TOKENS_PER_MESSAGE`` per message and ``PROMPT_TOKEN_OVERHEAD`` per call.
+
+    Why not litellm's ``token_counter``: a reservation must never be below what a call costs (a cap
+    holds only then; reserving too much is safe, it is settled at the actual cost), and an exact count
+    is exact for one tokenizer family only, and no margin on it is safe: tiktoken's cl100k counts a run
+    of digits at a third of what Llama 2 bills, CJK at about 40 %, and 1,000 spaces as 9 tokens (one
+    per byte for a tokenizer without that merge). For names containing
+    ``llama-2``, ``llama-3`` or ``replicate`` it also fetches a tokenizer from Hugging Face, which
+    without network stalled each call 23 s with the worker frozen. The price of this bound: English
+    prose is about 4 bytes per token, so the prompt's part of a reservation is about 4x its cost.
+
+    The relay's secondary prompts are text (``conversation_of`` keeps the text parts); a value that is
+    not a string is counted as the JSON it is sent as.
+    """
+    total = PROMPT_TOKEN_OVERHEAD
+    for message in messages:
+        total += PROMPT_TOKENS_PER_MESSAGE
+        for value in message.values():
+            text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+            total += _utf8_bound(text) + 1
+    return total
+
+
+def _utf8_bound(text: str) -> int:
+    """The longer UTF-8 length of ``text`` raw and NFKC, taken piece by piece (the sum of the pieces'
+    maxima is at least the maximum of the sums, and a cut only keeps characters from composing)."""
+    if text.isascii():  # O(1) in CPython; ASCII is the same in every normal form, one byte per character
+        return len(text)
+    size = 0
+    for start in range(0, len(text), _BOUND_PIECE_CHARS):
+        piece = text[start:start + _BOUND_PIECE_CHARS]
+        longest = len(piece.encode("utf-8", "surrogatepass"))
+        if not unicodedata.is_normalized("NFKC", piece):  # a quick check, true of most text
+            longest = max(longest, len(unicodedata.normalize("NFKC", piece).encode("utf-8", "surrogatepass")))
+        size += longest
+    return size
+
+
+async def prompt_tokens_off_loop(messages: list[dict]) -> int:
+    """``prompt_token_bound``, on a worker thread when the prompt is long: the bound is linear and done in
+    pieces, so the thread gives the event loop the GIL between pieces."""
+    chars = sum(len(v) if isinstance(v, str) else LOOP_BOUND_MAX_CHARS for m in messages for v in m.values())
+    if chars <= LOOP_BOUND_MAX_CHARS:
+        return prompt_token_bound(messages)
+    return await asyncio.to_thread(prompt_token_bound, messages)
 
 
 # =================================================================================================
@@ -2569,7 +2634,7 @@ class RelayRun:
                 for name, limit in usd_caps:
                     if name in handler.refused_counters and await handler.store.counter(name) + floor > limit:
                         raise refused
-                worst = worst_case_usd(model, messages, price, config.secondary_max_tokens)
+                worst = await worst_case_usd(messages, price, config.secondary_max_tokens)
             holds = [(name, limit, worst) for name, limit in usd_caps]
         if config.max_calls is not None:
             holds.append((f"calls:{window}", float(config.max_calls), 1.0))
@@ -2593,7 +2658,7 @@ async def _check_caller_budget(run: "RelayRun", model: str, messages: list[dict]
     price = handler.price(model)
     worst = 0.0
     if price is not None:  # unpriced: only a budget already spent refuses
-        worst = worst_case_usd(model, messages, price, handler.config.secondary_max_tokens)
+        worst = await worst_case_usd(messages, price, handler.config.secondary_max_tokens)
     for scope, counter, spent_at_auth, limit in books.budgets:
         spent = await _litellm_spend(counter, spent_at_auth, books.reservation) + run.outcome.cost_usd
         if spent + worst > limit:

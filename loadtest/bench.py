@@ -1,36 +1,48 @@
-"""``make bench``: what the relay costs, as ratios against a proxy without the plugin, measured side by side.
+"""``make bench``: what the relay costs, against a proxy without the plugin, measured side by side.
 
-    python -m loadtest.bench [--rounds 4] [--duration 10s] [--latency-duration 4s] [--latency-ms 50] [--no-profile]
+    python -m loadtest.bench [--rounds 3] [--duration 7s] [--latency-duration 4s] [--latency-ms 50] [--no-profile]
+
+The figures are issue 13's goals: proxy CPU per request of a relayed request as a multiple of a
+plain one (refine with one HTTP secondary <= 1.25x, consensus with 3 members + merge <= 2.0x, the
+same two for a streamed client request, whose final answer streams from the secondary's own stream),
+each with RELAY_SPEND_ATTRIBUTION=caller (the default) and =none; the latency a relay adds (refine:
+p50 <= L + 3 ms for a secondary of latency L); and the capacity of a proxy whose relay does not call
+(breaker open, budget refused, plugin disabled) >= 0.97 of a plugin-free proxy. Each figure is
+printed with its raw values (CPU ms per request, variant and base) beside the ratio and its target.
 
 One simulator and five proxies on the same model list, started together, then measured one at a
-time while the others sit idle:
+time while the others sit idle. Every proxy runs LiteLLM's spend tracking without a database
+(``tests/proxy_callbacks/litellm_books.py``: the real cost tracker, key auth and budget counters,
+only the final database write replaced by a recorder), and the load uses a virtual key with a
+budget, so "attribution caller" really books each secondary call to the key and checks its budget:
 
-    baseline   the config without the callbacks line (no plugin)
+    baseline   no plugin (the config without the relay's callbacks entry)
     disabled   the plugin loaded, RELAY_ENABLED=false
-    relay      refine with a mock_response secondary (`sec-mock`: litellm answers it without network),
-               and a primary whose secondary always answers 500 (`p-breaker`: its breaker is opened in
-               the warm-up and stays open, RELAY_BREAKER_COOLDOWN_S=3600)
-    unbooked   the relay proxy's settings with RELAY_SPEND_ATTRIBUTION=none (secondary calls `no-log`):
-               against `relay` (caller, the default) it prices spend attribution per relayed request
+    caller     the relay, RELAY_SPEND_ATTRIBUTION=caller (the default): refine, consensus and shadow
+               primaries whose `relay:` blocks point at simulated secondaries of latency L (consensus:
+               three members of latency L and an aggregator of latency A), and a primary whose
+               secondary always answers 500 (`p-breaker`: its breaker is opened in the warm-up and
+               stays open, RELAY_BREAKER_COOLDOWN_S=3600)
+    none       the same with RELAY_SPEND_ATTRIBUTION=none (secondary calls `no-log`, no key budget check)
     budget     refine with RELAY_BUDGET_USD=0: every relay is refused before any call (`skipped:budget`)
-    lab        primaries whose `relay:` block points at simulated secondaries of latency L (refine,
-               shadow), or at three consensus members of latency L and an aggregator of latency A
 
-Throughput: 16 Locust users (FastHttpUser) back to back on `mock-primary` chat completions.
-Latency: one user sending 8 requests/s (one request at a time, the proxy idle in between), so the
-p50 difference is the latency the relay itself adds, not queueing behind other requests.
+The primary is a mock_response model whose answer carries ``SIM:ANSWER=``, so every simulated
+secondary answers the primary's own text: a relayed answer is as long as a plain one (and a streamed
+one has as many chunks), and the figures compare like with like.
+
+Throughput: 16 Locust users (FastHttpUser) back to back; CPU per request is taken from the proxy's
+own CPU time over the step (robust to neighbours taking the CPU, unlike wall-clock req/s, which is
+printed beside it). Latency: one user sending 8 requests/s (one request at a time, the proxy idle in
+between), so the p50 difference is the latency the relay itself adds, not queueing.
 
 The measurements run in rounds. A round is one Locust process that walks a timed plan (see
 ``LOADTEST_PLAN`` in locustfile.py): every variant once, in an order rotated from round to round,
 with a pause between steps so nothing of one step spills into the next. Each figure is taken within
 a round (variant against the same round's baseline); the median over rounds is reported with the
-spread. Throughput is judged as capacity, requests per second of proxy CPU time: the one-worker
-proxy is CPU-bound at 16 users, so on a core of its own that is its req/s, and unlike wall-clock
-req/s it does not move when neighbours take the CPU; the wall-clock ratio is printed beside it.
-The plugin's own work is measured in process (``loadtest/inproc.py``).
+spread. The plugin's own work is measured in process (``loadtest/inproc.py``).
 
-A figure that misses its target gets a profile: py-spy (when installed: ``.venv/bin/pip install
-py-spy``; not a project dependency) samples the proxy (``--gil``) while that variant and its
+A figure that misses its target gets a profile when py-spy is installed (``.venv/bin/pip install
+py-spy``; not a project dependency): py-spy samples the proxy (``--gil``) while that variant and its
 baseline run again, and the note splits the extra CPU per request into the plugin's own code,
 litellm's work for the secondary call under the hooks, litellm's worker threads and the rest of the
 proxy, and names the functions whose self time grew most. The in-process figure is profiled with
@@ -38,6 +50,7 @@ cProfile. Results: ``loadtest/results/bench/`` and the ``bench`` section of ``lo
 """
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -52,7 +65,9 @@ from pathlib import Path
 
 from loadtest import harness as h
 
-ANSWER = "Paris is the capital of France. It lies on the Seine."
+#: the primary's answer; the marker makes every simulated secondary answer the same text (a relayed
+#: answer is as long as a plain one) while the relayed answer still differs from the primary's (modified)
+ANSWER = "SIM:ANSWER=Paris is the capital of France. It lies on the Seine."
 THROUGHPUT_USERS = 16
 LATENCY_USERS, LATENCY_RATE = 1, 8.0  #: one request at a time: the relay's own added latency, no queueing
 LEAD_S, GAP_S, SETTLE_S = 2.0, 1.0, 0.5  #: before the first step (users spawn), between steps, unmeasured step start
@@ -95,51 +110,86 @@ class Variant:
     proxy: str  #: a key of PROXIES
     model: str
     load: str  #: throughput | latency
-    expect: str | None  #: the x-relay-outcome every answer must carry (None: no header at all)
+    expect: str | None  #: the relay outcome every answer must carry (a stream's: its relay object's; None: no header)
+    kind: str = "chat"  #: chat | chat-stream (locustfile KINDS)
     runs: list[Measure] = field(default_factory=list)  #: one per round
 
 
 def variants() -> list[Variant]:
+    stream = {"kind": "chat-stream"}
     return [
         Variant("baseline", "baseline", "mock-primary", "throughput", None),
+        Variant("baseline-stream", "baseline", "mock-primary", "throughput", None, **stream),
         Variant("disabled", "disabled", "mock-primary", "throughput", None),
-        Variant("relay-mock", "relay", "mock-primary", "throughput", "modified"),
-        Variant("relay-mock-unbooked", "unbooked", "mock-primary", "throughput", "modified"),
-        Variant("breaker-open", "relay", "p-breaker", "throughput", "skipped:breaker_open"),
+        Variant("breaker-open", "caller", "p-breaker", "throughput", "skipped:breaker_open"),
         Variant("budget-refused", "budget", "mock-primary", "throughput", "skipped:budget"),
+        Variant("refine", "caller", "p-refine", "throughput", "modified"),
+        Variant("refine-none", "none", "p-refine", "throughput", "modified"),
+        Variant("consensus", "caller", "p-consensus", "throughput", "modified"),
+        Variant("consensus-none", "none", "p-consensus", "throughput", "modified"),
+        Variant("refine-stream", "caller", "p-refine", "throughput", "modified", **stream),
+        Variant("refine-stream-none", "none", "p-refine", "throughput", "modified", **stream),
+        Variant("consensus-stream", "caller", "p-consensus", "throughput", "modified", **stream),
+        Variant("consensus-stream-none", "none", "p-consensus", "throughput", "modified", **stream),
         Variant("baseline-light", "baseline", "mock-primary", "latency", None),
-        Variant("refine-L", "lab", "p-refine-slow", "latency", "modified"),
-        Variant("consensus-L", "lab", "p-consensus", "latency", "modified"),
-        Variant("shadow-L", "lab", "p-shadow", "latency", "relayed"),
+        Variant("refine-L", "caller", "p-refine", "latency", "modified"),
+        Variant("refine-L-none", "none", "p-refine", "latency", "modified"),
+        Variant("consensus-L", "caller", "p-consensus", "latency", "modified"),
+        Variant("shadow-L", "caller", "p-shadow", "latency", "relayed"),
     ]
+
+
+#: what the simulated models cost (gpt-4o-mini's prices): every call is priced, so the books hold real costs
+PRICE = {"input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07}
+SECONDARY_MODELS = ("bench-sec", "bench-member-1", "bench-member-2", "bench-member-3", "bench-aggregator")
 
 
 def model_list(sim_url: str) -> list[dict]:
     primary = "openai/mock-primary"
     return [
-        h.mock("mock-primary", ANSWER, model=primary),
-        h.mock("sec-mock", "Paris is France's capital, on the Seine."),  # priced as gpt-4o-mini
-        h.simulated("sec-slow", "openai/bench-slow", sim_url),
-        *(h.simulated(f"m{i}", f"openai/bench-member-{i}", sim_url) for i in (1, 2, 3)),
-        h.simulated("agg", "openai/bench-aggregator", sim_url),
-        h.simulated("sec-dead", "openai/bench-dead", sim_url),
-        h.mock("p-refine-slow", ANSWER, {"mode": "refine", "secondary_model": "sec-slow"}, model=primary),
+        h.mock("mock-primary", ANSWER, model=primary, **PRICE),
+        h.simulated("sec-http", "openai/bench-sec", sim_url, **PRICE),
+        *(h.simulated(f"m{i}", f"openai/bench-member-{i}", sim_url, **PRICE) for i in (1, 2, 3)),
+        h.simulated("agg", "openai/bench-aggregator", sim_url, **PRICE),
+        h.simulated("sec-dead", "openai/bench-dead", sim_url, **PRICE),
+        h.mock("p-refine", ANSWER, {"mode": "refine", "secondary_model": "sec-http"}, model=primary, **PRICE),
         h.mock("p-consensus", ANSWER, {"mode": "consensus", "consensus_models": ["m1", "m2", "m3"],
-                                       "secondary_model": "agg"}, model=primary),
-        h.mock("p-shadow", ANSWER, {"mode": "shadow", "secondary_model": "sec-slow"}, model=primary),
-        h.mock("p-breaker", ANSWER, {"mode": "refine", "secondary_model": "sec-dead"}, model=primary),
+                                       "secondary_model": "agg"}, model=primary, **PRICE),
+        h.mock("p-shadow", ANSWER, {"mode": "shadow", "secondary_model": "sec-http"}, model=primary, **PRICE),
+        h.mock("p-breaker", ANSWER, {"mode": "refine", "secondary_model": "sec-dead"}, model=primary, **PRICE),
     ]
 
 
-RELAY_ENV = {"RELAY_MODE": "refine", "RELAY_SECONDARY_MODEL": "sec-mock", "RELAY_TIMEOUT_S": "5", "RELAY_DEADLINE_S": "10"}
+#: the virtual key the load uses, seeded into every proxy's books with a budget it never reaches
+BENCH_KEY = "sk-bench-budgeted-0001"
+BOOKS = ("litellm_books.instance",)
+RELAY_ENV = {"RELAY_MODE": "refine", "RELAY_SECONDARY_MODEL": "sec-http", "RELAY_TIMEOUT_S": "5",
+             "RELAY_DEADLINE_S": "10"}
 PROXIES = {  # name: (plugin loaded, env)
     "baseline": (False, {}),
     "disabled": (True, {"RELAY_ENABLED": "false"}),
-    "relay": (True, {**RELAY_ENV, "RELAY_BREAKER_COOLDOWN_S": "3600", "RELAY_SPEND_ATTRIBUTION": "caller"}),
-    "unbooked": (True, {**RELAY_ENV, "RELAY_SPEND_ATTRIBUTION": "none"}),
+    "caller": (True, {**RELAY_ENV, "RELAY_BREAKER_COOLDOWN_S": "3600", "RELAY_SPEND_ATTRIBUTION": "caller"}),
+    "none": (True, {**RELAY_ENV, "RELAY_SPEND_ATTRIBUTION": "none"}),
     "budget": (True, {**RELAY_ENV, "RELAY_BUDGET_USD": "0"}),
-    "lab": (True, RELAY_ENV),
 }
+
+
+def books_env(directory: Path) -> dict[str, str]:
+    """The books stub's settings for one proxy: where its spend rows go, and the seeded key."""
+    return {"BOOKS_ROWS": str(directory / "spend-rows.jsonl"),
+            "BOOKS_KEYS": json.dumps([{"key": BENCH_KEY, "max_budget": 1e6, "alias": "bench"}])}
+
+
+def booked_models(directory: Path) -> Counter:
+    """Spend rows per model in one proxy's books."""
+    found = Counter()
+    path = directory / "spend-rows.jsonl"
+    if path.exists():
+        with open(path) as rows:
+            for line in rows:
+                with contextlib.suppress(ValueError):
+                    found[json.loads(line).get("model") or "?"] += 1
+    return found
 
 
 # =================================================================================================
@@ -151,9 +201,9 @@ def warm_up(proxies: dict, notes: list[str]) -> None:
     """Every path warm (first calls build clients and caches), and the dead secondary's breaker open."""
     for v in variants():
         for _ in range(20):
-            h.send(proxies[v.proxy], "chat", v.model)
+            h.send(proxies[v.proxy], v.kind, v.model)
     for attempt in range(100):
-        _, headers = h.send(proxies["relay"], "chat", "p-breaker")
+        _, headers = h.send(proxies["caller"], "chat", "p-breaker")
         if headers.get("x-relay-outcome") == "skipped:breaker_open":
             notes.append(f"the breaker of sec-dead opened after {attempt + 1} warm-up requests")
             return
@@ -168,7 +218,7 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     steps, at = [], LEAD_S
     for i, v in enumerate(order):
         users, rate = (THROUGHPUT_USERS, 0.0) if v.load == "throughput" else (LATENCY_USERS, LATENCY_RATE)
-        steps.append({"id": i, "name": v.name, "host": proxies[v.proxy].url, "model": v.model, "kind": "chat",
+        steps.append({"id": i, "name": v.name, "host": proxies[v.proxy].url, "model": v.model, "kind": v.kind,
                       "users": users, "rate": rate, "start": at, "end": at + lengths[v.load]})
         at += lengths[v.load] + GAP_S
     directory.mkdir(parents=True, exist_ok=True)
@@ -183,7 +233,8 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     for thread in threads:
         thread.start()
     run = h.run_locust(proxies["baseline"], directory, users=THROUGHPUT_USERS, duration=at, mix=("chat",),
-                       models=("mock-primary",), extra_env={"LOADTEST_PLAN": str(plan)}, extra_groups=groups,
+                       models=("mock-primary",), extra_env={"LOADTEST_PLAN": str(plan), "LOADTEST_KEY": BENCH_KEY},
+                       extra_groups=groups,
                        sample_every=0.1)
     for thread in threads:
         thread.join(timeout=60)
@@ -230,7 +281,7 @@ def valid(v: Variant, m: Measure) -> str:
         problems.append(f"{failed} failed")
     if not m.records:
         problems.append("no requests")
-    counts = Counter(r["outcome"] for r in m.records)
+    counts = Counter(r["final"] for r in m.records)  # a stream's outcome rides on its relay object
     wrong = sum(c for o, c in counts.items() if o != v.expect)
     if wrong:
         problems.append(f"{wrong} answers not {v.expect or 'without header'}: "
@@ -245,15 +296,21 @@ def valid(v: Variant, m: Measure) -> str:
 
 @dataclass
 class Figure:
-    """One target. Throughput figures are judged on capacity (requests per proxy CPU-second) with the
-    wall-clock req/s ratio beside; latency figures on the client-side p50 difference with the added
-    proxy CPU per request beside."""
+    """One target, judged on the median over rounds of a per-round value:
+
+    - ``cpu``: proxy CPU per request of the variant as a multiple of the base's (``<= target``);
+    - ``capacity``: requests per proxy CPU-second against the base's (``>= target``), the inverse;
+    - ``added``: client-side p50 of the variant minus the base's, in ms (``<= target``).
+
+    Throughput figures show the wall-clock req/s ratio beside; latency figures the added CPU per request."""
 
     name: str
     variant: str
     base: str
-    kind: str  #: ratio (throughput) | added (p50 ms)
+    kind: str  #: cpu | capacity | added
     target: float
+    source: str = "issue 13"  #: where the target comes from
+    attribution: str = "-"  #: RELAY_SPEND_ATTRIBUTION of the variant's proxy (caller | none), "-" when no call is made
     why: str = ""
     rounds: str = ""  #: which rounds the value comes from
     values: list[float] = field(default_factory=list)  #: the judged figure, per round
@@ -266,22 +323,42 @@ class Figure:
 
     @property
     def passed(self) -> bool:
-        return self.value >= self.target if self.kind == "ratio" else self.value <= self.target
+        return self.value >= self.target if self.kind == "capacity" else self.value <= self.target
+
+    @property
+    def throughput(self) -> bool:
+        return self.kind != "added"
 
 
 def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float) -> list[Figure]:
-    found = [
-        Figure("throughput: plugin loaded, disabled / no plugin", "disabled", "baseline", "ratio", 0.99),
-        Figure("throughput: relay on, mock_response secondary / no plugin", "relay-mock", "baseline", "ratio", 0.90),
-        Figure("throughput: breaker open / no plugin", "breaker-open", "baseline", "ratio", 0.97),
-        # the cost of RELAY_SPEND_ATTRIBUTION=caller: LiteLLM's logging of the secondary call (no database here)
-        Figure("throughput: relay on, spend attribution caller / none", "relay-mock", "relay-mock-unbooked", "ratio", 0.95),
-        Figure("throughput: budget refused / no plugin", "budget-refused", "baseline", "ratio", 0.97),
-        Figure(f"added p50: refine, secondary of latency L={latency_ms:g} ms", "refine-L", "baseline-light", "added",
-               latency_ms + 5),
-        Figure(f"added p50: consensus, 3 members of L={latency_ms:g} ms + aggregator A={aggregator_ms:g} ms",
-               "consensus-L", "baseline-light", "added", latency_ms + aggregator_ms + 5),
-        Figure(f"added p50: shadow, secondary of latency L={latency_ms:g} ms", "shadow-L", "baseline-light", "added", 1.0),
+    L, A = f"L={latency_ms:g} ms", f"A={aggregator_ms:g} ms"
+    found = []
+    for streamed, base in (("", "baseline"), ("-stream", "baseline-stream")):
+        for mode, target, what in (("refine", 1.25, f"1 HTTP secondary ({L})"),
+                                   ("consensus", 2.0, f"3 members ({L}) + merge ({A})")):
+            if streamed:  # the final answer streams from the secondary's (the merge's) own stream
+                what = ("the secondary's stream to the client" if mode == "refine" else
+                        "the merge streamed to the client")
+            for attribution, suffix in (("caller", ""), ("none", "-none")):
+                found.append(Figure(f"CPU/req{', streamed' if streamed else ''}: {mode}, {what}",
+                                    f"{mode}{streamed}{suffix}", base, "cpu", target, attribution=attribution))
+    found += [
+        Figure("capacity: breaker open / no plugin", "breaker-open", "baseline", "capacity", 0.97,
+               attribution="caller"),
+        Figure("capacity: budget refused / no plugin", "budget-refused", "baseline", "capacity", 0.97,
+               attribution="caller"),
+        Figure("capacity: plugin loaded, disabled / no plugin", "disabled", "baseline", "capacity", 0.97),
+        # what RELAY_SPEND_ATTRIBUTION=caller costs over none: LiteLLM's logging and cost tracking of the
+        # secondary call, and the key's budget check
+        Figure("capacity: refine, attribution caller / none", "refine", "refine-none", "capacity", 0.95,
+               source="earlier", attribution="caller"),
+        *(Figure(f"added p50: refine, secondary of latency {L}", variant, "baseline-light", "added", latency_ms + 3,
+                 attribution=attribution)
+          for variant, attribution in (("refine-L", "caller"), ("refine-L-none", "none"))),
+        Figure(f"added p50: consensus, 3 members of {L} + aggregator {A}", "consensus-L", "baseline-light", "added",
+               latency_ms + aggregator_ms + 5, source="earlier", attribution="caller"),
+        Figure(f"added p50: shadow, secondary of latency {L}", "shadow-L", "baseline-light", "added", 1.0,
+               source="earlier", attribution="caller"),
     ]
     for f in found:
         pairs = list(zip(by_name[f.variant].runs, by_name[f.base].runs))
@@ -289,9 +366,9 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
         use = quiet if len(quiet) >= MIN_QUIET_ROUNDS else pairs
         f.rounds = f"{len(use)} of {len(pairs)}" + ("" if use is quiet else ", noisy")
         for m, base in use:
-            if f.kind == "ratio":
+            if f.throughput:
                 f.raw.append((m.rps, base.rps, m.cpu_ms, base.cpu_ms, float("nan")))
-                f.values.append(base.cpu_ms / m.cpu_ms)
+                f.values.append(m.cpu_ms / base.cpu_ms if f.kind == "cpu" else base.cpu_ms / m.cpu_ms)
                 f.also.append(m.rps / base.rps)
             else:
                 f.raw.append((m.p50, base.p50, m.cpu_ms, base.cpu_ms, m.relay_p50))
@@ -300,27 +377,37 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
     return found
 
 
-FIGURE_HEADERS = ["figure", "raw: relay vs baseline (medians)", "value", "spread", "rounds", "beside it", "target", ""]
+FIGURE_HEADERS = ["figure", "attribution", "target", "value", "", "raw: variant vs base (medians)", "spread", "rounds",
+                  "beside it"]
+FIGURE_ALIGN = "llrrllrrr"
+
+
+def _target(f: Figure) -> str:
+    shown = {"cpu": f"<= {f.target:g}x", "capacity": f">= {f.target:g}", "added": f"<= {f.target:g} ms"}[f.kind]
+    return shown + ("" if f.source == "issue 13" else f" ({f.source})")
 
 
 def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
     rows = []
     for f in found:
         med = [statistics.median(x[i] for x in f.raw) for i in range(5)] if f.raw else [float("nan")] * 5
-        if f.kind == "ratio":
-            raw = f"{med[0]:.1f} vs {med[1]:.1f} req/s; {med[2]:.2f} vs {med[3]:.2f} ms CPU/req"
-            value, spread = f"{f.value:.3f}", _spread(f.values, "{:.3f}")
-            also, target = f"req/s ratio {statistics.median(f.also):.3f}", f">= {f.target:g}"
+        if f.throughput:
+            raw = f"CPU/req {med[2]:.2f} vs {med[3]:.2f} ms; {med[0]:.1f} vs {med[1]:.1f} req/s"
+            value = f"{f.value:.2f}x" if f.kind == "cpu" else f"{f.value:.3f}"
+            spread = _spread(f.values, "{:.2f}" if f.kind == "cpu" else "{:.3f}")
+            also = f"req/s ratio {statistics.median(f.also):.3f}" if f.also else "-"
         else:
             raw = (f"p50 {med[0]:.1f} vs {med[1]:.1f} ms (in the relay's hook {med[4]:.1f}); "
-                   f"{med[2]:.2f} vs {med[3]:.2f} ms CPU/req")
+                   f"CPU/req {med[2]:.2f} vs {med[3]:.2f} ms")
             value, spread = f"{f.value:+.1f} ms", _spread(f.values, "{:+.1f}")
-            also, target = f"CPU/req {statistics.median(f.also):+.2f} ms", f"<= {f.target:g} ms"
-        rows.append([f.name, raw, value, spread, f.rounds, also, target, "PASS" if f.passed else "MISS"])
+            also = f"CPU/req {statistics.median(f.also):+.2f} ms" if f.also else "-"
+        rows.append([f.name, f.attribution, _target(f), value, "PASS" if f.passed else "MISS", raw, spread, f.rounds,
+                     also])
     if inproc:
         r = inproc["refine"]
-        rows.append(["plugin's own work per relayed request (refine, in process)", f"p99 {r['p99_ms'] * 1000:.0f} us",
-                     f"p50 {r['p50_ms'] * 1000:.0f} us", "-", "-", "-", "< 500 us", "PASS" if r["p50_ms"] < 0.5 else "MISS"])
+        rows.append(["plugin's own work per relayed request (refine, in process)", "-", "< 500 us (earlier)",
+                     f"p50 {r['p50_ms'] * 1000:.0f} us", "PASS" if r["p50_ms"] < 0.5 else "MISS",
+                     f"p99 {r['p99_ms'] * 1000:.0f} us", "-", "-", "-"])
     return rows
 
 
@@ -405,14 +492,17 @@ def explain(f: Figure, variant: "Profile | str", base: "Profile | str") -> str:
     cpu_v, cpu_b = variant.measure.cpu_ms, base.measure.cpu_ms
     bv, bb = variant.buckets(), base.buckets()
     own = bv[BUCKETS[0]] - bb[BUCKETS[0]]
+    # the figure the plugin's own code alone would give (the rest of the variant's CPU as the base's)
+    alone = {"cpu": (cpu_b + own) / cpu_b, "capacity": cpu_b / (cpu_b + own)}.get(f.kind)
+    explained = alone is not None and (alone <= f.target if f.kind == "cpu" else alone >= f.target)
+    calls = f.variant not in ("breaker-open", "budget-refused", "disabled")
     parts = [f"of the {cpu_v - cpu_b:+.2f} ms of proxy CPU per request, the plugin's own code is {own:+.2f} ms and "
              f"everything else (litellm's work for the secondary call(s): router, worker threads, logging, proxy "
              f"hooks; and run-to-run noise) {cpu_v - cpu_b - own:+.2f} ms"
-             + (f"; the plugin's own code alone would make the ratio {cpu_b / (cpu_b + own):.3f}" if f.kind == "ratio"
-                else ""),
-             *([] if f.kind != "ratio" or cpu_b / (cpu_b + own) < f.target else [
+             + (f"; the plugin's own code alone would make the figure {alone:.3f}" if alone is not None else ""),
+             *([] if not explained else [
                  ("so the plugin's own code does not explain the miss: "
-                  + ("the rest is litellm's work for the secondary call" if f.variant == "relay-mock" else
+                  + ("the rest is litellm's work for the secondary call(s)" if calls else
                      "no secondary call is made on this path, so the rest is the difference between runs on this "
                      f"machine (the rounds spread {min(f.values):.3f} .. {max(f.values):.3f})"))]),
              f"profiled run: {cpu_v:.2f} against {cpu_b:.2f} ms CPU per request, {variant.measure.rps:.1f} against "
@@ -438,6 +528,19 @@ def _short(frame: str) -> str:
 # =================================================================================================
 
 
+def books_note(root: Path) -> str:
+    """What LiteLLM's books held for the secondaries: attribution caller books them, none does not (else
+    the caller/none figures would not measure attribution)."""
+    caller, none = booked_models(root / "proxy-caller"), booked_models(root / "proxy-none")
+    secondary = lambda rows: sum(c for m, c in rows.items() if m.split("/")[-1] in SECONDARY_MODELS)  # noqa: E731
+    booked, unbooked = secondary(caller), secondary(none)
+    note = (f"LiteLLM's spend rows of secondary calls: {booked} with attribution caller, {unbooked} with none "
+            f"(primary rows: {sum(caller.values()) - booked} and {sum(none.values()) - unbooked})")
+    if not booked or unbooked:
+        note = "INVALID books: " + note + ": caller must book secondary calls, none must not"
+    return note
+
+
 def run_inproc(directory: Path) -> dict:
     profile_path = directory / "inproc-profile.txt"
     proc = subprocess.run([sys.executable, "-m", "loadtest.inproc", "--json", "--profile", str(profile_path)],
@@ -450,13 +553,14 @@ def run_inproc(directory: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--duration", default="10s", help="each throughput measurement (default 10s: shorter windows "
-                        "swing by 7% or more here, 10 s by about 3%)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", default="7s", help="each throughput measurement (default 7s: 13 throughput "
+                        "variants; 10 s windows swing by about 3%% here, shorter ones more, the median over "
+                        "rounds helps)")
     parser.add_argument("--latency-duration", default="4s", help="each latency measurement (default 4s)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="L: latency of the simulated secondaries")
     parser.add_argument("--aggregator-ms", type=float, default=20.0, help="A: latency of the consensus aggregator")
-    parser.add_argument("--extra-rounds", type=int, default=3,
+    parser.add_argument("--extra-rounds", type=int, default=0,
                         help=f"at most this many more rounds while a figure has fewer than {MIN_QUIET_ROUNDS} quiet ones")
     parser.add_argument("--no-profile", action="store_true", help="do not profile the misses")
     parser.add_argument("--results", type=Path, default=h.RESULTS / "bench")
@@ -477,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     inproc = run_inproc(root)
     print(f"refine p50 {inproc['refine']['p50_ms'] * 1000:.0f} us", flush=True)
 
-    model_config = {"bench-slow": {"latency_ms": args.latency_ms},
+    model_config = {"bench-sec": {"latency_ms": args.latency_ms},
                     **{f"bench-member-{i}": {"latency_ms": args.latency_ms} for i in (1, 2, 3)},
                     "bench-aggregator": {"latency_ms": args.aggregator_ms}}
     sim = h.start_simulator(root, model_config, force_markers={"bench-dead": "SIM:HTTP500"})
@@ -485,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}) ...", end=" ", flush=True)
         with ThreadPoolExecutor(len(PROXIES)) as pool:
-            futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim.url), plugin, env)
+            futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim.url), plugin,
+                                         {**env, **books_env(root / f"proxy-{name}")}, BOOKS)
                        for name, (plugin, env) in PROXIES.items()}
             for name, future in futures.items():
                 proxies[name] = future.result()
@@ -522,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         dead_after = h.sim_get(sim.url, "/_sim/stats")["by_model"].get("bench-dead", 0)
         notes.append(f"calls that reached the dead secondary while its breaker was open (all rounds): "
                      f"{dead_after - dead_before}")
+        notes.append(books_note(root))
         found = figures(by_name, args.latency_ms, args.aggregator_ms)
         misses = [f for f in found if not f.passed]
         if misses and not args.no_profile:
@@ -554,18 +660,21 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
     lines = [
         f"Machine: {h.machine_line(info)}.",
         f"Load: throughput {THROUGHPUT_USERS} users back to back, latency {LATENCY_USERS} user at "
-        f"{LATENCY_RATE:g} req/s; chat completions on a mock_response primary. {args.rounds} rounds; a round measures "
-        f"every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), one after "
-        f"another, in an order rotated from round to round. value = median over rounds of the per-round figure "
-        f"(variant against the same round's baseline), from the rounds in which other processes used less than "
+        f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on a mock_response "
+        f"primary, with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
+        f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). {args.rounds} rounds; a round "
+        f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), one "
+        f"after another, in an order rotated from round to round. value = median over rounds of the per-round figure "
+        f"(variant against the same round's base), from the rounds in which other processes used less than "
         f"{NOISY_OTHER_PCT:g}% of a core during both steps when there were at least {MIN_QUIET_ROUNDS} such rounds "
         f"(column rounds; up to {args.extra_rounds} extra rounds are run to get them); spread = min .. max over "
-        f"those rounds. Throughput is judged as "
-        f"capacity, requests per proxy CPU-second (the one-worker proxy is CPU-bound at 16 users, so this is its "
-        f"req/s on a core of its own; unlike req/s it does not move when neighbours take the CPU), the wall-clock "
-        f"req/s ratio beside it. Bench time {elapsed / 60:.1f} min.",
+        f"those rounds. CPU/request is the proxy's own CPU time per answered request over the step (robust to "
+        f"neighbours taking the CPU, unlike req/s); `Nx` = the variant's CPU/request as a multiple of the base's "
+        f"(a plain request to the plugin-free proxy; streamed figures against a plain streamed request); capacity = "
+        f"the inverse (requests per proxy CPU-second, variant / base). Targets from issue 13 unless marked. "
+        f"Bench time {elapsed / 60:.1f} min.",
         "",
-        h.table(FIGURE_HEADERS, rows, align="llrrrrrl"),
+        h.table(FIGURE_HEADERS, rows, align=FIGURE_ALIGN),
         "",
         "Per variant (medians over rounds):",
         "",
@@ -600,8 +709,9 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         lines.append(f"- the machine was shared: other processes used a median {other:.0f}% of a core (of "
                      f"{info['cpus']} cores) during the measurements; wall-clock req/s and latencies carry that noise")
     for f in misses:
-        shown = f"{f.value:.3f}" if f.kind == "ratio" else f"{f.value:+.1f} ms"
-        lines.append(f"- MISS {f.name}: {shown} against {f.target:g}. Profile of {f.variant} against {f.base}: "
+        shown = {"cpu": f"{f.value:.2f}x", "capacity": f"{f.value:.3f}"}.get(f.kind, f"{f.value:+.1f} ms")
+        lines.append(f"- MISS {f.name} (attribution {f.attribution}): {shown} against {f.target:g}. "
+                     f"Profile of {f.variant} against {f.base}: "
                      f"{f.why or 'not profiled (--no-profile)'}")
     if in_miss:
         top = Path(inproc["_profile"]).read_text().splitlines()[:30]

@@ -272,7 +272,7 @@ def run_fault(fault: str, directory: Path, *, threads: int = 4, max_calls: int =
         starting = {}
         threads_up = [threading.Thread(target=lambda n, f: starting.__setitem__(n, h.start_proxy(
             directory / f"proxy-{n}", model_list(sim.url), True, {**env, "RELAY_STATE_FAILURE": f},
-            {"json_logs": True})), args=(n, f))
+            litellm_settings={"json_logs": True})), args=(n, f))
             for n, f in (("a", "closed"), ("b", "local"))]
         for t in threads_up:
             t.start()

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
 LOCUSTFILE = HERE / "locustfile.py"
+PROXY_CALLBACKS = ROOT / "tests" / "proxy_callbacks"  #: test-only callback modules (LiteLLM's books without a database)
 KINDS = ("chat", "chat-stream", "messages", "messages-stream")
 SIM_KEY = "sk-sim-not-a-real-key"  # the simulator accepts any key; nothing real is ever needed
 _CLK = os.sysconf("SC_CLK_TCK")
@@ -45,18 +47,20 @@ def parse_duration(text: str | float) -> float:
     return float(match.group(1)) * (60 if match.group(2) == "m" else 1)
 
 
-def mock(name: str, answer: str, relay: dict | None = None, model: str = "openai/gpt-4o-mini") -> dict:
-    """A model litellm answers itself (``mock_response``): no network, still priced as ``model``."""
-    entry = {"model_name": name, "litellm_params": {"model": model, "mock_response": answer}}
+def mock(name: str, answer: str, relay: dict | None = None, model: str = "openai/gpt-4o-mini", **params) -> dict:
+    """A model litellm answers itself (``mock_response``): no network, still priced as ``model`` (or by
+    ``params`` such as ``input_cost_per_token``)."""
+    entry = {"model_name": name, "litellm_params": {"model": model, "mock_response": answer, **params}}
     if relay:
         entry["model_info"] = {"relay": relay}
     return entry
 
 
-def simulated(name: str, model: str, sim_url: str, relay: dict | None = None) -> dict:
-    """A model on the simulator: ``openai/x`` and ``anthropic/x`` on its OpenAI/Anthropic APIs."""
+def simulated(name: str, model: str, sim_url: str, relay: dict | None = None, **params) -> dict:
+    """A model on the simulator: ``openai/x`` and ``anthropic/x`` on its OpenAI/Anthropic APIs (``params``:
+    more ``litellm_params``, e.g. prices)."""
     api_base = sim_url + "/v1" if model.startswith("openai/") else sim_url
-    entry = {"model_name": name, "litellm_params": {"model": model, "api_base": api_base, "api_key": SIM_KEY}}
+    entry = {"model_name": name, "litellm_params": {"model": model, "api_base": api_base, "api_key": SIM_KEY, **params}}
     if relay:
         entry["model_info"] = {"relay": relay}
     return entry
@@ -69,12 +73,15 @@ def ollama_primary(name: str, sim_url: str) -> dict:
     return {"model_name": name, "litellm_params": {"model": f"ollama_chat/{model}", "api_base": base}}
 
 
-def write_config(directory: Path, model_list: list[dict], plugin: bool, litellm_settings: dict | None = None) -> Path:
-    """The proxy config; ``plugin=False`` is the same file without the callbacks line (the baseline)."""
+def write_config(directory: Path, model_list: list[dict], plugin: bool, callbacks: tuple[str, ...] = (),
+                 litellm_settings: dict | None = None) -> Path:
+    """The proxy config; ``plugin=False`` is the same file without the relay's callbacks entry (the
+    baseline). ``callbacks`` are listed first, the relay after them."""
     directory.mkdir(parents=True, exist_ok=True)
     settings = {"drop_params": True, **(litellm_settings or {})}
-    if plugin:
-        settings = {"callbacks": "relay_plugin.proxy_handler_instance", **settings}
+    listed = [*callbacks, *(["relay_plugin.proxy_handler_instance"] if plugin else [])]
+    if listed:
+        settings = {"callbacks": listed[0] if len(listed) == 1 else listed, **settings}
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump({
         "model_list": model_list,
@@ -94,8 +101,14 @@ def start_simulator(directory: Path, model_config: dict, force_markers: dict | N
 
 
 def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict[str, str],
-                litellm_settings: dict | None = None) -> stack.Proxy:
-    config = write_config(directory, model_list, plugin, litellm_settings)
+                callbacks: tuple[str, ...] = (), litellm_settings: dict | None = None) -> stack.Proxy:
+    """A proxy on ``model_list``; ``callbacks`` are ``module.instance`` entries of test-only callback
+    modules (tests/proxy_callbacks/), copied next to the config and listed before the relay."""
+    for entry in callbacks:
+        directory.mkdir(parents=True, exist_ok=True)
+        module = entry.split(".", 1)[0] + ".py"
+        shutil.copy(PROXY_CALLBACKS / module, directory / module)
+    config = write_config(directory, model_list, plugin, callbacks, litellm_settings)
     env = {"RELAY_LOG_LEVEL": "warning", **env}
     return stack.start_proxy(config, env, workdir=directory, timeout=300)  # six proxies start at once on a busy machine
 

@@ -23,10 +23,10 @@ _call_ids = itertools.count()
 MODEL = "sec"
 CLOSED, OPEN, HALF_OPEN = relay_plugin.STATE_CLOSED, relay_plugin.STATE_OPEN, relay_plugin.STATE_HALF_OPEN
 
-#: Binary-exact prices, so budget figures compare with ==. With 8 prompt tokens and 38 output tokens the
-#: worst case of one call is ((8 * 1.25 + 16) + 38) / 1024 = 64 / 1024 = 0.0625 USD.
+#: Binary-exact prices, so budget figures compare with ==. With a prompt bound of 26 tokens and 38 output
+#: tokens the worst case of one call is (26 + 38) / 1024 = 64 / 1024 = 0.0625 USD.
 PRICE = (2.0 ** -10, 2.0 ** -10)
-PROMPT_TOKENS = 8
+PROMPT_TOKENS = 26
 MAX_TOKENS = "38"
 WORST = 0.0625
 ACTUAL = 0.046875  # what one call really costs: 48 / 1024, below the worst case
@@ -114,7 +114,7 @@ def handler_for(cfg: RelayConfig, fake: Secondary, clock: FakeClock | None = Non
 def priced(monkeypatch, handler: RelayHandler, price=PRICE) -> None:
     """Make the worst-case estimate of every call exactly ``WORST`` (with ``SECONDARY_MAX_TOKENS=38``)."""
     monkeypatch.setattr(handler, "price", lambda model: price)
-    monkeypatch.setattr(relay_plugin.litellm, "token_counter", lambda *args, **kwargs: PROMPT_TOKENS)
+    monkeypatch.setattr(relay_plugin, "prompt_token_bound", lambda messages: PROMPT_TOKENS)
 
 
 def primary_response(text: str = "primary") -> litellm.ModelResponse:
@@ -981,7 +981,7 @@ async def test_a_spent_budget_refuses_without_counting_tokens_again(monkeypatch)
     handler = handler_for(config(BUDGET_USD=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
     priced(monkeypatch, handler)
     counted = []
-    monkeypatch.setattr(relay_plugin.litellm, "token_counter", lambda *a, **k: counted.append(1) or PROMPT_TOKENS)
+    monkeypatch.setattr(relay_plugin, "prompt_token_bound", lambda messages: counted.append(1) or PROMPT_TOKENS)
 
     outcomes = [(await relay(handler))[0].result for _ in range(4)]
 
