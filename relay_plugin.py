@@ -3300,7 +3300,8 @@ class ChunkFormat:
     """How one endpoint's stream carries text. Chunks are classified as:
     ``text`` (a text delta), ``tool`` (a tool call) or ``multi`` (one of n > 1 answers), after which
     the relay leaves the stream alone, ``end`` (the first chunk of the stream's end: finish reason,
-    block stop, text done), ``other``."""
+    message delta, text done), ``stop`` (a block's stop: part of the end when the end follows it at
+    once, else ``other``), ``other``."""
 
     def kind(self, chunk: Any) -> str:
         raise NotImplementedError
@@ -3342,10 +3343,12 @@ class _ChatChunks(ChunkFormat):
 
     def kind(self, chunk: Any) -> str:
         choices = getattr(chunk, "choices", None) or []
-        if any(getattr(c, "index", 0) for c in choices):
-            return "multi"  # n > 1: several answers interleaved, nothing single to work on
         if not choices:
             return "other"
+        if all(c.finish_reason and not self._carries(c) for c in choices):
+            return "end"  # whichever choice it finishes: the end of a stream of several answers is held too
+        if any(getattr(c, "index", 0) for c in choices):
+            return "multi"  # n > 1: several answers interleaved, nothing single to work on
         choice = choices[0]
         delta = getattr(choice, "delta", None)
         if delta is not None and (getattr(delta, "tool_calls", None) or getattr(delta, "function_call", None)):
@@ -3353,6 +3356,14 @@ class _ChatChunks(ChunkFormat):
         if choice.finish_reason:
             return "end"
         return "text" if self.text(chunk) else "other"
+
+    @staticmethod
+    def _carries(choice: Any) -> bool:
+        """Whether a choice of a chunk carries text or a tool call."""
+        delta = getattr(choice, "delta", None)
+        if delta is None:
+            return bool(getattr(choice, "text", None))
+        return bool(delta.content or getattr(delta, "tool_calls", None) or getattr(delta, "function_call", None))
 
     def text(self, chunk: Any) -> str:
         choice = chunk.choices[0]
@@ -3465,7 +3476,9 @@ class _MessagesChunks(ChunkFormat):
         if kind == "content_block_delta":
             delta = (event.get("delta") or {}).get("type")
             return "text" if delta == "text_delta" else "other" if delta in self._THINKING_DELTAS else "tool"
-        if kind in ("message_delta", "message_stop"):  # a block's stop is not the end: another block may follow
+        if kind == "content_block_stop":  # the end when the message's end follows, else another block does
+            return "stop"
+        if kind in ("message_delta", "message_stop"):
             return "end"
         return "other"
 
@@ -3724,16 +3737,18 @@ class StreamRelay:
         strategy = MODES[self.plan.mode].stream
         if strategy == "guard":
             strategy = self.plan.stream_guard  # buffer | window
-        primary = self._split(sse_events(upstream), hold_end_after_skip=strategy == "buffer")
+        primary = self._split(sse_events(upstream))
         run = {"pass": self._pass_through, "buffer": self._buffered, "window": self._windowed}[strategy]
         return _forward(run(primary))
 
-    async def _split(self, upstream: Any, hold_end_after_skip: bool) -> Any:
+    async def _split(self, upstream: Any) -> Any:
         """The primary's chunks as ``(kind, chunk)`` (ChunkFormat's kinds), but for the stream's end, which
-        is held in ``tail``. Once the end began, every chunk is "end" but what the relay must not miss
-        there: a tool call, another choice, or text ("late": a second Responses message, a provider's
-        quirk). After a skip the end is held only with ``hold_end_after_skip``, else the rest is yielded
-        in order."""
+        is held in ``tail`` (with the block stops right before it). Once the end began, every chunk is
+        "end" but what the relay must not miss there: a tool call, another choice, or text ("late": a
+        second Responses message, a provider's quirk). After a skip, what was held goes out before the
+        next chunk that is not the end, so the order stays the primary's and ``tail`` is the stream's
+        last events, which carry the relay object."""
+        stops: list = []  #: block stops, held until the next chunk says whether the end follows them
         async with contextlib.aclosing(upstream) as chunks:
             async for chunk in chunks:
                 if self.fmt is None:
@@ -3744,10 +3759,20 @@ class StreamRelay:
                 self.skip = self.skip or _STREAM_SKIPS.get(kind)
                 if kind == "text":
                     self.texts.append(chunk)
-                if kind == "end" and (self.skip is None or hold_end_after_skip):
-                    self.tail.append(chunk)
-                else:
-                    yield kind, chunk
+                if kind == "stop":
+                    stops.append(chunk)
+                    continue
+                if kind == "end":
+                    self.tail += [*stops, chunk]
+                    stops = []
+                    continue
+                released, stops = [*(self.tail if self.skip else []), *stops], []
+                if self.skip:
+                    self.tail = []
+                for held in released:
+                    yield "other", held
+                yield kind, chunk
+        self.tail += stops
 
     def _text(self) -> str:
         return "".join(self.fmt.text(c) for c in self.texts)
@@ -3758,10 +3783,10 @@ class StreamRelay:
             return self.tail
         return self.fmt.close(self.tail, text, surface is not None and surface.filtered, self.relay_object(surface))
 
-    def _skipped(self, text: str) -> list:
+    def _skipped(self) -> list:
         """The end of a stream the relay leaves as it is, with the reason in the outcome."""
         self.outcome.result = f"skipped:{self.skip or 'no_text'}"
-        return self._end(text)
+        return self.tail if self.fmt is None else self.fmt.finish(self.tail, self.relay_object())
 
     async def _pass_through(self, primary: Any) -> Any:
         """shadow / annotate: text goes out as it arrives; the end waits for the analysis."""
@@ -3769,7 +3794,7 @@ class StreamRelay:
             yield [chunk]
         text = self._text()
         if self.skip or not text:
-            yield self._skipped(text)
+            yield self._skipped()
             return
         template, surface = self.texts[0], StreamSurface(text)
         if MODES[self.plan.mode].background:
@@ -3790,7 +3815,7 @@ class StreamRelay:
             yield self._guard_whole(body + self.tail)
             return
         if self.skip or not text:
-            yield body + self._skipped(text)
+            yield body + self._skipped()
             return
         template, surface = self.texts[0], StreamSurface(text)
         lead = body[:body.index(template)]  # what precedes the text (role chunk, message and block starts)
@@ -3811,7 +3836,8 @@ class StreamRelay:
         async for kind, chunk in primary:
             if self.skip:  # a tool call or another choice: hold the rest, judge it all, then release
                 template = self.texts[0] if self.texts else None
-                yield self._guard_whole([*held, *self.tail, chunk, *[c async for _, c in primary]], released, template)
+                rest = [c async for _, c in primary]
+                yield self._guard_whole([*held, chunk, *rest, *self.tail], released, template)
                 return
             held.append(chunk)
             pending += self.fmt.text(chunk) if kind == "text" else ""
@@ -3822,7 +3848,7 @@ class StreamRelay:
                 released, pending, held = released + pending, "", []
         yield self._release(surface, released, pending, held, primary)  # the last window, however short
         if not surface.filtered:
-            yield self._end(released + pending, surface) if released + pending else self._skipped("")
+            yield self._end(released + pending, surface) if released + pending else self._skipped()
 
     async def _release(self, surface: StreamSurface, released: str, pending: str, held: list, primary: Any) -> Any:
         """One window: ``pending`` is judged with the text released before it (the whole answer so far),

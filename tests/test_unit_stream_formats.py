@@ -283,12 +283,24 @@ async def test_text_held_below_a_window_when_a_tool_call_begins_is_judged_and_se
     assert [r["outcome"] for r in relay_objects(chunks)] == ["relayed"]
 
 
-async def test_an_annotated_stream_of_several_answers_passes_untouched_without_a_secondary_call():
-    secondary = Secondary(lambda answer: "analysis")
-    primary = Primary(two_choices("Answer one."))
-    chunks = await relay(handler_for(secondary, RELAY_MODE="annotate"), primary)
+def tool_call_stream() -> list:
+    return [chat_chunk("Let me look.", role="assistant"), chat_chunk(tool='{"q": "tea"}'),
+            chat_chunk(finish="tool_calls")]
 
-    assert chunks == primary.chunks
+
+@pytest.mark.parametrize("mode", ["annotate", "shadow"])
+@pytest.mark.parametrize("stream, outcome", [(lambda: two_choices("Answer one."), "skipped:multiple_choices"),
+                                             (tool_call_stream, "skipped:tool_calls")])
+async def test_a_passed_stream_the_relay_leaves_alone_is_untouched_and_still_ends_with_the_relay_object(
+        mode, stream, outcome):
+    secondary = Secondary(lambda answer: "analysis")
+    handler = handler_for(secondary, RELAY_MODE=mode)
+    primary = Primary(stream())
+    chunks = await relay(handler, primary)
+    await asyncio.gather(*handler.shadow_tasks)
+
+    assert chunks[:-1] == primary.chunks
+    assert chunks[-1].choices == [] and [r["outcome"] for r in relay_objects(chunks)] == [outcome]
     assert secondary.answers == []
 
 
@@ -368,6 +380,21 @@ async def test_an_annotated_messages_stream_passes_its_events_and_appends_the_an
     assert [r["outcome"] for r in messages_relay(out)] == ["modified"]
 
 
+async def test_an_appended_analysis_on_messages_goes_into_the_text_block_before_its_stop():
+    secondary = Secondary(lambda answer: "Looks right.")
+    handler = handler_for(secondary, RELAY_MODE="annotate", RELAY_ANNOTATE_TARGET="append")
+    events = anthropic("Two plus ", "two is four.", thinking="hmm")
+    out = await relay_messages(handler, events)
+
+    assert [e["type"] for e in out] == ["message_start", "ping",
+                                        "content_block_start", "content_block_delta", "content_block_delta",
+                                        "content_block_stop",  # the thinking block's stop goes out as it came
+                                        "content_block_start", "content_block_delta", "content_block_delta",
+                                        "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert out[-4]["delta"]["text"] == "\n\n---\nReview by sec:\nLooks right." and out[-4]["index"] == 1
+    assert out[-3] == {"type": "content_block_stop", "index": 1}
+
+
 async def test_a_shadowed_messages_stream_is_untouched_and_analysed_after_the_end():
     secondary = Secondary(lambda answer: "analysis")
     handler = handler_for(secondary, RELAY_MODE="shadow")
@@ -437,16 +464,18 @@ async def test_a_window_guard_on_messages_passes_a_clean_stream_event_for_event(
     assert [r["outcome"] for r in messages_relay(out)] == ["relayed"]
 
 
-@pytest.mark.parametrize("mode, outcome", [("refine", "skipped:tool_calls"), ("annotate", None)])
-async def test_a_messages_stream_with_a_tool_call_passes_untouched_in_a_replacing_or_pass_mode(mode, outcome):
+@pytest.mark.parametrize("mode", ["refine", "annotate", "shadow"])
+async def test_a_messages_stream_with_a_tool_call_passes_untouched_in_a_replacing_or_pass_mode(mode):
     secondary = Secondary(lambda answer: "something else")
+    handler = handler_for(secondary, RELAY_MODE=mode)
     events = anthropic("Let me look.", tool_input='{"q": "tea"}')
-    out = await relay_messages(handler_for(secondary, RELAY_MODE=mode), events, "reads of 7 bytes")
+    out = await relay_messages(handler, events, "reads of 7 bytes")
+    await asyncio.gather(*handler.shadow_tasks)
 
     assert without_relay(out) == events
     assert secondary.answers == []
-    if outcome is not None:
-        assert [r["outcome"] for r in messages_relay(out)] == [outcome]
+    assert [e["type"] for e in out if "relay" in e] == ["message_delta"]
+    assert [r["outcome"] for r in messages_relay(out)] == ["skipped:tool_calls"]
 
 
 @pytest.mark.parametrize("tool_input, outcome", [('{"q": "tea"}', "relayed"), ('{"q": "FORBIDDEN"}', "blocked")])
@@ -523,17 +552,6 @@ def completed(events: list) -> list:
     return [e.response for e in events if kind(e) == "response.completed"]
 
 
-def same_events(out: list, events: list) -> bool:
-    """The same event objects, and each output item's in their order (the end of one item, held, may
-    follow a later item's events)."""
-    def by_item(stream):
-        items = {}
-        for e in stream:
-            items.setdefault(getattr(e, "output_index", None), []).append(id(e))
-        return items
-    return sorted(map(id, out)) == sorted(map(id, events)) and by_item(out) == by_item(events)
-
-
 def responses_relay(events: list) -> list[dict]:
     return [r.relay for r in completed(events) if hasattr(r, "relay")]
 
@@ -594,7 +612,7 @@ async def test_a_buffer_guard_on_responses_judges_the_function_call_with_the_tex
     assert secondary.answers == [f"Looking it up.\n[tool call lookup] {arguments}"]
     assert [r["outcome"] for r in responses_relay(out)] == [outcome]
     if outcome == "relayed":
-        assert same_events(out, events) and out[-1] is events[-1]
+        assert out == events and out[-1] is events[-1]  # the message's done events before the function call
     else:
         assert "FORBIDDEN" not in str([e.model_dump() for e in out])
         assert deltas(out) == REFUSAL and final_text(out) == REFUSAL
@@ -636,14 +654,14 @@ async def test_a_second_responses_message_after_the_first_ended_is_judged_with_i
         assert deltas(out) == "A fine first message.\n\n" + REFUSAL
 
 
-@pytest.mark.parametrize("mode, outcome", [("refine", "skipped:tool_calls"), ("annotate", None)])
-async def test_a_responses_stream_with_a_function_call_passes_untouched_without_a_secondary_call(mode, outcome):
+@pytest.mark.parametrize("mode", ["refine", "annotate", "shadow"])
+async def test_a_responses_stream_with_a_function_call_passes_untouched_without_a_secondary_call(mode):
     secondary = Secondary(lambda answer: "something else")
+    handler = handler_for(secondary, RELAY_MODE=mode)
     events = responses("Let me look.", arguments='{"q": "tea"}')
-    out = await relay_responses(handler_for(secondary, RELAY_MODE=mode), events)
+    out = await relay_responses(handler, events)
+    await asyncio.gather(*handler.shadow_tasks)
 
-    assert same_events(out, events)
+    assert out == events  # in order: the message's done events before the function call's
     assert secondary.answers == []
-    if outcome is not None:
-        assert out[-1] is events[-1]
-        assert [r["outcome"] for r in responses_relay(out)] == [outcome]
+    assert [r["outcome"] for r in responses_relay(out)] == ["skipped:tool_calls"]
