@@ -3550,8 +3550,13 @@ class _MessagesChunks(ChunkFormat):
 class _ResponsesChunks(ChunkFormat):
     """/v1/responses: typed stream events; the ``done`` events repeat the whole text and are patched."""
 
+    def __init__(self) -> None:
+        self.opening: Any = None  #: the response of the stream's opening event, which a made-up end completes
+
     def kind(self, chunk: Any) -> str:
         kind = _event_type(chunk)
+        if kind in ("response.created", "response.in_progress") and getattr(chunk, "response", None) is not None:
+            self.opening = chunk.response
         if kind in ("response.output_item.added", "response.output_item.done"):
             item = getattr(chunk, "item", None)
             if _field(item, "type") in _THINKING_TYPES:
@@ -3644,7 +3649,22 @@ class _ResponsesChunks(ChunkFormat):
         return tail
 
     def synthetic_end(self, template: Any) -> list:
-        return []  # no made-up end: the cut stream ends with the refusal's text delta
+        """The done events of the message the text delta ``template`` is in, then ``response.completed``
+        (the event the openai SDK's ``responses.stream`` waits for; ``close`` sets its status and text)."""
+        from litellm.llms.openai.responses.transformation import OpenAIResponsesAPIConfig
+
+        where = {"item_id": template.item_id, "output_index": template.output_index,
+                 "content_index": template.content_index}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        item = {"type": "message", "id": template.item_id, "role": "assistant", "status": "completed",
+                "content": [part]}
+        opening = self.opening.model_dump() if hasattr(self.opening, "model_dump") else dict(self.opening or {})
+        response = {"object": "response", "created_at": 0, **opening, "status": "completed", "output": [item]}
+        events = [{"type": "response.output_text.done", **where, "text": ""},
+                  {"type": "response.content_part.done", **where, "part": {**part, "logprobs": None}},
+                  {"type": "response.output_item.done", "output_index": template.output_index, "item": item},
+                  {"type": "response.completed", "response": response}]
+        return [OpenAIResponsesAPIConfig.get_event_model_class(e["type"])(**e) for e in events]
 
 
 def _event_type(chunk: Any) -> str:

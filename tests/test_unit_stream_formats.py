@@ -639,6 +639,23 @@ async def test_a_window_guard_on_responses_never_sends_the_blocked_window_and_st
     assert primary.closed and primary.read < len(primary.chunks)
 
 
+async def test_a_window_guard_block_on_responses_ends_the_message_and_completes_the_response_with_the_relay():
+    primary = Primary(responses("Fine one. ", "Fine two. ", "FORBIDDEN!", "never read"))
+    out = await relay_responses(window_guard(Secondary(judge)), [], primary)
+
+    text = "Fine one. Fine two. \n\n" + REFUSAL
+    assert [kind(e) for e in out[-5:]] == ["response.output_text.delta", "response.output_text.done",
+                                           "response.content_part.done", "response.output_item.done",
+                                           "response.completed"]
+    assert {(e.item_id, e.output_index, e.content_index) for e in out[-5:-2]} == {("msg_1", 0, 0)}
+    assert out[-4].text == out[-3].part.text == text
+    assert out[-2].output_index == 0 and out[-2].item.id == "msg_1"
+    response = out[-1].response
+    assert response.id == "resp_1" and response.status == "incomplete"
+    assert final_text(out) == text and "FORBIDDEN" not in str([e.model_dump() for e in out])
+    assert [r["outcome"] for r in responses_relay(out)] == ["blocked"]
+
+
 @pytest.mark.parametrize("late, outcome", [("A second message.", "relayed"),
                                            ("A FORBIDDEN second message.", "blocked")])
 async def test_a_second_responses_message_after_the_first_ended_is_judged_with_it_in_a_window_guard(late, outcome):
