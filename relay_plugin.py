@@ -3892,7 +3892,9 @@ class StreamRelay:
         was held; it is judged whole (every choice, the text beside tool calls, their arguments, and what
         a window guard released before) and released, or refused. A kind the guard cannot read follows
         the fail policy."""
-        answers = self.fmt.readable(chunks) if self.fmt is not None else None
+        answers = None
+        if self.fmt is not None:  # the released text leads the first answer, as if it were still held
+            answers = self.fmt.readable([self.fmt.text_chunk(template, released), *chunks] if released else chunks)
         if answers is None:
             self.outcome.result = "skipped:unsupported_response"
             if self.plan.fail_mode == "closed":
@@ -3900,8 +3902,6 @@ class StreamRelay:
                 raise _http_error(503, "relay guard cannot judge this stream; fail-closed")
             yield chunks
             return
-        if released:
-            answers = [released + (answers[0] if answers else ""), *answers[1:]]
         surface = StreamSurface(released)
         surface.units = [a for a in answers if a] or [""]
         if any(answers):

@@ -272,6 +272,17 @@ async def test_a_window_guard_judges_tool_call_arguments_with_the_text(arguments
     assert len(tool_calls) == (1 if outcome == "relayed" else 0)
 
 
+async def test_a_window_guard_reads_a_tool_call_after_released_text_on_a_line_of_its_own():
+    secondary = Secondary(judge)
+    primary = Primary([chat_chunk("Let me look it up.", role="assistant"), chat_chunk(tool='{"q": "tea"}'),
+                       chat_chunk(finish="tool_calls")])
+    chunks = await relay(window_guard(secondary), primary)
+
+    assert secondary.answers == ["Let me look it up.", 'Let me look it up.\n[tool call lookup] {"q": "tea"}']
+    assert chunks[:3] == primary.chunks
+    assert [r["outcome"] for r in relay_objects(chunks)] == ["relayed"]
+
+
 async def test_text_held_below_a_window_when_a_tool_call_begins_is_judged_and_sent_with_it():
     secondary = Secondary(judge)
     primary = Primary([chat_chunk("Short.", role="assistant"), chat_chunk(tool='{"q": "tea"}'),
@@ -483,8 +494,7 @@ async def test_a_window_guard_on_messages_judges_a_tool_call_whole_with_the_rele
     secondary = Secondary(judge)
     out = await relay_messages(window_guard(secondary), anthropic("Let me look it up.", tool_input=tool_input))
 
-    judged = secondary.answers[-1]
-    assert judged.startswith("Let me look it up.") and f"[tool call lookup] {tool_input}" in judged
+    assert secondary.answers[-1] == f"Let me look it up.\n[tool call lookup] {tool_input}"
     assert [r["outcome"] for r in messages_relay(out)] == [outcome]
     if outcome == "blocked":
         assert messages_text(out) == "Let me look it up.\n\n" + REFUSAL and "FORBIDDEN" not in json.dumps(out)
