@@ -3873,7 +3873,8 @@ class StreamRelay:
     async def _release(self, surface: StreamSurface, released: str, pending: str, held: list, primary: Any) -> Any:
         """One window: ``pending`` is judged with the text released before it (the whole answer so far),
         then the held chunks go out. Blocked, the primary is no longer read, and the refusal and a
-        content-filter end replace them."""
+        content-filter end replace them; in the first window, what opened the stream before its first
+        text (role chunk, message and block starts, response.created) still goes out."""
         if pending:
             surface.text = surface.original = released + pending
             yield self._execute(surface, self.texts[0])
@@ -3885,7 +3886,8 @@ class StreamRelay:
         template, refusal = self.texts[0], ("\n\n" if released else "") + self.plan.guard_message
         end = self.fmt.close(self.tail or self.fmt.synthetic_end(template), released + refusal, True,
                              self.relay_object(surface))
-        yield [self.fmt.text_chunk(template, refusal), *end]
+        lead = next((held[:i] for i, chunk in enumerate(held) if chunk is template), [])
+        yield [*lead, self.fmt.text_chunk(template, refusal), *end]
 
     async def _guard_whole(self, chunks: list, released: str = "", template: Any = None) -> Any:
         """guard on a stream the relay cannot cut into one text (tool calls, several choices): everything

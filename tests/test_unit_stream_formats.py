@@ -464,6 +464,18 @@ async def test_a_window_guard_on_messages_releases_judged_windows_and_ends_its_o
     assert primary.read < len(primary.chunks) or cut == "all in one read"  # not read past the blocked window
 
 
+async def test_a_window_guard_that_blocks_the_first_window_on_messages_still_opens_the_message_and_its_block():
+    events = anthropic("FORBIDDEN!", "never read", thinking="hmm")
+    out = await relay_messages(window_guard(Secondary(judge)), events)
+
+    assert [e["type"] for e in out] == ["message_start", "ping", "content_block_start", "content_block_delta",
+                                        "content_block_delta", "content_block_stop", "content_block_start",
+                                        "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert out[:6] == events[:6]  # the thinking block keeps the text block's index valid
+    assert messages_text(out) == REFUSAL and out[-4]["index"] == 1
+    assert [r["outcome"] for r in messages_relay(out)] == ["blocked"]
+
+
 @pytest.mark.parametrize("cut", list(CUTS))
 async def test_a_window_guard_on_messages_passes_a_clean_stream_event_for_event(cut):
     secondary = Secondary(judge)
@@ -663,6 +675,15 @@ async def test_a_window_guard_block_on_responses_ends_the_message_and_completes_
     response = out[-1].response
     assert response.id == "resp_1" and response.status == "incomplete"
     assert final_text(out) == text and "FORBIDDEN" not in str([e.model_dump() for e in out])
+    assert [r["outcome"] for r in responses_relay(out)] == ["blocked"]
+
+
+async def test_a_window_guard_that_blocks_the_first_window_on_responses_still_opens_the_response():
+    events = responses("FORBIDDEN!", "never read")
+    out = await relay_responses(window_guard(Secondary(judge)), events)
+
+    assert out[:4] == events[:4]  # response.created, in_progress, the message and its part added
+    assert deltas(out) == REFUSAL and final_text(out) == REFUSAL
     assert [r["outcome"] for r in responses_relay(out)] == ["blocked"]
 
 
