@@ -253,3 +253,34 @@ def test_a_stream_with_tool_calls_passes_through(proxy, token):
     assert calls and calls[0][0].function.name == "get_weather"
     assert relay_of(chunks)["outcome"] == "skipped:tool_calls"
     assert json.dumps(relay_of(chunks))
+
+
+# ----- every format's event order, as its SDK reads it ---------------------------------------------
+
+
+@pytest.mark.compat("streaming")
+def test_an_appended_review_on_an_anthropic_stream_stays_inside_its_text_block(proxy, token):
+    prompt = f"What is 2+2? {token}"
+    with proxy.anthropic.messages.stream(model="llama-append", max_tokens=100,
+                                         messages=[{"role": "user", "content": prompt}]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    stops = [i for i, e in enumerate(events) if e.type == "content_block_stop"]
+    text_deltas = [i for i, e in enumerate(events) if e.type == "content_block_delta" and e.delta.type == "text_delta"]
+    assert text_deltas and stops and max(text_deltas) < min(stops)  # no delta for a block already stopped
+    assert final.content[0].text.startswith(f"llama3 says: {prompt}\n\n---\nReview by sec:\ngpt-4o-mini says:")
+    assert [e.model_extra["relay"]["outcome"] for e in events if e.type == "message_delta"] == ["modified"]
+
+
+def test_a_window_guard_block_on_a_responses_stream_completes_the_response_with_the_refusal(proxy, token):
+    prompt = f"Tell me a rather long story about tea and biscuits SIM:BLOCK {token}"
+    with proxy.openai.responses.stream(model="llama-guard-window", input=prompt) as stream:
+        events = list(stream)
+        final = stream.get_final_response()  # raises without a response.completed event
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text.endswith("I can't help with that request.") and "SIM:BLOCK" not in text
+    assert [e.type for e in events][-4:] == ["response.output_text.done", "response.content_part.done",
+                                            "response.output_item.done", "response.completed"]
+    assert final.output_text == text
+    assert final.status == "incomplete"
+    assert final.model_extra["relay"]["outcome"] == "blocked"
