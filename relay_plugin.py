@@ -2406,6 +2406,8 @@ def _wire_call(deployment: Mapping[str, Any], messages: list[dict], kwargs: Mapp
     unknown = sorted(k for k, v in params.items() if k not in FAST_PARAMS and v is not False)  # False: a default off
     if unknown:
         raise _NoFastPath(f"the deployment sets {', '.join(unknown)}")
+    if any(isinstance(v, str) and v.startswith("os.environ/") for v in params.values()):
+        raise _NoFastPath("a secret reference litellm resolves at call time")
     if litellm.api_key or litellm.api_base or litellm.headers or getattr(litellm, "organization", None):
         raise _NoFastPath("litellm-wide api_key, api_base, headers or organization are set")
     if _PROXY_ENV.intersection(os.environ):
