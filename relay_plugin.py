@@ -2614,13 +2614,15 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                 iterator = wire.config.get_model_response_iterator(streaming_response=lines(), sync_stream=False,
                                                                    json_mode=wire.json_mode)
                 async for chunk in iterator:
+                    # the first finish reason is the provider's ("length" when cut); an iterator may
+                    # end with a generic chunk of its own saying "stop" on the [DONE] line
                     if isinstance(chunk, Mapping):  # litellm's GenericStreamingChunk
-                        delta, finish = chunk.get("text") or "", chunk.get("finish_reason") or finish
+                        delta, finish = chunk.get("text") or "", finish or chunk.get("finish_reason")
                         usage = chunk.get("usage") or usage
                     else:
                         choices = getattr(chunk, "choices", None) or []
                         delta = (getattr(choices[0].delta, "content", None) or "") if choices else ""
-                        finish = (getattr(choices[0], "finish_reason", None) if choices else None) or finish
+                        finish = finish or (getattr(choices[0], "finish_reason", None) if choices else None)
                         usage = getattr(chunk, "usage", None) or usage
                     if delta:
                         parts.append(delta)
@@ -2685,8 +2687,9 @@ async def _tell_router(router: Any, deployment: Mapping[str, Any], model_group: 
     end = datetime.datetime.now()
     metadata = {"model_group": model_group, "deployment": params.get("model"), "model_info": model_info,
                 "api_base": params.get("api_base")}
+    call_params = {k: v for k, v in params.items() if not _SECRET_PARAM.search(k)}  # cooldown_time, limits, ...
     details = {"model": params.get("model"), "call_type": "acompletion", "exception": error,
-               "litellm_params": {"metadata": metadata, "model_info": model_info, "api_base": params.get("api_base")},
+               "litellm_params": {**call_params, "metadata": metadata, "model_info": model_info},
                "standard_logging_object": {"model_group": model_group, "model_id": model_info.get("id"),
                                            "total_tokens": total, "response_cost": 0.0,
                                            "hidden_params": {"litellm_model_name": params.get("model"),
@@ -2759,6 +2762,7 @@ def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kw
             api_base=wire.params.get("api_base"), custom_llm_provider=wire.provider, litellm_call_id=call_id,
             metadata=metadata, model_info=model_info, litellm_trace_id=kwargs.get("litellm_trace_id"),
             litellm_session_id=kwargs.get("litellm_session_id"), acompletion=True,
+            cooldown_time=params.get("cooldown_time"),
             input_cost_per_token=model_info.get("input_cost_per_token", params.get("input_cost_per_token")),
             output_cost_per_token=model_info.get("output_cost_per_token", params.get("output_cost_per_token")))
         logging_obj.update_environment_variables(model=wire.backend, user=None, optional_params=dict(wire.optional),

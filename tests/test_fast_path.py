@@ -306,6 +306,50 @@ async def test_relay_calls_cool_a_failing_deployment_down_like_any_call(proxy_ro
     assert set(failures) <= {"provider_error"}
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
+async def test_a_deployment_s_own_cooldown_time_of_zero_keeps_it_in_rotation(proxy_router, sim, serve, attribution,
+                                                                             fast):
+    """The router hears what litellm tells it, the deployment's settings included: `cooldown_time: 0`."""
+    proxy_router([deployment("pair", await serve(failing), cooldown_time=0), deployment("pair", sim.url + "/v1")],
+                 allowed_fails=0, cooldown_time=120)
+    failures = 0
+    for i in range(30):
+        try:
+            await relay_plugin._litellm_complete("pair", [{"role": "user", "content": f"Question {i}"}], max_tokens=16,
+                                                 timeout=5, depth=1, fast=fast)
+        except SecondaryError:
+            failures += 1
+    assert failures >= 5  # about half: the failing deployment is never cooled down
+
+
+async def test_a_stream_cut_at_its_limit_says_so(proxy_router, serve):
+    from aiohttp import web
+
+    async def cut(request):
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for piece, finish in (("Paris is", None), (" the", None), (None, "length")):
+            choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+                     "choices": [choice]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        await response.write(b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                                                      "model": "gpt-4o-mini", "choices": [], "usage": usage}).encode()
+                             + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    proxy_router([deployment("cut", await serve(cut))])
+    deltas = []
+
+    async def on_delta(text):
+        deltas.append(text)
+
+    reply = await relay_plugin._litellm_complete("cut", QUESTION, max_tokens=3, timeout=5, depth=1, on_delta=on_delta)
+    assert "".join(deltas) == reply.text == "Paris is the"
+    assert reply.truncated and (reply.prompt_tokens, reply.output_tokens) == (5, 3)
+
+
 async def test_router_fallbacks_answer_when_the_whole_group_fails(proxy_router, sim, serve, paths):
     dead = await serve(failing)
     proxy_router([
