@@ -66,14 +66,15 @@ Sections, in order (the banner names below; each needs only what comes before it
 10. The relay's result for one request
 11. LiteLLM features: what the running LiteLLM offers, found by looking at it (never by its version)
 12. The operator's books: spend attribution, LiteLLM budgets, trace ids, Prometheus metrics
-13. Reaching a secondary: the litellm call, prices, error classes
+13. Reaching a secondary: the litellm call, its fast path, prices, error classes
 14. Relay work: one request's run (cache, breaker, budget, timeout, retries) and the mode table
 15. The LiteLLM callback
 16. Streams: the same modes for stream=true clients
 17. Shared state in Redis: one budget, one breaker and one cache for every worker and instance
 18. The instance: what `callbacks: relay_plugin.proxy_handler_instance` loads, built on first access
 
-Dependencies: the standard library and litellm. ``redis`` is imported only when Redis state is on
+Dependencies: the standard library and litellm (with ``aiohttp`` and ``httpx``, which litellm
+installs and the fast path of a secondary call uses). ``redis`` is imported only when Redis state is on
 (``RELAY_REDIS_URL``, ``RELAY_REDIS_CLUSTER_NODES``, ``RELAY_REDIS_SENTINELS`` or ``RELAY_STATE=redis``),
 to share budgets, breakers and the cache across workers and instances (see docs/deploy.md);
 ``prometheus_client`` only when it is installed and ``RELAY_PROMETHEUS`` is not ``off``.
@@ -149,6 +150,7 @@ __all__ = [
     # 13. reaching a secondary
     "TRUNCATED_FINISH", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_OVERHEAD",
     "PROMPT_TOKENS_PER_MESSAGE", "LOOP_BOUND_MAX_CHARS", "prompt_token_bound", "prompt_tokens_off_loop",
+    "FastProvider", "FAST_PROVIDERS", "FAST_PARAMS", "FAST_MAX_RESPONSE_BYTES", "fast_path_ready",
     # 14. relay work
     "RelayRun", "replace_skip", "guard_windows", "Mode", "MODES", "PlanResolver",
     # 16. streams
@@ -456,6 +458,11 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("REDIS_SENTINEL_SERVICE", _text, None,
          "Name of the primary the sentinels monitor. Required with `RELAY_REDIS_SENTINELS`; unset: LiteLLM's "
          "`REDIS_SERVICE_NAME`."),
+    _Var("FULL_PATH_MODELS", _glob_list, (),
+         "Comma-separated globs of secondary models (a `model_name` of the proxy or a `provider/model`) always called "
+         "through litellm's full call, never the fast path (`*`: every one). The fast path keeps the router's choice "
+         "of deployment, cooldowns, fallbacks, rpm/tpm pre-checks, prices and the books, but not deployment-level "
+         "hooks a full call would run; see README \"The fast path of a secondary call\"."),
     _Var("SPEND_ATTRIBUTION", _choice("caller", "none"), "caller",
          "`caller`: each secondary call is booked in LiteLLM's spend tracking (spend rows, key/team/user spend, "
          "budgets, callbacks such as OTel and Langfuse) to the calling key, team, user, organisation and end user, "
@@ -629,6 +636,7 @@ class RelayConfig:
     redis_sentinel_service: str | None
     spend_attribution: str
     prometheus: str
+    full_path_models: tuple[str, ...] = ()
 
     @property
     def budgeted(self) -> bool:
@@ -2119,7 +2127,7 @@ class RelayMetrics:
 
 
 # =================================================================================================
-# Reaching a secondary: the litellm call, prices, error classes
+# Reaching a secondary: the litellm call, its fast path, prices, error classes
 # =================================================================================================
 
 
@@ -2141,9 +2149,11 @@ def _deployment_relay_block(model_info: Mapping[str, Any]) -> Any:
 
 
 async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int, timeout: float, depth: int,
-                            on_delta: Callable[[str], Any] | None = None, response_format: dict | None = None) -> "Reply":
+                            on_delta: Callable[[str], Any] | None = None, response_format: dict | None = None,
+                            fast: bool = True) -> "Reply":
     """One secondary call: a ``model_name`` of the proxy goes through its router, anything else to litellm.
 
+    It takes the fast path (below) where it can, unless ``fast`` is False (RELAY_FULL_PATH_MODELS).
     With ``on_delta`` the call streams and each text delta is awaited through it as it arrives.
     """
     kwargs: dict[str, Any] = {
@@ -2161,13 +2171,25 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
     if response_format is not None:
         kwargs["response_format"] = response_format
     router = _proxy_router()
+    routed = router is not None and model in (router.model_names or ())
+    fast = fast and fast_path_ready(router if routed else None)
+    told = routed and "no-log" in kwargs  # `no-log` silences the router's callbacks: the relay tells it itself
     try:
         async with asyncio.timeout(timeout):
-            if router is not None and model in (router.model_names or ()):
-                response = await router.acompletion(**kwargs)
+            if fast:
+                response = await (_router_call(router, kwargs, on_delta) if routed else _direct_call(kwargs, on_delta))
             else:
-                response = await litellm.acompletion(max_retries=0, **kwargs)
-            if on_delta is not None:
+                started = time.time()
+                try:
+                    response = await (router.acompletion(**kwargs) if routed
+                                      else litellm.acompletion(max_retries=0, **kwargs))
+                except Exception as exc:
+                    if told:
+                        await _tell_router_of(router, model, started, error=exc)
+                    raise
+                if told:
+                    await _tell_router_of(router, model, started, response=response)
+            if on_delta is not None and not isinstance(response, litellm.ModelResponse):  # litellm's stream
                 chunks = []
                 async for chunk in response:
                     chunks.append(chunk)
@@ -2280,6 +2302,619 @@ def _retry_after(exc: Exception) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+# ----- the fast path: the router's pick, litellm's own translation, one HTTP exchange ------------
+#
+# litellm's full call costs the proxy most of a client request's CPU per secondary call (its
+# function_setup, the Logging object, pydantic models, deep copies, a thread hop; README "Measured
+# cost"). For the providers in FAST_PROVIDERS a secondary call is made from litellm's own pieces
+# instead: the router's choice of deployment (cooldowns, weights, routing strategy, rpm/tpm pre-call
+# checks) inside the router's own retry-and-fallback loop, the provider's chat config (optional
+# params, `validate_environment`, `get_complete_url`, `transform_request`, `transform_response`, its
+# error class), litellm's exception mapping and cost calculation, and one shared aiohttp session.
+# After each attempt the router hears of it as of any call (`_tell_router`: cooldown, usage counters,
+# the routing strategy's own counters). With RELAY_SPEND_ATTRIBUTION=caller, litellm's Logging object
+# books the call (`_open_booking`: spend row, key and team spend, every logging callback, the router).
+# Any other provider, a deployment setting the fast path does not know, and anything that raises
+# while the request is built take litellm's full call; RELAY_FULL_PATH_MODELS forces it per model.
+
+
+class _NoFastPath(Exception):
+    """The fast path cannot make this call (the message says why): litellm's full call makes it."""
+
+
+@dataclass(frozen=True)
+class FastProvider:
+    """Where litellm's own dispatch (``main.py``) finds a provider's key and base when the deployment
+    names none, and what it adds to them."""
+
+    keys: tuple[str, ...]  #: environment variables of the API key, in litellm's order
+    bases: tuple[str, ...]  #: environment variables of the API base, in litellm's order
+    default_base: str | None
+    path: str = ""  #: appended to a base that does not end with it (Anthropic's /v1/messages)
+    bearer: bool = False  #: the key goes in ``Authorization: Bearer`` (Ollama)
+
+
+#: the providers the fast path speaks (each checked against recorded cassettes, tests/test_fast_path.py)
+FAST_PROVIDERS: Final = {
+    "openai": FastProvider(("OPENAI_API_KEY",), ("OPENAI_BASE_URL", "OPENAI_API_BASE"), "https://api.openai.com/v1"),
+    "hosted_vllm": FastProvider(("HOSTED_VLLM_API_KEY",), ("HOSTED_VLLM_API_BASE",), None),
+    "mistral": FastProvider(("MISTRAL_API_KEY",), ("MISTRAL_API_BASE",), "https://api.mistral.ai/v1"),
+    "anthropic": FastProvider(("ANTHROPIC_API_KEY",), ("ANTHROPIC_API_BASE", "ANTHROPIC_BASE_URL"),
+                              "https://api.anthropic.com", path="/v1/messages"),
+    "ollama_chat": FastProvider(("OLLAMA_API_KEY",), ("OLLAMA_API_BASE",), "http://localhost:11434", bearer=True),
+}
+#: deployment ``litellm_params`` the fast path honours (or that do not change the call: limits the
+#: router reads itself, prices, retry counts the relay overrides); any other key takes the full call
+FAST_PARAMS: Final = frozenset({
+    "model", "api_key", "api_base", "custom_llm_provider", "input_cost_per_token", "output_cost_per_token",
+    "rpm", "tpm", "timeout", "stream_timeout", "max_retries", "num_retries", "drop_params", "weight", "order",
+    "tags", "cooldown_time", "use_in_pass_through", "use_litellm_proxy", "merge_reasoning_content_in_choices",
+})
+#: the largest provider answer the fast path reads (a longer one is a bad_response, not a full read)
+FAST_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+#: environment variables that route HTTP through a proxy: the fast path's session does not read them
+_PROXY_ENV: Final = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"})
+#: this process's HTTP session for fast-path calls: (event loop, session)
+_SESSION: list[tuple[Any, Any]] = []
+
+
+def _http_session() -> Any:
+    """One aiohttp session per event loop (the proxy has one), made on first use."""
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    if _SESSION and _SESSION[0][0] is loop and not _SESSION[0][1].closed:
+        return _SESSION[0][1]
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                                    skip_auto_headers=("User-Agent",))
+    _SESSION[:] = [(loop, session)]
+    return session
+
+
+@dataclass
+class _Wire:
+    """One fast-path call, built: what goes on the wire and what reading the answer needs."""
+
+    deployment: Mapping[str, Any]
+    provider: str
+    backend: str  #: the provider's own model name
+    config: Any  #: litellm's provider chat config
+    url: str
+    headers: dict[str, str]
+    body: dict
+    optional: dict
+    params: dict  #: the litellm_params the config saw
+    json_mode: bool
+    ssl: Any
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def _wire_call(deployment: Mapping[str, Any], messages: list[dict], kwargs: Mapping[str, Any],
+               stream: bool = False) -> _Wire:
+    """Build one call to ``deployment`` the way litellm's dispatch would; _NoFastPath (or whatever
+    litellm's translation raises) when the fast path cannot. ``stream``: a streamed call, read with the
+    provider config's own stream iterator."""
+    from litellm.llms.base_llm.chat.transformation import BaseConfig
+    from litellm.types.utils import LlmProviders
+    from litellm.utils import ProviderConfigManager
+
+    params = {k: v for k, v in (deployment.get("litellm_params") or {}).items() if v is not None}
+    unknown = sorted(k for k, v in params.items() if k not in FAST_PARAMS and v is not False)  # False: a default off
+    if unknown:
+        raise _NoFastPath(f"the deployment sets {', '.join(unknown)}")
+    if any(isinstance(v, str) and v.startswith("os.environ/") for v in params.values()):
+        raise _NoFastPath("a secret reference litellm resolves at call time")
+    if litellm.api_key or litellm.api_base or litellm.headers or getattr(litellm, "organization", None):
+        raise _NoFastPath("litellm-wide api_key, api_base, headers or organization are set")
+    if _PROXY_ENV.intersection(os.environ):
+        raise _NoFastPath("an HTTP proxy is set in the environment (litellm's own client honours it)")
+    if params.get("mock_response") is not None or kwargs.get("mock_response") is not None:
+        raise _NoFastPath("mock_response")
+    backend, provider, dynamic_key, dynamic_base = litellm.get_llm_provider(
+        model=params["model"], custom_llm_provider=params.get("custom_llm_provider"), api_base=params.get("api_base"),
+        api_key=params.get("api_key"))
+    spec = FAST_PROVIDERS.get(provider)
+    if spec is None:
+        raise _NoFastPath(f"provider {provider}")
+    if provider == "openai" and os.environ.get("OPENAI_ORGANIZATION"):
+        raise _NoFastPath("OPENAI_ORGANIZATION")
+    api_key = params.get("api_key") or dynamic_key or _first_env(spec.keys)
+    api_base = params.get("api_base") or dynamic_base or _first_env(spec.bases) or spec.default_base
+    if not api_base:
+        raise _NoFastPath("no api_base")
+    suffix_off = os.environ.get("LITELLM_ANTHROPIC_DISABLE_URL_SUFFIX")
+    if spec.path and not api_base.rstrip("/").endswith(spec.path) and not suffix_off:
+        api_base = api_base.rstrip("/") + spec.path
+    config = ProviderConfigManager.get_provider_chat_config(model=backend, provider=LlmProviders(provider))
+    if config is None:
+        raise _NoFastPath(f"no chat config for {provider}")
+    if stream and type(config).get_model_response_iterator is BaseConfig.get_model_response_iterator:
+        raise _NoFastPath(f"{provider} has no stream iterator of its own in litellm's chat config")
+    optional = _optional_params(backend, provider, kwargs.get("max_tokens"), kwargs.get("response_format"),
+                                params.get("drop_params"), stream)
+    json_mode = bool(optional.pop("json_mode", False))
+    litellm_params = {"api_key": api_key, "api_base": api_base, "custom_llm_provider": provider}
+    headers = dict(kwargs.get("extra_headers") or {})
+    if spec.bearer and api_key and "Authorization" not in headers:
+        headers["Authorization"] = f"Bearer {api_key}"
+    attribution = getattr(config, "get_attribution_headers", lambda: {})() or {}
+    headers = {**{k: v for k, v in attribution.items() if k.lower() not in {h.lower() for h in headers}}, **headers}
+    headers = config.validate_environment(headers=headers, model=backend, messages=messages, optional_params=optional,
+                                          litellm_params=litellm_params, api_key=api_key, api_base=api_base)
+    url = config.get_complete_url(api_base=api_base, api_key=api_key, model=backend, optional_params=optional,
+                                  litellm_params=litellm_params, stream=stream)
+    body = config.transform_request(model=backend, messages=messages, optional_params=optional,
+                                    litellm_params=litellm_params, headers=headers)
+    if stream and config.supports_stream_param_in_request_body:
+        body["stream"] = True
+    signed_headers, signed_body = config.sign_request(headers=headers, optional_params=optional, request_data=body,
+                                                      api_base=url, api_key=api_key, stream=stream, model=backend)
+    if signed_body is not None or signed_headers != headers:
+        raise _NoFastPath(f"{provider} signs its requests")
+    ssl = params.get("ssl_verify", getattr(litellm, "ssl_verify", True))
+    if ssl is not True and ssl is not False:
+        raise _NoFastPath("a custom ssl_verify")
+    return _Wire(deployment, provider, backend, config, url, {str(k): str(v) for k, v in headers.items()}, body,
+                 optional, litellm_params, json_mode, None if ssl else False)
+
+
+def fast_path_ready(router: Any = None) -> bool:
+    """True when this LiteLLM (and its router, if any) has every piece the fast path is made of."""
+    try:
+        import aiohttp  # noqa: F401 - installed with litellm
+        import httpx  # noqa: F401
+
+        from litellm.litellm_core_utils.exception_mapping_utils import exception_type  # noqa: F401
+        from litellm.utils import ProviderConfigManager
+
+        if not hasattr(ProviderConfigManager, "get_provider_chat_config"):
+            return False
+    except ImportError:
+        return False
+    return router is None or all(hasattr(router, name) for name in (
+        "async_function_with_fallbacks", "async_get_available_deployment", "_acompletion", "get_deployment",
+        "deployment_callback_on_success", "deployment_callback_on_failure", "async_deployment_callback_on_failure",
+        "async_routing_strategy_pre_call_checks"))
+
+
+#: litellm's optional params of a call, by (model, provider, max_tokens, response_format, drop_params)
+_OPTIONAL: Final[OrderedDict] = OrderedDict()
+
+
+def _optional_params(backend: str, provider: str, max_tokens: Any, response_format: Any, drop_params: Any,
+                     stream: bool = False) -> dict:
+    """litellm's ``get_optional_params`` for a call (its provider mapping: max_tokens, structured
+    output, streaming with usage), computed once per setting; a fresh copy each time (configs may
+    change what they get)."""
+    key = json.dumps([backend, provider, max_tokens, response_format, drop_params, stream], sort_keys=True, default=str)
+    optional = _OPTIONAL.get(key)
+    if optional is None:
+        streaming = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        optional = litellm.get_optional_params(model=backend, custom_llm_provider=provider, max_tokens=max_tokens,
+                                               response_format=response_format, drop_params=drop_params, **streaming)
+        if not optional.get("stream"):
+            optional.pop("stream", None)
+        if optional.pop("extra_body", None) or optional.pop("fake_stream", False):
+            raise _NoFastPath("extra_body or fake_stream")
+        _OPTIONAL[key] = optional
+        while len(_OPTIONAL) > MODELS_MAX:
+            _OPTIONAL.popitem(last=False)
+    return json.loads(json.dumps(optional))
+
+
+class _NoLogging:
+    """What a provider config's ``transform_response`` may write to: litellm's Logging, minus the logging."""
+
+    def __init__(self) -> None:
+        self.model_call_details: dict[str, Any] = {}
+
+    def post_call(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def pre_call(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _post(wire: _Wire, timeout: float) -> Any:
+    """The call's POST on the shared session: redirects are not followed (the key would go along)."""
+    import aiohttp
+
+    return _http_session().post(wire.url, data=json.dumps(wire.body), headers=wire.headers, ssl=wire.ssl,
+                                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+def _oversized(wire: _Wire) -> Exception:
+    return wire.config.get_error_class(status_code=502, headers={}, error_message=(
+        f"Unable to get json response: the answer exceeds {FAST_MAX_RESPONSE_BYTES} bytes"))
+
+
+async def _exchange(wire: _Wire, messages: list[dict], timeout: float) -> Any:
+    """POST the built call and read the answer with the provider's config: a ModelResponse priced in
+    ``_hidden_params["response_cost"]``, or litellm's mapped exception."""
+    import aiohttp
+    import httpx
+
+    from litellm.litellm_core_utils.exception_mapping_utils import exception_type
+    from litellm.types.utils import ModelResponse
+
+    try:
+        try:
+            async with _post(wire, timeout) as answer:
+                chunks, size = [], 0
+                async for chunk in answer.content.iter_any():
+                    size += len(chunk)
+                    if size > FAST_MAX_RESPONSE_BYTES:
+                        raise _oversized(wire)
+                    chunks.append(chunk)
+                status, headers = answer.status, dict(answer.headers)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
+                                  llm_provider=wire.provider) from None
+        except aiohttp.ClientError as exc:
+            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
+                                             llm_provider=wire.provider) from None
+        raw = httpx.Response(status, headers=headers, content=b"".join(chunks), request=httpx.Request("POST", wire.url))
+        if status >= 300:
+            raise wire.config.get_error_class(error_message=raw.text, status_code=status, headers=raw.headers)
+        response = wire.config.transform_response(
+            model=wire.backend, raw_response=raw, model_response=ModelResponse(), logging_obj=_NoLogging(),
+            request_data=wire.body, messages=messages, optional_params=wire.optional, litellm_params=wire.params,
+            encoding=None, api_key=wire.params.get("api_key"), json_mode=wire.json_mode)
+    except (litellm.Timeout, litellm.APIConnectionError):
+        raise
+    except Exception as exc:  # mapped to litellm's exception classes, as its full call does
+        raise exception_type(model=wire.backend, custom_llm_provider=wire.provider, original_exception=exc,
+                             completion_kwargs={}, extra_kwargs={}) from exc
+    hidden = getattr(response, "_hidden_params", None)
+    if not isinstance(hidden, dict):
+        hidden = {}
+        response._hidden_params = hidden
+    model_info = wire.deployment.get("model_info") or {}
+    hidden.update(model_id=model_info.get("id"), api_base=wire.params.get("api_base"),
+                  custom_llm_provider=wire.provider, response_cost=_fast_cost(response, wire))
+    return response
+
+
+async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on_delta: Callable[[str], Any]) -> Any:
+    """POST a streamed call, read it with the provider config's own stream iterator, hand each text
+    delta to ``on_delta`` as it arrives, and return the whole answer as one priced ModelResponse (what
+    ``stream_chunk_builder`` makes of litellm's chunks), or litellm's mapped exception."""
+    import aiohttp
+    import httpx
+
+    from litellm.litellm_core_utils.exception_mapping_utils import exception_type
+    from litellm.types.utils import ModelResponse, Usage
+
+    parts: list[str] = []
+    finish, usage, size = None, None, 0
+    try:
+        try:
+            async with _post(wire, timeout) as answer:
+                if answer.status >= 300:
+                    raw = httpx.Response(answer.status, headers=dict(answer.headers),
+                                         content=await answer.content.read(FAST_MAX_RESPONSE_BYTES),
+                                         request=httpx.Request("POST", wire.url))
+                    raise wire.config.get_error_class(error_message=raw.text, status_code=raw.status_code,
+                                                      headers=raw.headers)
+
+                async def lines() -> Any:
+                    nonlocal size
+                    async for line in answer.content:
+                        size += len(line)
+                        if size > FAST_MAX_RESPONSE_BYTES:
+                            raise _oversized(wire)
+                        text = line.decode("utf-8", "replace").strip()
+                        if text:
+                            yield text
+
+                iterator = wire.config.get_model_response_iterator(streaming_response=lines(), sync_stream=False,
+                                                                   json_mode=wire.json_mode)
+                async for chunk in iterator:
+                    # the first finish reason is the provider's ("length" when cut); an iterator may
+                    # end with a generic chunk of its own saying "stop" on the [DONE] line
+                    if isinstance(chunk, Mapping):  # litellm's GenericStreamingChunk
+                        delta, finish = chunk.get("text") or "", finish or chunk.get("finish_reason")
+                        usage = chunk.get("usage") or usage
+                    else:
+                        choices = getattr(chunk, "choices", None) or []
+                        delta = (getattr(choices[0].delta, "content", None) or "") if choices else ""
+                        finish = finish or (getattr(choices[0], "finish_reason", None) if choices else None)
+                        usage = getattr(chunk, "usage", None) or usage
+                    if delta:
+                        parts.append(delta)
+                        await on_delta(delta)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
+                                  llm_provider=wire.provider) from None
+        except aiohttp.ClientError as exc:
+            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
+                                             llm_provider=wire.provider) from None
+    except (litellm.Timeout, litellm.APIConnectionError):
+        raise
+    except Exception as exc:  # mapped to litellm's exception classes, as its full call does
+        raise exception_type(model=wire.backend, custom_llm_provider=wire.provider, original_exception=exc,
+                             completion_kwargs={}, extra_kwargs={}) from exc
+    tokens = usage if isinstance(usage, Mapping) else (usage.model_dump() if hasattr(usage, "model_dump") else {})
+    response = ModelResponse(model=wire.backend, choices=[{"index": 0, "finish_reason": finish or "stop", "message": {
+        "role": "assistant", "content": "".join(parts)}}], usage=Usage(
+        prompt_tokens=int(tokens.get("prompt_tokens") or 0),
+        completion_tokens=int(tokens.get("completion_tokens") or 0),
+        total_tokens=int(tokens.get("total_tokens") or 0) or None))
+    model_info = wire.deployment.get("model_info") or {}
+    response._hidden_params.update(model_id=model_info.get("id"), api_base=wire.params.get("api_base"),
+                                   custom_llm_provider=wire.provider, response_cost=_fast_cost(response, wire))
+    return response
+
+
+def _fast_cost(response: Any, wire: _Wire) -> float | None:
+    """The call's cost as litellm's cost calculation gives it: the deployment's own prices first, then
+    the cost map under the deployment's base model or the provider's model. None: unpriced."""
+    info = wire.deployment.get("model_info") or {}
+    params = wire.deployment.get("litellm_params") or {}
+    try:
+        for source in (info, params):
+            if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
+                return float(litellm.completion_cost(completion_response=response, custom_cost_per_token={
+                    "input_cost_per_token": float(source["input_cost_per_token"]),
+                    "output_cost_per_token": float(source["output_cost_per_token"])}))
+        return float(litellm.completion_cost(completion_response=response, model=info.get("base_model") or wire.backend,
+                                             custom_llm_provider=wire.provider))
+    except Exception:  # noqa: BLE001 - an unpriced model: the relay's own price check decides what that means
+        return None
+
+
+def _router_kwargs(model: str, messages: list[dict], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The router's bookkeeping of one call, as litellm's Logging hands it to the router's callbacks."""
+    return {"model": model, "messages": messages, "call_type": "acompletion",
+            "litellm_params": {"metadata": kwargs.get("metadata") or {}, "model_info": {}}}
+
+
+async def _tell_router(router: Any, deployment: Mapping[str, Any], model_group: str, response: Any = None,
+                       error: BaseException | None = None, started: float = 0.0) -> None:
+    """Tell the router how an attempt on ``deployment`` went, as litellm's logging tells it of any call:
+    successes and failures per minute, the cooldown of a failing deployment, rpm/tpm usage, and the
+    routing strategy's own counters (usage-based, latency-based, least-busy)."""
+    import datetime
+
+    params = deployment.get("litellm_params") or {}
+    model_info = dict(deployment.get("model_info") or {})
+    total = int(getattr(getattr(response, "usage", None), "total_tokens", 0) or 0)
+    start = datetime.datetime.fromtimestamp(started or time.time())
+    end = datetime.datetime.now()
+    metadata = {"model_group": model_group, "deployment": params.get("model"), "model_info": model_info,
+                "api_base": params.get("api_base")}
+    call_params = {k: v for k, v in params.items() if not _SECRET_PARAM.search(k)}  # cooldown_time, limits, ...
+    details = {"model": params.get("model"), "call_type": "acompletion", "exception": error,
+               "litellm_params": {**call_params, "metadata": metadata, "model_info": model_info},
+               "standard_logging_object": {"model_group": model_group, "model_id": model_info.get("id"),
+                                           "total_tokens": total, "response_cost": 0.0,
+                                           "hidden_params": {"litellm_model_name": params.get("model"),
+                                                             "model_id": model_info.get("id")}}}
+    strategies = [cb for cb in getattr(litellm, "callbacks", [])
+                  if type(cb).__module__.startswith("litellm.router_strategy")]
+    try:
+        if error is None:
+            if _tracks_usage(router, deployment, model_group):
+                await router.deployment_callback_on_success(details, response, start, end)
+            else:  # what deployment_callback_on_success does for a deployment without rpm/tpm limits
+                router.sync_deployment_callback_on_success(details, response, start, end)
+            for strategy in strategies:
+                await strategy.async_log_success_event(details, response, start, end)
+        else:
+            router.deployment_callback_on_failure(details, None, start, end)
+            await router.async_deployment_callback_on_failure(details, None, start, end)
+            for strategy in strategies:
+                await strategy.async_log_failure_event(details, None, start, end)
+    except Exception as exc:  # noqa: BLE001 - the router's bookkeeping never fails the call
+        log.debug("relay: the router's bookkeeping of a call failed: %s", scrub_secrets(str(exc))[:200])
+
+
+#: deployment id -> whether the router counts its rpm/tpm usage (it has limits), as the router decides it
+_USAGE_TRACKED: Final[OrderedDict] = OrderedDict()
+
+
+def _tracks_usage(router: Any, deployment: Mapping[str, Any], model_group: str) -> bool:
+    """True when the router counts this deployment's rpm/tpm usage (limits on the deployment, its
+    params, its model info or litellm's cost-map entry, or input/output token limits); looked up once."""
+    model_id = (deployment.get("model_info") or {}).get("id")
+    if model_id in _USAGE_TRACKED:
+        return _USAGE_TRACKED[model_id]
+    try:
+        from litellm.router_utils.pre_call_checks.io_token_rate_limit_check import deployment_has_io_token_limits
+
+        info = router.get_router_model_info(deployment=deployment, received_model_name=model_group)
+        params, model_info = deployment.get("litellm_params") or {}, deployment.get("model_info") or {}
+        limits = [source.get(k) for source in (deployment, params, model_info, info) for k in ("tpm", "rpm")]
+        tracked = any(v is not None for v in limits) or deployment_has_io_token_limits(dict(deployment))
+    except Exception:  # noqa: BLE001 - unsure: let the router decide on every call
+        tracked = True
+    _USAGE_TRACKED[model_id] = tracked
+    while len(_USAGE_TRACKED) > MODELS_MAX:
+        _USAGE_TRACKED.popitem(last=False)
+    return tracked
+
+
+def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any]) -> Any:
+    """litellm's own Logging object for one fast-path call, as its full call makes it, with the call's
+    pre-call logged (RELAY_SPEND_ATTRIBUTION=caller). Closed by :func:`_close_booking`, it books the
+    call: the proxy's cost tracker (spend row, key/team spend and budget counters), every logging
+    callback (OTel span, Prometheus, Langfuse...), the router's callbacks. None: it could not be made
+    (the call goes ahead, unbooked, and the operator hears of it)."""
+    try:
+        import datetime
+
+        from litellm.litellm_core_utils.get_litellm_params import get_litellm_params
+        from litellm.litellm_core_utils.litellm_logging import Logging
+
+        params = wire.deployment.get("litellm_params") or {}
+        model_info = dict(wire.deployment.get("model_info") or {})
+        call_id = str(uuid.uuid4())
+        metadata = {**(kwargs.get("metadata") or {}), "model_group": model_group, "deployment": params.get("model"),
+                    "model_info": model_info, "api_base": wire.params.get("api_base")}
+        logging_obj = Logging(model=wire.backend, messages=messages, stream=False,  # it is handed the whole answer
+                              call_type="acompletion", start_time=datetime.datetime.now(), litellm_call_id=call_id,
+                              function_id=call_id, litellm_trace_id=kwargs.get("litellm_trace_id"))
+        litellm_params = get_litellm_params(
+            api_base=wire.params.get("api_base"), custom_llm_provider=wire.provider, litellm_call_id=call_id,
+            metadata=metadata, model_info=model_info, litellm_trace_id=kwargs.get("litellm_trace_id"),
+            litellm_session_id=kwargs.get("litellm_session_id"), acompletion=True,
+            cooldown_time=params.get("cooldown_time"),
+            input_cost_per_token=model_info.get("input_cost_per_token", params.get("input_cost_per_token")),
+            output_cost_per_token=model_info.get("output_cost_per_token", params.get("output_cost_per_token")))
+        logging_obj.update_environment_variables(model=wire.backend, user=None, optional_params=dict(wire.optional),
+                                                 litellm_params=litellm_params, custom_llm_provider=wire.provider)
+        logging_obj.pre_call(input=messages, api_key=wire.params.get("api_key"), additional_args={
+            "complete_input_dict": wire.body, "api_base": wire.url, "headers": wire.headers})
+        return logging_obj
+    except Exception as exc:  # noqa: BLE001 - the call itself can go ahead; only its booking cannot
+        _unbooked(model_group or wire.backend, exc)
+        return None
+
+
+async def _close_booking(logging_obj: Any, model: str, response: Any = None,
+                         error: BaseException | None = None) -> None:
+    """Book the call's outcome through its Logging object, as litellm's own wrapper does."""
+    if logging_obj is None:
+        return
+    try:
+        import datetime
+        import traceback
+
+        start, end = logging_obj.start_time, datetime.datetime.now()
+        if error is None:
+            task = asyncio.get_running_loop().create_task(
+                logging_obj.async_success_handler(result=response, start_time=start, end_time=end))
+            _BOOKING.add(task)
+            task.add_done_callback(_BOOKING.discard)
+            logging_obj.handle_sync_success_callbacks_for_async_calls(result=response, start_time=start, end_time=end)
+        else:
+            trace = "".join(traceback.format_exception_only(type(error), error))
+            logging_obj.failure_handler(error, trace, start, end)
+            await logging_obj.async_failure_handler(error, trace, start, end)
+    except Exception as exc:  # noqa: BLE001 - the call itself is what it is; only its booking failed
+        _unbooked(model, exc)
+
+
+def _unbooked(model: str, exc: BaseException) -> None:
+    log.warning("relay: litellm's logging could not book a secondary call to %s (%s: %s); "
+                "RELAY_FULL_PATH_MODELS=* books every call through litellm's full call",
+                model, type(exc).__name__, scrub_secrets(str(exc))[:200])
+
+
+#: bookings in flight (a task nobody holds may be collected before it ran)
+_BOOKING: Final[set] = set()
+
+
+async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:
+    """One secondary call to a ``model_name`` of the proxy, inside the router's own retry-and-fallback
+    loop (``async_function_with_fallbacks``: fallbacks, order and weighted failover call ``attempt``
+    for each model group they try). Each attempt takes the fast path when it can, else the router's
+    full call; either way the router hears how it went. With ``on_delta`` the answer streams: the fast
+    path returns it whole (its deltas went through ``on_delta``), the full call returns litellm's stream."""
+    booked = "no-log" not in kwargs
+    began: list[bool] = []  #: a stream that sent text cannot start over on a fallback
+
+    async def emit(delta: str) -> None:
+        if not began:
+            began.append(True)
+        await on_delta(delta)
+
+    async def attempt(model: str, messages: list[dict], **call: Any) -> Any:
+        if began:
+            raise litellm.APIConnectionError(message="the stream broke off after it began; a fallback cannot resume it",
+                                             model=model, llm_provider="relay")
+        deployment = await router.async_get_available_deployment(model=model, messages=messages, request_kwargs=call)
+        try:
+            if (deployment.get("litellm_params") or {}).get("max_parallel_requests") or getattr(
+                    router, "default_max_parallel_requests", None):
+                raise _NoFastPath("max_parallel_requests (the router's per-deployment semaphore)")
+            wire = _wire_call(deployment, messages, call, stream=on_delta is not None)
+        except Exception as exc:  # noqa: BLE001 - whatever the fast path cannot build takes litellm's full call
+            log.debug("relay: a call to %s takes litellm's full call: %s", model, scrub_secrets(str(exc))[:200])
+            return await _full_router_attempt(router, model, messages, call, booked)
+        await router.async_routing_strategy_pre_call_checks(deployment=deployment, parent_otel_span=None)
+        booking = _open_booking(wire, model, messages, call) if booked else None
+        started = time.time()
+        try:
+            timeout = float(call.get("timeout") or 600)
+            response = await (_exchange(wire, messages, timeout) if on_delta is None
+                              else _exchange_stream(wire, messages, timeout, emit))
+        except Exception as exc:
+            if booked:
+                await _close_booking(booking, model, error=exc)
+            else:
+                await _tell_router(router, deployment, model, error=exc, started=started)
+            raise
+        if booked:
+            await _close_booking(booking, model, response=response)
+        else:
+            await _tell_router(router, deployment, model, response=response, started=started)
+        return response
+
+    kwargs.setdefault("litellm_trace_id", str(uuid.uuid4()))
+    kwargs["metadata"] = {**(kwargs.get("metadata") or {}), "model_group": kwargs["model"], "model_group_alias": None}
+    controls = getattr(sys.modules.get("litellm.router"), "per_request_fallback_controls", None)
+    key = getattr(sys.modules.get("litellm.router"), "MID_STREAM_FALLBACK_CONTROLS_KEY", None)
+    if controls is not None and key is not None:  # what router.acompletion hands its own attempts
+        kwargs[key] = controls(kwargs)
+    return await router.async_function_with_fallbacks(**kwargs, original_function=attempt)
+
+
+async def _direct_call(kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:
+    """One secondary call to a ``provider/model`` string on the fast path (litellm's full call when
+    the fast path cannot build it; a stream then comes back as litellm's stream)."""
+    model, messages = kwargs["model"], kwargs["messages"]
+    try:
+        wire = _wire_call({"litellm_params": {"model": model}, "model_info": {}}, messages, kwargs,
+                          stream=on_delta is not None)
+    except Exception as exc:  # noqa: BLE001 - whatever the fast path cannot build takes litellm's full call
+        log.debug("relay: a call to %s takes litellm's full call: %s", model, scrub_secrets(str(exc))[:200])
+        return await litellm.acompletion(max_retries=0, **kwargs)
+    booking = _open_booking(wire, None, messages, kwargs) if "no-log" not in kwargs else None
+    try:
+        timeout = float(kwargs.get("timeout") or 600)
+        response = await (_exchange(wire, messages, timeout) if on_delta is None
+                          else _exchange_stream(wire, messages, timeout, on_delta))
+    except Exception as exc:
+        await _close_booking(booking, model, error=exc)
+        raise
+    await _close_booking(booking, model, response=response)
+    return response
+
+
+async def _full_router_attempt(router: Any, model: str, messages: list[dict], call: dict[str, Any],
+                               booked: bool) -> Any:
+    """One attempt through the router's full call. A booked call tells the router itself (litellm's
+    logging); a ``no-log`` one is told here (`no-log` also silences the router's own callbacks)."""
+    if booked:
+        return await router._acompletion(model, messages, **call)
+    started = time.time()
+    try:
+        response = await router._acompletion(model, messages, **call)
+    except Exception as exc:
+        await _tell_router_of(router, model, started, error=exc)
+        raise
+    await _tell_router_of(router, model, started, response=response)
+    return response
+
+
+async def _tell_router_of(router: Any, model: str, started: float, response: Any = None,
+                          error: BaseException | None = None) -> None:
+    """Tell the router of a full call's outcome: the deployment it used is in the response's hidden
+    params, or stamped on the error by the router."""
+    if error is not None:
+        model_id = getattr(error, "failed_deployment_id", None)
+    else:
+        model_id = (getattr(response, "_hidden_params", None) or {}).get("model_id")
+    deployment = router.get_deployment(model_id=str(model_id)) if model_id else None
+    if deployment is not None:
+        deployment = deployment.model_dump(exclude_none=True) if hasattr(deployment, "model_dump") else deployment
+        await _tell_router(router, deployment, model, response=response, error=error, started=started)
 
 
 # ----- prices: a secondary's worst case, from the deployment's prices or litellm's cost map ------
@@ -2587,6 +3222,8 @@ class RelayRun:
             streaming = {"on_delta": lambda text: self._emit(sink, text)} if sink is not None else {}
             if response_format is not None:  # only judges ask for it; other callers keep their signature
                 streaming["response_format"] = response_format
+            if any(fnmatchcase(model, glob) for glob in config.full_path_models):  # the operator's choice
+                streaming["fast"] = False
             reply = await handler.complete(
                 model, messages, max_tokens=config.secondary_max_tokens,
                 timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)

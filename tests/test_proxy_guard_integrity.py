@@ -436,12 +436,12 @@ def leaky(workdir, sim, canned):
     models = []
     for name, key in KEYS.items():
         judge = f"j-{slug(name)}"
-        models += [model_entry(judge, "openai/gpt-leaky", canned.url + "/v1", api_key=key),
+        models += [model_entry(judge, "openai/gpt-leaky", canned.url + "/v1", api_key=key, cooldown_time=0),
                    model_entry(f"open-{slug(name)}", "ollama_chat/llama3", sim.url, {"mode": "refine", "secondary_model": judge}),
                    model_entry(f"closed-{slug(name)}", "ollama_chat/llama3", sim.url,
                                {"mode": "refine", "secondary_model": judge, "fail_mode": "closed"})]
-    # out of the router's health (no-log): with caller attribution a 401 cools the deployment down and
-    # the later calls of a test would never reach the leaky provider, so they could prove nothing
+    # the judges never cool down (cooldown_time: 0): relay calls feed the router's health, a 401 would cool
+    # the deployment down and the later calls of a test would never reach the leaky provider, proving nothing
     env = {**BASE_RELAY_ENV, "RELAY_APPLY_TO": "open-*,closed-*", "RELAY_RETRIES": "0", "RELAY_SPEND_ATTRIBUTION": "none"}
     handle = start_test_proxy(workdir, "leaky", sim.url, env, models + relay_test_models(sim.url))
     yield handle

@@ -1,0 +1,456 @@
+"""The fast path of a secondary call (relay_plugin, section "Reaching a secondary"), in-process.
+
+- per provider it covers, the recorded cassettes replayed through the proxy's router: the same
+  request body and URL as litellm's full call (vcr matches them), the same answer, usage and cost,
+  and no full litellm call made;
+- it falls back cleanly: a provider it does not cover, and a provider config that breaks while the
+  request is built, are answered by litellm's full call;
+- the router hears of every relay call on every path: a dead deployment next to a good one is
+  cooled down (issue 13: 11 of 30 relay calls failed when `no-log` silenced the router);
+- router fallbacks, RELAY_FULL_PATH_MODELS, typed failures, an oversized answer, keys in errors.
+"""
+
+import asyncio
+import json
+import socket
+import sys
+from types import SimpleNamespace
+
+import litellm
+import pytest
+
+import relay_plugin
+from relay_plugin import SecondaryError
+from tests import cassette_support as cs
+from tests.conftest import FAKE_PROVIDER_KEY
+from tests.test_cassettes import no_network, replaying  # noqa: F401 - the cassette tests' network guard
+
+#: the providers the fast path covers, by cassette provider name
+FAST = [name for name, p in cs.PROVIDERS.items() if p.model.split("/", 1)[0] in relay_plugin.FAST_PROVIDERS]
+#: those it leaves to litellm's full call
+FULL = [name for name in cs.PROVIDERS if name not in FAST]
+QUESTION = [{"role": "user", "content": "Say hello."}]
+
+
+def test_the_fast_path_covers_the_common_providers():
+    assert set(FAST) >= {"openai", "anthropic", "ollama", "mistral"}
+    assert set(FULL) >= {"gemini", "bedrock"}
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts the calls each path made: ``fast`` (one HTTP exchange) and ``full`` (litellm.acompletion)."""
+    counts = {"fast": 0, "full": 0}
+    exchange, stream, acompletion = relay_plugin._exchange, relay_plugin._exchange_stream, litellm.acompletion
+
+    async def fast(*args, **kwargs):
+        counts["fast"] += 1
+        return await exchange(*args, **kwargs)
+
+    async def fast_stream(*args, **kwargs):
+        counts["fast"] += 1
+        return await stream(*args, **kwargs)
+
+    async def full(*args, **kwargs):
+        counts["full"] += 1
+        return await acompletion(*args, **kwargs)
+
+    monkeypatch.setattr(relay_plugin, "_exchange", fast)
+    monkeypatch.setattr(relay_plugin, "_exchange_stream", fast_stream)
+    monkeypatch.setattr(litellm, "acompletion", full)
+    return counts
+
+
+@pytest.fixture
+def proxy_router(monkeypatch):
+    """Install a litellm Router as the running proxy's router (what `_proxy_router()` finds)."""
+
+    def install(model_list: list[dict], **settings) -> litellm.Router:
+        router = litellm.Router(model_list=model_list, **settings)
+        proxy = SimpleNamespace(llm_router=router, master_key=None)
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", proxy)
+        return router
+
+    return install
+
+
+@pytest.fixture
+def via_router(monkeypatch, proxy_router):
+    """The cassette scenarios with the secondary as a ``model_name`` of the proxy's router."""
+    relay_env = cs.relay_env
+
+    def install(provider: cs.Provider) -> None:
+        proxy_router([{"model_name": "secondary", "litellm_params": {"model": provider.model}}])
+        monkeypatch.setattr(cs, "relay_env",
+                            lambda p, case: {**relay_env(p, case), "RELAY_SECONDARY_MODEL": "secondary"})
+
+    return install
+
+
+# =================================================================================================
+# Cassettes, per provider the fast path covers
+# =================================================================================================
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("case", ["plain", "judge_schema"])
+async def test_through_the_router_the_fast_path_sends_what_litellm_sends_and_reads_the_answer(name, case, via_router,
+                                                                                              paths):
+    provider = cs.PROVIDERS[name]
+    via_router(provider)
+    wire = cs.wire_reply(provider, cs.cassette_path(name, case))
+    with replaying(provider, case):  # vcr matches method, URL, query and JSON body
+        run = await cs.run_relay(provider, case)
+
+    assert run.headers["x-relay-outcome"] == ("modified" if case == "plain" else "blocked"), run.headers
+    assert run.headers["x-relay-secondary-model"] == "secondary"
+    expected = wire.text if case == "plain" else relay_plugin.DEFAULT_GUARD_MESSAGE
+    assert run.text == expected
+    assert run.cost == pytest.approx(cs.expected_cost(provider, wire), abs=1e-8)
+    assert paths == {"fast": 1, "full": 0}
+
+
+@pytest.mark.parametrize("name", FAST)
+async def test_a_provider_error_on_the_fast_path_is_typed_and_retried_like_litellms(name, via_router, paths):
+    provider = cs.PROVIDERS[name]
+    via_router(provider)
+    with replaying(provider, "error"):
+        run = await cs.run_relay(provider, "error")
+
+    wanted = "failed:rate_limited" if provider.error_status == 429 else "failed:provider_error"
+    assert run.headers["x-relay-outcome"] == wanted
+    assert run.text == cs.scenario(provider, "error").primary_answer
+    assert run.cost == 0.0
+    assert paths == {"fast": 2, "full": 0}  # the first attempt and the relay's one retry
+
+
+@pytest.mark.parametrize("name", FAST)
+async def test_a_provider_model_string_takes_the_fast_path_too(name, paths):
+    provider = cs.PROVIDERS[name]
+    with replaying(provider, "plain"):
+        run = await cs.run_relay(provider, "plain")
+    assert run.headers["x-relay-outcome"] == "modified"
+    assert paths == {"fast": 1, "full": 0}
+
+
+#: the providers whose streams the fast path reads (litellm's chat config has a stream iterator for them)
+STREAMED = [name for name in FAST if name != "anthropic"]
+
+
+def test_a_stream_litellm_reads_with_a_handler_of_its_own_takes_the_full_call():
+    deployment = {"litellm_params": {"model": cs.PROVIDERS["anthropic"].model, "api_key": "sk-ant-x"}, "model_info": {}}
+    assert relay_plugin._wire_call(deployment, QUESTION, {"max_tokens": 8}).provider == "anthropic"
+    with pytest.raises(relay_plugin._NoFastPath):
+        relay_plugin._wire_call(deployment, QUESTION, {"max_tokens": 8}, stream=True)
+
+
+@pytest.mark.parametrize("name", STREAMED)
+@pytest.mark.parametrize("routed", [True, False], ids=["router", "provider-string"])
+async def test_a_streamed_secondary_gives_the_providers_deltas_text_usage_and_cost(name, routed, proxy_router, paths):
+    provider = cs.PROVIDERS[name]
+    if routed:
+        proxy_router([{"model_name": "secondary", "litellm_params": {"model": provider.model}}])
+    wire = cs.wire_reply(provider, cs.cassette_path(name, "stream"))
+    deltas = []
+
+    async def on_delta(text):
+        deltas.append(text)
+
+    with replaying(provider, "stream"):  # the request litellm's own streaming call recorded
+        reply = await relay_plugin._litellm_complete(
+            "secondary" if routed else provider.model, [{"role": "user", "content": cs.STREAM_PROMPT}], max_tokens=64,
+            timeout=30, depth=1, on_delta=on_delta)
+
+    assert len(deltas) > 1 and "".join(deltas) == reply.text == wire.text
+    assert (reply.prompt_tokens, reply.output_tokens) == (wire.input_tokens, wire.output_tokens)
+    assert reply.cost_usd == pytest.approx(cs.expected_cost(provider, wire), abs=1e-8)
+    assert paths == {"fast": 1, "full": 0}
+
+
+# =================================================================================================
+# Falling back to litellm's full call
+# =================================================================================================
+
+
+@pytest.mark.parametrize("name", FULL)
+async def test_a_provider_the_fast_path_does_not_cover_is_answered_by_litellms_full_call(name, via_router, paths):
+    provider = cs.PROVIDERS[name]
+    via_router(provider)
+    wire = cs.wire_reply(provider, cs.cassette_path(name, "plain"))
+    with replaying(provider, "plain"):
+        run = await cs.run_relay(provider, "plain")
+
+    assert run.headers["x-relay-outcome"] == "modified"
+    assert run.text == wire.text
+    assert run.cost == pytest.approx(cs.expected_cost(provider, wire), abs=1e-8)
+    assert paths == {"fast": 0, "full": 1}
+
+
+@pytest.mark.parametrize("routed", [True, False], ids=["router", "provider-string"])
+async def test_a_provider_config_that_breaks_while_building_the_request_hands_the_call_to_litellm(
+        routed, via_router, paths, monkeypatch):
+    provider = cs.PROVIDERS["anthropic"]
+    if routed:
+        via_router(provider)
+    config = type(litellm.utils.ProviderConfigManager.get_provider_chat_config(
+        model="claude-haiku-4-5-20251001", provider=litellm.LlmProviders.ANTHROPIC))
+    broken = []
+
+    def get_complete_url(self, *args, **kwargs):  # only the fast path asks the config for the URL
+        broken.append(True)
+        raise RuntimeError("a provider config that changed under the fast path")
+
+    monkeypatch.setattr(config, "get_complete_url", get_complete_url)
+    wire = cs.wire_reply(provider, cs.cassette_path("anthropic", "plain"))
+    with replaying(provider, "plain"):
+        run = await cs.run_relay(provider, "plain")
+
+    assert broken, "the fast path never tried"
+    assert run.headers["x-relay-outcome"] == "modified"
+    assert run.text == wire.text
+    assert run.cost == pytest.approx(cs.expected_cost(provider, wire), abs=1e-8)
+    assert paths == {"fast": 0, "full": 1}
+
+
+async def test_a_deployment_setting_the_fast_path_does_not_know_takes_the_full_call(proxy_router, paths, sim):
+    proxy_router([{"model_name": "sec", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": sim.url + "/v1", "api_key": FAKE_PROVIDER_KEY,
+        "extra_headers": {"x-operator": "1"}}}])
+    reply = await relay_plugin._litellm_complete("sec", QUESTION, max_tokens=16, timeout=5, depth=1)
+    assert reply.text and paths == {"fast": 0, "full": 1}
+
+
+async def test_relay_full_path_models_sends_a_model_through_litellms_full_call(proxy_router, paths, sim):
+    proxy_router([{"model_name": "sec", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": sim.url + "/v1", "api_key": FAKE_PROVIDER_KEY}}])
+    config = relay_plugin.RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_FULL_PATH_MODELS": "se*"})
+    handler = relay_plugin.RelayHandler(config)
+    run = relay_plugin.RelayRun(handler, config.plan, 0, relay_plugin.Outcome("refine", "relayed", []))
+    reply = await run.call("sec", QUESTION)
+    assert reply.text and paths == {"fast": 0, "full": 1}
+    assert relay_plugin.RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec"}).full_path_models == ()
+
+
+# =================================================================================================
+# The router hears of every relay call
+# =================================================================================================
+
+
+@pytest.fixture
+async def serve():
+    """Serve one aiohttp handler on /v1/chat/completions; returns the base URL (``.../v1``)."""
+    from aiohttp import web
+
+    runners = []
+
+    async def start(handler) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def failing(request):
+    from aiohttp import web
+
+    await request.read()
+    return web.json_response({"error": {"message": "the deployment is broken", "type": "server_error"}}, status=500)
+
+
+def deployment(name: str, api_base: str, **params) -> dict:
+    """A model_list entry of an OpenAI-compatible deployment at ``api_base``."""
+    return {"model_name": name, "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": api_base, "api_key": FAKE_PROVIDER_KEY, **params}}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=["none", "caller"])
+def attribution(request):
+    """RELAY_SPEND_ATTRIBUTION: `none` (no-log, which silenced the router) or `caller` (booked)."""
+    books = relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}) \
+        if request.param == "caller" else None
+    token = relay_plugin._BOOKS.set(books)
+    yield request.param
+    relay_plugin._BOOKS.reset(token)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
+async def test_relay_calls_cool_a_failing_deployment_down_like_any_call(proxy_router, sim, serve, attribution, fast):
+    dead = await serve(failing)
+    proxy_router([
+        deployment("pair", dead), deployment("pair", sim.url + "/v1"),
+    ], allowed_fails=0, cooldown_time=120)
+    failures = []
+    for i in range(30):
+        try:
+            await relay_plugin._litellm_complete("pair", [{"role": "user", "content": f"Question {i}"}], max_tokens=16,
+                                                 timeout=5, depth=1, fast=fast)
+        except SecondaryError as exc:
+            failures.append(exc.reason)
+    # the first failure cools the failing deployment down (allowed_fails=0), so every later call goes to
+    # the good one. With `no-log` silencing the router, about half of the 30 failed (issue 13: 11 of 30).
+    assert len(failures) <= 2, failures
+    assert set(failures) <= {"provider_error"}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "full"])
+async def test_a_deployment_s_own_cooldown_time_of_zero_keeps_it_in_rotation(proxy_router, sim, serve, attribution,
+                                                                             fast):
+    """The router hears what litellm tells it, the deployment's settings included: `cooldown_time: 0`."""
+    proxy_router([deployment("pair", await serve(failing), cooldown_time=0), deployment("pair", sim.url + "/v1")],
+                 allowed_fails=0, cooldown_time=120)
+    failures = 0
+    for i in range(30):
+        try:
+            await relay_plugin._litellm_complete("pair", [{"role": "user", "content": f"Question {i}"}], max_tokens=16,
+                                                 timeout=5, depth=1, fast=fast)
+        except SecondaryError:
+            failures += 1
+    assert failures >= 5  # about half: the failing deployment is never cooled down
+
+
+async def test_a_stream_cut_at_its_limit_says_so(proxy_router, serve):
+    from aiohttp import web
+
+    async def cut(request):
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for piece, finish in (("Paris is", None), (" the", None), (None, "length")):
+            choice = {"index": 0, "delta": {"content": piece} if piece else {}, "finish_reason": finish}
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+                     "choices": [choice]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        await response.write(b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                                                      "model": "gpt-4o-mini", "choices": [], "usage": usage}).encode()
+                             + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    proxy_router([deployment("cut", await serve(cut))])
+    deltas = []
+
+    async def on_delta(text):
+        deltas.append(text)
+
+    reply = await relay_plugin._litellm_complete("cut", QUESTION, max_tokens=3, timeout=5, depth=1, on_delta=on_delta)
+    assert "".join(deltas) == reply.text == "Paris is the"
+    assert reply.truncated and (reply.prompt_tokens, reply.output_tokens) == (5, 3)
+
+
+async def test_router_fallbacks_answer_when_the_whole_group_fails(proxy_router, sim, serve, paths):
+    dead = await serve(failing)
+    proxy_router([
+        deployment("only-dead", dead), deployment("backup", sim.url + "/v1"),
+    ], fallbacks=[{"only-dead": ["backup"]}])
+    reply = await relay_plugin._litellm_complete("only-dead", QUESTION, max_tokens=16, timeout=5, depth=1)
+    assert reply.text
+    assert paths == {"fast": 2, "full": 0}  # the dead deployment, then the fallback group, both on the fast path
+
+
+async def test_the_router_usage_counters_count_fast_path_calls(proxy_router, sim):
+    router = proxy_router([deployment("limited", sim.url + "/v1", rpm=1000, tpm=10**6)])
+    for _ in range(3):
+        await relay_plugin._litellm_complete("limited", QUESTION, max_tokens=16, timeout=5, depth=1)
+    model_id = router.get_model_list(model_name="limited")[0]["model_info"]["id"]
+    rpm = [v for k, v in router.cache.in_memory_cache.cache_dict.items() if model_id in k and ":rpm:" in k]
+    tpm = [v for k, v in router.cache.in_memory_cache.cache_dict.items() if model_id in k and ":tpm:" in k]
+    assert rpm == [3] and tpm and tpm[0] > 0
+
+
+# =================================================================================================
+# What a broken or hostile provider can do
+# =================================================================================================
+
+
+async def test_an_unreachable_provider_is_a_connection_failure_that_names_no_key(proxy_router):
+    key = "sk-relay-secret-DO-NOT-LEAK-0123456789"
+    proxy_router([{"model_name": "gone", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": f"http://user:{key}@127.0.0.1:{closed_port()}/v1", "api_key": key}}])
+    with pytest.raises(SecondaryError) as failed:
+        await relay_plugin._litellm_complete("gone", QUESTION, max_tokens=16, timeout=5, depth=1)
+    assert failed.value.reason == "connection"
+    assert key not in str(failed.value) and key not in failed.value.detail
+
+
+async def test_an_oversized_answer_is_refused_not_read(proxy_router, serve, monkeypatch):
+    from aiohttp import web
+
+    async def huge(request):
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b" " * 65536)
+        return response
+
+    monkeypatch.setattr(relay_plugin, "FAST_MAX_RESPONSE_BYTES", 1024 * 1024)
+    proxy_router([{"model_name": "huge", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": await serve(huge), "api_key": FAKE_PROVIDER_KEY}}])
+    with pytest.raises(SecondaryError) as failed:
+        await relay_plugin._litellm_complete("huge", QUESTION, max_tokens=16, timeout=5, depth=1)
+    assert failed.value.reason == "bad_response"
+
+
+@pytest.mark.parametrize("status, body, reason", [
+    (200, b"<html>not json</html>", "bad_response"),
+    (307, b"", "error"),  # a redirect is not followed (the key would travel with the body elsewhere)
+    (401, b'{"error": {"message": "bad key sk-relay-secret-DO-NOT-LEAK-0123456789"}}', "provider_rejected"),
+])
+async def test_a_broken_answer_is_a_typed_failure(proxy_router, serve, status, body, reason):
+    from aiohttp import web
+
+    async def broken(request):
+        return web.Response(status=status, body=body, content_type="application/json",
+                            headers={"location": "http://127.0.0.1:9/elsewhere"} if status == 307 else None)
+
+    proxy_router([{"model_name": "broken", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": await serve(broken), "api_key": FAKE_PROVIDER_KEY}}])
+    with pytest.raises(SecondaryError) as failed:
+        await relay_plugin._litellm_complete("broken", QUESTION, max_tokens=16, timeout=5, depth=1)
+    assert failed.value.reason == reason  # a followed redirect would have been a connection failure
+    assert "DO-NOT-LEAK" not in failed.value.public and "DO-NOT-LEAK" not in str(failed.value)
+    assert FAKE_PROVIDER_KEY not in str(failed.value)
+
+
+async def test_a_timeout_on_the_fast_path_is_a_timeout(proxy_router, serve):
+    from aiohttp import web
+
+    async def slow(request):
+        await asyncio.sleep(2)
+        return web.json_response({})
+
+    proxy_router([{"model_name": "slow", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": await serve(slow), "api_key": FAKE_PROVIDER_KEY}}])
+    with pytest.raises(SecondaryError) as failed:
+        await relay_plugin._litellm_complete("slow", QUESTION, max_tokens=16, timeout=0.3, depth=1)
+    assert failed.value.reason == "timeout" and failed.value.retryable
+
+
+def test_the_fast_path_knows_what_it_sends(sim):
+    """Header values come from litellm's provider config and the relay; a newline in a configured key
+    is refused by the HTTP client, never sent as a second header."""
+    deployment = {"litellm_params": {"model": "openai/gpt-4o-mini", "api_base": sim.url + "/v1",
+                                     "api_key": "sk-x\r\nx-injected: 1"}, "model_info": {}}
+    wire = relay_plugin._wire_call(deployment, QUESTION, {"max_tokens": 8, "extra_headers": {"x-relay-depth": "1"}})
+    assert wire.url == sim.url + "/v1/chat/completions"
+    assert json.loads(json.dumps(wire.body))["max_tokens"] == 8
+
+    async def send():
+        return await relay_plugin._exchange(wire, QUESTION, 5)
+
+    with pytest.raises(Exception) as refused:
+        asyncio.run(send())
+    assert "x-injected" not in json.dumps([r.get("headers") for r in sim.requests()])
+    assert refused.value is not None
