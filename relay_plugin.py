@@ -424,7 +424,8 @@ VARIABLES: Final[tuple[_Var, ...]] = (
     _Var("STREAM_HEARTBEAT_S", _number(float, 0.01, 300), 1.0,
          "While a stream waits for relay work, a keep-alive event goes out this often, so a client that left is "
          "noticed and the work cancelled."),
-    _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning", "Level of the relay's logger (`LiteLLM Proxy.relay`, a child of LiteLLM's proxy logger)."),
+    _Var("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "warning",
+         "Level of the relay's logger (`LiteLLM Proxy.relay`, a child of LiteLLM's proxy logger)."),
     _Var("STATE", _choice("local", "redis"), None,
          "Where budgets, call caps, breakers and the cache live: `local` (this process) or `redis` (shared by every "
          "worker and instance). Unset: `redis` when `RELAY_REDIS_URL`, `RELAY_REDIS_CLUSTER_NODES` or "
@@ -557,7 +558,8 @@ class Plan:
         if self.mode == "escalate" and not self.escalate_model:
             raise ConfigError(f"{where('escalate_model')} is missing: allowed: a model, required when mode is escalate")
         if self.mode == "consensus" and not self.consensus_models:
-            raise ConfigError(f"{where('consensus_models')} is missing: allowed: a list of models, required when mode is consensus")
+            raise ConfigError(f"{where('consensus_models')} is missing: allowed: a list of models, "
+                              "required when mode is consensus")
 
     def overridden(self, block: Mapping[str, Any], where: Callable[[str], str]) -> "Plan":
         """A copy with ``block``'s keys (lower-case plan names) parsed and applied, then checked."""
@@ -662,10 +664,12 @@ class RelayConfig:
                               f"<= RELAY_BREAKER_WINDOW ({values['breaker_window']})")
         if values["deadline_s"] < values["timeout_s"]:
             raise ConfigError(
-                f"RELAY_DEADLINE_S={values['deadline_s']:g} is invalid: allowed: a number >= RELAY_TIMEOUT_S ({values['timeout_s']:g})"
+                f"RELAY_DEADLINE_S={values['deadline_s']:g} is invalid: allowed: a number >= RELAY_TIMEOUT_S "
+                f"({values['timeout_s']:g})"
             )
         if values["prometheus"] == "on" and importlib.util.find_spec("prometheus_client") is None:
-            raise ConfigError("RELAY_PROMETHEUS=on is invalid: prometheus_client is not installed: allowed: auto, off, or install prometheus_client")
+            raise ConfigError("RELAY_PROMETHEUS=on is invalid: prometheus_client is not installed: allowed: auto, off, "
+                              "or install prometheus_client")
         return cls(plan=plan, **{k: v for k, v in values.items() if k not in plan_names})
 
 
@@ -695,7 +699,8 @@ _RESULT_KEY: Final = "relay_result"  #: where the Outcome waits for the headers 
 _CLIENT_KEY: Final = "relay"  #: the client's override block inside request metadata
 _STREAM_KEY: Final = "relay_stream_decision"  #: the headers hook's decision, reused by the stream hook
 _SEEN_KEY: Final = "relay_seen"  #: the mark of a request this process relayed already
-_MODEL_CONFIG_REFUSAL: Final = "relay: this model is not served: its relay settings are invalid; the proxy's log names the setting"
+_MODEL_CONFIG_REFUSAL: Final = ("relay: this model is not served: its relay settings are invalid; "
+                                 "the proxy's log names the setting")
 #: litellm_params that hold credentials: their values are masked wherever they would appear
 _SECRET_PARAM: Final = re.compile(r"(?i)key|secret|token|password|credential")
 DEPTH_HEADER: Final = "x-relay-depth"
@@ -1086,7 +1091,7 @@ class Surface:
         if isinstance(self.response, dict):
             self.response["relay"] = relay
         else:
-            setattr(self.response, "relay", relay)
+            self.response.relay = relay
 
 
 def _plain_message_blocks(message: dict) -> None:
@@ -1890,7 +1895,7 @@ def _say_in_body_without_headers(response: Any, outcome: "Outcome") -> None:
         if isinstance(response, dict):
             response["relay"] = relay
         else:
-            setattr(response, "relay", relay)
+            response.relay = relay
     except (AttributeError, TypeError, ValueError):  # a response type that takes no extra field
         log.debug("relay: cannot attach the relay object to a %s", type(response).__name__)
 
@@ -2104,20 +2109,22 @@ class RelayMetrics:
             return reply
         return measured
 
+    def _set_breaker_gauge(self, model: str, state: str) -> None:
+        self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+
     def refresh_breakers(self, handler: "RelayHandler", models: list[str]) -> None:
         """Set the breaker gauge of ``models`` from the store: now from this process's own breakers,
         soon from a shared store (it answers asynchronously)."""
         if isinstance(handler.store, LocalStore):
             for model in models:
                 state = handler.store._breaker(model).current_state(handler.clock())
-                self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+                self._set_breaker_gauge(model, state)
             return
 
         async def refresh() -> None:
             for model in models:
                 with contextlib.suppress(Exception):
-                    state = await handler.store.breaker_state(model, handler.clock())
-                    self.breaker_state.labels(secondary_model=self.bounded("secondary_model", model)).set(_BREAKER_GAUGE.get(state, 0))
+                    self._set_breaker_gauge(model, await handler.store.breaker_state(model, handler.clock()))
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to refresh from
             asyncio.get_running_loop().create_task(refresh(), name="relay-breaker-gauge")
 
@@ -2267,7 +2274,8 @@ def _classify_provider_error(model: str, exc: Exception) -> SecondaryError:
         return SecondaryError("bad_response", detail)
     if isinstance(exc, (litellm.APIConnectionError, OSError)) or "connection error" in detail.lower():
         return SecondaryError("connection", detail, retryable=True)  # litellm reports some as a 500
-    if isinstance(status, int) and status >= 500 or isinstance(exc, (litellm.InternalServerError, litellm.ServiceUnavailableError)):
+    server_side = (litellm.InternalServerError, litellm.ServiceUnavailableError)
+    if isinstance(status, int) and status >= 500 or isinstance(exc, server_side):
         return SecondaryError("provider_error", detail, retryable=True, retry_after=_retry_after(exc))
     if isinstance(status, int) and 400 <= status < 500:
         return SecondaryError("provider_rejected", detail)
@@ -3245,7 +3253,8 @@ class RelayRun:
                 if spent is None:
                     await store.release(reservation)
                 else:
-                    await store.settle(reservation, {name: spent for name, _ in reservation.counters if name.startswith("spend:")})
+                    spends = {name: spent for name, _ in reservation.counters if name.startswith("spend:")}
+                    await store.settle(reservation, spends)
             await store.breaker_record(model, permit, failed, handler.clock())
 
     async def _reserve(self, model: str, messages: list[dict]) -> Reservation:
@@ -3262,7 +3271,8 @@ class RelayRun:
         if usd_caps:
             price = handler.price(model)
             if price is None and not config.allow_unpriced:
-                raise SecondaryError("unpriced", f"no price is known for {model} (RELAY_ALLOW_UNPRICED=true allows it)", skipped=True)
+                raise SecondaryError("unpriced", f"no price is known for {model} (RELAY_ALLOW_UNPRICED=true allows it)",
+                                     skipped=True)
             worst = 0.0
             if price is not None:
                 # every call costs at least this much: once a cap has refused in this window, check the
@@ -3428,7 +3438,7 @@ async def _run_guard(run: RelayRun, data: dict, surface: Surface) -> None:
     verdict, reason = "allow", ""
     for answer in answers:
         windows = guard_windows(answer, size)
-        for number, window in enumerate(windows, 1):
+        for window in windows:
             prepared = run.prepare_turns(turns, window)
             reply = await run.review(instructions, prepared, **structured)
             verdict, reason = parse_verdict(reply.text)
@@ -3484,7 +3494,7 @@ async def _run_consensus(run: RelayRun, data: dict, surface: Surface) -> None:
         return_exceptions=True)
     candidates = {"primary": prepared.answer}
     failures = []
-    for model, member in zip(plan.consensus_models, members):
+    for model, member in zip(plan.consensus_models, members, strict=True):
         if isinstance(member, Reply):
             candidates[model] = member.text
         elif isinstance(member, SecondaryError):
@@ -4029,7 +4039,7 @@ class _ChatChunks(ChunkFormat):
         last = tail[-1]
         relay_chunk = type(last)(id=last.id, created=last.created, model=last.model, choices=[])
         relay_chunk.provider_specific_fields = {}
-        setattr(relay_chunk, "relay", relay)
+        relay_chunk.relay = relay
         return [*tail, relay_chunk]
 
     def synthetic_end(self, template: Any) -> list:
@@ -4149,7 +4159,7 @@ class _MessagesChunks(ChunkFormat):
         if resume:  # the text block of the released text is open: the refusal continues it
             index = next((e.get("index", 0) for e in events if (e.get("delta") or {}).get("type") == "text_delta"), 0)
         else:
-            out += [c for c, e in zip(chunks, events) if e.get("type") == "message_start"][:1]
+            out += [c for c, e in zip(chunks, events, strict=True) if e.get("type") == "message_start"][:1]
             out.append(self.encode({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
         delta = self.text_chunk({"index": index}, message)
         return [*out, delta, *self.close(self.synthetic_end(delta), message, True, relay)]
@@ -4242,7 +4252,7 @@ class _ResponsesChunks(ChunkFormat):
         for chunk in chunks:
             response = getattr(chunk, "response", None)
             if response is not None and _event_type(chunk) in ("response.completed", "response.incomplete"):
-                setattr(response, "relay", relay)
+                response.relay = relay
         return chunks
 
     def refusal(self, chunks: list, message: str, relay: dict, resume: bool = False) -> list:
@@ -4260,14 +4270,14 @@ class _ResponsesChunks(ChunkFormat):
                 surface = Surface(response)
                 if surface.kind == "responses":
                     surface.refuse(message)
-                setattr(response, "relay", relay)
+                response.relay = relay
             out.append(final)
         return out
 
     def close(self, tail: list, final_text: str, filtered: bool, relay: dict) -> list:
         for chunk in tail:
             kind = self.kind(chunk)
-            if hasattr(chunk, "text") and isinstance(getattr(chunk, "text"), str):
+            if hasattr(chunk, "text") and isinstance(chunk.text, str):
                 chunk.text = final_text
             part = getattr(chunk, "part", None)
             if part is not None and _field(part, "type") == "output_text":
@@ -4282,7 +4292,7 @@ class _ResponsesChunks(ChunkFormat):
                 if filtered:
                     response.status = "incomplete"
                     response.incomplete_details = {"reason": "content_filter"}
-                setattr(response, "relay", relay)
+                response.relay = relay
         return tail
 
     def synthetic_end(self, template: Any) -> list:
@@ -4348,7 +4358,8 @@ def chunk_format(chunk: Any) -> ChunkFormat | None:
     """The format of a stream, from its first chunk (None: not a stream the relay understands)."""
     if isinstance(chunk, (litellm.ModelResponseStream, litellm.TextCompletionResponse)):
         return _ChatChunks()
-    if isinstance(chunk, (bytes, bytearray, str)) and re.search(rb"(?m)^(?:event|data):", chunk if isinstance(chunk, (bytes, bytearray)) else chunk.encode()):
+    raw = chunk.encode() if isinstance(chunk, str) else chunk
+    if isinstance(raw, (bytes, bytearray)) and re.search(rb"(?m)^(?:event|data):", raw):
         return _MessagesChunks()
     if type(chunk).__module__.startswith("litellm.types.llms.openai") and hasattr(chunk, "type"):
         return _ResponsesChunks()
@@ -4594,7 +4605,8 @@ class StreamRelay:
         try:
             await self.run.execute(self.data, surface)
         except RelayRejected as rejected:
-            if MODES[self.plan.mode].fails_closed != "refuse":  # fail-closed: the status line is gone, end the stream with an error
+            # fail-closed: the status line is gone, end the stream with an error (a guard refuses in-stream instead)
+            if MODES[self.plan.mode].fails_closed != "refuse":
                 raise _http_error(rejected.status, rejected.message) from None
             self.outcome.result = "blocked"
             surface.refuse(self.plan.guard_message)  # guard_action=error cannot be a 400 any more
