@@ -2441,6 +2441,8 @@ def _wire_call(deployment: Mapping[str, Any], messages: list[dict], kwargs: Mapp
     config = ProviderConfigManager.get_provider_chat_config(model=backend, provider=LlmProviders(provider))
     if config is None:
         raise _NoFastPath(f"no chat config for {provider}")
+    if not _takes_our_arguments(type(config)):
+        raise _NoFastPath(f"{type(config).__name__}'s methods take other arguments in this litellm")
     if stream and type(config).get_model_response_iterator is BaseConfig.get_model_response_iterator:
         raise _NoFastPath(f"{provider} has no stream iterator of its own in litellm's chat config")
     optional = _optional_params(backend, provider, kwargs.get("max_tokens"), kwargs.get("response_format"),
@@ -2469,6 +2471,43 @@ def _wire_call(deployment: Mapping[str, Any], messages: list[dict], kwargs: Mapp
         raise _NoFastPath("a custom ssl_verify")
     return _Wire(deployment, provider, backend, config, url, {str(k): str(v) for k, v in headers.items()}, body,
                  optional, litellm_params, json_mode, None if ssl else False)
+
+
+#: the keyword arguments the fast path passes to a provider config, by method (litellm's BaseConfig
+#: signatures change between releases: a config that does not take them is left to the full call, which
+#: is found out before anything is sent, not after)
+_CONFIG_CALLS: Final = {
+    "validate_environment": ("headers", "model", "messages", "optional_params", "litellm_params", "api_key",
+                             "api_base"),
+    "get_complete_url": ("api_base", "api_key", "model", "optional_params", "litellm_params", "stream"),
+    "transform_request": ("model", "messages", "optional_params", "litellm_params", "headers"),
+    "sign_request": ("headers", "optional_params", "request_data", "api_base", "api_key", "stream", "model"),
+    "transform_response": ("model", "raw_response", "model_response", "logging_obj", "request_data", "messages",
+                           "optional_params", "litellm_params", "encoding", "api_key", "json_mode"),
+    "get_error_class": ("error_message", "status_code", "headers"),
+    "get_model_response_iterator": ("streaming_response", "sync_stream", "json_mode"),
+}
+_CONFIG_CHECKED: Final[dict] = {}
+
+
+def _takes_our_arguments(config_type: type) -> bool:
+    """True when every method the fast path calls on this provider config takes the arguments it passes."""
+    if config_type not in _CONFIG_CHECKED:
+        import inspect
+
+        def takes(method: str, names: tuple[str, ...]) -> bool:
+            try:
+                parameters = inspect.signature(getattr(config_type, method)).parameters
+            except (AttributeError, TypeError, ValueError):
+                return False
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                return True
+            required = {n for n, p in parameters.items() if n != "self" and p.default is inspect.Parameter.empty
+                        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+            return set(names) <= set(parameters) and required <= set(names)
+
+        _CONFIG_CHECKED[config_type] = all(takes(method, names) for method, names in _CONFIG_CALLS.items())
+    return _CONFIG_CHECKED[config_type]
 
 
 def fast_path_ready(router: Any = None) -> bool:

@@ -212,6 +212,25 @@ async def test_a_provider_config_that_breaks_while_building_the_request_hands_th
     assert paths == {"fast": 0, "full": 1}
 
 
+async def test_a_provider_config_whose_methods_take_other_arguments_is_left_to_litellm(via_router, paths, monkeypatch):
+    """litellm's BaseConfig signatures change between releases: found out before anything is sent."""
+    provider = cs.PROVIDERS["openai"]
+    via_router(provider)
+    config = type(litellm.utils.ProviderConfigManager.get_provider_chat_config(
+        model="gpt-4o-mini", provider=litellm.LlmProviders.OPENAI))
+
+    def transform_response(self, raw_response, *, renamed):  # a release that renamed what the fast path passes
+        raise AssertionError("the fast path must not call a method it cannot call right")
+
+    monkeypatch.setattr(config, "transform_response", transform_response)
+    monkeypatch.setattr(relay_plugin, "_CONFIG_CHECKED", {})
+    wire = cs.wire_reply(provider, cs.cassette_path("openai", "plain"))
+    with replaying(provider, "plain"):
+        run = await cs.run_relay(provider, "plain")
+    assert run.headers["x-relay-outcome"] == "modified" and run.text == wire.text
+    assert paths == {"fast": 0, "full": 1}
+
+
 async def test_a_deployment_setting_the_fast_path_does_not_know_takes_the_full_call(proxy_router, paths, sim):
     proxy_router([{"model_name": "sec", "litellm_params": {
         "model": "openai/gpt-4o-mini", "api_base": sim.url + "/v1", "api_key": FAKE_PROVIDER_KEY,
