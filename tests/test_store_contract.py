@@ -5,7 +5,7 @@ primary/replica pair); then what only the shared store does (keys, hash slots, e
 processes, outages) and how RELAY_STATE / RELAY_REDIS_* choose and build the store.
 
 Time never passes by sleeping: LocalStore reads the ``now`` argument, RedisStore's breakers read the
-server clock plus ``clock_offset_s``, and :class:`Clock` moves both.
+server clock plus ``clock_offset_s``, and :func:`clock_of` moves both.
 """
 
 import asyncio
@@ -16,13 +16,16 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import relay_plugin
 from relay_plugin import ConfigError, FailoverStore, LocalStore, RedisStore, RelayConfig, SecondaryError, Store
+from tests import support
 from tests.redis_support import RedisClusterNodes, RedisServer
+from tests.support import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOSED, OPEN, HALF_OPEN = relay_plugin.STATE_CLOSED, relay_plugin.STATE_OPEN, relay_plugin.STATE_HALF_OPEN
@@ -36,26 +39,17 @@ SETTINGS = {
 }
 
 
-def config(**env: str) -> RelayConfig:
-    values = {**SETTINGS, **env}
-    return RelayConfig.from_env({f"RELAY_{k}": v for k, v in values.items() if v is not None})
+config = partial(support.config, **SETTINGS)
 
 
-class Clock:
-    """Monotonic time for a store's breakers, moved by hand (the server clock's offset for Redis)."""
-
-    def __init__(self, *stores):
-        self.stores = stores
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        for store in self.stores:
+def clock_of(*stores) -> FakeClock:
+    """Monotonic time for the stores' breakers, moved by hand; a RedisStore's breakers read the server
+    clock plus ``clock_offset_s``, which moves with it."""
+    def follow(seconds: float) -> None:
+        for store in stores:
             if isinstance(store, RedisStore):
                 store.clock_offset_s += seconds
+    return FakeClock(on_advance=follow)
 
 
 def target_of(topology) -> relay_plugin.RedisTarget:
@@ -275,13 +269,13 @@ async def trip(store, clock, model: str = MODEL) -> None:
 
 
 async def test_a_breaker_starts_closed_and_gives_call_permits(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     assert await store.breaker_state(MODEL, clock()) == CLOSED
     assert kind(await store.breaker_acquire(MODEL, clock())) == "call"
 
 
 async def test_the_breaker_opens_at_the_failure_rate_only_once_the_window_holds_min_calls(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await record(store, clock, True, True, True)
     assert await store.breaker_state(MODEL, clock()) == CLOSED  # 3 failures, but min calls is 4
     await record(store, clock, False)  # 3 of 4 failed
@@ -290,13 +284,13 @@ async def test_the_breaker_opens_at_the_failure_rate_only_once_the_window_holds_
 
 
 async def test_a_failure_rate_below_the_threshold_keeps_it_closed(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await record(store, clock, False, False, True, False, False, False, True, False)  # never 2 of any 4
     assert await store.breaker_state(MODEL, clock()) == CLOSED
 
 
 async def test_the_rate_counts_only_the_last_window_of_results(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await record(store, clock, True, False, False, False, False, True)
     assert await store.breaker_state(MODEL, clock()) == CLOSED  # last 4: 1 failed
     await record(store, clock, True)  # last 4: 2 failed, opens; of all 7 only 3 failed
@@ -304,7 +298,7 @@ async def test_the_rate_counts_only_the_last_window_of_results(store):
 
 
 async def test_an_open_breaker_half_opens_after_the_cooldown_and_admits_exactly_probes_permits(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(29)
     assert await store.breaker_acquire(MODEL, clock()) is None
@@ -315,7 +309,7 @@ async def test_an_open_breaker_half_opens_after_the_cooldown_and_admits_exactly_
 
 
 async def test_as_many_probe_successes_as_probes_close_it(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     first, second = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
@@ -327,7 +321,7 @@ async def test_as_many_probe_successes_as_probes_close_it(store):
 
 
 async def test_one_failed_probe_reopens_it_for_another_cooldown(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     probe = await store.breaker_acquire(MODEL, clock())
@@ -340,7 +334,7 @@ async def test_one_failed_probe_reopens_it_for_another_cooldown(store):
 
 
 async def test_a_cancelled_probe_gives_its_permit_back(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     first, second = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
@@ -352,7 +346,7 @@ async def test_a_cancelled_probe_gives_its_permit_back(store):
 
 
 async def test_a_call_admitted_before_the_breaker_opened_does_not_count_afterwards(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     early = await store.breaker_acquire(MODEL, clock())
     await trip(store, clock)
     clock.advance(30)
@@ -363,7 +357,7 @@ async def test_a_call_admitted_before_the_breaker_opened_does_not_count_afterwar
 
 @pytest.mark.parametrize("late_probe_ends", ["succeeded", "cancelled"])
 async def test_a_probe_from_an_earlier_half_open_period_does_not_widen_the_next_one(store, late_probe_ends):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     failing, late = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
@@ -376,7 +370,7 @@ async def test_a_probe_from_an_earlier_half_open_period_does_not_widen_the_next_
 
 
 async def test_breakers_of_different_models_are_independent(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock, model="a")
     assert await store.breaker_state("b", clock()) == CLOSED
     assert kind(await store.breaker_acquire("b", clock())) == "call"
@@ -437,7 +431,7 @@ async def redis_pair(topology):
 
 async def test_every_key_is_under_the_prefix_and_expires(redis_pair):
     a, _ = redis_pair
-    clock = Clock(a)
+    clock = clock_of(a)
     await a.reserve([("spend:7", 1.0, 0.5), ("calls:7", 5.0, 1.0)])
     await record(a, clock, True)
     await a.cache_put("k", "v", time.time())
@@ -501,7 +495,7 @@ async def test_two_processes_share_one_budget(redis_pair):
 
 async def test_failures_seen_by_one_process_open_the_breaker_for_the_other_whatever_their_clocks(redis_pair):
     a, b = redis_pair
-    clock_a = Clock(a)
+    clock_a = clock_of(a)
     await record(a, clock_a, True, True)
     await record(b, lambda: -5e6, True, True)  # b's monotonic clock is nowhere near a's: it is not used
     assert await b.breaker_acquire(MODEL, 12345.0) is None
@@ -510,7 +504,7 @@ async def test_failures_seen_by_one_process_open_the_breaker_for_the_other_whate
 
 async def test_the_probes_are_shared_too_exactly_probes_across_processes(redis_pair):
     a, b = redis_pair
-    clock = Clock(a, b)
+    clock = clock_of(a, b)
     await trip(a, clock)
     clock.advance(30)
     permits = [await s.breaker_acquire(MODEL, clock()) for s in (a, b, a, b)]
@@ -522,7 +516,7 @@ async def test_the_probes_are_shared_too_exactly_probes_across_processes(redis_p
 
 async def test_a_probe_permit_never_given_back_expires_after_the_deadline(redis_pair):
     a, _ = redis_pair
-    clock = Clock(a)
+    clock = clock_of(a)
     await trip(a, clock)
     clock.advance(30)
     held = [await a.breaker_acquire(MODEL, clock()) for _ in range(2)]  # their process dies with them
@@ -563,21 +557,11 @@ def relay_log(caplog):
         yield RelayRecords(caplog)
 
 
-class Moving:
-    """A monotonic clock for the failover's retry pause."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 async def failover(server: RedisServer, on_failure: str, clock=None) -> FailoverStore:
     cfg = config(STATE_FAILURE=on_failure, REDIS_TIMEOUT_S="0.2", REDIS_RETRY_S="5")
     primary = await new_redis_store(server, cfg, timeout_s=0.2)
     return FailoverStore(primary, LocalStore(cfg), on_failure=on_failure, retry_s=5, bound_s=0.6,
-                         clock=clock or Moving())
+                         clock=clock or FakeClock(0.0))
 
 
 async def test_closed_with_redis_down_skips_what_needs_state_and_never_raises_after_a_call(own_redis):
@@ -598,7 +582,7 @@ async def test_closed_with_redis_down_skips_what_needs_state_and_never_raises_af
 
 
 async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(own_redis, relay_log):
-    clock = Moving()
+    clock = FakeClock(0.0)
     store = await failover(own_redis, "local", clock)
     shared = await store.reserve([("calls:1", 1.0, 1.0)])
     assert isinstance(shared, relay_plugin.SharedReservation)
@@ -621,7 +605,7 @@ async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(ow
 
 
 async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again_after_it(own_redis, relay_log):
-    clock = Moving()
+    clock = FakeClock(0.0)
     store = await failover(own_redis, "closed", clock)
     await store.reserve([("calls:1", 5.0, 1.0)])
     own_redis.stop()
@@ -662,7 +646,7 @@ class Flaky:
 
 @pytest.mark.parametrize("exc", [ConnectionError("refused"), AttributeError("'NoneType' object has no attribute 'writelines'")])
 async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_with_no_second_error_line(exc, relay_log):
-    clock = Moving()
+    clock = FakeClock(0.0)
     primary = Flaky(exc)
     store = FailoverStore(primary, LocalStore(config()), on_failure="closed", retry_s=0.5, bound_s=1, clock=clock)
     for step in range(6):  # a Cluster failing over: some operations answer, others fail, for a few seconds
@@ -685,7 +669,7 @@ async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_wi
 
 
 async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(own_redis):
-    clock = Moving()
+    clock = FakeClock(0.0)
     store = await failover(own_redis, "closed", clock)
     await store.reserve([("calls:1", 5.0, 1.0)])
     own_redis.pause()
