@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from sim import stack
 
@@ -116,7 +115,7 @@ def real_model_list(llama_url: str, sim_url: str) -> list[dict]:
     simulated secondaries; ``real-<mode>`` use the real model as the secondary too (the judge of guard
     and escalate, the refiner of refine); ``smollm2-judge*`` are those secondaries."""
     def simulated(name: str, model: str, base: str) -> dict:
-        return {"model_name": name, "litellm_params": {"model": model, "api_base": base, "api_key": "sk-sim-not-a-real-key"}}
+        return stack.model_entry(name, model, base, api_key="sk-sim-not-a-real-key")
 
     models = [real_deployment("smollm2", llama_url)]
     models += [real_deployment(f"smollm2-{mode}", llama_url, {"mode": mode}) for mode in MODES]
@@ -139,17 +138,6 @@ def real_model_list(llama_url: str, sim_url: str) -> list[dict]:
     ]
     models[[m["model_name"] for m in models].index("smollm2-judge-mute")]["litellm_params"]["stop"] = ["{"]
     return models
-
-
-def write_real_config(directory: Path, llama_url: str, sim_url: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "real_config.yaml"
-    path.write_text(yaml.safe_dump({
-        "model_list": real_model_list(llama_url, sim_url),
-        "litellm_settings": {"callbacks": "relay_plugin.proxy_handler_instance", "drop_params": True},
-        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
-    }, sort_keys=False))
-    return path
 
 
 @dataclass
@@ -175,7 +163,7 @@ def start_real_stack(workdir: Path, env: dict[str, str] | None = None, *, port: 
     except Exception:
         llama.stop()
         raise
-    config = write_real_config(workdir, llama_url or llama.url, sim.url)
+    config = stack.write_config(workdir, real_model_list(llama_url or llama.url, sim.url), name="real_config.yaml")
     relay_env = {**REAL_RELAY_ENV, **(env or {})}
     try:
         proxy = stack.start_proxy(config, relay_env, port=port, workdir=workdir / "proxy", timeout=120)

@@ -157,6 +157,37 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
     return Proxy(proc, url, full_env["LITELLM_MASTER_KEY"], log_path, config_path.parent, full_env)
 
 
+def model_entry(name: str, model: str, api_base: str | None = None, relay: dict | None = None, **params) -> dict:
+    """One ``model_list`` entry: ``model`` (a litellm model) at ``api_base``, with ``relay`` as its
+    ``model_info.relay`` block; ``params`` are further ``litellm_params`` (``api_key``, ``mock_response``...)."""
+    litellm_params = {"model": model, **({"api_base": api_base} if api_base else {}), **params}
+    entry: dict = {"model_name": name, "litellm_params": litellm_params}
+    if relay is not None:
+        entry["model_info"] = {"relay": relay}
+    return entry
+
+
+def write_config(directory: Path, model_list: list[dict], *, plugin: bool = True, callbacks: tuple[str, ...] = (),
+                 litellm_settings: dict | None = None, name: str = "config.yaml") -> Path:
+    """A proxy config serving ``model_list``, written into ``directory``; ``plugin=False`` is the same file
+    without the relay's callbacks entry (a load test's baseline). ``callbacks`` are listed first, the relay
+    after them; ``litellm_settings`` go beside ``drop_params: true``."""
+    import yaml
+
+    settings = {"drop_params": True, **(litellm_settings or {})}
+    listed = [*callbacks, *(["relay_plugin.proxy_handler_instance"] if plugin else [])]
+    if listed:
+        settings = {"callbacks": listed[0] if len(listed) == 1 else listed, **settings}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(yaml.safe_dump({
+        "model_list": model_list,
+        "litellm_settings": settings,
+        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+    }, sort_keys=False))
+    return path
+
+
 def metrics_config(directory: Path) -> Path:
     """proxy_config.yaml plus LiteLLM's `prometheus` callback, which serves /metrics (the relay's
     metrics included), written into ``directory``; the plain file stays a minimal drop-in example."""

@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import BASE_RELAY_ENV, relay_test_models, start_test_proxy
+from tests.proxy_support import BASE_RELAY_ENV, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sim import stack
-from tests.conftest import BASE_RELAY_ENV, relay_test_models
+from tests.proxy_support import BASE_RELAY_ENV, relay_test_models
 
 pytestmark = pytest.mark.proxy
 

@@ -16,8 +16,9 @@ import pytest
 
 import relay_plugin
 from sim import stack
+from sim.stack import model_entry
 from tests.canned_upstream import Canned, CannedProvider, HeaderDroppingForwarder, data_sse, pieces, sse
-from tests.conftest import BASE_RELAY_ENV, model_entry, relay_test_models, start_test_proxy
+from tests.proxy_support import BASE_RELAY_ENV, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 

@@ -10,7 +10,8 @@ what each judge call carried, in that provider's own shape.
 import pytest
 
 import relay_plugin
-from tests.conftest import FAKE_PROVIDER_KEY, model_entry, start_test_proxy
+from sim.stack import model_entry
+from tests.proxy_support import FAKE_PROVIDER_KEY, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 

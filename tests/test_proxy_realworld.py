@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from sim.providers import count_tokens, messages_text
-from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, model_entry, relay_test_models, start_test_proxy
+from sim.stack import model_entry
+from tests.proxy_support import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
