@@ -26,6 +26,7 @@ import json
 import os
 import random
 import time
+from pathlib import Path
 
 import gevent
 from locust import FastHttpUser, constant, constant_throughput, events, task
@@ -36,7 +37,7 @@ MODELS = [m.strip() for m in os.environ.get("LOADTEST_MODELS", "mock-primary").s
 RATE = float(os.environ.get("LOADTEST_RATE", "0"))
 OUT = os.environ.get("LOADTEST_OUT", "")
 TIMEOUT = float(os.environ.get("LOADTEST_TIMEOUT", "60"))
-PLAN = json.loads(open(os.environ["LOADTEST_PLAN"]).read())["steps"] if os.environ.get("LOADTEST_PLAN") else None
+PLAN = json.loads(Path(os.environ["LOADTEST_PLAN"]).read_text())["steps"] if os.environ.get("LOADTEST_PLAN") else None
 STARTED_AT: list[float] = []  #: wall clock of test_start
 _USER_NUMBERS = itertools.count()
 

@@ -76,16 +76,16 @@ def start_llama(log_path: Path, port: int = 0, *, threads: int | None = None, ti
     require_installed()
     port = port or stack.free_port()
     threads = threads or max(1, min(2, os.cpu_count() or 1))
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL_FILE), "--model_alias", MODEL_ALIAS,
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
-         "--n_threads_batch", str(threads), "--seed", str(SEED), "--verbose", "False"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # llama_cpp.server's settings read PORT/HOST from the environment over its own flags: `PORT=N make
-        # real` (the proxy's port) must not move the model server onto it
-        env={**{k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}, "HF_HUB_OFFLINE": "1"},
-    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL_FILE), "--model_alias", MODEL_ALIAS,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
+             "--n_threads_batch", str(threads), "--seed", str(SEED), "--verbose", "False"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # llama_cpp.server's settings read PORT/HOST from the environment over its own flags: `PORT=N make
+            # real` (the proxy's port) must not move the model server onto it
+            env={**{k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}, "HF_HUB_OFFLINE": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         stack.wait_http(url + "/v1/models", proc, timeout=timeout, log_path=log_path)

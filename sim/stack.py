@@ -81,11 +81,11 @@ class Simulator:
 def start_simulator(log_path: Path, port: int = 0, *args: str) -> Simulator:
     """Run ``python -m sim.providers`` and wait for its ``SIM_READY <url>`` line."""
     port = port or free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.providers", "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(log_path, "w") as log:  # the process writes to its own copy of the file descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.providers", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/_sim/health", proc, timeout=30, log_path=log_path)
     return Simulator(proc, url, log_path)
@@ -143,11 +143,11 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
     port = port or free_port()
     full_env = proxy_env(env)
     log_path = (log_dir or config_path.parent) / f"proxy-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health/liveliness", proc, timeout=timeout, log_path=log_path)

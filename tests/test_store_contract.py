@@ -76,6 +76,14 @@ def client_of(topology, timeout_s: float):
     return relay_plugin.redis_client(target.url, timeout_s)
 
 
+async def close(store: RedisStore) -> None:
+    """Close a store's client, and a Sentinel client's connections to the sentinels it asked for the primary."""
+    await store.client.aclose()
+    manager = getattr(getattr(store.client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in manager.sentinels if manager is not None else ():
+        await sentinel.aclose()
+
+
 async def new_redis_store(server, cfg: RelayConfig, prefix: str | None = None, timeout_s: float = 5.0) -> RedisStore:
     """A RedisStore as make_store builds it, on its own client (one per "process"), under a fresh prefix.
     ``server``: a RedisServer, RedisClusterNodes or RedisSentinelSet."""
@@ -104,7 +112,7 @@ async def make(request):
 
     yield build
     for store in made:
-        await store.client.aclose()
+        await close(store)
 
 
 @pytest.fixture
@@ -426,7 +434,7 @@ async def redis_pair(topology):
     a, b = [await new_redis_store(topology, config(), prefix) for _ in range(2)]
     yield a, b
     for store in (a, b):
-        await store.client.aclose()
+        await close(store)
 
 
 async def test_every_key_is_under_the_prefix_and_expires(redis_pair):
@@ -461,7 +469,7 @@ async def test_what_one_script_touches_shares_a_slot_and_the_rest_spreads_over_t
             await store.cache_put(f"{i:064x}", "v", time.time())
         assert store._cache_shards == relay_plugin.CACHE_SHARDS
     finally:
-        await store.client.aclose()
+        await close(store)
 
 
 async def test_stores_with_different_prefixes_share_nothing(topology):
@@ -470,8 +478,8 @@ async def test_stores_with_different_prefixes_share_nothing(topology):
         await a.reserve([("calls:1", 1.0, 1.0)])
         assert await b.reserve([("calls:1", 1.0, 1.0)]) is not None
     finally:
-        await a.client.aclose()
-        await b.client.aclose()
+        await close(a)
+        await close(b)
 
 
 async def test_a_settle_after_the_counter_expired_does_not_recreate_it(redis_pair):
@@ -578,7 +586,7 @@ async def test_closed_with_redis_down_skips_what_needs_state_and_never_raises_af
     await store.breaker_record(MODEL, permit, True, 0.0)
     await store.cache_put("k", "v", time.time())
     assert store.lost == 3
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(own_redis, relay_log):
@@ -601,7 +609,7 @@ async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(ow
     assert await store.cache_get("k", 101.0) == "v"
     errors = [r for r in relay_log.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "RELAY_STATE_FAILURE=local" in errors[0].getMessage()
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again_after_it(own_redis, relay_log):
@@ -628,7 +636,7 @@ async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again
         await store.counter("calls:1")
     assert store.outages == 2
     assert sum("is unavailable" in r.getMessage() for r in relay_log.records) == 2
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 class Flaky:
@@ -689,7 +697,7 @@ async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(o
     assert await store.counter("calls:1") == 1.0
     assert await store.reserve([("calls:1", 2.0, 1.0)]) is not None
     assert await store.counter("calls:1") == 2.0
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 # ----- configuration: RELAY_STATE and RELAY_REDIS_* ------------------------------------------------------
