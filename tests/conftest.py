@@ -39,6 +39,9 @@ class SimControl:
     def stats(self) -> dict:
         return self.http.get("/_sim/stats").json()
 
+    def close(self) -> None:
+        self.http.close()
+
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
@@ -54,7 +57,9 @@ def sim_server(workdir):
 
 @pytest.fixture(scope="session")
 def sim(sim_server) -> SimControl:
-    return SimControl(sim_server.url)
+    control = SimControl(sim_server.url)
+    yield control
+    control.close()
 
 
 @pytest.fixture
@@ -68,7 +73,7 @@ def proxy(workdir, sim) -> ProxyHandle:
     """The main test proxy: every mode by model, client overrides `opt_in`, secondaries via the router."""
     handle = start_test_proxy(workdir, "main", sim.url, {**BASE_RELAY_ENV, "RELAY_CLIENT_OVERRIDE": "opt_in"})
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 # ----- Redis: real redis-server processes for the shared state (tests/redis_support.py) ------------

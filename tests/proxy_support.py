@@ -86,6 +86,12 @@ class ProxyHandle:
     def log(self) -> str:
         return self.proxy.log_text()
 
+    def stop(self) -> None:
+        """Stop the proxy and close the clients' connections to it."""
+        self.proxy.stop()
+        self.openai.close()
+        self.anthropic.close()
+
 
 def degraded_lines(log: str) -> list[str]:
     """The plugin's startup lines about what the proxy's LiteLLM cannot do."""

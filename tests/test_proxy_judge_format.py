@@ -48,7 +48,7 @@ def judged(workdir, sim):
            "RELAY_TIMEOUT_S": "10", "RELAY_DEADLINE_S": "20"}
     handle = start_test_proxy(workdir, "judge-format", sim.url, env, model_list=judge_models(sim.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 def judge_call(sim, token: str) -> dict:

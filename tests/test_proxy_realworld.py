@@ -81,7 +81,7 @@ def proxy_with_forced_markers(workdir, sim, name: str, env: dict):
     sim.configure(force_markers={**previous, **FORCED})
     handle = start_test_proxy(workdir, name, sim.url, env, model_list=extra_models(sim.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
     sim.configure(force_markers=previous)
 
 

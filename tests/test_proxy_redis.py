@@ -64,7 +64,7 @@ def pair(workdir, sim, redis_db):
         handles = [f.result() for f in started]
     yield handles
     for handle in handles:
-        handle.proxy.stop()
+        handle.stop()
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def strict(workdir, sim):
     }
     handle = start_test_proxy(workdir, "strict", sim.url, env)
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 def test_a_provider_model_string_works_as_the_secondary(strict, sim, token):
@@ -140,7 +140,7 @@ def loop(workdir, sim):
     }
     handle = start_test_proxy(workdir, "loop", sim.url, env, port=port)
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 @pytest.mark.compat("recursion guard")
