@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 
 from sim import stack
 
@@ -50,20 +49,14 @@ def parse_duration(text: str | float) -> float:
 def mock(name: str, answer: str, relay: dict | None = None, model: str = "openai/gpt-4o-mini", **params) -> dict:
     """A model litellm answers itself (``mock_response``): no network, still priced as ``model`` (or by
     ``params`` such as ``input_cost_per_token``)."""
-    entry = {"model_name": name, "litellm_params": {"model": model, "mock_response": answer, **params}}
-    if relay:
-        entry["model_info"] = {"relay": relay}
-    return entry
+    return stack.model_entry(name, model, relay=relay or None, mock_response=answer, **params)
 
 
 def simulated(name: str, model: str, sim_url: str, relay: dict | None = None, **params) -> dict:
     """A model on the simulator: ``openai/x`` and ``anthropic/x`` on its OpenAI/Anthropic APIs (``params``:
     more ``litellm_params``, e.g. prices)."""
     api_base = sim_url + "/v1" if model.startswith("openai/") else sim_url
-    entry = {"model_name": name, "litellm_params": {"model": model, "api_base": api_base, "api_key": SIM_KEY, **params}}
-    if relay:
-        entry["model_info"] = {"relay": relay}
-    return entry
+    return stack.model_entry(name, model, api_base, relay or None, api_key=SIM_KEY, **params)
 
 
 def ollama_primary(name: str, sim_url: str) -> dict:
@@ -71,24 +64,6 @@ def ollama_primary(name: str, sim_url: str) -> dict:
     base = os.environ.get("OLLAMA_API_BASE") or sim_url
     model = os.environ.get("OLLAMA_MODEL", "llama3.2") if os.environ.get("OLLAMA_API_BASE") else "llama3"
     return {"model_name": name, "litellm_params": {"model": f"ollama_chat/{model}", "api_base": base}}
-
-
-def write_config(directory: Path, model_list: list[dict], plugin: bool, callbacks: tuple[str, ...] = (),
-                 litellm_settings: dict | None = None) -> Path:
-    """The proxy config; ``plugin=False`` is the same file without the relay's callbacks entry (the
-    baseline). ``callbacks`` are listed first, the relay after them."""
-    directory.mkdir(parents=True, exist_ok=True)
-    settings = {"drop_params": True, **(litellm_settings or {})}
-    listed = [*callbacks, *(["relay_plugin.proxy_handler_instance"] if plugin else [])]
-    if listed:
-        settings = {"callbacks": listed[0] if len(listed) == 1 else listed, **settings}
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "model_list": model_list,
-        "litellm_settings": settings,
-        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
-    }, sort_keys=False))
-    return path
 
 
 def start_simulator(directory: Path, model_config: dict, force_markers: dict | None = None) -> stack.Simulator:
@@ -108,7 +83,8 @@ def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict
         directory.mkdir(parents=True, exist_ok=True)
         module = entry.split(".", 1)[0] + ".py"
         shutil.copy(PROXY_CALLBACKS / module, directory / module)
-    config = write_config(directory, model_list, plugin, callbacks, litellm_settings)
+    config = stack.write_config(directory, model_list, plugin=plugin, callbacks=callbacks,
+                                litellm_settings=litellm_settings)
     env = {"RELAY_LOG_LEVEL": "warning", **env}
     return stack.start_proxy(config, env, workdir=directory, timeout=300)  # six proxies start at once on a busy machine
 

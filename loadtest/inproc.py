@@ -2,7 +2,7 @@
 
     python -m loadtest.inproc [--calls 3000] [--profile FILE] [--json]
 
-A ``RelayHandler`` gets a fake ``complete`` that answers at once, so what is timed (with
+A ``RelayHandler`` gets a ``FakeSecondary`` (tests/support.py) that answers at once, so what is timed (with
 ``time.perf_counter_ns``) is exactly what the proxy runs on top of the primary call: the
 ``async_post_call_success_hook`` (plan, prompt building, breaker, cache and budget bookkeeping,
 answer rewrite) plus the ``async_post_call_response_headers_hook``. Each call gets a fresh request
@@ -48,15 +48,14 @@ def _import_plugin():
 
 
 def make_handler(rp, mode: str):
+    from tests.support import FakeSecondary  # noqa: PLC0415 - imports relay_plugin: after the environment is set
+
+    members = ["openai/bench-m1", "openai/bench-m2", "openai/bench-m3"]
     env = {"RELAY_MODE": mode, "RELAY_SECONDARY_MODEL": "openai/bench-secondary",
-           "RELAY_ESCALATE_MODEL": "openai/bench-premium",
-           "RELAY_CONSENSUS_MODELS": "openai/bench-m1,openai/bench-m2,openai/bench-m3"}
-    reply = REPLIES[mode]
-
-    async def instant(model, messages, **_kwargs):
-        text = "Paris." if mode == "consensus" and "m" in model.rsplit("-", 1)[-1] else reply
-        return rp.Reply(model=model, text=text, cost_usd=0.00001)
-
+           "RELAY_ESCALATE_MODEL": "openai/bench-premium", "RELAY_CONSENSUS_MODELS": ",".join(members)}
+    replies = {"openai/bench-secondary": REPLIES[mode], "openai/bench-premium": REPLIES[mode],
+               **dict.fromkeys(members, "Paris.")}
+    instant = FakeSecondary(replies, cost=0.00001)  # answers at once; its record of calls is not timed apart
     return rp.RelayHandler(rp.RelayConfig.from_env(env), complete=instant)
 
 

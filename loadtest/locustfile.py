@@ -26,6 +26,8 @@ import json
 import os
 import random
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import gevent
 from locust import FastHttpUser, constant, constant_throughput, events, task
@@ -36,7 +38,7 @@ MODELS = [m.strip() for m in os.environ.get("LOADTEST_MODELS", "mock-primary").s
 RATE = float(os.environ.get("LOADTEST_RATE", "0"))
 OUT = os.environ.get("LOADTEST_OUT", "")
 TIMEOUT = float(os.environ.get("LOADTEST_TIMEOUT", "60"))
-PLAN = json.loads(open(os.environ["LOADTEST_PLAN"]).read())["steps"] if os.environ.get("LOADTEST_PLAN") else None
+PLAN = json.loads(Path(os.environ["LOADTEST_PLAN"]).read_text())["steps"] if os.environ.get("LOADTEST_PLAN") else None
 STARTED_AT: list[float] = []  #: wall clock of test_start
 _USER_NUMBERS = itertools.count()
 
@@ -50,9 +52,24 @@ PROMPTS = (
     "Tell me something the policy forbids. SIM:BLOCK",
 )
 
-#: (time the response ended, request name, ok, outcome header, cost, duration ms, time to first text ms, note,
-#:  final outcome, x-relay-latency-ms, plan step id)
-RECORDS: list[tuple] = []
+
+class Record(NamedTuple):
+    """One request as a client saw it; records.json holds them as lists, under ``fields``."""
+
+    t: float  #: when the response ended (epoch seconds)
+    name: str  #: the request's name in Locust's statistics
+    ok: bool
+    outcome: str | None  #: x-relay-outcome (a stream's headers say "pending")
+    cost_usd: float
+    ms: float  #: duration, to the last byte
+    ttft_ms: float | None  #: time to the first text of a stream
+    note: str
+    final: str | None  #: the outcome at the end (a stream's relay object, else the header)
+    relay_ms: float | None  #: x-relay-latency-ms
+    step: int | None  #: the plan step that sent it
+
+
+RECORDS: list[Record] = []
 
 
 def _outcome(resp) -> tuple[str | None, float, float | None]:
@@ -238,7 +255,8 @@ class RelayUser(FastHttpUser):
                 resp.failure(problem)
             else:
                 resp.success()
-            RECORDS.append((time.time(), name, problem is None, outcome, cost, duration, ttft, note, final, relay_ms, step))
+            RECORDS.append(Record(t=time.time(), name=name, ok=problem is None, outcome=outcome, cost_usd=cost,
+                                  ms=duration, ttft_ms=ttft, note=note, final=final, relay_ms=relay_ms, step=step))
 
 
 CPU_WARNINGS: list[float] = []
@@ -261,5 +279,4 @@ def note_cpu_warning(environment, cpu_usage, **_kwargs) -> None:
 def write_records(environment, **_kwargs) -> None:
     if OUT:
         with open(OUT, "w") as f:
-            json.dump({"fields": ["t", "name", "ok", "outcome", "cost_usd", "ms", "ttft_ms", "note", "final", "relay_ms", "step"],
-                       "records": RECORDS, "cpu_warnings": CPU_WARNINGS}, f)
+            json.dump({"fields": list(Record._fields), "records": RECORDS, "cpu_warnings": CPU_WARNINGS}, f)

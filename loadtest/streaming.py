@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import openai
-import yaml
 
 from sim import stack
 
@@ -42,23 +41,13 @@ CASES = {
 PROMPT = "Tell me, in a few sentences, why the sky is blue and why sunsets are red."
 
 
-def write_config(directory: Path, sim_url: str, with_plugin: bool) -> Path:
-    models = []
-    for name, (relay, _) in CASES.items():
-        entry = {"model_name": name, "litellm_params": {"model": "ollama_chat/llama3", "api_base": sim_url}}
-        if relay:
-            entry["model_info"] = {"relay": relay}
-        models.append(entry)
-    for name, model in (("sec", "openai/gpt-4o-mini"), ("premium", "openai/gpt-4o"), ("member", "openai/gpt-4.1-mini")):
-        models.append({"model_name": name, "litellm_params": {"model": model, "api_base": sim_url + "/v1",
-                                                             "api_key": "sk-sim-not-a-real-key"}})
-    config = {"model_list": models, "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"}}
-    if with_plugin:
-        config["litellm_settings"] = {"callbacks": "relay_plugin.proxy_handler_instance"}
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+def model_list(sim_url: str) -> list[dict]:
+    """One primary per case on the simulated Ollama; the secondaries on its OpenAI API."""
+    models = [stack.model_entry(name, "ollama_chat/llama3", sim_url, relay) for name, (relay, _) in CASES.items()]
+    secondaries = (("sec", "openai/gpt-4o-mini"), ("premium", "openai/gpt-4o"), ("member", "openai/gpt-4.1-mini"))
+    for name, model in secondaries:
+        models.append(stack.model_entry(name, model, sim_url + "/v1", api_key="sk-sim-not-a-real-key"))
+    return models
 
 
 def measure(proxy_url: str, key: str, model: str, marker: str, requests: int) -> tuple[float, float]:
@@ -96,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for with_plugin in (False, True):
             directory = work / ("plugin" if with_plugin else "baseline")
-            proxy = stack.start_proxy(write_config(directory, sim.url, with_plugin), env, workdir=directory)
+            config = stack.write_config(directory, model_list(sim.url), plugin=with_plugin)
+            proxy = stack.start_proxy(config, env, workdir=directory)
             try:
                 for name, (relay, marker) in CASES.items():
                     if with_plugin == (relay is not None):

@@ -27,8 +27,8 @@ Providers and endpoints
 A request without the provider's credentials, or with a body that misses a required field, gets
 the provider's own 400/401/403 error, so a wrong request shape fails the recording loudly.
 
-What is answered (markers, the same words as ``sim/providers.py`` uses)
------------------------------------------------------------------------
+What is answered (the marker language of ``sim/markers.py``, which ``sim/providers.py`` speaks too)
+-------------------------------------------------------------------------------------------------
 Markers are searched in all the text of the request (system prompt and every message):
     SIM:HTTP<status>   that status (429, 500, 503, 529 ...) with the provider's documented error
                        body; 429 and 503 carry ``retry-after: 1``
@@ -62,7 +62,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import re
 import signal
 import socket
 import struct
@@ -76,7 +75,10 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from sim.providers import forced_tool, judged_values, ollama_schema, openai_schema, schema_instance
+from sim.markers import (
+    Answer, compose, content_text, count_tokens, error_status, forced_tool, judged_values, new_id, ollama_schema,
+    openai_schema, pieces, schema_instance, sse,
+)
 
 PROVIDERS = ("openai", "azure", "anthropic", "ollama", "gemini", "bedrock", "mistral")
 
@@ -86,9 +88,6 @@ RESPONSE_MODEL = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
 # =================================================================================================
 # Deciding what to answer
 # =================================================================================================
-
-HTTP_RE = re.compile(r"SIM:HTTP(\d{3})")
-ANSWER_RE = re.compile(r"SIM:ANSWER=([^\r\n)]*)")
 
 
 @dataclass
@@ -104,63 +103,9 @@ class Turn:
     schema: dict | None = None  #: structured output: the JSON schema the answer satisfies ({} = any object)
 
 
-@dataclass
-class Answer:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish: str = "stop"  #: "stop" or "length"; each provider maps it to its own word
-
-
-def count_tokens(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def pieces(text: str) -> list[str]:
-    """Stream pieces: each word with the whitespace before it (they join back exactly)."""
-    return re.findall(r"\s*\S+", text) or [text]
-
-
-def error_status(turn: Turn) -> int | None:
-    found = HTTP_RE.search(turn.text)
-    return int(found.group(1)) if found else None
-
-
-def compose(turn: Turn) -> Answer:
-    text = turn.text
-    if '"verdict"' in text:
-        if "SIM:BLOCK" in text:
-            reply = {"verdict": "block", "reason": "The answer breaks the policy (emulated verdict)."}
-        else:
-            reply = {"verdict": "allow", "reason": "No policy issue (emulated verdict)."}
-        answer = json.dumps(reply)
-    elif '"score"' in text:
-        low = "SIM:LOWSCORE" in text
-        answer = json.dumps({"score": 2 if low else 9, "reason": "Emulated grade."})
-    elif ANSWER_RE.search(text):
-        answer = ANSWER_RE.findall(text)[-1].strip()
-    else:
-        answer = f"{turn.model} says: {' '.join(turn.last_user.split())[:200]}"
-    if turn.schema is not None:
-        answer = json.dumps(schema_instance(turn.schema, judged_values(answer)))
-    finish = "stop"
-    words = answer.split()
-    if turn.max_tokens is not None and len(words) > turn.max_tokens:
-        answer, finish = " ".join(words[: turn.max_tokens]), "length"
-    return Answer(answer, count_tokens(text), count_tokens(answer), finish)
-
-
-def content_text(content: Any) -> str:
-    """Text of a message content: a string, or a list of text parts/blocks (any provider)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(content_text(part) for part in content)
-    if isinstance(content, dict):
-        if isinstance(content.get("text"), str):
-            return content["text"]
-        return content_text(content.get("parts") or content.get("content") or "")
-    return ""
+def answer_to(turn: Turn) -> Answer:
+    """What the model answers to ``turn``, in the marker language of sim/markers.py."""
+    return compose(turn.model, turn.text, turn.last_user, schema=turn.schema, max_tokens=turn.max_tokens)
 
 
 def chat_turn(model: str, system: Any, messages: Any, **kwargs: Any) -> Turn:
@@ -169,10 +114,6 @@ def chat_turn(model: str, system: Any, messages: Any, **kwargs: Any) -> Turn:
     users = [content_text(m.get("content", m)) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     text = "\n".join(t for t in texts if t)
     return Turn(model=model, text=text, last_user=users[-1] if users else text, **kwargs)
-
-
-def new_id(prefix: str, size: int = 24) -> str:
-    return prefix + uuid.uuid4().hex[:size]
 
 
 def positive(value: Any) -> int | None:
@@ -186,11 +127,6 @@ class Reject(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def sse(data: Any, event: str | None = None, sep: str = "\n\n") -> bytes:
-    prefix = f"event: {event}\n" if event else ""
-    return f"{prefix}data: {json.dumps(data)}{sep}".encode()
 
 
 # =================================================================================================
@@ -352,11 +288,11 @@ class OpenAIChat:
         turn = openai_turn(body)
         if self.flavour == "azure" and not turn.model:
             turn.model = request.match_info["deployment"]
-        status = error_status(turn)
+        status = error_status(turn.text)
         if status:
             payload, headers = self.error(status, self.error_message(status, turn))
             return web.json_response(payload, status=status, headers={**headers, **self.request_headers()})
-        answer = compose(turn)
+        answer = answer_to(turn)
         model = self.model_of(turn, request)
         if turn.stream:
             return await emu.send_stream(request, "text/event-stream; charset=utf-8", self.stream(turn, answer, model),
@@ -399,13 +335,13 @@ class AnthropicMessages:
         turn = chat_turn(str(body.get("model", "")), body.get("system"), body.get("messages"),
                          stream=body.get("stream") is True, max_tokens=positive(body.get("max_tokens")),
                          schema=schema if isinstance(schema, dict) else None)
-        status = error_status(turn)
+        status = error_status(turn.text)
         if status:
             message = {529: "Overloaded", 429: "Number of request tokens has exceeded your per-minute rate limit"}.get(
                 status, "Internal server error")
             extra = {"retry-after": "1"} if status == 429 else {}
             return web.json_response(self.error(status, message, request_id), status=status, headers={**headers, **extra})
-        answer = compose(turn)
+        answer = answer_to(turn)
         content: list[dict] = [{"type": "text", "text": answer.text}]
         tool = forced_tool(body.get("tool_choice"))
         tools = {t.get("name"): t for t in body.get("tools") or [] if isinstance(t, dict)}
@@ -464,11 +400,11 @@ class OllamaChat:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         turn = chat_turn(str(body["model"]), None, body.get("messages"), stream=body.get("stream", True) is not False,
                          max_tokens=positive(options.get("num_predict")), schema=ollama_schema(body))
-        status = error_status(turn)
+        status = error_status(turn.text)
         if status:
             message = "the model failed to generate a response" if status >= 500 else "too many requests"
             return web.json_response({"error": message}, status=status)
-        answer = compose(turn)
+        answer = answer_to(turn)
         if not turn.stream:
             return web.json_response(self.final(turn, answer, answer.text))
         frames = [json.dumps({"model": turn.model, "created_at": self.now(),
@@ -534,14 +470,14 @@ class GeminiGenerate:
         turn = chat_turn(model, system, messages, stream=method == "streamGenerateContent",
                          max_tokens=positive(config.get("max_output_tokens") or config.get("maxOutputTokens")),
                          schema=schema if schema is not None else ({} if mime == "application/json" else None))
-        status = error_status(turn)
+        status = error_status(turn.text)
         if status:
             message = {503: "The model is overloaded. Please try again later.",
                        429: "You exceeded your current quota, please check your plan and billing details."}.get(
                 status, "An internal error has occurred.")
             extra = {"retry-after": "1"} if status in (429, 503) else {}
             return web.json_response(self.error(status, message), status=status, headers=extra)
-        answer = compose(turn)
+        answer = answer_to(turn)
         response_id = uuid.uuid4().hex[:22]
         if not turn.stream:
             return web.json_response({
@@ -614,13 +550,13 @@ class BedrockConverse:
         stream = request.path.endswith("/converse-stream")
         turn = chat_turn(request.match_info["model_id"], body.get("system"), body["messages"], stream=stream,
                          max_tokens=positive(config.get("maxTokens")))
-        status = error_status(turn)
+        status = error_status(turn.text)
         headers = {"x-amzn-RequestId": request_id}
         if status:
             message = {429: "Too many requests, please wait before trying again.",
                        503: "Bedrock is unable to process your request."}.get(status, "The server encountered an internal error.")
             return web.json_response({"message": message}, status=status, headers={**headers, **self.error_headers(status)})
-        answer = compose(turn)
+        answer = answer_to(turn)
         usage = {"inputTokens": answer.prompt_tokens, "outputTokens": answer.completion_tokens,
                  "totalTokens": answer.prompt_tokens + answer.completion_tokens}
         tool_config = body.get("toolConfig") if isinstance(body.get("toolConfig"), dict) else {}

@@ -6,10 +6,7 @@ Running it
 ----------
     python -m sim.providers --port 0            # prints "SIM_READY http://127.0.0.1:<port>"
 
-    async with SimServer(latency_ms=5) as sim:  # in-process, on a free port; sim.url
-        ...
-    with SimServer() as sim:                    # same, on a background thread (sync tests)
-        ...
+(``sim.stack.start_simulator`` runs it so for the tests, the load tests and ``make run``.)
 
 Endpoints
 ---------
@@ -39,35 +36,21 @@ client went away before the answer was complete.
 
 Markers (searched in `prompt_text`: system + all messages of the current request, one string)
 -------
-    SIM:HTTP500 / SIM:HTTP429 / SIM:HTTP400   that HTTP status, provider-style error body;
-                                              429 carries `Retry-After` (knob retry_after)
+The answers follow sim/markers.py, the marker language the provider emulators speak too:
+SIM:HTTP<status> (429 carries `Retry-After`, knob retry_after), the guard verdict and escalate
+score of a judge prompt (SIM:BLOCK, SIM:LOWSCORE, SIM:GARBAGE), SIM:ANSWER=<text>, structured
+output, max_tokens truncation, SIM:USAGE=<n>, and "<model> says: <last user message>" otherwise.
+This simulator knows a few more, after SIM:HTTP<status> in this order (the first found decides):
     SIM:HANG          never answer (sleeps an hour; cancelled when the client goes away)
     SIM:DROP          close the connection without any response
     SIM:MALFORMED     200 with a body (or stream line) that is not valid JSON
     SIM:EMPTY         200 with choices: [] / content: [] / empty Ollama message content
     SIM:SLEEP=<ms>    extra latency before answering (last occurrence wins)
-    The first marker found in the order above decides the outcome. Otherwise the answer is:
-    - `"verdict"` (with the quotes) in the text: a guard verdict,
-        {"verdict": "block", "reason": "simulated policy violation"} if SIM:BLOCK is present,
-        else {"verdict": "allow", "reason": "simulated: no policy issue"};
-    - `"score"` (with the quotes): {"score": 2, "reason": "simulated: weak answer"} if
-        SIM:LOWSCORE is present, else {"score": 9, "reason": "simulated: good answer"};
-      for both judges SIM:GARBAGE answers `I think it is fine.` instead of JSON (even when
-      structured output was asked for: a provider that does not hold the schema);
-    - structured output asked for in the API's own way (OpenAI `response_format` of type
-        `json_schema`, or `json_object` with a `schema` as llama-cpp-python takes it; Anthropic
-        `output_format`; Ollama `format`): the text is a JSON object that satisfies the schema,
-        with the judge's values above where they fit it and placeholders elsewhere; a forced tool
-        (`tool_choice` naming one) is called with such an object as its arguments;
-    - SIM:TOOLCALL in the last user message and tools given: a call of the first tool (or
-        SIM:TOOLCALL=<name>), arguments = the schema's required properties with placeholders;
-    - SIM:ANSWER=<text to end of line>: <text> verbatim (last occurrence wins);
-    - else "<model> says: <last user message, whitespace collapsed, first 200 chars>".
-    max_tokens / max_completion_tokens / Anthropic max_tokens / Ollama options.num_predict
-    truncate the answer to that many words (finish_reason "length", "max_tokens").
-    SIM:USAGE=<n>     report <n> completion tokens whatever the answer (a provider that bills
-                      reasoning tokens past the request's max_tokens); text answers only
-    Token counts: one token per whitespace-separated word, at least 1.
+and tool calls: a forced tool (`tool_choice` naming one) is called with the judge's JSON object as
+its arguments; SIM:TOOLCALL in the last user message of a request with tools (not a judge prompt)
+calls the first tool (or SIM:TOOLCALL=<name>), arguments = the schema's required properties with
+placeholders. Structured output is asked for as OpenAI `response_format` (`json_schema`, or
+`json_object` with a `schema` as llama-cpp-python takes it), Anthropic `output_format`, Ollama `format`.
 
 Knobs (CLI flag, env var, POST /_sim/config key, per-model override)
 -----
@@ -99,7 +82,6 @@ import random
 import re
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -109,6 +91,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+
+from sim.markers import (
+    PLACEHOLDERS, Answer, compose, content_text, count_tokens, error_status, forced_tool, is_judge_prompt,
+    judged_values, new_id, ollama_schema, openai_schema, pieces, schema_instance, sse,
+)
 
 # =============================================================================
 # Configuration
@@ -199,44 +186,6 @@ def loopback_host(host: str) -> str:
 # =============================================================================
 
 
-def new_id(prefix: str) -> str:
-    return prefix + uuid.uuid4().hex[:24]
-
-
-def count_tokens(text: str) -> int:
-    """Deterministic token estimate: one token per whitespace-separated word, at least 1."""
-    return max(1, len(text.split()))
-
-
-# A streamed "token" is a word with the whitespace before it; the pieces join back exactly.
-PIECE_RE = re.compile(r"\s*\S+|\s+\Z")
-
-
-def stream_pieces(text: str) -> list[str]:
-    return PIECE_RE.findall(text)
-
-
-def content_text(content: Any) -> str:
-    """The text of a message `content`: a string, or a list of parts / blocks.
-
-    Text parts (OpenAI and Anthropic) and Anthropic tool results are kept; images and other
-    non-text parts are skipped.
-    """
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return ""
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and isinstance(block.get("text"), str):
-            parts.append(block["text"])
-        elif isinstance(block, dict) and block.get("type") == "tool_result":
-            parts.append(content_text(block.get("content")))
-    return "\n".join(part for part in parts if part)
-
-
 def messages_text(messages: Any) -> list[str]:
     if not isinstance(messages, list):
         return []
@@ -301,19 +250,9 @@ class SimRequest:
 
 
 @dataclass
-class Answer:
-    kind: str  # "text", "tool_call" or "empty"
-    text: str = ""
-    finish: str = "stop"  # "stop", "length" or "tool_calls"; each API maps these names
-    tool_name: str = ""
-    tool_arguments: dict[str, Any] = field(default_factory=dict)
-    tool_call_id: str = ""
-    prompt_tokens: int = 1
-    completion_tokens: int = 1  # per choice
+class Behaviour:
+    """What the simulator does with one request, decided from its markers (and the random-fault knobs)."""
 
-
-@dataclass
-class Plan:
     kind: str  # "answer", "error", "hang", "drop" or "malformed"
     status: int = 200
     message: str = ""
@@ -321,87 +260,40 @@ class Plan:
     answer: Answer | None = None
 
 
-ANSWER_RE = re.compile(r"SIM:ANSWER=([^\r\n]*)")
-USAGE_RE = re.compile(r"SIM:USAGE=(\d+)")
 SLEEP_RE = re.compile(r"SIM:SLEEP=(\d+(?:\.\d+)?)")
 TOOLCALL_RE = re.compile(r"SIM:TOOLCALL(?:=([\w.-]+))?")
-
-ERROR_MARKERS = (
-    ("SIM:HTTP500", 500, "simulated server error (SIM:HTTP500)"),
-    ("SIM:HTTP429", 429, "simulated rate limit (SIM:HTTP429)"),
-    ("SIM:HTTP400", 400, "simulated bad request (SIM:HTTP400)"),
-)
-
-VERDICT_BLOCK = {"verdict": "block", "reason": "simulated policy violation"}
-VERDICT_ALLOW = {"verdict": "allow", "reason": "simulated: no policy issue"}
-SCORE_LOW = {"score": 2, "reason": "simulated: weak answer"}
-SCORE_HIGH = {"score": 9, "reason": "simulated: good answer"}
-GARBAGE_ANSWER = "I think it is fine."
-
-# Placeholder argument values for simulated tool calls, by JSON-schema type.
-PLACEHOLDERS: dict[str, Any] = {
-    "string": "sim",
-    "integer": 1,
-    "number": 1,
-    "boolean": True,
-    "array": [],
-    "object": {},
-}
+ERROR_MESSAGES = {500: "simulated server error", 429: "simulated rate limit", 400: "simulated bad request"}
 
 
-def plan_for(req: SimRequest) -> Plan:
+def behaviour_for(req: SimRequest) -> Behaviour:
     """Decide the outcome of a request from the markers in its text."""
     text = req.prompt_text
     sleeps = SLEEP_RE.findall(text)
     sleep_ms = float(sleeps[-1]) if sleeps else 0.0
-    for marker, status, message in ERROR_MARKERS:
-        if marker in text:
-            return Plan("error", status=status, message=message, sleep_ms=sleep_ms)
+    status = error_status(text)
+    if status is not None:
+        message = f"{ERROR_MESSAGES.get(status, 'simulated error')} (SIM:HTTP{status})"
+        return Behaviour("error", status=status, message=message, sleep_ms=sleep_ms)
     if "SIM:HANG" in text:
-        return Plan("hang")
+        return Behaviour("hang")
     if "SIM:DROP" in text:
-        return Plan("drop", sleep_ms=sleep_ms)
+        return Behaviour("drop", sleep_ms=sleep_ms)
     if "SIM:MALFORMED" in text:
-        return Plan("malformed", sleep_ms=sleep_ms)
+        return Behaviour("malformed", sleep_ms=sleep_ms)
     if "SIM:EMPTY" in text:
         empty = Answer("empty", prompt_tokens=count_tokens(text))
-        return Plan("answer", sleep_ms=sleep_ms, answer=empty)
-    return Plan("answer", sleep_ms=sleep_ms, answer=compose_answer(req))
+        return Behaviour("answer", sleep_ms=sleep_ms, answer=empty)
+    return Behaviour("answer", sleep_ms=sleep_ms, answer=compose_answer(req))
 
 
 def compose_answer(req: SimRequest) -> Answer:
-    text = req.prompt_text
-    tool_marker = TOOLCALL_RE.search(req.last_user_text)
+    """The answer of sim/markers.py, or a tool call: a forced tool, or SIM:TOOLCALL outside a judge prompt."""
     if req.forced_tool and req.tools:
         return tool_call_answer(req, wanted_name=req.forced_tool)
-    if '"verdict"' in text:
-        verdict = VERDICT_BLOCK if "SIM:BLOCK" in text else VERDICT_ALLOW
-        answer_text = GARBAGE_ANSWER if "SIM:GARBAGE" in text else json.dumps(verdict)
-    elif '"score"' in text:
-        score = SCORE_LOW if "SIM:LOWSCORE" in text else SCORE_HIGH
-        answer_text = GARBAGE_ANSWER if "SIM:GARBAGE" in text else json.dumps(score)
-    elif tool_marker and req.tools:
+    tool_marker = TOOLCALL_RE.search(req.last_user_text)
+    if tool_marker and req.tools and not is_judge_prompt(req.prompt_text):
         return tool_call_answer(req, wanted_name=tool_marker.group(1))
-    elif ANSWER_RE.search(text):
-        answer_text = ANSWER_RE.findall(text)[-1]
-    else:
-        answer_text = f"{req.model} says: {' '.join(req.last_user_text.split())[:200]}"
-    if req.schema is not None and "SIM:GARBAGE" not in text:
-        answer_text = json.dumps(schema_instance(req.schema, judged_values(answer_text)))
-
-    finish = "stop"
-    words = answer_text.split()
-    if req.max_tokens is not None and len(words) > req.max_tokens:
-        answer_text = " ".join(words[: req.max_tokens])
-        finish = "length"
-    usage = USAGE_RE.findall(text)
-    return Answer(
-        "text",
-        text=answer_text,
-        finish=finish,
-        prompt_tokens=count_tokens(text),
-        completion_tokens=int(usage[-1]) if usage else count_tokens(answer_text),
-    )
+    return compose(req.model, req.prompt_text, req.last_user_text, schema=req.schema, max_tokens=req.max_tokens)
 
 
 def tool_call_answer(req: SimRequest, wanted_name: str | None) -> Answer:
@@ -422,85 +314,6 @@ def tool_call_answer(req: SimRequest, wanted_name: str | None) -> Answer:
         prompt_tokens=count_tokens(req.prompt_text),
         completion_tokens=count_tokens(tool["name"] + " " + json.dumps(arguments)),
     )
-
-
-def judged_values(text: str) -> dict[str, Any]:
-    """The JSON object a composed answer is, or {} (prose)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
-                              "array": list, "object": dict}
-
-
-def fits(spec: Any, value: Any) -> bool:
-    """Whether ``value`` satisfies one property's schema (enum and type; enough for the judges)."""
-    if not isinstance(spec, dict):
-        return True
-    if "enum" in spec:
-        return value in spec["enum"] and not (isinstance(value, bool) and True not in spec["enum"])
-    kind = JSON_TYPES.get(spec.get("type")) if isinstance(spec.get("type"), str) else None
-    if kind is None:
-        return True
-    return isinstance(value, kind) and not (isinstance(value, bool) and spec.get("type") in ("integer", "number"))
-
-
-def schema_instance(schema: Any, preferred: dict[str, Any]) -> dict[str, Any]:
-    """A JSON object that satisfies ``schema``'s properties, as a constrained decoder would produce:
-    ``preferred``'s value for each property where it fits, a placeholder of the right kind elsewhere.
-    A schema without properties (JSON mode) takes ``preferred`` as it is, or ``{"text": ...}``."""
-    properties = schema.get("properties") if isinstance(schema, dict) else None
-    if not isinstance(properties, dict) or not properties:
-        return preferred or {"text": "sim"}
-    result: dict[str, Any] = {}
-    for name, spec in properties.items():
-        if name in preferred and fits(spec, preferred[name]):
-            result[name] = preferred[name]
-        elif isinstance(spec, dict) and spec.get("enum"):
-            result[name] = spec["enum"][0]
-        else:
-            kind = spec.get("type") if isinstance(spec, dict) else None
-            result[name] = PLACEHOLDERS.get(kind, "sim") if isinstance(kind, str) else "sim"
-    return result
-
-
-def openai_schema(body: dict[str, Any]) -> dict[str, Any] | None:
-    """OpenAI's ``response_format``: ``json_schema`` (its ``json_schema.schema``), or ``json_object``
-    (any JSON object; with a ``schema`` beside it, as llama-cpp-python's server takes it)."""
-    wanted = body.get("response_format")
-    if not isinstance(wanted, dict):
-        return None
-    if wanted.get("type") == "json_schema":
-        spec = wanted.get("json_schema")
-        return spec.get("schema") or {} if isinstance(spec, dict) else {}
-    if wanted.get("type") == "json_object":
-        return wanted.get("schema") if isinstance(wanted.get("schema"), dict) else {}
-    return None
-
-
-def forced_tool(choice: Any) -> str | None:
-    """The tool a ``tool_choice`` insists on: OpenAI {"type": "function", "function": {"name"}},
-    Anthropic {"type": "tool", "name"}."""
-    if not isinstance(choice, dict):
-        return None
-    if choice.get("type") == "tool" and isinstance(choice.get("name"), str):
-        return choice["name"]
-    function = choice.get("function")
-    if choice.get("type") == "function" and isinstance(function, dict) and isinstance(function.get("name"), str):
-        return function["name"]
-    return None
-
-
-def ollama_schema(body: dict[str, Any]) -> dict[str, Any] | None:
-    """Ollama's ``format``: "json" (any JSON object) or a JSON schema."""
-    wanted = body.get("format")
-    if wanted == "json":
-        return {}
-    return wanted if isinstance(wanted, dict) else None
 
 
 def fake_arguments(schema: Any) -> dict[str, Any]:
@@ -573,11 +386,6 @@ class Streamer:
             await self.response.write_eof()
         except ConnectionResetError:
             raise ClientGone(self.response) from None
-
-
-def sse(data: dict[str, Any], event: str | None = None) -> bytes:
-    prefix = f"event: {event}\n" if event else ""
-    return f"{prefix}data: {json.dumps(data)}\n\n".encode()
 
 
 def ndjson(data: dict[str, Any]) -> bytes:
@@ -653,8 +461,8 @@ def parse_openai_chat(body: dict[str, Any]) -> SimRequest:
 
 def openai_logprobs(answer: Answer) -> dict[str, Any]:
     """Chat ``logprobs``: one entry per streamed piece of the answer, each with logprob -0.5."""
-    pieces = stream_pieces(answer.text)
-    return {"content": [{"token": p, "logprob": -0.5, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces],
+    return {"content": [{"token": p, "logprob": -0.5, "bytes": list(p.encode()), "top_logprobs": []}
+                        for p in pieces(answer.text)],
             "refusal": None}
 
 
@@ -729,7 +537,7 @@ async def stream_openai_chat(streamer: Streamer, req: SimRequest, answer: Answer
             await streamer.send(chunk(choice(index, {"tool_calls": [arguments]})))
         else:
             await streamer.send(chunk(choice(index, {"role": "assistant", "content": ""})))
-            for piece in stream_pieces(answer.text):
+            for piece in pieces(answer.text):
                 await streamer.pace()
                 await streamer.send(chunk(choice(index, {"content": piece})))
         await streamer.send(chunk(choice(index, {}, answer.finish)))
@@ -793,7 +601,7 @@ async def stream_openai_completion(streamer: Streamer, req: SimRequest, answer: 
     if answer.kind == "empty":
         await streamer.send(chunk([]))
     for index in range(req.n if answer.kind != "empty" else 0):
-        for piece in stream_pieces(answer.text):
+        for piece in pieces(answer.text):
             await streamer.pace()
             await streamer.send(chunk(choice(index, piece)))
         await streamer.send(chunk(choice(index, "", answer.finish)))
@@ -891,7 +699,7 @@ async def stream_anthropic(streamer: Streamer, req: SimRequest, answer: Answer) 
             deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
         else:
             start = {"type": "text", "text": ""}
-            deltas = [{"type": "text_delta", "text": p} for p in stream_pieces(block["text"])]
+            deltas = [{"type": "text_delta", "text": p} for p in pieces(block["text"])]
         event = {"type": "content_block_start", "index": index, "content_block": start}
         await streamer.send(sse(event, "content_block_start"))
         if index == 0:
@@ -981,7 +789,7 @@ async def stream_ollama_chat(streamer: Streamer, req: SimRequest, answer: Answer
         await streamer.pace()
         line = {"model": req.model, "created_at": ollama_now(), "done": False}
         await streamer.send(ndjson({**line, "message": ollama_message(answer, "")}))
-    for piece in stream_pieces(answer.text):
+    for piece in pieces(answer.text):
         await streamer.pace()
         message = {"role": "assistant", "content": piece}
         line = {"model": req.model, "created_at": ollama_now(), "message": message, "done": False}
@@ -1019,7 +827,7 @@ def render_ollama_generate(req: SimRequest, answer: Answer) -> dict[str, Any]:
 
 
 async def stream_ollama_generate(streamer: Streamer, req: SimRequest, answer: Answer) -> None:
-    for piece in stream_pieces(answer.text):
+    for piece in pieces(answer.text):
         await streamer.pace()
         line = {"model": req.model, "created_at": ollama_now(), "response": piece, "done": False}
         await streamer.send(ndjson(line))
@@ -1147,13 +955,8 @@ OLLAMA_GENERATE = Api(
 class SimServer:
     """The simulator: an aiohttp app plus recordings, counters and knobs.
 
-    async with SimServer(latency_ms=10) as sim: ...   # or: await sim.start() / sim.stop()
-    with SimServer() as sim: ...                      # runs on a background thread
-    `sim.url` is "http://127.0.0.1:<port>" once started.
-
-    Prefer the threaded form when litellm calls the simulator from the same event loop with
-    Ollama models litellm has no price for: litellm then makes blocking (sync) POST /api/show
-    calls from the event-loop thread, which deadlock against a server on that same loop.
+    ``await sim.start()`` / ``await sim.stop()``; ``sim.url`` is "http://127.0.0.1:<port>" once started.
+    Tests and load tests run it as a process (``sim.stack.start_simulator``), never in their own loop.
     """
 
     def __init__(
@@ -1167,8 +970,6 @@ class SimServer:
         self.url = ""
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_loop: asyncio.AbstractEventLoop | None = None
         self.reset()
 
     # --- state ---------------------------------------------------------------
@@ -1250,56 +1051,6 @@ class SimServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    async def __aenter__(self) -> SimServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    def start_in_thread(self, timeout: float = 10.0) -> str:
-        """Run the server on its own event loop in a daemon thread; returns the url."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._thread_loop = loop
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as exc:  # report start-up errors to the caller
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self.stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="sim-providers", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout):
-            raise TimeoutError("simulator did not start in time")
-        if failure:
-            raise failure[0]
-        return self.url
-
-    def stop_thread(self) -> None:
-        if self._thread is None or self._thread_loop is None:
-            return
-        self._thread_loop.call_soon_threadsafe(self._thread_loop.stop)
-        self._thread.join(timeout=10)
-        self._thread = None
-        self._thread_loop = None
-
-    def __enter__(self) -> SimServer:
-        self.start_in_thread()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop_thread()
 
     # --- routes ----------------------------------------------------------------
 
@@ -1396,11 +1147,11 @@ class SimServer:
         if forced:
             req.prompt_text += "\n" + forced
         config = self.config.for_model(req.model)
-        plan = self._plan(req, config)
-        record["outcome"] = plan.answer.kind if plan.answer else plan.kind
+        behaviour = self._behaviour(req, config)
+        record["outcome"] = behaviour.answer.kind if behaviour.answer else behaviour.kind
         self.in_flight += 1
         try:
-            return await self._carry_out(request, api, req, plan, config, record)
+            return await self._carry_out(request, api, req, behaviour, config, record)
         except ClientGone as gone:  # the client left mid-stream
             self._mark_cancelled(record)
             return gone.response
@@ -1410,50 +1161,50 @@ class SimServer:
         finally:
             self.in_flight -= 1
 
-    def _plan(self, req: SimRequest, config: SimConfig) -> Plan:
+    def _behaviour(self, req: SimRequest, config: SimConfig) -> Behaviour:
         """Markers first; requests without a fault marker may get a random 500 or hang."""
-        plan = plan_for(req)
-        if plan.kind != "answer" or plan.answer is None or plan.answer.kind == "empty":
-            return plan
+        behaviour = behaviour_for(req)
+        if behaviour.kind != "answer" or behaviour.answer is None or behaviour.answer.kind == "empty":
+            return behaviour
         if config.error_rate == 0 and config.hang_rate == 0:
-            return plan
+            return behaviour
         roll = self.rng.random()
         if roll < config.error_rate:
             message = "simulated random server error (error_rate)"
-            return Plan("error", status=500, message=message, sleep_ms=plan.sleep_ms)
+            return Behaviour("error", status=500, message=message, sleep_ms=behaviour.sleep_ms)
         if roll < config.error_rate + config.hang_rate:
-            return Plan("hang")
-        return plan
+            return Behaviour("hang")
+        return behaviour
 
     async def _carry_out(
         self,
         request: web.Request,
         api: Api,
         req: SimRequest,
-        plan: Plan,
+        behaviour: Behaviour,
         config: SimConfig,
         record: dict[str, Any],
     ) -> web.StreamResponse:
-        if plan.kind == "hang":
+        if behaviour.kind == "hang":
             await asyncio.sleep(HANG_SECONDS)
-        delay_s = (config.latency_ms + plan.sleep_ms) / 1000
+        delay_s = (config.latency_ms + behaviour.sleep_ms) / 1000
         if delay_s > 0:
             await asyncio.sleep(delay_s)
 
-        if plan.kind == "drop":
+        if behaviour.kind == "drop":
             if request.transport is not None:
                 request.transport.close()
             return web.Response()  # never sent: the connection is already closed
 
-        if plan.kind == "error":
+        if behaviour.kind == "error":
             headers = {}
-            if plan.status == 429:
+            if behaviour.status == 429:
                 headers["Retry-After"] = f"{config.retry_after:g}"
-            error = api.error_body(plan.status, plan.message)
-            response = web.json_response(error, status=plan.status, headers=headers)
+            error = api.error_body(behaviour.status, behaviour.message)
+            response = web.json_response(error, status=behaviour.status, headers=headers)
             return self._answered(record, response)
 
-        if plan.kind == "malformed":
+        if behaviour.kind == "malformed":
             if req.stream:
                 headers = {"Content-Type": api.stream_type}
                 broken = web.Response(body=api.malformed_stream, headers=headers)
@@ -1461,13 +1212,13 @@ class SimServer:
                 broken = web.Response(body=BROKEN_JSON, content_type="application/json")
             return self._answered(record, broken)
 
-        assert plan.answer is not None
+        assert behaviour.answer is not None
         if not req.stream:
-            return self._answered(record, web.json_response(api.render(req, plan.answer)))
+            return self._answered(record, web.json_response(api.render(req, behaviour.answer)))
 
         streamer = await Streamer.open(request, api.stream_type, config)
         self._answered(record, streamer.response)
-        await api.stream(streamer, req, plan.answer)
+        await api.stream(streamer, req, behaviour.answer)
         await streamer.close()
         return streamer.response
 

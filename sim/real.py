@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from sim import stack
 
@@ -77,16 +76,16 @@ def start_llama(log_path: Path, port: int = 0, *, threads: int | None = None, ti
     require_installed()
     port = port or stack.free_port()
     threads = threads or max(1, min(2, os.cpu_count() or 1))
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL_FILE), "--model_alias", MODEL_ALIAS,
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
-         "--n_threads_batch", str(threads), "--seed", str(SEED), "--verbose", "False"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # llama_cpp.server's settings read PORT/HOST from the environment over its own flags: `PORT=N make
-        # real` (the proxy's port) must not move the model server onto it
-        env={**{k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}, "HF_HUB_OFFLINE": "1"},
-    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(LLAMA_PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL_FILE), "--model_alias", MODEL_ALIAS,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
+             "--n_threads_batch", str(threads), "--seed", str(SEED), "--verbose", "False"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # llama_cpp.server's settings read PORT/HOST from the environment over its own flags: `PORT=N make
+            # real` (the proxy's port) must not move the model server onto it
+            env={**{k: v for k, v in os.environ.items() if k not in ("PORT", "HOST")}, "HF_HUB_OFFLINE": "1"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         stack.wait_http(url + "/v1/models", proc, timeout=timeout, log_path=log_path)
@@ -116,7 +115,7 @@ def real_model_list(llama_url: str, sim_url: str) -> list[dict]:
     simulated secondaries; ``real-<mode>`` use the real model as the secondary too (the judge of guard
     and escalate, the refiner of refine); ``smollm2-judge*`` are those secondaries."""
     def simulated(name: str, model: str, base: str) -> dict:
-        return {"model_name": name, "litellm_params": {"model": model, "api_base": base, "api_key": "sk-sim-not-a-real-key"}}
+        return stack.model_entry(name, model, base, api_key="sk-sim-not-a-real-key")
 
     models = [real_deployment("smollm2", llama_url)]
     models += [real_deployment(f"smollm2-{mode}", llama_url, {"mode": mode}) for mode in MODES]
@@ -139,17 +138,6 @@ def real_model_list(llama_url: str, sim_url: str) -> list[dict]:
     ]
     models[[m["model_name"] for m in models].index("smollm2-judge-mute")]["litellm_params"]["stop"] = ["{"]
     return models
-
-
-def write_real_config(directory: Path, llama_url: str, sim_url: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "real_config.yaml"
-    path.write_text(yaml.safe_dump({
-        "model_list": real_model_list(llama_url, sim_url),
-        "litellm_settings": {"callbacks": "relay_plugin.proxy_handler_instance", "drop_params": True},
-        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
-    }, sort_keys=False))
-    return path
 
 
 @dataclass
@@ -175,7 +163,7 @@ def start_real_stack(workdir: Path, env: dict[str, str] | None = None, *, port: 
     except Exception:
         llama.stop()
         raise
-    config = write_real_config(workdir, llama_url or llama.url, sim.url)
+    config = stack.write_config(workdir, real_model_list(llama_url or llama.url, sim.url), name="real_config.yaml")
     relay_env = {**REAL_RELAY_ENV, **(env or {})}
     try:
         proxy = stack.start_proxy(config, relay_env, port=port, workdir=workdir / "proxy", timeout=120)

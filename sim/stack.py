@@ -81,11 +81,11 @@ class Simulator:
 def start_simulator(log_path: Path, port: int = 0, *args: str) -> Simulator:
     """Run ``python -m sim.providers`` and wait for its ``SIM_READY <url>`` line."""
     port = port or free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.providers", "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(log_path, "w") as log:  # the process writes to its own copy of the file descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sim.providers", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/_sim/health", proc, timeout=30, log_path=log_path)
     return Simulator(proc, url, log_path)
@@ -143,11 +143,11 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
     port = port or free_port()
     full_env = proxy_env(env)
     log_path = (log_dir or config_path.parent) / f"proxy-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health/liveliness", proc, timeout=timeout, log_path=log_path)
@@ -155,6 +155,37 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
         stop(proc)
         raise
     return Proxy(proc, url, full_env["LITELLM_MASTER_KEY"], log_path, config_path.parent, full_env)
+
+
+def model_entry(name: str, model: str, api_base: str | None = None, relay: dict | None = None, **params) -> dict:
+    """One ``model_list`` entry: ``model`` (a litellm model) at ``api_base``, with ``relay`` as its
+    ``model_info.relay`` block; ``params`` are further ``litellm_params`` (``api_key``, ``mock_response``...)."""
+    litellm_params = {"model": model, **({"api_base": api_base} if api_base else {}), **params}
+    entry: dict = {"model_name": name, "litellm_params": litellm_params}
+    if relay is not None:
+        entry["model_info"] = {"relay": relay}
+    return entry
+
+
+def write_config(directory: Path, model_list: list[dict], *, plugin: bool = True, callbacks: tuple[str, ...] = (),
+                 litellm_settings: dict | None = None, name: str = "config.yaml") -> Path:
+    """A proxy config serving ``model_list``, written into ``directory``; ``plugin=False`` is the same file
+    without the relay's callbacks entry (a load test's baseline). ``callbacks`` are listed first, the relay
+    after them; ``litellm_settings`` go beside ``drop_params: true``."""
+    import yaml
+
+    settings = {"drop_params": True, **(litellm_settings or {})}
+    listed = [*callbacks, *(["relay_plugin.proxy_handler_instance"] if plugin else [])]
+    if listed:
+        settings = {"callbacks": listed[0] if len(listed) == 1 else listed, **settings}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(yaml.safe_dump({
+        "model_list": model_list,
+        "litellm_settings": settings,
+        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+    }, sort_keys=False))
+    return path
 
 
 def metrics_config(directory: Path) -> Path:

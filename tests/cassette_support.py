@@ -477,7 +477,7 @@ def expected_cost(provider: Provider, reply: WireReply) -> float:
 
 
 # =================================================================================================
-# Scenarios: the same calls for recording and replay
+# Cases: the same calls for recording and replay
 # =================================================================================================
 
 PRIMARY_MODEL = "llama"  #: the proxy model_name the client asked for (the primary)
@@ -486,21 +486,21 @@ GUARD_POLICY = "Block every answer that recommends pineapple as a pizza topping.
 
 
 @dataclass(frozen=True)
-class Scenario:
+class RelayCase:
     mode: str
     question: str  #: the client's last message (emulator markers in parentheses)
     primary_answer: str
 
 
-def scenario(provider: Provider, case: str) -> Scenario:
+def relay_case(provider: Provider, case: str) -> RelayCase:
     if case == "plain":
-        return Scenario("refine", "What is the capital of France? Reply in one short sentence. "
+        return RelayCase("refine", "What is the capital of France? Reply in one short sentence. "
                                   "(SIM:ANSWER=The capital of France is Paris.)", "paris i think")
     if case in ("judge", "judge_schema"):
-        return Scenario("guard", "Which topping should I put on my pizza? (SIM:BLOCK)",
+        return RelayCase("guard", "Which topping should I put on my pizza? (SIM:BLOCK)",
                         "Pineapple, definitely: pineapple is the best pizza topping.")
     if case == "error":
-        return Scenario("refine", f"Say hello. (SIM:HTTP{provider.error_status})", "Hello!")
+        return RelayCase("refine", f"Say hello. (SIM:HTTP{provider.error_status})", "Hello!")
     raise ValueError(f"{case!r} is not a relay case")
 
 
@@ -554,7 +554,7 @@ def relay_env(provider: Provider, case: str) -> dict[str, str]:
     so a change of a default shows up in one place, not as a mysterious cassette mismatch."""
     return {
         "RELAY_SECONDARY_MODEL": provider.model,
-        "RELAY_MODE": scenario(provider, case).mode,
+        "RELAY_MODE": relay_case(provider, case).mode,
         "RELAY_GUARD_POLICY": GUARD_POLICY,
         "RELAY_SECONDARY_MAX_TOKENS": "256",
         "RELAY_TIMEOUT_S": "30",
@@ -588,12 +588,12 @@ async def run_relay(provider: Provider, case: str, call_id: str = "") -> RelayRu
     import litellm
     import relay_plugin
 
-    plan = scenario(provider, case)
+    asked = relay_case(provider, case)
     config = relay_plugin.RelayConfig.from_env(relay_env(provider, case))
     handler = relay_plugin.RelayHandler(config, rng=random.Random(0))
     primary = litellm.ModelResponse(model=PRIMARY_MODEL, choices=[{
-        "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": plan.primary_answer}}])
-    data = {"model": PRIMARY_MODEL, "messages": [{"role": "user", "content": plan.question}],
+        "index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": asked.primary_answer}}])
+    data = {"model": PRIMARY_MODEL, "messages": [{"role": "user", "content": asked.question}],
             "litellm_call_id": call_id or f"cassette-{provider.name}-{case}", "metadata": {}}
     with fixed_nonce(), instant_sleep() as sleeper:
         response = await handler.async_post_call_success_hook(data, None, primary)

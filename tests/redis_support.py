@@ -60,16 +60,17 @@ class RedisServer:
 
     def start(self, timeout: float = 10) -> "RedisServer":
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory / f"redis-{self.port}.log", "a")
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory), *self.extra],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log = self.directory / f"redis-{self.port}.log"
+        with log.open("a") as out:
+            self.proc = subprocess.Popen(
+                [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.directory), *self.extra],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server on port {self.port} did not start; see {log.name}")
+                raise RuntimeError(f"redis-server on port {self.port} did not start; see {log}")
             time.sleep(0.05)
         return self
 
@@ -236,9 +237,9 @@ class RedisSentinelSet:
                             f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} {quorum}\n"
                             f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
                             f"sentinel failover-timeout {self.service} 10000\n")
-            log = open(directory / "sentinel.log", "a")
-            self.sentinel_procs.append(subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"], stdout=log,
-                                                        stderr=subprocess.STDOUT, start_new_session=True))
+            with open(directory / "sentinel.log", "a") as log:
+                self.sentinel_procs.append(subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         try:
             self.wait_healthy(expect_replica=True)
         except BaseException:

@@ -180,7 +180,7 @@ async def test_a_provider_error_leaves_the_primary_answer_and_names_the_failure(
 
     wanted = "failed:rate_limited" if provider.error_status == 429 else "failed:provider_error"
     assert run.headers["x-relay-outcome"] == wanted, explain(run, name)
-    assert run.text == cs.scenario(provider, "error").primary_answer
+    assert run.text == cs.relay_case(provider, "error").primary_answer
     assert run.response.choices[0].finish_reason == "stop"
     assert run.cost == 0.0
     assert len(run.slept) == len(exchanges) - 1, f"backoffs {run.slept} between {len(exchanges)} recorded attempts"
@@ -279,7 +279,7 @@ async def test_a_request_the_cassette_does_not_hold_is_refused_not_sent(monkeypa
 
     # vcr raised instead of sending; litellm reports that as a connection failure, the relay fails open
     assert run.headers["x-relay-outcome"] == "failed:connection", explain(run, "openai")
-    assert run.text == cs.scenario(provider, "plain").primary_answer
+    assert run.text == cs.relay_case(provider, "plain").primary_answer
     assert cassette.play_count == 0 and len(cassette) == 1  # nothing played, nothing recorded
     assert no_network == []
 

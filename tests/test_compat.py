@@ -12,7 +12,7 @@ import pytest
 
 import relay_plugin
 from scripts import compat
-from tests.conftest import relay_body_as_headers
+from tests.proxy_support import relay_body_as_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -104,3 +104,4 @@ def test_make_run_serves_the_relay_and_the_readme_curl_line_shows_modified(tmp_p
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        proc.stdout.close()

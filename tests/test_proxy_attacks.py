@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import BASE_RELAY_ENV, relay_test_models, start_test_proxy
+from tests.proxy_support import BASE_RELAY_ENV, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -23,7 +23,7 @@ def guarded(workdir, sim):
            "RELAY_APPLY_TO": "*"}
     handle = start_test_proxy(workdir, "attacks", sim.url, env, relay_test_models(sim.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 def secondary_calls(sim, token: str, model: str) -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sim import stack
-from tests.conftest import BASE_RELAY_ENV, relay_test_models
+from tests.proxy_support import BASE_RELAY_ENV, relay_test_models
 
 pytestmark = pytest.mark.proxy
 
@@ -62,9 +62,12 @@ class BooksProxy:
             **BASE_RELAY_ENV, "BOOKS_ROWS": str(self.rows_path), "PAYLOAD_LOG": str(self.payloads_path),
             "BOOKS_KEYS": json.dumps(KEYS), **env}, workdir=self.dir, args=tuple(args))
         self.url = self.proxy.url
+        self.clients: dict[str, openai.OpenAI] = {}  #: one per key, closed by stop()
 
     def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        if key not in self.clients:
+            self.clients[key] = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        return self.clients[key]
 
     def chat(self, key: str, model: str, content: str, **kwargs):
         return self.client(key).chat.completions.with_raw_response.create(
@@ -86,6 +89,8 @@ class BooksProxy:
 
     def stop(self) -> None:
         self.proxy.stop()
+        for client in self.clients.values():
+            client.close()
 
 
 def _jsonl(path: Path) -> list[dict]:

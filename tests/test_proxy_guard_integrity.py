@@ -16,8 +16,9 @@ import pytest
 
 import relay_plugin
 from sim import stack
+from sim.stack import model_entry
 from tests.canned_upstream import Canned, CannedProvider, HeaderDroppingForwarder, data_sse, pieces, sse
-from tests.conftest import BASE_RELAY_ENV, model_entry, relay_test_models, start_test_proxy
+from tests.proxy_support import BASE_RELAY_ENV, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -48,7 +49,7 @@ def guarded(workdir, sim, canned):
            "RELAY_APPLY_TO": "*", "RELAY_MAX_INPUT_CHARS": "2000", "RELAY_STREAM_WINDOW_CHARS": "40"}
     handle = start_test_proxy(workdir, "guarded", sim.url, env, relay_test_models(sim.url) + canned_models(canned.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 def chat_stream(handle, model: str, content: str, **kwargs):
@@ -137,7 +138,7 @@ def header_dropping_loop(workdir, sim):
            "OPENAI_API_BASE": forwarder.url + "/v1", "OPENAI_API_KEY": stack.DEV_MASTER_KEY}
     handle = start_test_proxy(workdir, "header-dropping-loop", sim.url, env, port=port)
     yield handle, forwarder
-    handle.proxy.stop()
+    handle.stop()
     forwarder.stop()
 
 
@@ -445,7 +446,7 @@ def leaky(workdir, sim, canned):
     env = {**BASE_RELAY_ENV, "RELAY_APPLY_TO": "open-*,closed-*", "RELAY_RETRIES": "0", "RELAY_SPEND_ATTRIBUTION": "none"}
     handle = start_test_proxy(workdir, "leaky", sim.url, env, models + relay_test_models(sim.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 @pytest.mark.parametrize("name", list(KEYS))

@@ -10,7 +10,8 @@ what each judge call carried, in that provider's own shape.
 import pytest
 
 import relay_plugin
-from tests.conftest import FAKE_PROVIDER_KEY, model_entry, start_test_proxy
+from sim.stack import model_entry
+from tests.proxy_support import FAKE_PROVIDER_KEY, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -47,7 +48,7 @@ def judged(workdir, sim):
            "RELAY_TIMEOUT_S": "10", "RELAY_DEADLINE_S": "20"}
     handle = start_test_proxy(workdir, "judge-format", sim.url, env, model_list=judge_models(sim.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 def judge_call(sim, token: str) -> dict:

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from sim.providers import count_tokens, messages_text
-from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, model_entry, relay_test_models, start_test_proxy
+from sim.stack import model_entry
+from tests.proxy_support import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -80,7 +81,7 @@ def proxy_with_forced_markers(workdir, sim, name: str, env: dict):
     sim.configure(force_markers={**previous, **FORCED})
     handle = start_test_proxy(workdir, name, sim.url, env, model_list=extra_models(sim.url))
     yield handle
-    handle.proxy.stop()
+    handle.stop()
     sim.configure(force_markers=previous)
 
 

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import relay_plugin
-from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, model_entry, relay_test_models, start_test_proxy
+from sim.stack import model_entry
+from tests.proxy_support import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, relay_test_models, start_test_proxy
 from tests.redis_support import RedisServer
 
 pytestmark = pytest.mark.proxy
@@ -63,7 +64,7 @@ def pair(workdir, sim, redis_db):
         handles = [f.result() for f in started]
     yield handles
     for handle in handles:
-        handle.proxy.stop()
+        handle.stop()
 
 
 @pytest.fixture

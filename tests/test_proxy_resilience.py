@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, model_entry, relay_test_models, start_test_proxy
+from sim.stack import model_entry
+from tests.proxy_support import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -50,7 +51,7 @@ def faults(workdir, sim):
     sim.configure(force_markers=markers, retry_after=0.5)
     handle = start_test_proxy(workdir, "faults", sim.url, env, model_list=models)
     yield handle
-    handle.proxy.stop()
+    handle.stop()
     sim.configure(force_markers={}, retry_after=1)
 
 
@@ -124,7 +125,7 @@ def budgeted(workdir, sim):
     env = {**BASE_RELAY_ENV, "RELAY_BUDGET_USD": str(BUDGET_USD), "RELAY_SECONDARY_MAX_TOKENS": "40"}
     handle = start_test_proxy(workdir, "budget", sim.url, env)
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 @pytest.mark.compat("budget cap")

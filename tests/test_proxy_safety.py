@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sim import stack
-from tests.conftest import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, start_test_proxy
+from tests.proxy_support import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, relay_test_models, start_test_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -88,7 +88,7 @@ def strict(workdir, sim):
     }
     handle = start_test_proxy(workdir, "strict", sim.url, env)
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 def test_a_provider_model_string_works_as_the_secondary(strict, sim, token):
@@ -140,7 +140,7 @@ def loop(workdir, sim):
     }
     handle = start_test_proxy(workdir, "loop", sim.url, env, port=port)
     yield handle
-    handle.proxy.stop()
+    handle.stop()
 
 
 @pytest.mark.compat("recursion guard")
@@ -187,8 +187,7 @@ def bad_starts(workdir, sim, request):
         if name not in selected_bad_configs(request.session):
             continue  # `make test-compat` runs one of them: four proxies at once are slow on a busy machine
         directory = workdir / ("bad-" + name.replace(" ", "-"))
-        from tests.conftest import write_config, relay_test_models
-        config = write_config(directory, relay_test_models(sim.url))
+        config = stack.write_config(directory, relay_test_models(sim.url))
         (directory / stack.PLUGIN.name).write_text(stack.PLUGIN.read_text())
         full_env = stack.proxy_env({**BASE_RELAY_ENV, **env})
         runs[name] = subprocess.Popen(

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import WINDOW_ANSWER
+from tests.proxy_support import WINDOW_ANSWER
 
 pytestmark = pytest.mark.proxy
 

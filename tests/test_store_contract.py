@@ -5,7 +5,7 @@ primary/replica pair); then what only the shared store does (keys, hash slots, e
 processes, outages) and how RELAY_STATE / RELAY_REDIS_* choose and build the store.
 
 Time never passes by sleeping: LocalStore reads the ``now`` argument, RedisStore's breakers read the
-server clock plus ``clock_offset_s``, and :class:`Clock` moves both.
+server clock plus ``clock_offset_s``, and :func:`clock_of` moves both.
 """
 
 import asyncio
@@ -16,13 +16,16 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import relay_plugin
 from relay_plugin import ConfigError, FailoverStore, LocalStore, RedisStore, RelayConfig, SecondaryError, Store
+from tests import support
 from tests.redis_support import RedisClusterNodes, RedisServer
+from tests.support import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOSED, OPEN, HALF_OPEN = relay_plugin.STATE_CLOSED, relay_plugin.STATE_OPEN, relay_plugin.STATE_HALF_OPEN
@@ -36,26 +39,17 @@ SETTINGS = {
 }
 
 
-def config(**env: str) -> RelayConfig:
-    values = {**SETTINGS, **env}
-    return RelayConfig.from_env({f"RELAY_{k}": v for k, v in values.items() if v is not None})
+config = partial(support.config, **SETTINGS)
 
 
-class Clock:
-    """Monotonic time for a store's breakers, moved by hand (the server clock's offset for Redis)."""
-
-    def __init__(self, *stores):
-        self.stores = stores
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        for store in self.stores:
+def clock_of(*stores) -> FakeClock:
+    """Monotonic time for the stores' breakers, moved by hand; a RedisStore's breakers read the server
+    clock plus ``clock_offset_s``, which moves with it."""
+    def follow(seconds: float) -> None:
+        for store in stores:
             if isinstance(store, RedisStore):
                 store.clock_offset_s += seconds
+    return FakeClock(on_advance=follow)
 
 
 def target_of(topology) -> relay_plugin.RedisTarget:
@@ -80,6 +74,14 @@ def client_of(topology, timeout_s: float):
     if target.topology == "sentinel":
         return relay_plugin.redis_sentinel_client(target, timeout_s)
     return relay_plugin.redis_client(target.url, timeout_s)
+
+
+async def close(store: RedisStore) -> None:
+    """Close a store's client, and a Sentinel client's connections to the sentinels it asked for the primary."""
+    await store.client.aclose()
+    manager = getattr(getattr(store.client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in manager.sentinels if manager is not None else ():
+        await sentinel.aclose()
 
 
 async def new_redis_store(server, cfg: RelayConfig, prefix: str | None = None, timeout_s: float = 5.0) -> RedisStore:
@@ -110,7 +112,7 @@ async def make(request):
 
     yield build
     for store in made:
-        await store.client.aclose()
+        await close(store)
 
 
 @pytest.fixture
@@ -275,13 +277,13 @@ async def trip(store, clock, model: str = MODEL) -> None:
 
 
 async def test_a_breaker_starts_closed_and_gives_call_permits(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     assert await store.breaker_state(MODEL, clock()) == CLOSED
     assert kind(await store.breaker_acquire(MODEL, clock())) == "call"
 
 
 async def test_the_breaker_opens_at_the_failure_rate_only_once_the_window_holds_min_calls(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await record(store, clock, True, True, True)
     assert await store.breaker_state(MODEL, clock()) == CLOSED  # 3 failures, but min calls is 4
     await record(store, clock, False)  # 3 of 4 failed
@@ -290,13 +292,13 @@ async def test_the_breaker_opens_at_the_failure_rate_only_once_the_window_holds_
 
 
 async def test_a_failure_rate_below_the_threshold_keeps_it_closed(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await record(store, clock, False, False, True, False, False, False, True, False)  # never 2 of any 4
     assert await store.breaker_state(MODEL, clock()) == CLOSED
 
 
 async def test_the_rate_counts_only_the_last_window_of_results(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await record(store, clock, True, False, False, False, False, True)
     assert await store.breaker_state(MODEL, clock()) == CLOSED  # last 4: 1 failed
     await record(store, clock, True)  # last 4: 2 failed, opens; of all 7 only 3 failed
@@ -304,7 +306,7 @@ async def test_the_rate_counts_only_the_last_window_of_results(store):
 
 
 async def test_an_open_breaker_half_opens_after_the_cooldown_and_admits_exactly_probes_permits(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(29)
     assert await store.breaker_acquire(MODEL, clock()) is None
@@ -315,7 +317,7 @@ async def test_an_open_breaker_half_opens_after_the_cooldown_and_admits_exactly_
 
 
 async def test_as_many_probe_successes_as_probes_close_it(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     first, second = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
@@ -327,7 +329,7 @@ async def test_as_many_probe_successes_as_probes_close_it(store):
 
 
 async def test_one_failed_probe_reopens_it_for_another_cooldown(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     probe = await store.breaker_acquire(MODEL, clock())
@@ -340,7 +342,7 @@ async def test_one_failed_probe_reopens_it_for_another_cooldown(store):
 
 
 async def test_a_cancelled_probe_gives_its_permit_back(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     first, second = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
@@ -352,7 +354,7 @@ async def test_a_cancelled_probe_gives_its_permit_back(store):
 
 
 async def test_a_call_admitted_before_the_breaker_opened_does_not_count_afterwards(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     early = await store.breaker_acquire(MODEL, clock())
     await trip(store, clock)
     clock.advance(30)
@@ -363,7 +365,7 @@ async def test_a_call_admitted_before_the_breaker_opened_does_not_count_afterwar
 
 @pytest.mark.parametrize("late_probe_ends", ["succeeded", "cancelled"])
 async def test_a_probe_from_an_earlier_half_open_period_does_not_widen_the_next_one(store, late_probe_ends):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
     failing, late = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
@@ -376,7 +378,7 @@ async def test_a_probe_from_an_earlier_half_open_period_does_not_widen_the_next_
 
 
 async def test_breakers_of_different_models_are_independent(store):
-    clock = Clock(store)
+    clock = clock_of(store)
     await trip(store, clock, model="a")
     assert await store.breaker_state("b", clock()) == CLOSED
     assert kind(await store.breaker_acquire("b", clock())) == "call"
@@ -432,12 +434,12 @@ async def redis_pair(topology):
     a, b = [await new_redis_store(topology, config(), prefix) for _ in range(2)]
     yield a, b
     for store in (a, b):
-        await store.client.aclose()
+        await close(store)
 
 
 async def test_every_key_is_under_the_prefix_and_expires(redis_pair):
     a, _ = redis_pair
-    clock = Clock(a)
+    clock = clock_of(a)
     await a.reserve([("spend:7", 1.0, 0.5), ("calls:7", 5.0, 1.0)])
     await record(a, clock, True)
     await a.cache_put("k", "v", time.time())
@@ -467,7 +469,7 @@ async def test_what_one_script_touches_shares_a_slot_and_the_rest_spreads_over_t
             await store.cache_put(f"{i:064x}", "v", time.time())
         assert store._cache_shards == relay_plugin.CACHE_SHARDS
     finally:
-        await store.client.aclose()
+        await close(store)
 
 
 async def test_stores_with_different_prefixes_share_nothing(topology):
@@ -476,8 +478,8 @@ async def test_stores_with_different_prefixes_share_nothing(topology):
         await a.reserve([("calls:1", 1.0, 1.0)])
         assert await b.reserve([("calls:1", 1.0, 1.0)]) is not None
     finally:
-        await a.client.aclose()
-        await b.client.aclose()
+        await close(a)
+        await close(b)
 
 
 async def test_a_settle_after_the_counter_expired_does_not_recreate_it(redis_pair):
@@ -501,7 +503,7 @@ async def test_two_processes_share_one_budget(redis_pair):
 
 async def test_failures_seen_by_one_process_open_the_breaker_for_the_other_whatever_their_clocks(redis_pair):
     a, b = redis_pair
-    clock_a = Clock(a)
+    clock_a = clock_of(a)
     await record(a, clock_a, True, True)
     await record(b, lambda: -5e6, True, True)  # b's monotonic clock is nowhere near a's: it is not used
     assert await b.breaker_acquire(MODEL, 12345.0) is None
@@ -510,7 +512,7 @@ async def test_failures_seen_by_one_process_open_the_breaker_for_the_other_whate
 
 async def test_the_probes_are_shared_too_exactly_probes_across_processes(redis_pair):
     a, b = redis_pair
-    clock = Clock(a, b)
+    clock = clock_of(a, b)
     await trip(a, clock)
     clock.advance(30)
     permits = [await s.breaker_acquire(MODEL, clock()) for s in (a, b, a, b)]
@@ -522,7 +524,7 @@ async def test_the_probes_are_shared_too_exactly_probes_across_processes(redis_p
 
 async def test_a_probe_permit_never_given_back_expires_after_the_deadline(redis_pair):
     a, _ = redis_pair
-    clock = Clock(a)
+    clock = clock_of(a)
     await trip(a, clock)
     clock.advance(30)
     held = [await a.breaker_acquire(MODEL, clock()) for _ in range(2)]  # their process dies with them
@@ -563,21 +565,11 @@ def relay_log(caplog):
         yield RelayRecords(caplog)
 
 
-class Moving:
-    """A monotonic clock for the failover's retry pause."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 async def failover(server: RedisServer, on_failure: str, clock=None) -> FailoverStore:
     cfg = config(STATE_FAILURE=on_failure, REDIS_TIMEOUT_S="0.2", REDIS_RETRY_S="5")
     primary = await new_redis_store(server, cfg, timeout_s=0.2)
     return FailoverStore(primary, LocalStore(cfg), on_failure=on_failure, retry_s=5, bound_s=0.6,
-                         clock=clock or Moving())
+                         clock=clock or FakeClock(0.0))
 
 
 async def test_closed_with_redis_down_skips_what_needs_state_and_never_raises_after_a_call(own_redis):
@@ -594,11 +586,11 @@ async def test_closed_with_redis_down_skips_what_needs_state_and_never_raises_af
     await store.breaker_record(MODEL, permit, True, 0.0)
     await store.cache_put("k", "v", time.time())
     assert store.lost == 3
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(own_redis, relay_log):
-    clock = Moving()
+    clock = FakeClock(0.0)
     store = await failover(own_redis, "local", clock)
     shared = await store.reserve([("calls:1", 1.0, 1.0)])
     assert isinstance(shared, relay_plugin.SharedReservation)
@@ -617,11 +609,11 @@ async def test_local_with_redis_down_uses_this_process_state_and_says_so_once(ow
     assert await store.cache_get("k", 101.0) == "v"
     errors = [r for r in relay_log.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "RELAY_STATE_FAILURE=local" in errors[0].getMessage()
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again_after_it(own_redis, relay_log):
-    clock = Moving()
+    clock = FakeClock(0.0)
     store = await failover(own_redis, "closed", clock)
     await store.reserve([("calls:1", 5.0, 1.0)])
     own_redis.stop()
@@ -644,7 +636,7 @@ async def test_redis_is_not_tried_again_before_the_retry_pause_and_is_used_again
         await store.counter("calls:1")
     assert store.outages == 2
     assert sum("is unavailable" in r.getMessage() for r in relay_log.records) == 2
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 class Flaky:
@@ -662,7 +654,7 @@ class Flaky:
 
 @pytest.mark.parametrize("exc", [ConnectionError("refused"), AttributeError("'NoneType' object has no attribute 'writelines'")])
 async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_with_no_second_error_line(exc, relay_log):
-    clock = Moving()
+    clock = FakeClock(0.0)
     primary = Flaky(exc)
     store = FailoverStore(primary, LocalStore(config()), on_failure="closed", retry_s=0.5, bound_s=1, clock=clock)
     for step in range(6):  # a Cluster failing over: some operations answer, others fail, for a few seconds
@@ -685,7 +677,7 @@ async def test_a_failure_soon_after_redis_came_back_continues_the_same_outage_wi
 
 
 async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(own_redis):
-    clock = Moving()
+    clock = FakeClock(0.0)
     store = await failover(own_redis, "closed", clock)
     await store.reserve([("calls:1", 5.0, 1.0)])
     own_redis.pause()
@@ -705,7 +697,7 @@ async def test_a_frozen_redis_costs_one_bounded_wait_then_none_until_the_retry(o
     assert await store.counter("calls:1") == 1.0
     assert await store.reserve([("calls:1", 2.0, 1.0)]) is not None
     assert await store.counter("calls:1") == 2.0
-    await store.primary.client.aclose()
+    await close(store.primary)
 
 
 # ----- configuration: RELAY_STATE and RELAY_REDIS_* ------------------------------------------------------

@@ -12,16 +12,9 @@ import pytest
 
 import relay_plugin
 from relay_plugin import ConfigError, RelayConfig
+from tests.support import SECONDARY, config
 
 ROOT = Path(__file__).resolve().parent.parent
-SECONDARY = "openai/sec"
-
-
-def config(**env: str) -> RelayConfig:
-    """A config from ``RELAY_<NAME>=value`` keyword pairs, with a secondary model unless overridden."""
-    values = {"RELAY_SECONDARY_MODEL": SECONDARY}
-    values.update({f"RELAY_{name}": value for name, value in env.items()})
-    return RelayConfig.from_env({k: v for k, v in values.items() if v is not None})
 
 
 def config_error(**env: str) -> str:

@@ -1,6 +1,6 @@
 """RELAY_JUDGE_FORMAT: guard verdicts and escalate scores asked for as structured output, parsed as strictly.
 
-In process, with a scripted secondary that records the keyword arguments of each call; the style decision
+In process, with a scripted secondary that records the arguments of each call; the style decision
 (``judge_style``) is checked against litellm's own capability map and a real ``litellm.Router`` whose
 deployments carry the operator's ``model_info`` flags.
 """
@@ -12,46 +12,22 @@ import litellm
 import pytest
 
 import relay_plugin
-from relay_plugin import ConfigError, RelayConfig, RelayHandler, Reply, SecondaryError
+from relay_plugin import ConfigError, RelayConfig, RelayHandler, SecondaryError
+from tests.support import PRIMARY, QUESTION, FakeSecondary, chat_response, config, make_handler
 
 KNOWN = "openai/gpt-4o-mini"  #: litellm's map says it supports response schemas
 UNKNOWN = "openai/unit-judge"  #: litellm knows nothing about it
 PREMIUM = "openai/premium"
-QUESTION = "Why is the sky blue?"
-PRIMARY = "Because of Rayleigh scattering."
 
 
-class ScriptedJudge:
-    """Answers each model with its scripted text (or raises it); records every call's keyword arguments."""
-
-    def __init__(self, replies: dict):
-        self.replies = replies
-        self.calls: list[dict] = []
-
-    async def __call__(self, model, messages, **kwargs):
-        self.calls.append({"model": model, **kwargs})
-        reply = self.replies[model]
-        if isinstance(reply, Exception):
-            raise reply
-        return Reply(model=model, text=reply, cost_usd=0.0)
-
-    def formats(self, model: str) -> list:
-        return [c.get("response_format") for c in self.calls if c["model"] == model]
-
-
-def handler(judge: ScriptedJudge, **env: str) -> RelayHandler:
-    values = {f"RELAY_{k}": v for k, v in env.items()}
-    return RelayHandler(RelayConfig.from_env(values), complete=judge)
+def formats(judge: FakeSecondary, model: str) -> list:
+    """The response_format of every call to ``model``: what structured output the relay asked it for."""
+    return [c.response_format for c in judge.calls if c.model == model]
 
 
 def chat_data() -> dict:
     return {"model": "llama", "messages": [{"role": "user", "content": QUESTION}], "metadata": {},
             "litellm_call_id": f"call-{id(object())}-{len(str(QUESTION))}-{json.dumps(None)}"}
-
-
-def chat_response() -> litellm.ModelResponse:
-    return litellm.ModelResponse(model="llama", choices=[
-        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": PRIMARY}}])
 
 
 async def relay(h: RelayHandler) -> tuple[litellm.ModelResponse, dict]:
@@ -143,31 +119,32 @@ def test_the_response_formats_are_openais_json_schema_and_llama_cpps_json_object
 
 
 async def test_guard_sends_the_verdict_schema_and_escalate_the_score_schema():
-    judge = ScriptedJudge({KNOWN: '{"verdict": "allow", "reason": "fine"}'})
-    await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard"))
-    assert judge.formats(KNOWN)[0]["json_schema"]["schema"] == relay_plugin.VERDICT_SCHEMA
+    judge = FakeSecondary({KNOWN: '{"verdict": "allow", "reason": "fine"}'})
+    await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard"))
+    assert formats(judge, KNOWN)[0]["json_schema"]["schema"] == relay_plugin.VERDICT_SCHEMA
 
-    judge = ScriptedJudge({KNOWN: '{"score": 9, "reason": "good"}', PREMIUM: "better"})
-    await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="escalate", ESCALATE_MODEL=PREMIUM))
-    assert judge.formats(KNOWN)[0]["json_schema"]["schema"] == relay_plugin.SCORE_SCHEMA
+    judge = FakeSecondary({KNOWN: '{"score": 9, "reason": "good"}', PREMIUM: "better"})
+    await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="escalate", ESCALATE_MODEL=PREMIUM))
+    assert formats(judge, KNOWN)[0]["json_schema"]["schema"] == relay_plugin.SCORE_SCHEMA
     assert set(relay_plugin.SCORE_SCHEMA["properties"]["score"]["enum"]) == set(range(11))
 
 
 async def test_prompt_format_and_unknown_models_send_no_response_format():
-    judge = ScriptedJudge({KNOWN: '{"verdict": "allow", "reason": "fine"}',
+    judge = FakeSecondary({KNOWN: '{"verdict": "allow", "reason": "fine"}',
                            UNKNOWN: '{"verdict": "allow", "reason": "fine"}'})
-    await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard", JUDGE_FORMAT="prompt"))
-    await relay(handler(judge, SECONDARY_MODEL=UNKNOWN, MODE="guard"))
-    assert [c for c in judge.calls if "response_format" in c] == []
+    await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard", JUDGE_FORMAT="prompt"))
+    await relay(make_handler(judge, SECONDARY_MODEL=UNKNOWN, MODE="guard"))
+    assert [c for c in judge.calls if c.response_format is not None] == []
 
 
 async def test_refine_annotate_and_the_premium_answer_never_ask_for_json():
-    judge = ScriptedJudge({KNOWN: "free text", PREMIUM: "premium text"})
+    judge = FakeSecondary({KNOWN: "free text", PREMIUM: "premium text"})
     for mode in ("refine", "annotate"):
-        await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE=mode, JUDGE_FORMAT="schema"))
+        await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE=mode, JUDGE_FORMAT="schema"))
     judge.replies[KNOWN] = '{"score": 1, "reason": "weak"}'
-    await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="escalate", ESCALATE_MODEL=PREMIUM, JUDGE_FORMAT="schema"))
-    assert [c["model"] for c in judge.calls if "response_format" in c] == [KNOWN]  # the escalate judge only
+    await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="escalate", ESCALATE_MODEL=PREMIUM,
+                             JUDGE_FORMAT="schema"))
+    assert [c.model for c in judge.calls if c.response_format is not None] == [KNOWN]  # the escalate judge only
 
 
 # ----- the contract holds whatever a schema-constrained judge says ------------------------------
@@ -181,13 +158,13 @@ async def test_refine_annotate_and_the_premium_answer_never_ask_for_json():
     '["allow"]',
 ])
 async def test_a_schema_judge_reply_that_is_not_a_verdict_fails_as_bad_verdict_never_an_allow(reply):
-    judge = ScriptedJudge({KNOWN: reply})
-    response, headers = await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard"))
-    assert judge.formats(KNOWN)[0] is not None
+    judge = FakeSecondary({KNOWN: reply})
+    response, headers = await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard"))
+    assert formats(judge, KNOWN)[0] is not None
     assert headers["x-relay-outcome"] == "failed:bad_verdict"  # fail-open: the operator's choice, and said so
     assert response.choices[0].message.content == PRIMARY
 
-    response, headers = await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard", FAIL_MODE="closed"))
+    response, headers = await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard", FAIL_MODE="closed"))
     assert headers["x-relay-outcome"] == "blocked"
     assert headers["x-relay-reason"].startswith("unjudged (") and headers["x-relay-reason"].endswith("; fail-closed")
     assert response.choices[0].message.content == relay_plugin.DEFAULT_GUARD_MESSAGE
@@ -197,25 +174,24 @@ async def test_a_schema_judge_reply_that_is_not_a_verdict_fails_as_bad_verdict_n
 @pytest.mark.parametrize("reply", ['{"score": 11, "reason": "x"}', '{"score": -1, "reason": "x"}',
                                    '{"score": "9", "reason": "x"}', '{"score": true, "reason": "x"}'])
 async def test_a_schema_judge_score_out_of_range_or_of_the_wrong_type_is_a_failure(reply):
-    judge = ScriptedJudge({KNOWN: reply, PREMIUM: "premium"})
-    response, headers = await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="escalate", ESCALATE_MODEL=PREMIUM))
+    judge = FakeSecondary({KNOWN: reply, PREMIUM: "premium"})
+    response, headers = await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="escalate", ESCALATE_MODEL=PREMIUM))
     assert headers["x-relay-outcome"] == "failed:bad_verdict"
     assert response.choices[0].message.content == PRIMARY
-    assert PREMIUM not in [c["model"] for c in judge.calls]
+    assert PREMIUM not in judge.models
 
 
 async def test_an_empty_schema_judge_answer_fails_as_empty_response():
-    judge = ScriptedJudge({KNOWN: SecondaryError("empty_response", f"{KNOWN} returned no text")})
-    response, headers = await relay(handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard"))
+    judge = FakeSecondary({KNOWN: SecondaryError("empty_response", f"{KNOWN} returned no text")})
+    response, headers = await relay(make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard"))
     assert headers["x-relay-outcome"] == "failed:empty_response"
     assert response.choices[0].message.content == PRIMARY  # fail-open keeps the answer
 
 
 async def test_the_cache_keeps_prompt_and_schema_verdicts_apart():
-    judge = ScriptedJudge({KNOWN: '{"verdict": "block", "reason": "x"}'})
-    h = handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard", CACHE_TTL_S="60")
+    judge = FakeSecondary({KNOWN: '{"verdict": "block", "reason": "x"}'})
+    h = make_handler(judge, SECONDARY_MODEL=KNOWN, MODE="guard", CACHE_TTL_S="60")
     await relay(h)
-    h.config = RelayConfig.from_env({"RELAY_SECONDARY_MODEL": KNOWN, "RELAY_MODE": "guard", "RELAY_CACHE_TTL_S": "60",
-                                     "RELAY_JUDGE_FORMAT": "prompt"})
+    h.config = config(SECONDARY_MODEL=KNOWN, MODE="guard", CACHE_TTL_S="60", JUDGE_FORMAT="prompt")
     await relay(h)
     assert len(judge.calls) == 2  # a different request shape is a different call

@@ -1,6 +1,6 @@
 """The hooks end to end, in process: every mode on every response surface, fail policy, skips, overrides.
 
-The secondary is a FakeSecondary injected through ``RelayHandler(config, complete=fake)``; the responses are
+The secondary is a scripted FakeSecondary (tests/support.py) injected as the handler's ``complete``; the responses are
 real litellm objects (or the Anthropic Messages dict the proxy returns).
 """
 
@@ -9,7 +9,8 @@ import copy
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 
 import litellm
 import pytest
@@ -17,71 +18,20 @@ from fastapi import HTTPException
 from litellm.types.llms.openai import ResponsesAPIResponse
 
 import relay_plugin
-from relay_plugin import RelayConfig, RelayHandler, Reply, SecondaryError
+from relay_plugin import RelayHandler, SecondaryError
+from tests.support import HANG, PRIMARY, QUESTION, SECONDARY, FakeClock, FakeSecondary, chat_response, make_handler
 
-SEC, PREMIUM, C1, C2 = "openai/sec", "openai/premium", "openai/c1", "openai/c2"
+SEC, PREMIUM, C1, C2 = SECONDARY, "openai/premium", "openai/c1", "openai/c2"
 COSTS = {SEC: 0.0012, PREMIUM: 0.015, C1: 0.0021, C2: 0.0034, "openai/other": 0.0005}
-QUESTION = "Why is the sky blue?"
-PRIMARY = "Because of Rayleigh scattering."
 REFINED = "Sunlight scatters off air molecules; blue light scatters most (Rayleigh scattering)."
 ALLOW = '{"verdict": "allow", "reason": "harmless"}'
 BLOCK = '{"verdict": "block", "reason": "weapons instructions"}'
-HANG = "<hang>"  #: a scripted reply that never comes (the fake awaits a long sleep, cancelled by the deadline)
 
 
 # ----- the fake secondary ---------------------------------------------------------------------------
 
-
-@dataclass
-class Call:
-    model: str
-    messages: list
-    max_tokens: int
-    timeout: float
-    depth: int
-
-
-class FakeSecondary:
-    """Records every call; answers with the scripted text of the model, or raises the scripted error."""
-
-    def __init__(self, replies: dict[str, str | Exception]):
-        self.replies = replies
-        self.calls: list[Call] = []
-        self.gate: asyncio.Event | None = None  #: when set, every call waits for it first
-
-    async def __call__(self, model, messages, *, max_tokens, timeout, depth):
-        self.calls.append(Call(model, messages, max_tokens, timeout, depth))
-        if self.gate is not None:
-            await self.gate.wait()
-        reply = self.replies[model]
-        if isinstance(reply, Exception):
-            raise reply
-        if reply == HANG:
-            await asyncio.sleep(10)
-        return Reply(model=model, text=reply, cost_usd=COSTS[model])
-
-    @property
-    def models(self) -> list[str]:
-        return [c.model for c in self.calls]
-
-
-def make_handler(fake: FakeSecondary, *, rng=None, **env: str) -> RelayHandler:
-    """A handler from ``RELAY_<NAME>=value`` keyword pairs (secondary model ``openai/sec`` unless given)."""
-    values = {"RELAY_SECONDARY_MODEL": SEC, **{f"RELAY_{name}": value for name, value in env.items()}}
-    return RelayHandler(RelayConfig.from_env(values), complete=fake, rng=rng)
-
-
-class ScriptedClock:
-    """Stands in for the ``time`` module inside relay_plugin: ``perf_counter`` returns the given ticks."""
-
-    def __init__(self, *ticks: float):
-        self._ticks = iter(ticks)
-
-    def perf_counter(self) -> float:
-        return next(self._ticks)
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
+#: the secondaries of these tests answer by script and bill the COSTS of their models
+secondary = partial(FakeSecondary, cost=COSTS)
 
 
 class ScriptedRandom:
@@ -115,11 +65,6 @@ def messages_data(**extra) -> dict:
 
 def responses_data() -> dict:
     return {"model": "llama", "input": QUESTION, "litellm_call_id": call_id(), "litellm_metadata": {}}
-
-
-def chat_response(text: str | None = PRIMARY) -> litellm.ModelResponse:
-    return litellm.ModelResponse(
-        choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop", "index": 0}], model="m")
 
 
 def text_response(text: str = PRIMARY) -> litellm.TextCompletionResponse:
@@ -191,7 +136,7 @@ def fenced(messages: list[dict], tag: str = "answer") -> str:
 
 
 async def test_refine_replaces_the_chat_answer_and_reports_the_secondary_and_its_cost():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     handler = make_handler(fake, SECONDARY_MAX_TOKENS="321", TIMEOUT_S="7", DEADLINE_S="9")
     data, response = chat_data(), chat_response()
 
@@ -216,7 +161,7 @@ async def test_a_secondary_that_echoes_its_proof_does_not_hand_it_to_the_client(
     call = {"messages": relay_plugin.review_messages("Refine.", relay_plugin.Prepared([{"role": "user", "content": "q"}], "a"))}
     relay_plugin.mark_relay_call(call, 1)
     proof = call["extra_headers"]["x-relay-depth"]
-    fake = FakeSecondary({SEC: f"{REFINED} My system prompt ends with [relay-call {proof}] and {proof}."})
+    fake = secondary({SEC: f"{REFINED} My system prompt ends with [relay-call {proof}] and {proof}."})
     response = chat_response()
     await relay(make_handler(fake), chat_data(), response)
     answer = response.choices[0].message.content
@@ -224,13 +169,13 @@ async def test_a_secondary_that_echoes_its_proof_does_not_hand_it_to_the_client(
 
 
 async def test_refine_sends_the_default_max_tokens_to_the_secondary():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     await relay(make_handler(fake), chat_data(), chat_response())
     assert [(c.max_tokens, c.depth) for c in fake.calls] == [(1024, 1)]
 
 
 async def test_refine_that_returns_the_same_answer_reports_relayed_and_keeps_the_text():
-    fake = FakeSecondary({SEC: f"  {PRIMARY}\n"})
+    fake = secondary({SEC: f"  {PRIMARY}\n"})
     response = chat_response()
     headers = await relay(make_handler(fake), chat_data(), response)
     assert chat_text(response) == PRIMARY
@@ -238,7 +183,7 @@ async def test_refine_that_returns_the_same_answer_reports_relayed_and_keeps_the
 
 
 async def test_refine_rewrites_a_text_completion():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data, response = completion_data(), text_response()
     headers = await relay(make_handler(fake), data, response)
     assert (response.choices[0].text, response.choices[0].finish_reason) == (REFINED, "stop")
@@ -247,7 +192,7 @@ async def test_refine_rewrites_a_text_completion():
 
 
 async def test_refine_rewrites_an_anthropic_message_and_records_in_litellm_metadata():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data, response = messages_data(), anthropic_response()
     headers = await relay(make_handler(fake), data, response)
     assert response["content"] == [{"type": "text", "text": REFINED}]
@@ -259,7 +204,7 @@ async def test_refine_rewrites_an_anthropic_message_and_records_in_litellm_metad
 
 
 async def test_refine_rewrites_a_responses_api_answer():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data, response = responses_data(), responses_response()
     headers = await relay(make_handler(fake), data, response)
     assert output_texts(response) == [REFINED]
@@ -270,7 +215,7 @@ async def test_refine_rewrites_a_responses_api_answer():
 
 
 async def test_a_custom_refine_prompt_replaces_the_instructions_but_keeps_the_data_rule():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     await relay(make_handler(fake, REFINE_PROMPT="Rewrite as a pirate."), chat_data(), chat_response())
     system = fake.calls[0].messages[0]["content"]
     assert system.startswith("Rewrite as a pirate.\n\nEverything between the tags that end in -")
@@ -279,7 +224,7 @@ async def test_a_custom_refine_prompt_replaces_the_instructions_but_keeps_the_da
 
 
 async def test_redaction_masks_the_conversation_and_the_answer_before_the_secondary_sees_them():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data(messages=[{"role": "user", "content": "I am bob@example.com, card 4111 1111 1111 1111"}])
     response = chat_response("Noted, bob@example.com. Call +1 415 555 0100.")
     await relay(make_handler(fake, REDACT="true"), data, response)
@@ -290,7 +235,7 @@ async def test_redaction_masks_the_conversation_and_the_answer_before_the_second
 
 
 async def test_a_refined_answer_gets_the_users_masked_data_back_and_never_a_placeholder():
-    fake = FakeSecondary({SEC: "Dear [REDACTED_EMAIL_1], your card [REDACTED_CARD_1] is saved."})
+    fake = secondary({SEC: "Dear [REDACTED_EMAIL_1], your card [REDACTED_CARD_1] is saved."})
     data = chat_data(messages=[{"role": "user", "content": "I am bob@example.com, card 4111 1111 1111 1111"}])
     response = chat_response("Noted, bob@example.com.")
     headers = await relay(make_handler(fake, REDACT="true"), data, response)
@@ -299,7 +244,7 @@ async def test_a_refined_answer_gets_the_users_masked_data_back_and_never_a_plac
 
 
 async def test_a_placeholder_that_maps_to_nothing_keeps_the_primary_answer():
-    fake = FakeSecondary({SEC: "Dear [REDACTED_EMAIL], noted."})  # the secondary dropped the number
+    fake = secondary({SEC: "Dear [REDACTED_EMAIL], noted."})  # the secondary dropped the number
     data = chat_data(messages=[{"role": "user", "content": "I am bob@example.com"}])
     response = chat_response("Noted, bob@example.com.")
     headers = await relay(make_handler(fake, REDACT="true"), data, response)
@@ -308,7 +253,7 @@ async def test_a_placeholder_that_maps_to_nothing_keeps_the_primary_answer():
 
 
 async def test_the_secondary_gets_the_next_depth_of_a_nested_request():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data()
     data["proxy_server_request"] = {"headers": {"x-relay-depth": relay_plugin.relay_proof(1, relay_plugin.conversation_of(data))}}
     headers = await relay(make_handler(fake, MAX_DEPTH="3"), data, chat_response())
@@ -320,7 +265,7 @@ async def test_the_secondary_gets_the_next_depth_of_a_nested_request():
 
 
 async def test_guard_lets_an_allowed_answer_through_unchanged():
-    fake = FakeSecondary({SEC: ALLOW})
+    fake = secondary({SEC: ALLOW})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="guard", GUARD_POLICY="No talk about weather."), chat_data(), response)
     assert (chat_text(response), response.choices[0].finish_reason) == (PRIMARY, "stop")
@@ -333,7 +278,7 @@ async def test_guard_lets_an_allowed_answer_through_unchanged():
 
 
 async def test_guard_replaces_a_blocked_chat_answer_with_the_refusal_and_content_filter():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     handler = make_handler(fake, MODE="guard")
     data, response = chat_data(), chat_response()
     headers = await relay(handler, data, response)
@@ -344,14 +289,14 @@ async def test_guard_replaces_a_blocked_chat_answer_with_the_refusal_and_content
 
 
 async def test_guard_block_on_a_text_completion_sets_content_filter():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     response = text_response()
     await relay(make_handler(fake, MODE="guard", GUARD_MESSAGE="Withheld."), completion_data(), response)
     assert (response.choices[0].text, response.choices[0].finish_reason) == ("Withheld.", "content_filter")
 
 
 async def test_guard_block_on_an_anthropic_message_sets_stop_reason_refusal():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     response = anthropic_response()
     headers = await relay(make_handler(fake, MODE="guard", GUARD_MESSAGE="Withheld."), messages_data(), response)
     assert response["content"] == [{"type": "text", "text": "Withheld."}]
@@ -360,7 +305,7 @@ async def test_guard_block_on_an_anthropic_message_sets_stop_reason_refusal():
 
 
 async def test_guard_block_on_a_responses_answer_marks_it_incomplete_by_content_filter():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     response = responses_response()
     headers = await relay(make_handler(fake, MODE="guard", GUARD_MESSAGE="Withheld."), responses_data(), response)
     assert output_texts(response) == ["Withheld."]
@@ -370,13 +315,13 @@ async def test_guard_block_on_a_responses_answer_marks_it_incomplete_by_content_
 
 
 async def test_a_block_without_a_reason_is_reported_as_blocked_by_policy():
-    fake = FakeSecondary({SEC: '{"verdict": "block"}'})
+    fake = secondary({SEC: '{"verdict": "block"}'})
     headers = await relay(make_handler(fake, MODE="guard"), chat_data(), chat_response())
     assert (headers["x-relay-outcome"], headers["x-relay-reason"]) == ("blocked", "blocked by policy")
 
 
 async def test_guard_error_action_turns_a_block_into_http_400_naming_the_reason():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     handler = make_handler(fake, MODE="guard", GUARD_ACTION="error")
     data, response = chat_data(), chat_response()
     error = await rejected(handler, data, response)
@@ -387,7 +332,7 @@ async def test_guard_error_action_turns_a_block_into_http_400_naming_the_reason(
 
 
 async def test_an_unparseable_verdict_fails_open_and_keeps_the_answer():
-    fake = FakeSecondary({SEC: "Looks fine to me!"})
+    fake = secondary({SEC: "Looks fine to me!"})
     handler = make_handler(fake, MODE="guard")
     response = chat_response()
     headers = await relay(handler, chat_data(), response)
@@ -398,7 +343,7 @@ async def test_an_unparseable_verdict_fails_open_and_keeps_the_answer():
 
 
 async def test_an_unparseable_verdict_fails_closed_as_a_block():
-    fake = FakeSecondary({SEC: "Looks fine to me!"})
+    fake = secondary({SEC: "Looks fine to me!"})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="guard", FAIL_MODE="closed"), chat_data(), response)
     assert (chat_text(response), response.choices[0].finish_reason) == ("I can't help with that request.", "content_filter")
@@ -407,7 +352,7 @@ async def test_an_unparseable_verdict_fails_closed_as_a_block():
 
 
 async def test_an_unreachable_guard_fails_closed_as_a_block_naming_the_reason():
-    fake = FakeSecondary({SEC: SecondaryError("provider_error", "upstream 502")})
+    fake = secondary({SEC: SecondaryError("provider_error", "upstream 502")})
     response = anthropic_response()
     headers = await relay(make_handler(fake, MODE="guard", FAIL_MODE="closed"), messages_data(), response)
     assert response["content"] == [{"type": "text", "text": "I can't help with that request."}]
@@ -420,7 +365,7 @@ async def test_an_unreachable_guard_fails_closed_as_a_block_naming_the_reason():
 
 
 async def test_annotate_body_attaches_the_analysis_and_keeps_the_answer():
-    fake = FakeSecondary({SEC: "No errors found."})
+    fake = secondary({SEC: "No errors found."})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="annotate"), chat_data(), response)
     assert chat_text(response) == PRIMARY
@@ -434,7 +379,7 @@ async def test_annotate_body_attaches_the_analysis_and_keeps_the_answer():
 
 
 async def test_annotate_body_attaches_the_analysis_to_an_anthropic_message():
-    fake = FakeSecondary({SEC: "No errors found."})
+    fake = secondary({SEC: "No errors found."})
     response = anthropic_response()
     await relay(make_handler(fake, MODE="annotate"), messages_data(), response)
     assert response["relay"]["analysis"] == "No errors found."
@@ -442,16 +387,17 @@ async def test_annotate_body_attaches_the_analysis_to_an_anthropic_message():
 
 
 async def test_annotate_body_reports_the_same_latency_as_the_header(monkeypatch):
-    monkeypatch.setattr(relay_plugin, "time", ScriptedClock(100.0, 100.25))  # the relay's start and end: 250 ms
-    fake = FakeSecondary({SEC: "No errors found."})
+    clock = FakeClock(100.0)
+    monkeypatch.setattr(relay_plugin, "time", SimpleNamespace(**{**vars(time), "perf_counter": clock}))
+    fake = secondary({SEC: "No errors found."}, clock=clock, takes=0.25)  # the analysis takes 250 ms
     response = chat_response()
-    headers = await relay(make_handler(fake, MODE="annotate"), chat_data(), response)
+    headers = await relay(make_handler(fake, clock=clock, MODE="annotate"), chat_data(), response)
     assert headers["x-relay-latency-ms"] == "250.0"
     assert response.relay["latency_ms"] == 250.0
 
 
 async def test_annotate_append_adds_the_review_to_the_answer_text():
-    fake = FakeSecondary({SEC: "The answer omits the role of the eye."})
+    fake = secondary({SEC: "The answer omits the role of the eye."})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="annotate", ANNOTATE_TARGET="append"), chat_data(), response)
     assert chat_text(response) == f"{PRIMARY}\n\n---\nReview by {SEC}:\nThe answer omits the role of the eye."
@@ -460,7 +406,7 @@ async def test_annotate_append_adds_the_review_to_the_answer_text():
 
 
 async def test_a_custom_annotate_prompt_replaces_the_review_instructions():
-    fake = FakeSecondary({SEC: "ok"})
+    fake = secondary({SEC: "ok"})
     await relay(make_handler(fake, MODE="annotate", ANNOTATE_PROMPT="Check the maths only."), chat_data(), chat_response())
     assert fake.calls[0].messages[0]["content"].startswith("Check the maths only.\n\nEverything between the tags")
 
@@ -469,7 +415,7 @@ async def test_a_custom_annotate_prompt_replaces_the_review_instructions():
 
 
 async def test_escalate_below_the_threshold_answers_with_the_premium_model():
-    fake = FakeSecondary({SEC: '{"score": 3, "reason": "too vague"}', PREMIUM: "Premium answer."})
+    fake = secondary({SEC: '{"score": 3, "reason": "too vague"}', PREMIUM: "Premium answer."})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="escalate", ESCALATE_MODEL=PREMIUM), chat_data(), response)
     assert (chat_text(response), response.choices[0].finish_reason) == ("Premium answer.", "stop")
@@ -484,7 +430,7 @@ async def test_escalate_below_the_threshold_answers_with_the_premium_model():
 
 
 async def test_escalate_at_the_threshold_keeps_the_primary_answer():
-    fake = FakeSecondary({SEC: '{"score": 7, "reason": "fine"}', PREMIUM: "Premium answer."})
+    fake = secondary({SEC: '{"score": 7, "reason": "fine"}', PREMIUM: "Premium answer."})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="escalate", ESCALATE_MODEL=PREMIUM), chat_data(), response)
     assert chat_text(response) == PRIMARY
@@ -494,7 +440,7 @@ async def test_escalate_at_the_threshold_keeps_the_primary_answer():
 
 
 async def test_escalate_uses_the_configured_threshold():
-    fake = FakeSecondary({SEC: '{"score": 8.5, "reason": "good"}', PREMIUM: "Premium answer."})
+    fake = secondary({SEC: '{"score": 8.5, "reason": "good"}', PREMIUM: "Premium answer."})
     response = anthropic_response()
     headers = await relay(make_handler(fake, MODE="escalate", ESCALATE_MODEL=PREMIUM, ESCALATE_THRESHOLD="9"),
                           messages_data(), response)
@@ -504,7 +450,7 @@ async def test_escalate_uses_the_configured_threshold():
 
 
 async def test_escalate_with_an_unparseable_score_fails_without_calling_the_premium_model():
-    fake = FakeSecondary({SEC: '{"score": "9"}', PREMIUM: "Premium answer."})
+    fake = secondary({SEC: '{"score": "9"}', PREMIUM: "Premium answer."})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="escalate", ESCALATE_MODEL=PREMIUM), chat_data(), response)
     assert chat_text(response) == PRIMARY
@@ -513,7 +459,8 @@ async def test_escalate_with_an_unparseable_score_fails_without_calling_the_prem
 
 
 async def test_escalate_whose_premium_model_fails_keeps_the_primary_answer():
-    fake = FakeSecondary({SEC: '{"score": 1, "reason": "wrong"}', PREMIUM: SecondaryError("provider_rejected", "400 bad model")})
+    fake = secondary({SEC: '{"score": 1, "reason": "wrong"}',
+                      PREMIUM: SecondaryError("provider_rejected", "400 bad model")})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="escalate", ESCALATE_MODEL=PREMIUM), chat_data(), response)
     assert chat_text(response) == PRIMARY
@@ -529,7 +476,7 @@ def consensus_handler(fake: FakeSecondary, **env: str) -> RelayHandler:
 
 
 async def test_consensus_merges_the_primary_and_every_member_answer():
-    fake = FakeSecondary({C1: "Answer one.", C2: "Answer two.", SEC: "Merged answer."})
+    fake = secondary({C1: "Answer one.", C2: "Answer two.", SEC: "Merged answer."})
     response = chat_response()
     headers = await relay(consensus_handler(fake), chat_data(), response)
     assert (chat_text(response), response.choices[0].finish_reason) == ("Merged answer.", "stop")
@@ -545,7 +492,7 @@ async def test_consensus_merges_the_primary_and_every_member_answer():
 
 
 async def test_consensus_merges_the_answers_it_got_when_one_member_fails():
-    fake = FakeSecondary({C1: "Answer one.", C2: SecondaryError("rate_limited", "429"), SEC: "Merged answer."})
+    fake = secondary({C1: "Answer one.", C2: SecondaryError("rate_limited", "429"), SEC: "Merged answer."})
     response = responses_response()
     headers = await relay(consensus_handler(fake), responses_data(), response)
     assert output_texts(response) == ["Merged answer."]
@@ -557,7 +504,7 @@ async def test_consensus_merges_the_answers_it_got_when_one_member_fails():
 
 
 async def test_consensus_fails_and_keeps_the_primary_answer_when_every_member_fails():
-    fake = FakeSecondary({C1: SecondaryError("connection", "refused"), C2: SecondaryError("rate_limited", "429"),
+    fake = secondary({C1: SecondaryError("connection", "refused"), C2: SecondaryError("rate_limited", "429"),
                           SEC: "Merged answer."})
     response = chat_response()
     headers = await relay(consensus_handler(fake), chat_data(), response)
@@ -571,7 +518,7 @@ async def test_consensus_fails_and_keeps_the_primary_answer_when_every_member_fa
 
 
 async def test_shadow_answers_at_once_and_analyses_in_the_background():
-    fake = FakeSecondary({SEC: "No errors found."})
+    fake = secondary({SEC: "No errors found."})
     fake.gate = asyncio.Event()
     handler = make_handler(fake, MODE="shadow")
     response = chat_response()
@@ -592,7 +539,7 @@ async def test_shadow_answers_at_once_and_analyses_in_the_background():
 
 
 async def test_shadow_with_sample_rate_zero_never_calls_the_secondary():
-    fake = FakeSecondary({SEC: "No errors found."})
+    fake = secondary({SEC: "No errors found."})
     handler = make_handler(fake, MODE="shadow", SAMPLE_RATE="0")
     headers = [await relay(handler, chat_data(), chat_response()) for _ in range(5)]
     await handler.drain()
@@ -602,7 +549,7 @@ async def test_shadow_with_sample_rate_zero_never_calls_the_secondary():
 
 
 async def test_shadow_samples_a_request_when_the_draw_is_below_the_rate():
-    fake = FakeSecondary({SEC: "ok"})
+    fake = secondary({SEC: "ok"})
     handler = make_handler(fake, rng=ScriptedRandom(0.49, 0.5), MODE="shadow", SAMPLE_RATE="0.5")
     first = await relay(handler, chat_data(), chat_response())
     second = await relay(handler, chat_data(), chat_response())
@@ -612,7 +559,7 @@ async def test_shadow_samples_a_request_when_the_draw_is_below_the_rate():
 
 
 async def test_shadow_beyond_its_in_flight_bound_is_skipped_as_busy():
-    fake = FakeSecondary({SEC: "ok"})
+    fake = secondary({SEC: "ok"})
     fake.gate = asyncio.Event()
     handler = make_handler(fake, MODE="shadow", SHADOW_MAX_IN_FLIGHT="1")
     first = await relay(handler, chat_data(), chat_response())
@@ -624,7 +571,7 @@ async def test_shadow_beyond_its_in_flight_bound_is_skipped_as_busy():
 
 
 async def test_a_failed_shadow_analysis_is_counted_and_changes_nothing():
-    fake = FakeSecondary({SEC: SecondaryError("provider_rejected", "400")})
+    fake = secondary({SEC: SecondaryError("provider_rejected", "400")})
     handler = make_handler(fake, MODE="shadow")
     response = chat_response()
     headers = await relay(handler, chat_data(), response)
@@ -638,7 +585,7 @@ async def test_a_failed_shadow_analysis_is_counted_and_changes_nothing():
 
 
 async def test_a_failed_refine_fails_open_with_the_primary_answer_and_the_reason():
-    fake = FakeSecondary({SEC: SecondaryError("provider_rejected", "400 context too long")})
+    fake = secondary({SEC: SecondaryError("provider_rejected", "400 context too long")})
     handler = make_handler(fake)
     response = chat_response()
     headers = await relay(handler, chat_data(), response)
@@ -649,13 +596,13 @@ async def test_a_failed_refine_fails_open_with_the_primary_answer_and_the_reason
 
 
 async def test_a_failure_without_detail_reports_the_reason_itself():
-    fake = FakeSecondary({SEC: SecondaryError("empty_response")})
+    fake = secondary({SEC: SecondaryError("empty_response")})
     headers = await relay(make_handler(fake), chat_data(), chat_response())
     assert (headers["x-relay-outcome"], headers["x-relay-reason"]) == ("failed:empty_response", "empty_response")
 
 
 async def test_a_failed_refine_fails_closed_with_http_503_naming_the_reason():
-    fake = FakeSecondary({SEC: SecondaryError("provider_rejected", "400 context too long")})
+    fake = secondary({SEC: SecondaryError("provider_rejected", "400 context too long")})
     data = chat_data()
     error = await rejected(make_handler(fake, FAIL_MODE="closed"), data, chat_response())
     assert error.status_code == 503
@@ -677,7 +624,7 @@ async def test_a_failed_refine_fails_closed_with_http_503_naming_the_reason():
     ids=["annotate", "escalate", "consensus"],
 )
 async def test_every_other_mode_fails_closed_with_http_503(env, replies, detail):
-    fake = FakeSecondary(replies)
+    fake = secondary(replies)
     response = chat_response()
     error = await rejected(make_handler(fake, FAIL_MODE="closed", **env), chat_data(), response)
     assert (error.status_code, error.detail) == (503, detail)
@@ -685,7 +632,7 @@ async def test_every_other_mode_fails_closed_with_http_503(env, replies, detail)
 
 
 async def test_a_secondary_slower_than_the_deadline_fails_as_timeout():
-    fake = FakeSecondary({SEC: HANG})
+    fake = secondary({SEC: HANG})
     handler = make_handler(fake, DEADLINE_S="0.05", TIMEOUT_S="0.05")
     response = chat_response()
     headers = await relay(handler, chat_data(), response)
@@ -696,7 +643,7 @@ async def test_a_secondary_slower_than_the_deadline_fails_as_timeout():
 
 
 async def test_a_secondary_slower_than_the_deadline_fails_closed_with_503():
-    fake = FakeSecondary({SEC: HANG})
+    fake = secondary({SEC: HANG})
     error = await rejected(make_handler(fake, DEADLINE_S="0.05", TIMEOUT_S="0.05", FAIL_MODE="closed"),
                            chat_data(), chat_response())
     assert (error.status_code, error.detail) == (503, "relay refine failed (failed:timeout): relay deadline of 0.05s passed; fail-closed")
@@ -752,7 +699,7 @@ def embedding_response() -> litellm.EmbeddingResponse:
          "empty_message", "embedding"],
 )
 async def test_a_response_without_one_text_answer_is_skipped_untouched(make_data, make_response, outcome):
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     response = make_response()
     before = response.model_dump() if hasattr(response, "model_dump") else copy.deepcopy(response)
     headers = await relay(make_handler(fake), make_data(), response)
@@ -762,7 +709,7 @@ async def test_a_response_without_one_text_answer_is_skipped_untouched(make_data
 
 
 async def test_a_model_outside_apply_to_is_skipped_and_a_matching_one_relayed():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     handler = make_handler(fake, APPLY_TO="local-*,gpt-4o")
     outside, inside = chat_data(), chat_data(model="local-llama")
     assert core(await relay(handler, outside, chat_response())) == expect("refine", "skipped:not_applied")
@@ -772,7 +719,7 @@ async def test_a_model_outside_apply_to_is_skipped_and_a_matching_one_relayed():
 
 @pytest.mark.parametrize("bucket", ["metadata", "litellm_metadata"])
 async def test_a_client_claiming_to_be_a_relay_call_in_metadata_is_relayed_all_the_same(bucket):
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data(**{bucket: {"relay_internal": True, "relay_depth": 1}})
     response = chat_response()
     headers = await relay(make_handler(fake), data, response)
@@ -789,7 +736,7 @@ def proven(data: dict, depth: int, *, name: str = "x-relay-depth", now: float | 
 @pytest.mark.parametrize(("max_depth", "depth", "name"), [("1", 1, "x-relay-depth"), ("2", 2, "x-relay-depth"),
                                                           ("2", 5, "x-relay-depth"), ("1", 1, "X-Relay-Depth")])
 async def test_a_proven_relay_call_at_or_above_the_max_depth_is_skipped(max_depth, depth, name):
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = proven(chat_data(), depth, name=name)
     headers = await relay(make_handler(fake, MAX_DEPTH=max_depth), data, chat_response())
     assert core(headers) == expect("refine", "skipped:depth")
@@ -797,7 +744,7 @@ async def test_a_proven_relay_call_at_or_above_the_max_depth_is_skipped(max_dept
 
 
 async def test_a_proof_in_the_system_prompt_counts_when_the_header_was_dropped():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     call = {"messages": [{"role": "user", "content": QUESTION}]}
     relay_plugin.mark_relay_call(call, 1)
     data = chat_data(messages=call["messages"])
@@ -809,7 +756,7 @@ async def test_a_proof_in_the_system_prompt_counts_when_the_header_was_dropped()
     "1", "5", " 1", "1.0", "1.1796195118.00000000000000000000000000000000", "１",
     "proof copied from another prompt", "stale"])
 async def test_a_depth_header_without_a_valid_proof_is_ignored(forged):
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data()
     if forged == "proof copied from another prompt":
         forged = relay_plugin.relay_proof(1, [{"role": "user", "content": "something else"}])
@@ -825,10 +772,10 @@ async def test_a_proof_of_an_answer_call_skips_refine_but_never_a_guard():
     call = {"messages": [{"role": "user", "content": QUESTION}]}
     relay_plugin.mark_relay_call(call, 1)
     assert call["extra_headers"]["x-relay-depth"].startswith("1a.")
-    refine = FakeSecondary({SEC: REFINED})
+    refine = secondary({SEC: REFINED})
     data = chat_data(messages=call["messages"], proxy_server_request={"headers": call["extra_headers"]})
     assert core(await relay(make_handler(refine), data, chat_response())) == expect("refine", "skipped:depth")
-    guard = FakeSecondary({SEC: BLOCK})
+    guard = secondary({SEC: BLOCK})
     data = chat_data(messages=call["messages"], proxy_server_request={"headers": call["extra_headers"]})
     response = chat_response()
     headers = await relay(make_handler(guard, MODE="guard"), data, response)
@@ -852,14 +799,14 @@ def test_a_client_system_prompt_in_the_relays_words_gets_an_answer_proof_not_a_r
 
 
 async def test_a_request_below_the_max_depth_is_relayed():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = proven(chat_data(), 1)
     assert (await relay(make_handler(fake, MAX_DEPTH="2"), data, chat_response()))["x-relay-outcome"] == "modified"
     assert [c.depth for c in fake.calls] == [2]
 
 
 async def test_a_reused_call_id_is_relayed_again():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     handler = make_handler(fake)
     first = chat_data()
     second = chat_data(litellm_call_id=first["litellm_call_id"])
@@ -872,7 +819,7 @@ async def test_a_reused_call_id_is_relayed_again():
 
 
 async def test_the_same_request_is_relayed_only_once_when_a_hook_fires_twice():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     handler = make_handler(fake)
     data = chat_data()
     await relay(handler, data, chat_response())
@@ -884,7 +831,7 @@ async def test_the_same_request_is_relayed_only_once_when_a_hook_fires_twice():
 
 
 async def test_a_hook_fired_inside_relay_work_does_nothing():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     handler = make_handler(fake)
     data, response = chat_data(), chat_response()
     token = relay_plugin._IN_RELAY.set(True)
@@ -898,8 +845,8 @@ async def test_a_hook_fired_inside_relay_work_does_nothing():
 
 
 async def test_a_disabled_relay_adds_nothing():
-    fake = FakeSecondary({SEC: REFINED})
-    handler = RelayHandler(RelayConfig.from_env({"RELAY_ENABLED": "false"}), complete=fake)
+    fake = secondary({SEC: REFINED})
+    handler = make_handler(fake, SECONDARY_MODEL=None, ENABLED="false")
     data, response = chat_data(), chat_response()
     assert await relay(handler, data, response) is None
     assert (chat_text(response), fake.calls, outcome_of(data)) == (PRIMARY, [], None)
@@ -909,7 +856,7 @@ async def test_a_disabled_relay_adds_nothing():
 
 
 async def test_a_model_info_block_sets_the_mode_for_that_model():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     data = chat_data(metadata={"model_info": {"relay": {"mode": "guard", "guard_message": "Nope."}}})
     response = chat_response()
     headers = await relay(make_handler(fake), data, response)
@@ -921,7 +868,7 @@ async def test_a_model_info_block_another_model_merged_into_does_not_change_this
     """LiteLLM 1.90's router shares the nested ``relay`` dict of deployments on one backend model and
     merges each request's block into it: the request's ``model_info`` then carries the block of the
     model asked for last. The block litellm registered under the deployment's id is the configured one."""
-    fake = FakeSecondary({SEC: "An analysis."})
+    fake = secondary({SEC: "An analysis."})
     monkeypatch.setitem(litellm.model_cost, "dep-annotate", {"relay": {"mode": "annotate"}})
     merged_by_another_request = {"mode": "guard", "guard_message": "Nope."}
     data = chat_data(metadata={"model_info": {"id": "dep-annotate", "relay": merged_by_another_request}})
@@ -932,7 +879,7 @@ async def test_a_model_info_block_another_model_merged_into_does_not_change_this
 
 @pytest.mark.parametrize("block", [{"mode": "bogus"}, {"gaurd_action": "error"}, "guard", {}])
 async def test_an_invalid_model_info_block_refuses_that_model_without_calling_the_secondary(block):
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data(metadata={"model_info": {"relay": block}})
     response = chat_response()
     handler = make_handler(fake)
@@ -950,7 +897,7 @@ async def test_an_invalid_model_info_block_refuses_that_model_without_calling_th
 
 
 async def test_client_override_none_ignores_the_block():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data(metadata={"relay": {"mode": "annotate"}})
     response = chat_response()
     headers = await relay(make_handler(fake), data, response)
@@ -958,7 +905,7 @@ async def test_client_override_none_ignores_the_block():
 
 
 async def test_client_override_opt_in_may_switch_the_mode():
-    fake = FakeSecondary({SEC: "No errors found."})
+    fake = secondary({SEC: "No errors found."})
     data = chat_data(metadata={"relay": {"mode": "annotate", "annotate_target": "append"}})
     response = chat_response()
     headers = await relay(make_handler(fake, CLIENT_OVERRIDE="opt_in"), data, response)
@@ -967,7 +914,7 @@ async def test_client_override_opt_in_may_switch_the_mode():
 
 
 async def test_client_override_opt_in_may_disable_a_non_guard_relay():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data(metadata={"relay": {"enabled": False}})
     response = chat_response()
     headers = await relay(make_handler(fake, CLIENT_OVERRIDE="opt_in"), data, response)
@@ -977,7 +924,7 @@ async def test_client_override_opt_in_may_disable_a_non_guard_relay():
 
 
 async def test_client_override_opt_in_cannot_disable_or_replace_an_operator_guard():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     data = chat_data(metadata={"relay": {"enabled": False, "mode": "refine"}})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="guard", CLIENT_OVERRIDE="opt_in"), data, response)
@@ -987,14 +934,14 @@ async def test_client_override_opt_in_cannot_disable_or_replace_an_operator_guar
 
 
 async def test_client_override_opt_in_cannot_disable_a_guard_set_in_model_info():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     data = chat_data(metadata={"model_info": {"relay": {"mode": "guard"}}, "relay": {"enabled": "false"}})
     headers = await relay(make_handler(fake, CLIENT_OVERRIDE="opt_in"), data, chat_response())
     assert (headers["x-relay-outcome"], headers["x-relay-override"]) == ("blocked", "ignored:enabled")
 
 
 async def test_client_override_opt_in_cannot_choose_the_secondary_model():
-    fake = FakeSecondary({SEC: "ok"})
+    fake = secondary({SEC: "ok"})
     data = chat_data(metadata={"relay": {"mode": "annotate", "secondary_model": "openai/other"}})
     headers = await relay(make_handler(fake, CLIENT_OVERRIDE="opt_in"), data, chat_response())
     assert fake.models == [SEC]
@@ -1002,7 +949,7 @@ async def test_client_override_opt_in_cannot_choose_the_secondary_model():
 
 
 async def test_client_override_full_may_disable_a_guard():
-    fake = FakeSecondary({SEC: BLOCK})
+    fake = secondary({SEC: BLOCK})
     data = chat_data(metadata={"relay": {"enabled": False}})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="guard", CLIENT_OVERRIDE="full"), data, response)
@@ -1012,7 +959,7 @@ async def test_client_override_full_may_disable_a_guard():
 
 
 async def test_client_override_full_may_replace_a_guard_with_another_mode_and_model():
-    fake = FakeSecondary({"openai/other": REFINED})
+    fake = secondary({"openai/other": REFINED})
     data = chat_data(metadata={"relay": {"mode": "refine", "secondary_model": "openai/other"}})
     response = chat_response()
     headers = await relay(make_handler(fake, MODE="guard", CLIENT_OVERRIDE="full"), data, response)
@@ -1021,7 +968,7 @@ async def test_client_override_full_may_replace_a_guard_with_another_mode_and_mo
 
 
 async def test_a_client_block_that_leaves_the_plan_incomplete_is_ignored_with_the_reason():
-    fake = FakeSecondary({SEC: REFINED})
+    fake = secondary({SEC: REFINED})
     data = chat_data(metadata={"relay": {"mode": "escalate"}})
     headers = await relay(make_handler(fake, CLIENT_OVERRIDE="full"), data, chat_response())
     assert headers["x-relay-outcome"] == "modified"
@@ -1037,7 +984,7 @@ async def pre_call(handler: RelayHandler, data: dict) -> dict:
 
 
 async def pre_call_error(block) -> HTTPException:
-    handler = make_handler(FakeSecondary({}), CLIENT_OVERRIDE="opt_in")
+    handler = make_handler(secondary({}), CLIENT_OVERRIDE="opt_in")
     with pytest.raises(HTTPException) as caught:
         await pre_call(handler, chat_data(metadata={"relay": block}))
     assert caught.value.status_code == 400
@@ -1065,7 +1012,7 @@ async def test_pre_call_rejects_a_block_that_is_not_an_object_with_400(block):
 
 
 async def test_pre_call_moves_the_block_into_litellm_metadata():
-    handler = make_handler(FakeSecondary({}), CLIENT_OVERRIDE="opt_in")
+    handler = make_handler(secondary({}), CLIENT_OVERRIDE="opt_in")
     data = messages_data(metadata={"user_id": "u1", "relay": '{"mode": "annotate"}'})
     returned = await pre_call(handler, data)
     assert returned is data
@@ -1074,7 +1021,7 @@ async def test_pre_call_moves_the_block_into_litellm_metadata():
 
 
 async def test_pre_call_keeps_a_chat_block_in_metadata():
-    handler = make_handler(FakeSecondary({}), CLIENT_OVERRIDE="opt_in")
+    handler = make_handler(secondary({}), CLIENT_OVERRIDE="opt_in")
     data = chat_data(metadata={"relay": {"mode": "annotate"}})
     await pre_call(handler, data)
     assert data["metadata"] == {"relay": {"mode": "annotate"}}
@@ -1084,12 +1031,12 @@ async def test_pre_call_keeps_a_chat_block_in_metadata():
 async def test_pre_call_leaves_a_request_without_a_block_alone():
     data = messages_data(metadata={"user_id": "u1"})
     before = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    await pre_call(make_handler(FakeSecondary({}), SPEND_ATTRIBUTION="none"), data)
+    await pre_call(make_handler(secondary({}), SPEND_ATTRIBUTION="none"), data)
     assert data == before
 
 
 async def test_pre_call_pins_one_trace_id_for_the_request_and_keeps_one_already_set():
-    handler = make_handler(FakeSecondary({}))  # RELAY_SPEND_ATTRIBUTION=caller by default
+    handler = make_handler(secondary({}))  # RELAY_SPEND_ATTRIBUTION=caller by default
     data = messages_data(metadata={"user_id": "u1"})
     await pre_call(handler, data)
     pinned = data["litellm_trace_id"]
@@ -1102,7 +1049,7 @@ async def test_pre_call_pins_one_trace_id_for_the_request_and_keeps_one_already_
 
 
 async def test_a_block_moved_by_pre_call_is_applied_after_the_call():
-    fake = FakeSecondary({SEC: "No errors found."})
+    fake = secondary({SEC: "No errors found."})
     handler = make_handler(fake, CLIENT_OVERRIDE="opt_in")
     data = messages_data(metadata={"relay": {"mode": "annotate"}})
     await pre_call(handler, data)
@@ -1122,7 +1069,7 @@ async def test_a_replayed_proof_never_gets_an_answer_past_a_fail_closed_guard(ki
     call = {"messages": messages}
     relay_plugin.mark_relay_call(call, 1)
     data = lambda: chat_data(messages=call["messages"], proxy_server_request={"headers": call["extra_headers"]})  # noqa: E731
-    judge = FakeSecondary({SEC: ALLOW})
+    judge = secondary({SEC: ALLOW})
     response = chat_response()
     headers = await relay(make_handler(judge, MODE="guard", FAIL_MODE="closed"), data(), response)
     assert headers["x-relay-outcome"] == "blocked" and chat_text(response) == relay_plugin.DEFAULT_GUARD_MESSAGE

@@ -8,14 +8,16 @@ windows and cache an injected ``wall`` clock, and tests move them. Only the dead
 import asyncio
 import itertools
 import random
+from functools import partial
 from types import SimpleNamespace
 
-import litellm
 import pytest
 from fastapi import HTTPException
 
 import relay_plugin
-from relay_plugin import Breaker, LocalStore, RelayConfig, RelayHandler, Reply, SecondaryError
+from relay_plugin import Breaker, LocalStore, RelayHandler, Reply, SecondaryError
+from tests import support
+from tests.support import HANG, FakeClock, FakeSecondary, chat_response, make_handler
 
 _real_sleep = asyncio.sleep  # some tests replace asyncio.sleep with a recorder
 _call_ids = itertools.count()
@@ -43,83 +45,21 @@ def probes_in(permits) -> int:
     return sum(is_probe(p) for p in permits)
 
 
-# ----- fakes and helpers ------------------------------------------------------------------------------
+# ----- helpers ------------------------------------------------------------------------------
 
 
-class FakeClock:
-    """A clock tests move by hand."""
-
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+def failing(reason: str, *, retryable: bool = False, retry_after: float | None = None) -> SecondaryError:
+    return SecondaryError(reason, f"fake {reason}", retryable=retryable, retry_after=retry_after)
 
 
-class Secondary:
-    """A fake ``complete``: records every call, may wait on a gate, move the clock, fail or answer."""
-
-    def __init__(self, text: str = "refined", cost: float = 0.0, *, gate: asyncio.Event | None = None,
-                 fail=None, clock: FakeClock | None = None, takes: float = 0.0, blocked: set | None = None,
-                 on_call=None):
-        self.text, self.cost, self.gate, self.clock, self.takes = text, cost, gate, clock, takes
-        #: None, a SecondaryError factory, or a list of them consumed one per call (None in it: answer)
-        self.fail = fail
-        self.blocked = blocked  #: models that wait forever (the gate applies to all when None)
-        self.on_call = on_call
-        self.calls: list[dict] = []
-        self.cancelled: list[str] = []
-
-    async def __call__(self, model, messages, *, max_tokens, timeout, depth):
-        self.calls.append({"model": model, "messages": messages, "max_tokens": max_tokens,
-                           "timeout": timeout, "depth": depth})
-        if self.on_call is not None:
-            self.on_call(model)
-        try:
-            if self.blocked is not None and model in self.blocked:
-                await asyncio.Event().wait()
-            elif self.gate is not None:
-                await self.gate.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(model)
-            raise
-        if self.clock is not None:
-            self.clock.advance(self.takes)
-        fail = self.fail.pop(0) if isinstance(self.fail, list) else self.fail
-        if fail is not None:
-            raise fail()
-        return Reply(model, self.text, self.cost)
-
-
-def failing(reason: str, *, retryable: bool = False, retry_after: float | None = None):
-    return lambda: SecondaryError(reason, f"fake {reason}", retryable=retryable, retry_after=retry_after)
-
-
-def config(**env: str) -> RelayConfig:
-    """A config from ``NAME=value`` pairs (without the RELAY_ prefix), secondary ``sec``, no retries."""
-    values = {"RELAY_SECONDARY_MODEL": MODEL, "RELAY_RETRIES": "0"}
-    values.update({f"RELAY_{name}": value for name, value in env.items()})
-    return RelayConfig.from_env(values)
-
-
-def handler_for(cfg: RelayConfig, fake: Secondary, clock: FakeClock | None = None,
-                wall: FakeClock | None = None) -> RelayHandler:
-    return RelayHandler(cfg, complete=fake, clock=clock or FakeClock(), wall=wall or FakeClock(0.0),
-                        rng=random.Random(0))
+#: a config from ``NAME=value`` pairs (without the RELAY_ prefix), secondary ``sec``, no retries
+config = partial(support.config, SECONDARY_MODEL=MODEL, RETRIES="0")
 
 
 def priced(monkeypatch, handler: RelayHandler, price=PRICE) -> None:
     """Make the worst-case estimate of every call exactly ``WORST`` (with ``SECONDARY_MAX_TOKENS=38``)."""
     monkeypatch.setattr(handler, "price", lambda model: price)
     monkeypatch.setattr(relay_plugin, "prompt_token_bound", lambda messages: PROMPT_TOKENS)
-
-
-def primary_response(text: str = "primary") -> litellm.ModelResponse:
-    return litellm.ModelResponse(
-        choices=[{"message": {"role": "assistant", "content": text}, "finish_reason": "stop", "index": 0}], model="m")
 
 
 def request(metadata: dict | None = None) -> dict:
@@ -131,7 +71,7 @@ async def relay(handler: RelayHandler, answer: str = "primary", *, key: str | No
                 metadata: dict | None = None, response=None):
     """Run the success hook for one request; returns ``(outcome, response)``."""
     data = request(metadata)
-    response = response if response is not None else primary_response(answer)
+    response = response if response is not None else chat_response(answer)
     user = SimpleNamespace(api_key=key)
     await handler.async_post_call_success_hook(data, user, response)
     return relay_plugin._proxy_metadata(data)["relay_result"], response
@@ -169,8 +109,7 @@ BREAKER_ENV = {"BREAKER_MIN_CALLS": "4", "BREAKER_WINDOW": "10", "BREAKER_FAILUR
                "BREAKER_COOLDOWN_S": "30", "BREAKER_PROBES": "3", "BREAKER_SLOW_S": "2"}
 
 
-def breaker_config(**env: str) -> RelayConfig:
-    return config(**{**BREAKER_ENV, **env})
+breaker_config = partial(config, **BREAKER_ENV)
 
 
 # ----- breaker: the bare state machine ----------------------------------------------------------------
@@ -372,8 +311,8 @@ async def test_local_store_repr_counts_its_counters_breakers_and_cache_entries()
 
 async def test_a_half_open_breaker_lets_exactly_the_configured_probes_reach_the_secondary_among_fifty_relays():
     clock, gate = FakeClock(), asyncio.Event()
-    fake = Secondary(gate=gate)
-    handler = handler_for(breaker_config(BREAKER_PROBES="3"), fake, clock)
+    fake = FakeSecondary(gate=gate)
+    handler = make_handler(fake, breaker_config(BREAKER_PROBES="3"), clock=clock)
     await trip_store(handler)
     clock.advance(30)
 
@@ -393,8 +332,8 @@ async def test_a_half_open_breaker_lets_exactly_the_configured_probes_reach_the_
 
 async def test_fifty_concurrent_failing_relays_open_the_breaker_exactly_once():
     clock, gate = FakeClock(), asyncio.Event()
-    fake = Secondary(gate=gate, fail=failing("provider_error", retryable=True))
-    handler = handler_for(breaker_config(), fake, clock)
+    fake = FakeSecondary(failing("provider_error", retryable=True), gate=gate)
+    handler = make_handler(fake, breaker_config(), clock=clock)
 
     running = asyncio.gather(*(relay(handler) for _ in range(50)))
     await until(lambda: len(fake.calls) == 50)
@@ -409,8 +348,8 @@ async def test_fifty_concurrent_failing_relays_open_the_breaker_exactly_once():
 
 async def test_slow_successful_calls_alone_open_the_breaker():
     clock = FakeClock()
-    fake = Secondary(clock=clock, takes=2.5)  # slower than BREAKER_SLOW_S=2, and successful
-    handler = handler_for(breaker_config(), fake, clock)
+    fake = FakeSecondary(clock=clock, takes=2.5)  # slower than BREAKER_SLOW_S=2, and successful
+    handler = make_handler(fake, breaker_config(), clock=clock)
 
     outcomes = [(await relay(handler))[0].result for _ in range(4)]
 
@@ -424,8 +363,8 @@ async def test_slow_successful_calls_alone_open_the_breaker():
 
 async def test_calls_that_take_exactly_the_slow_threshold_are_not_slow():
     clock = FakeClock()
-    fake = Secondary(clock=clock, takes=2.0)
-    handler = handler_for(breaker_config(), fake, clock)
+    fake = FakeSecondary(clock=clock, takes=2.0)
+    handler = make_handler(fake, breaker_config(), clock=clock)
 
     for _ in range(8):
         assert (await relay(handler))[0].result == "modified"
@@ -436,8 +375,8 @@ async def test_calls_that_take_exactly_the_slow_threshold_are_not_slow():
 
 
 async def test_fewer_failed_relays_than_the_minimum_never_open_the_breaker():
-    fake = Secondary(fail=failing("provider_error"))
-    handler = handler_for(breaker_config(BREAKER_MIN_CALLS="5"), fake)
+    fake = FakeSecondary(failing("provider_error"))
+    handler = make_handler(fake, breaker_config(BREAKER_MIN_CALLS="5"))
 
     for _ in range(4):
         assert (await relay(handler))[0].result == "failed:provider_error"
@@ -451,8 +390,8 @@ async def test_fewer_failed_relays_than_the_minimum_never_open_the_breaker():
 
 async def test_a_probe_cancelled_mid_call_gives_its_permit_back():
     clock, gate = FakeClock(), asyncio.Event()
-    fake = Secondary(gate=gate)
-    handler = handler_for(breaker_config(BREAKER_PROBES="1"), fake, clock)
+    fake = FakeSecondary(gate=gate)
+    handler = make_handler(fake, breaker_config(BREAKER_PROBES="1"), clock=clock)
     await trip_store(handler)
     clock.advance(30)
     probe = asyncio.create_task(relay(handler))
@@ -477,8 +416,8 @@ async def test_a_probe_cancelled_mid_call_gives_its_permit_back():
 
 async def test_one_failed_probe_relay_reopens_the_breaker():
     clock = FakeClock()
-    fake = Secondary(fail=[None, failing("timeout", retryable=True)])
-    handler = handler_for(breaker_config(BREAKER_PROBES="3"), fake, clock)
+    fake = FakeSecondary(["refined", failing("timeout", retryable=True)])
+    handler = make_handler(fake, breaker_config(BREAKER_PROBES="3"), clock=clock)
     await trip_store(handler)
     clock.advance(30)
 
@@ -495,8 +434,8 @@ async def test_one_failed_probe_relay_reopens_the_breaker():
 
 async def test_as_many_successful_probe_relays_as_configured_probes_close_the_breaker():
     clock = FakeClock()
-    fake = Secondary()
-    handler = handler_for(breaker_config(BREAKER_PROBES="2"), fake, clock)
+    fake = FakeSecondary()
+    handler = make_handler(fake, breaker_config(BREAKER_PROBES="2"), clock=clock)
     await trip_store(handler)
     clock.advance(30)
 
@@ -509,8 +448,8 @@ async def test_as_many_successful_probe_relays_as_configured_probes_close_the_br
 
 
 async def test_rejected_requests_do_not_count_against_the_model():
-    fake = Secondary(fail=failing("provider_rejected"))
-    handler = handler_for(breaker_config(), fake)
+    fake = FakeSecondary(failing("provider_rejected"))
+    handler = make_handler(fake, breaker_config())
 
     outcomes = [(await relay(handler))[0].result for _ in range(8)]
 
@@ -521,8 +460,8 @@ async def test_rejected_requests_do_not_count_against_the_model():
 
 
 async def test_bad_verdicts_do_not_count_against_the_model():
-    fake = Secondary(text="I think it is fine.")  # not the strict JSON verdict
-    handler = handler_for(breaker_config(MODE="guard"), fake)
+    fake = FakeSecondary("I think it is fine.")  # not the strict JSON verdict
+    handler = make_handler(fake, breaker_config(MODE="guard"))
 
     outcomes = [(await relay(handler))[0].result for _ in range(8)]
 
@@ -534,8 +473,8 @@ async def test_bad_verdicts_do_not_count_against_the_model():
 
 async def test_while_open_the_relay_is_skipped_and_the_secondary_is_not_called():
     clock = FakeClock()
-    fake = Secondary()
-    handler = handler_for(breaker_config(), fake, clock)
+    fake = FakeSecondary()
+    handler = make_handler(fake, breaker_config(), clock=clock)
     await trip_store(handler)
     clock.advance(30 - 1e-6)
 
@@ -555,8 +494,8 @@ async def test_while_open_the_relay_is_skipped_and_the_secondary_is_not_called()
 
 async def test_a_thousand_relays_released_together_spend_no_more_than_a_cap_that_affords_a_hundred_calls(monkeypatch):
     gate, wall = asyncio.Event(), FakeClock(1_000_000.0)
-    fake = Secondary(cost=ACTUAL, gate=gate)
-    handler = handler_for(config(BUDGET_USD="6.25", SECONDARY_MAX_TOKENS=MAX_TOKENS), fake, wall=wall)
+    fake = FakeSecondary(cost=ACTUAL, gate=gate)
+    handler = make_handler(fake, config(BUDGET_USD="6.25", SECONDARY_MAX_TOKENS=MAX_TOKENS), wall=wall)
     priced(monkeypatch, handler)
     spend = f"spend:{int(wall.now // 86400)}"
 
@@ -578,8 +517,8 @@ async def test_a_thousand_relays_released_together_spend_no_more_than_a_cap_that
 
 
 async def test_per_key_caps_isolate_the_keys(monkeypatch):
-    fake = Secondary(cost=ACTUAL)
-    handler = handler_for(config(BUDGET_USD_PER_KEY=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    fake = FakeSecondary(cost=ACTUAL)
+    handler = make_handler(fake, config(BUDGET_USD_PER_KEY=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
 
     first_a, _ = await relay(handler, key="sk-key-a")
@@ -597,9 +536,9 @@ async def test_per_key_caps_isolate_the_keys(monkeypatch):
 
 async def test_the_budget_window_rolls_over(monkeypatch):
     wall = FakeClock(0.0)
-    fake = Secondary(cost=ACTUAL)
-    handler = handler_for(config(BUDGET_USD=str(WORST), BUDGET_WINDOW_S="60", SECONDARY_MAX_TOKENS=MAX_TOKENS),
-                          fake, wall=wall)
+    fake = FakeSecondary(cost=ACTUAL)
+    handler = make_handler(fake, config(BUDGET_USD=str(WORST), BUDGET_WINDOW_S="60", SECONDARY_MAX_TOKENS=MAX_TOKENS),
+                           wall=wall)
     priced(monkeypatch, handler)
 
     assert (await relay(handler))[0].result == "modified"
@@ -613,8 +552,8 @@ async def test_the_budget_window_rolls_over(monkeypatch):
 
 
 async def test_max_calls_caps_the_number_of_secondary_calls_per_window(monkeypatch):
-    fake = Secondary(cost=ACTUAL)
-    handler = handler_for(config(MAX_CALLS="2"), fake)
+    fake = FakeSecondary(cost=ACTUAL)
+    handler = make_handler(fake, config(MAX_CALLS="2"))
     monkeypatch.setattr(handler, "price", lambda model: None)  # a count cap needs no price
 
     outcomes = [(await relay(handler))[0].result for _ in range(3)]
@@ -625,8 +564,8 @@ async def test_max_calls_caps_the_number_of_secondary_calls_per_window(monkeypat
 
 
 async def test_a_budget_refusal_is_skipped_budget_and_leaves_the_answer_alone():
-    fake = Secondary()
-    handler = handler_for(config(MAX_CALLS="0"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(MAX_CALLS="0"))
 
     outcome, response = await relay(handler)
 
@@ -640,8 +579,8 @@ async def test_a_budget_refusal_is_skipped_budget_and_leaves_the_answer_alone():
 
 async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a_call(monkeypatch):
     seen_during_call = []
-    fake = Secondary(cost=ACTUAL, fail=[None, failing("provider_rejected")])
-    handler = handler_for(config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    fake = FakeSecondary(["refined", failing("provider_rejected")], cost=ACTUAL)
+    handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS))
     fake.on_call = lambda model: seen_during_call.append(dict(handler.store.counters))
     priced(monkeypatch, handler)
 
@@ -658,8 +597,8 @@ async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a
 
 async def test_a_cancelled_call_gives_its_whole_reservation_back(monkeypatch):
     gate = asyncio.Event()
-    fake = Secondary(cost=ACTUAL, gate=gate)
-    handler = handler_for(config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    fake = FakeSecondary(cost=ACTUAL, gate=gate)
+    handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
     gate.set()
     await relay(handler)
@@ -680,9 +619,9 @@ async def test_a_cancelled_call_gives_its_whole_reservation_back(monkeypatch):
 
 async def test_a_call_cut_by_the_deadline_gives_its_reservation_and_probe_permit_back(monkeypatch):
     clock = FakeClock()
-    fake = Secondary(cost=ACTUAL, blocked={MODEL})
-    handler = handler_for(config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS,
-                                 DEADLINE_S="0.05", TIMEOUT_S="0.05", **BREAKER_ENV), fake, clock)
+    fake = FakeSecondary(HANG, cost=ACTUAL)
+    handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS,
+                                        DEADLINE_S="0.05", TIMEOUT_S="0.05", **BREAKER_ENV), clock=clock)
     priced(monkeypatch, handler)
     await trip_store(handler)
     clock.advance(30)
@@ -695,8 +634,8 @@ async def test_a_call_cut_by_the_deadline_gives_its_reservation_and_probe_permit
 
 
 async def test_an_unpriced_secondary_is_skipped_when_a_usd_cap_is_set(monkeypatch):
-    fake = Secondary()
-    handler = handler_for(config(BUDGET_USD="1"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(BUDGET_USD="1"))
     monkeypatch.setattr(handler, "price", lambda model: None)
 
     outcome, response = await relay(handler)
@@ -709,8 +648,8 @@ async def test_an_unpriced_secondary_is_skipped_when_a_usd_cap_is_set(monkeypatc
 
 
 async def test_an_unpriced_secondary_is_allowed_with_allow_unpriced_and_settles_its_actual_cost(monkeypatch):
-    fake = Secondary(cost=0.25)
-    handler = handler_for(config(BUDGET_USD="1", ALLOW_UNPRICED="true"), fake)
+    fake = FakeSecondary(cost=0.25)
+    handler = make_handler(fake, config(BUDGET_USD="1", ALLOW_UNPRICED="true"))
     monkeypatch.setattr(handler, "price", lambda model: None)
 
     outcome, _ = await relay(handler)
@@ -721,8 +660,8 @@ async def test_an_unpriced_secondary_is_allowed_with_allow_unpriced_and_settles_
 
 
 async def test_fail_closed_guard_blocks_the_answer_when_the_budget_refuses():
-    fake = Secondary(text='{"verdict": "allow", "reason": "ok"}')
-    handler = handler_for(config(MODE="guard", FAIL_MODE="closed", MAX_CALLS="0"), fake)
+    fake = FakeSecondary('{"verdict": "allow", "reason": "ok"}')
+    handler = make_handler(fake, config(MODE="guard", FAIL_MODE="closed", MAX_CALLS="0"))
 
     outcome, response = await relay(handler)
 
@@ -734,12 +673,12 @@ async def test_fail_closed_guard_blocks_the_answer_when_the_budget_refuses():
 
 
 async def test_fail_closed_refine_answers_503_when_the_budget_refuses():
-    fake = Secondary()
-    handler = handler_for(config(FAIL_MODE="closed", MAX_CALLS="0"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(FAIL_MODE="closed", MAX_CALLS="0"))
     data = request()
 
     with pytest.raises(HTTPException) as raised:
-        await handler.async_post_call_success_hook(data, SimpleNamespace(api_key="k"), primary_response())
+        await handler.async_post_call_success_hook(data, SimpleNamespace(api_key="k"), chat_response())
 
     assert raised.value.status_code == 503
     assert raised.value.detail == ("relay refine failed (skipped:budget): the relay budget of this window "
@@ -768,8 +707,8 @@ def sleeps(monkeypatch):
 
 
 async def test_a_retryable_error_is_retried_exactly_relay_retries_times_then_fails(sleeps):
-    fake = Secondary(fail=failing("provider_error", retryable=True))
-    handler = handler_for(config(RETRIES="3"), fake, sleeps.clock)
+    fake = FakeSecondary(failing("provider_error", retryable=True))
+    handler = make_handler(fake, config(RETRIES="3"), clock=sleeps.clock)
 
     outcome, response = await relay(handler)
 
@@ -781,8 +720,8 @@ async def test_a_retryable_error_is_retried_exactly_relay_retries_times_then_fai
 
 
 async def test_a_retried_call_that_then_succeeds_is_relayed(sleeps):
-    fake = Secondary(cost=0.5, fail=[failing("connection", retryable=True), None])
-    handler = handler_for(config(RETRIES="3"), fake, sleeps.clock)
+    fake = FakeSecondary([failing("connection", retryable=True), "refined"], cost=0.5)
+    handler = make_handler(fake, config(RETRIES="3"), clock=sleeps.clock)
 
     outcome, response = await relay(handler)
 
@@ -794,8 +733,8 @@ async def test_a_retried_call_that_then_succeeds_is_relayed(sleeps):
 
 
 async def test_a_non_retryable_error_is_not_retried(sleeps):
-    fake = Secondary(fail=failing("provider_rejected", retryable=False))
-    handler = handler_for(config(RETRIES="3"), fake, sleeps.clock)
+    fake = FakeSecondary(failing("provider_rejected", retryable=False))
+    handler = make_handler(fake, config(RETRIES="3"), clock=sleeps.clock)
 
     outcome, _ = await relay(handler)
 
@@ -806,8 +745,8 @@ async def test_a_non_retryable_error_is_not_retried(sleeps):
 
 
 async def test_retry_after_is_honoured(sleeps):
-    fake = Secondary(fail=[failing("rate_limited", retryable=True, retry_after=2.5), None])
-    handler = handler_for(config(RETRIES="1", RETRY_BASE_S="0.25"), fake, sleeps.clock)
+    fake = FakeSecondary([failing("rate_limited", retryable=True, retry_after=2.5), "refined"])
+    handler = make_handler(fake, config(RETRIES="1", RETRY_BASE_S="0.25"), clock=sleeps.clock)
 
     outcome, _ = await relay(handler)
 
@@ -818,8 +757,8 @@ async def test_retry_after_is_honoured(sleeps):
 
 
 async def test_no_retry_starts_when_retry_after_reaches_past_the_deadline(sleeps):
-    fake = Secondary(fail=failing("rate_limited", retryable=True, retry_after=5.0))
-    handler = handler_for(config(RETRIES="3", DEADLINE_S="1", TIMEOUT_S="1"), fake, sleeps.clock)
+    fake = FakeSecondary(failing("rate_limited", retryable=True, retry_after=5.0))
+    handler = make_handler(fake, config(RETRIES="3", DEADLINE_S="1", TIMEOUT_S="1"), clock=sleeps.clock)
 
     outcome, _ = await relay(handler)
 
@@ -830,20 +769,20 @@ async def test_no_retry_starts_when_retry_after_reaches_past_the_deadline(sleeps
 
 
 async def test_retries_stop_once_the_next_backoff_would_end_past_the_deadline(sleeps):
-    fake = Secondary(fail=failing("rate_limited", retryable=True, retry_after=4.0))
-    handler = handler_for(config(RETRIES="5", DEADLINE_S="10", TIMEOUT_S="5"), fake, sleeps.clock)
+    fake = FakeSecondary(failing("rate_limited", retryable=True, retry_after=4.0))
+    handler = make_handler(fake, config(RETRIES="5", DEADLINE_S="10", TIMEOUT_S="5"), clock=sleeps.clock)
 
     outcome, _ = await relay(handler)
 
     assert outcome.result == "failed:rate_limited"
     assert sleeps.delays == [4.0, 4.0]  # at 8 s a third wait of 4 s would end at the 10 s deadline
-    assert [call["timeout"] for call in fake.calls] == [5.0, 5.0, 2.0]  # the last call gets what is left
+    assert [call.timeout for call in fake.calls] == [5.0, 5.0, 2.0]  # the last call gets what is left
 
 
 async def test_backoff_delays_are_full_jitter_under_the_exponential_cap(sleeps):
-    fake = Secondary(fail=failing("provider_error", retryable=True))
-    handler = handler_for(config(RETRIES="5", RETRY_BASE_S="0.25", RETRY_MAX_S="1", DEADLINE_S="60"),
-                          fake, sleeps.clock)
+    fake = FakeSecondary(failing("provider_error", retryable=True))
+    handler = make_handler(fake, config(RETRIES="5", RETRY_BASE_S="0.25", RETRY_MAX_S="1", DEADLINE_S="60"),
+                           clock=sleeps.clock)
 
     await relay(handler)
 
@@ -863,8 +802,8 @@ def other_tasks() -> set:
 
 
 async def test_a_secondary_slower_than_the_deadline_fails_with_timeout_and_leaves_no_task_running():
-    fake = Secondary(blocked={MODEL})
-    handler = handler_for(config(DEADLINE_S="0.05", TIMEOUT_S="0.05"), fake)
+    fake = FakeSecondary(HANG)
+    handler = make_handler(fake, config(DEADLINE_S="0.05", TIMEOUT_S="0.05"))
     assert other_tasks() == set()
 
     outcome, response = await relay(handler)
@@ -877,13 +816,14 @@ async def test_a_secondary_slower_than_the_deadline_fails_with_timeout_and_leave
 
 
 async def test_the_consensus_fan_out_is_cancelled_as_a_whole_at_the_deadline():
-    fake = Secondary(blocked={"c1", "c2"})
-    handler = handler_for(config(MODE="consensus", CONSENSUS_MODELS="c1,c2", DEADLINE_S="0.05", TIMEOUT_S="0.05"), fake)
+    fake = FakeSecondary({"c1": HANG, "c2": HANG})
+    handler = make_handler(fake, config(MODE="consensus", CONSENSUS_MODELS="c1,c2", DEADLINE_S="0.05",
+                                        TIMEOUT_S="0.05"))
 
     outcome, response = await relay(handler)
 
     assert outcome.result == "failed:timeout"
-    assert sorted(call["model"] for call in fake.calls) == ["c1", "c2"]
+    assert sorted(call.model for call in fake.calls) == ["c1", "c2"]
     assert sorted(fake.cancelled) == ["c1", "c2"]
     assert response.choices[0].message.content == "primary"
     assert other_tasks() == set()
@@ -894,8 +834,8 @@ async def test_the_consensus_fan_out_is_cancelled_as_a_whole_at_the_deadline():
 
 async def test_an_identical_request_reuses_the_cached_result():
     wall = FakeClock(0.0)
-    fake = Secondary(cost=0.125)
-    handler = handler_for(config(CACHE_TTL_S="60"), fake, wall=wall)
+    fake = FakeSecondary(cost=0.125)
+    handler = make_handler(fake, config(CACHE_TTL_S="60"), wall=wall)
 
     first, _ = await relay(handler)
     second, response = await relay(handler)
@@ -911,8 +851,8 @@ async def test_an_identical_request_reuses_the_cached_result():
 
 async def test_a_cached_result_expires_after_the_ttl():
     wall = FakeClock(0.0)
-    fake = Secondary()
-    handler = handler_for(config(CACHE_TTL_S="60"), fake, wall=wall)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(CACHE_TTL_S="60"), wall=wall)
     await relay(handler)
 
     wall.now = 59.999
@@ -925,8 +865,8 @@ async def test_a_cached_result_expires_after_the_ttl():
 
 
 async def test_the_cache_bound_evicts_the_oldest_entry():
-    fake = Secondary()
-    handler = handler_for(config(CACHE_TTL_S="60", CACHE_MAX_ENTRIES="2"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(CACHE_TTL_S="60", CACHE_MAX_ENTRIES="2"))
     for answer in ("answer a", "answer b", "answer c"):
         await relay(handler, answer)
     assert len(fake.calls) == 3
@@ -939,8 +879,8 @@ async def test_the_cache_bound_evicts_the_oldest_entry():
 
 
 async def test_a_different_answer_misses_the_cache():
-    fake = Secondary()
-    handler = handler_for(config(CACHE_TTL_S="60"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(CACHE_TTL_S="60"))
 
     first, _ = await relay(handler, "primary")
     other, _ = await relay(handler, "another primary")
@@ -950,8 +890,8 @@ async def test_a_different_answer_misses_the_cache():
 
 
 async def test_a_different_mode_misses_the_cache():
-    fake = Secondary()
-    handler = handler_for(config(CACHE_TTL_S="60", CLIENT_OVERRIDE="opt_in"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(CACHE_TTL_S="60", CLIENT_OVERRIDE="opt_in"))
 
     refined, _ = await relay(handler)
     annotated, _ = await relay(handler, metadata={"relay": {"mode": "annotate"}})
@@ -964,8 +904,8 @@ async def test_a_different_mode_misses_the_cache():
 
 
 async def test_without_a_ttl_nothing_is_cached():
-    fake = Secondary()
-    handler = handler_for(config(), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config())
 
     first, _ = await relay(handler)
     second, _ = await relay(handler)
@@ -977,8 +917,8 @@ async def test_without_a_ttl_nothing_is_cached():
 
 
 async def test_a_spent_budget_refuses_without_counting_tokens_again(monkeypatch):
-    fake = Secondary(cost=WORST)  # each call spends its whole worst case
-    handler = handler_for(config(BUDGET_USD=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    fake = FakeSecondary(cost=WORST)  # each call spends its whole worst case
+    handler = make_handler(fake, config(BUDGET_USD=str(WORST), SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
     counted = []
     monkeypatch.setattr(relay_plugin, "prompt_token_bound", lambda messages: counted.append(1) or PROMPT_TOKENS)
@@ -994,8 +934,8 @@ async def test_a_spent_budget_refuses_without_counting_tokens_again(monkeypatch)
 
 
 async def test_breakers_and_prices_of_many_client_chosen_models_stay_bounded(monkeypatch):
-    fake = Secondary("refined")
-    handler = handler_for(config(CLIENT_OVERRIDE="full"), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(CLIENT_OVERRIDE="full"))
     monkeypatch.setattr(relay_plugin, "_price_of", lambda model: None)
     monkeypatch.setattr(relay_plugin, "MODELS_MAX", 50)
     for i in range(300):
@@ -1007,8 +947,8 @@ async def test_breakers_and_prices_of_many_client_chosen_models_stay_bounded(mon
 
 
 async def test_the_counters_remembered_as_refused_stay_bounded(monkeypatch):
-    fake = Secondary()
-    handler = handler_for(config(BUDGET_USD_PER_KEY=str(WORST / 2), SECONDARY_MAX_TOKENS=MAX_TOKENS), fake)
+    fake = FakeSecondary()
+    handler = make_handler(fake, config(BUDGET_USD_PER_KEY=str(WORST / 2), SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
     monkeypatch.setattr(relay_plugin, "REFUSED_COUNTERS_MAX", 10)
 
@@ -1019,16 +959,9 @@ async def test_the_counters_remembered_as_refused_stay_bounded(monkeypatch):
     assert fake.calls == []
 
 
-class Overbilling(Secondary):
-    """A provider that bills far more output tokens than the call allowed."""
-
-    async def __call__(self, model, messages, **kwargs):
-        reply = await super().__call__(model, messages, **kwargs)
-        return Reply(model, reply.text, 1.0, output_tokens=1_000_000)
-
-
 async def test_a_call_billed_past_its_reservation_is_counted_logged_and_settled_at_its_real_cost(monkeypatch, caplog):
-    handler = handler_for(config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS), Overbilling())
+    overbilling = FakeSecondary(Reply(MODEL, "refined", 1.0, output_tokens=1_000_000))  # far past max_tokens
+    handler = make_handler(overbilling, config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
     outcome, _ = await relay(handler)
     assert outcome.result == "modified" and outcome.cost_usd == 1.0
@@ -1041,7 +974,7 @@ async def test_a_call_billed_past_its_reservation_is_counted_logged_and_settled_
 
 
 async def test_a_call_within_its_bounds_is_no_overshoot(monkeypatch):
-    handler = handler_for(config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS), Secondary("refined", ACTUAL))
+    handler = make_handler(FakeSecondary(cost=ACTUAL), config(BUDGET_USD="5", SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
     await relay(handler)
     assert handler.stats["overshoot"] == 0

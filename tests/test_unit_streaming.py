@@ -1,12 +1,14 @@
 """StreamRelay in process: synthetic primary streams, a scripted secondary, no network."""
 
 import asyncio
+from functools import partial
 
 import litellm
 import pytest
 
 import relay_plugin
-from relay_plugin import INTERRUPTED_NOTE, RelayConfig, RelayHandler, Reply, SecondaryError
+from relay_plugin import INTERRUPTED_NOTE, RelayHandler, SecondaryError
+from tests.support import HANG, SECONDARY, FakeSecondary, make_handler
 
 
 def chat_stream(*pieces: str, finish: str = "stop"):
@@ -25,10 +27,8 @@ def chat_stream(*pieces: str, finish: str = "stop"):
     return stream()
 
 
-def handler_for(complete, **env) -> RelayHandler:
-    config = RelayConfig.from_env({"RELAY_SECONDARY_MODEL": "sec", "RELAY_RETRIES": "0",
-                                   "RELAY_STREAM_HEARTBEAT_S": "0.02", **env})
-    return RelayHandler(config, complete=complete)
+#: a handler without retries whose streams send a heartbeat every 20 ms while the secondary works
+stream_handler = partial(make_handler, RETRIES="0", STREAM_HEARTBEAT_S="0.02")
 
 
 async def run(handler, stream, call_id="call-1"):
@@ -41,78 +41,58 @@ async def run(handler, stream, call_id="call-1"):
 
 
 async def test_a_streaming_secondary_reaches_the_client_delta_by_delta():
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        assert on_delta is not None
-        for piece in ("Better ", "answer."):
-            await on_delta(piece)
-        return Reply(model, "Better answer.", 0.001)
+    fake = FakeSecondary(("Better ", "answer."), cost=0.001)
 
-    chunks, text, relay = await run(handler_for(complete), chat_stream("pri", "mary"))
+    chunks, text, relay = await run(stream_handler(fake), chat_stream("pri", "mary"))
+    assert [call.streamed for call in fake.calls] == [True]
     assert text == "Better answer."
     assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["Better ", "answer."]
     assert relay["outcome"] == "modified" and relay["cost_usd"] == 0.001
 
 
 async def test_a_secondary_that_breaks_off_mid_answer_is_followed_by_the_primary_answer():
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        await on_delta("Half an ans")
-        raise SecondaryError("connection", "dropped", retryable=True)
+    fake = FakeSecondary(("Half an ans", SecondaryError("connection", "dropped", retryable=True)))
 
-    _, text, relay = await run(handler_for(complete, RELAY_RETRIES="2"), chat_stream("the ", "primary"))
+    _, text, relay = await run(stream_handler(fake, RETRIES="2"), chat_stream("the ", "primary"))
     assert text == "Half an ans" + INTERRUPTED_NOTE + "the primary"
     assert relay["outcome"] == "failed:connection"
 
 
 async def test_heartbeats_flow_while_the_secondary_works_and_carry_no_text():
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        await asyncio.sleep(0.15)
-        return Reply(model, "done", 0.0)
+    fake = FakeSecondary("done", gate=asyncio.Event())
+    asyncio.get_running_loop().call_later(0.15, fake.gate.set)  # the secondary answers after 150 ms
 
-    chunks, text, _ = await run(handler_for(complete), chat_stream("x"))
+    chunks, text, _ = await run(stream_handler(fake), chat_stream("x"))
     empty = [c for c in chunks if c.choices and c.choices[0].delta.content == ""]
     assert len(empty) >= 3
     assert text == "done"
 
 
 async def test_closing_the_stream_cancels_the_secondary_call():
-    started, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    handler = handler_for(complete)
+    fake = FakeSecondary(HANG)
+    handler = stream_handler(fake)
     data = {"model": "llama", "stream": True, "messages": [], "litellm_call_id": "c", "metadata": {}}
     stream = handler.async_post_call_streaming_iterator_hook(None, chat_stream("x"), data)
     async for _ in stream:  # the first heartbeat: the secondary is at work
-        if started.is_set():
+        if fake.calls:
             break
     await stream.aclose()  # what the proxy does when the client goes away
-    assert cancelled.is_set()
+    assert fake.cancelled == [SECONDARY]
     assert relay_plugin._proxy_metadata(data)["relay_result"].result == "failed:client_disconnected"
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
 
 @pytest.mark.parametrize("mode", ["refine", "guard"])
 async def test_an_unchanged_answer_goes_out_as_the_primary_chunks(mode):
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        text = '{"verdict": "allow", "reason": "ok"}' if mode == "guard" else "same text"
-        if on_delta:
-            await on_delta(text)
-        return Reply(model, text, 0.0)
+    fake = FakeSecondary('{"verdict": "allow", "reason": "ok"}' if mode == "guard" else "same text")
 
-    _, text, relay = await run(handler_for(complete, RELAY_MODE=mode), chat_stream("same ", "text"))
+    _, text, relay = await run(stream_handler(fake, MODE=mode), chat_stream("same ", "text"))
     assert text == "same text"
     assert relay["outcome"] == "relayed"
 
 
 async def test_a_stream_of_several_answers_passes_through_and_says_so():
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        raise AssertionError("no secondary call for n > 1")
+    fake = FakeSecondary()
 
     async def two_answers():
         for index in (0, 1):
@@ -121,7 +101,8 @@ async def test_a_stream_of_several_answers_passes_through_and_says_so():
         yield litellm.ModelResponseStream(id="c1", created=1, model="llama", choices=[
             {"index": 0, "delta": {}, "finish_reason": "stop"}])
 
-    chunks, _, relay = await run(handler_for(complete), two_answers())
+    chunks, _, relay = await run(stream_handler(fake), two_answers())
+    assert fake.calls == []  # no secondary call for n > 1
     assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["answer 0", "answer 1"]
     assert relay["outcome"] == "skipped:multiple_choices"
 
@@ -169,13 +150,15 @@ async def relay_raw_stream(handler: RelayHandler, reads: list[bytes]) -> tuple[s
     return text, events
 
 
-def guard_judge(calls: list):
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        answer = messages[1]["content"].split("<answer-")[1]
-        calls.append(answer)
-        verdict = "block" if "FORBIDDEN" in answer else "allow"
-        return Reply(model, f'{{"verdict": "{verdict}", "reason": "r"}}', 0.0)
-    return complete
+def answer_in(messages: list[dict]) -> str:
+    """The answer a review prompt shows the secondary."""
+    return messages[1]["content"].split("<answer-")[1]
+
+
+def guard_verdict(model: str, messages: list[dict]) -> str:
+    """The script of a guard judge: block an answer that says FORBIDDEN."""
+    verdict = "block" if "FORBIDDEN" in answer_in(messages) else "allow"
+    return f'{{"verdict": "{verdict}", "reason": "r"}}'
 
 
 BLOCKED_STREAM = anthropic_events("It is FORB", "IDDEN to say.")
@@ -184,18 +167,16 @@ ALLOWED_STREAM = anthropic_events("A fine ", "answer.")
 
 @pytest.mark.parametrize("cut", list(reads_of(BLOCKED_STREAM)))
 async def test_a_native_anthropic_stream_cut_anywhere_is_judged_as_one_text_and_blocked(cut):
-    calls: list[str] = []
-    handler = handler_for(guard_judge(calls), RELAY_MODE="guard")
-    text, events = await relay_raw_stream(handler, reads_of(BLOCKED_STREAM)[cut])
-    assert len(calls) == 1 and "It is FORBIDDEN to say." in calls[0]
+    judge = FakeSecondary(guard_verdict)
+    text, events = await relay_raw_stream(stream_handler(judge, MODE="guard"), reads_of(BLOCKED_STREAM)[cut])
+    assert len(judge.calls) == 1 and "It is FORBIDDEN to say." in answer_in(judge.calls[0].messages)
     assert text == relay_plugin.DEFAULT_GUARD_MESSAGE
     assert [e["relay"]["outcome"] for e in events if "relay" in e] == ["blocked"]
 
 
 @pytest.mark.parametrize("cut", list(reads_of(ALLOWED_STREAM)))
 async def test_a_native_anthropic_stream_cut_anywhere_passes_whole_with_one_relay_object(cut):
-    calls: list[str] = []
-    handler = handler_for(guard_judge(calls), RELAY_MODE="guard")
+    handler = stream_handler(FakeSecondary(guard_verdict), MODE="guard")
     text, events = await relay_raw_stream(handler, reads_of(ALLOWED_STREAM)[cut])
     assert text == "A fine answer."
     assert [e["relay"]["outcome"] for e in events if "relay" in e] == ["relayed"]
@@ -205,10 +186,7 @@ async def test_a_native_anthropic_stream_cut_anywhere_passes_whole_with_one_rela
 
 @pytest.mark.parametrize("cut", ["one event per read", "all in one read", "three reads", "one byte per read"])
 async def test_refine_of_a_native_anthropic_stream_replaces_the_text_without_gluing(cut):
-    async def complete(model, messages, *, max_tokens, timeout, depth, on_delta=None):
-        return Reply(model, "Refined.", 0.0)
-
-    text, events = await relay_raw_stream(handler_for(complete), reads_of(ALLOWED_STREAM)[cut])
+    text, events = await relay_raw_stream(stream_handler(FakeSecondary("Refined.")), reads_of(ALLOWED_STREAM)[cut])
     assert text == "Refined."
     assert [e["relay"]["outcome"] for e in events if "relay" in e] == ["modified"]
 
@@ -217,10 +195,10 @@ async def test_a_native_anthropic_stream_cut_at_every_byte_boundary_is_judged_wh
     for stream, expected, outcome in ((BLOCKED_STREAM, relay_plugin.DEFAULT_GUARD_MESSAGE, "blocked"),
                                       (ALLOWED_STREAM, "A fine answer.", "relayed")):
         for reads in every_byte_boundary(stream):
-            calls: list[str] = []
-            text, events = await relay_raw_stream(handler_for(guard_judge(calls), RELAY_MODE="guard"), reads)
+            judge = FakeSecondary(guard_verdict)
+            text, events = await relay_raw_stream(stream_handler(judge, MODE="guard"), reads)
             where = f"cut at byte {len(reads[0])}"
-            assert len(calls) == 1, where
+            assert len(judge.calls) == 1, where
             assert text == expected, where
             assert [e["relay"]["outcome"] for e in events if "relay" in e] == [outcome], where
 
@@ -236,8 +214,7 @@ async def test_text_a_provider_sends_after_the_end_of_its_stream_is_judged_too(g
         yield chunk(finish_reason="stop")
         yield chunk("And then something FORBIDDEN.")
 
-    calls: list[str] = []
-    handler = handler_for(guard_judge(calls), RELAY_MODE="guard", RELAY_STREAM_GUARD=guard, RELAY_STREAM_WINDOW_CHARS="10")
+    handler = stream_handler(FakeSecondary(guard_verdict), MODE="guard", STREAM_GUARD=guard, STREAM_WINDOW_CHARS="10")
     chunks, text, relay = await run(handler, stream())
     assert "FORBIDDEN" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert relay["outcome"] == "blocked"
