@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test unit lock env-table readme record clean test-compat compat-lock
+.PHONY: run test lint unit lock env-table readme record clean test-compat compat-lock
 
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,13 @@ $(STAMP): requirements.lock
 run: $(STAMP)
 	$(PY) -m sim.stack run
 
-## test: the whole suite, against real proxy processes on loopback
-test: $(STAMP) redis-tools
+## test: the linter (ruff, pinned in the lock, configured in pyproject.toml), then the whole suite against real proxy processes on loopback
+test: $(STAMP) redis-tools lint
 	$(PY) -m pytest
+
+## lint: ruff over the repository (rules and line length in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # redis-server (its cluster mode and `redis-server --sentinel` included) and redis-cli (package
 # redis-tools, which builds the test cluster), from Debian, when missing

@@ -229,7 +229,7 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
         groups["sim"] = sim.proc.pid
     spies = {s["name"]: directory / f"py-spy-{s['name']}.txt" for s in steps if s["name"] in spy}
     threads = [threading.Thread(target=_spy_on_step, args=(proxies[v.proxy].proc.pid, s, directory, spies[v.name]),
-                                daemon=True) for v, s in zip(order, steps) if v.name in spies]
+                                daemon=True) for v, s in zip(order, steps, strict=False) if v.name in spies]
     for thread in threads:
         thread.start()
     run = h.run_locust(proxies["baseline"], directory, users=THROUGHPUT_USERS, duration=at, mix=("chat",),
@@ -239,7 +239,7 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     for thread in threads:
         thread.join(timeout=60)
     measures = []
-    for v, s in zip(order, steps):
+    for v, s in zip(order, steps, strict=False):
         start, end = run.started_at + s["start"], run.started_at + s["end"]
         mine = [r for r in run.records if r["step"] == s["id"]]
         if v.load == "throughput":  # steady state: answers completed inside the window, CPU over the same window
@@ -361,7 +361,7 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
                source="earlier", attribution="caller"),
     ]
     for f in found:
-        pairs = list(zip(by_name[f.variant].runs, by_name[f.base].runs))
+        pairs = list(zip(by_name[f.variant].runs, by_name[f.base].runs, strict=False))
         quiet = [(m, b) for m, b in pairs if m.cpu["other"] < NOISY_OTHER_PCT and b.cpu["other"] < NOISY_OTHER_PCT]
         use = quiet if len(quiet) >= MIN_QUIET_ROUNDS else pairs
         f.rounds = f"{len(use)} of {len(pairs)}" + ("" if use is quiet else ", noisy")
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                 order += group[shift:] + group[:shift]
             measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim)
             shown = []
-            for v, m in zip(order, measures):
+            for v, m in zip(order, measures, strict=False):
                 v.runs.append(m)
                 problem = valid(v, m)
                 if problem:

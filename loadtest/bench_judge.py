@@ -89,10 +89,14 @@ def summarise(results: list[dict]) -> dict:
 
 
 def table(summary: dict[str, dict], when: str) -> str:
-    lines = [f"Last run: {when}, SmolLM2-135M-Instruct Q4_1 on llama.cpp (llama-cpp-python 0.3.36), "
-             f"{summary['prompt']['answers']} fixed answers (`loadtest/judge_answers.jsonl`), temperature 0.", "",
-             "| judge asked by | parseable verdicts | agreeing with the expected allow/block | blocked | relay's added latency p50 | p95 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Last run: {when}, SmolLM2-135M-Instruct Q4_1 on llama.cpp (llama-cpp-python 0.3.36), "
+        f"{summary['prompt']['answers']} fixed answers (`loadtest/judge_answers.jsonl`), temperature 0.",
+        "",
+        "| judge asked by | parseable verdicts | agreeing with the expected allow/block | blocked "
+        "| relay's added latency p50 | p95 |",
+        "|---|---|---|---|---|---|",
+    ]
     for way in ("prompt", "schema"):
         s = summary[way]
         lines.append(f"| `{way}` | {s['parsed']}/{s['answers']} ({s['parse_rate']:.0%}) | {s['agreed']}/{s['parsed']} | "

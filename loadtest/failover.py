@@ -132,7 +132,7 @@ class FaultReport:
         together are one outage). A loaded machine may also see a short second outage: that one must
         be announced once too."""
         errors, backs = self.outage_records(name, since_fault=False)
-        closing = [(when, d) for (when, _), d in zip(backs, self.back_after(name, since_fault=False))
+        closing = [(when, d) for (when, _), d in zip(backs, self.back_after(name, since_fault=False), strict=False)
                    if when >= self.fault_wall]
         if not closing:
             return False, "no line says Redis is back after the fault"
@@ -195,7 +195,9 @@ class FaultReport:
         lines += [
             f"  calls: {sum(self.calls.values())} in all, shared counter {self.shared_calls:g} of cap {self.max_calls}",
             f"  spend: {self.spend:.6f} USD in all, shared counter {self.shared_spend:.6f} of cap {self.budget_usd:.6f}",
-            f"  topology healed {self.healed_at - self.fault_at:.1f} s after the fault" if self.healed_at else "  topology: no heal seen",
+            f"  topology healed {self.healed_at - self.fault_at:.1f} s after the fault"
+            if self.healed_at
+            else "  topology: no heal seen",
             f"  A's last skipped:state_unavailable ended {self.recovered_in():.1f} s after the fault",
             f"  latency p50/max: {before[0] * 1000:.0f}/{before[1] * 1000:.0f} ms before, "
             f"{during[0] * 1000:.0f}/{during[1] * 1000:.0f} ms in the 5 s after the fault",
@@ -235,7 +237,9 @@ class Load:
             try:
                 status, outcome, cost = _chat(self.proxies[name], f"inst-{name} {index}-{n} Why is the sky blue?")
                 with self.lock:
-                    self.report.samples.append(Sample(name, began - self.started, time.monotonic() - began, status, outcome, cost))
+                    self.report.samples.append(
+                        Sample(name, began - self.started, time.monotonic() - began, status, outcome, cost)
+                    )
             except Exception as exc:  # noqa: BLE001 - a request without an answer is what this counts
                 with self.lock:
                     self.report.errors.append(f"{type(exc).__name__}: {exc}")

@@ -296,7 +296,7 @@ def run_locust(proxy: stack.Proxy, directory: Path, *, users: int, duration: flo
     if not out.exists():
         raise RuntimeError(f"locust left no records (exit {proc.returncode}); see {directory / 'locust.out'}")
     data = json.loads(out.read_text())
-    records = [dict(zip(data["fields"], row)) for row in data["records"]]
+    records = [dict(zip(data["fields"], row, strict=False)) for row in data["records"]]
     ended_at = max((r["t"] for r in records), default=started_at)
     return LocustRun(directory, records, started_at, ended_at, cpu, _locust_total(directory),
                      proc.returncode, samples, data.get("cpu_warnings") or [], cpu_window, sampler)
@@ -325,9 +325,13 @@ def table(headers: list[str], rows: list[list], align: str = "") -> str:
     align = align or "l" + "r" * (len(headers) - 1)
 
     def line(row: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)) + " |"
+        return (
+            "| " + " | ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align, strict=False)) + " |"
+        )
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align)) + "|"
+    rule = (
+        "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align, strict=False)) + "|"
+    )
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 

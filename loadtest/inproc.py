@@ -42,13 +42,13 @@ EXPECTED = {"refine": "modified", "guard": "relayed", "annotate": "relayed", "es
 def _import_plugin():
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before litellm is imported: no price-map download
     sys.path.insert(0, str(ROOT))
-    import relay_plugin  # noqa: PLC0415 - after the environment is set
+    import relay_plugin
 
     return relay_plugin
 
 
 def make_handler(rp, mode: str):
-    from tests.support import FakeSecondary  # noqa: PLC0415 - imports relay_plugin: after the environment is set
+    from tests.support import FakeSecondary
 
     members = ["openai/bench-m1", "openai/bench-m2", "openai/bench-m3"]
     env = {"RELAY_MODE": mode, "RELAY_SECONDARY_MODEL": "openai/bench-secondary",
@@ -110,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object (for make bench)")
     args = parser.parse_args(argv)
     rp = _import_plugin()
-    import litellm  # noqa: PLC0415
+    import litellm
 
     try:
-        from litellm.proxy._types import UserAPIKeyAuth  # noqa: PLC0415
+        from litellm.proxy._types import UserAPIKeyAuth
 
         key = UserAPIKeyAuth(api_key="sk-bench-caller-key", token="bench-token")
     except Exception:  # noqa: BLE001 - the proxy extras are optional for this measurement
-        from types import SimpleNamespace  # noqa: PLC0415
+        from types import SimpleNamespace
 
         key = SimpleNamespace(api_key="sk-bench-caller-key", token="bench-token")
     results = [asyncio.run(measure(rp, litellm, key, mode, args.calls)) for mode in args.modes.split(",")]

@@ -273,9 +273,11 @@ def check(result: Result, env: dict) -> None:
         first = min((r["t"] for r in records if r["outcome"] == "skipped:budget"), default=None)
         if first is not None:
             later = sum(1 for r in records if r["t"] > first and r["cost_usd"] > 0)
-            result.info.append(f"budget: first skipped:budget {first - run.started_at:.1f}s into the run; "
-                               f"relays still charged after it: {later} (reservations hold a call's worst case while it runs; as they "
-                               "settle at the actual cost, room frees up for a few more)")
+            result.info.append(
+                f"budget: first skipped:budget {first - run.started_at:.1f}s into the run; "
+                f"relays still charged after it: {later} (reservations hold a call's worst case while it runs; as they "
+                "settle at the actual cost, room frees up for a few more)"
+            )
     if s.kind == "breaker":
         breaker_checks(result, env)
 

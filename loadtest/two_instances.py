@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - reported below as a broken run
                 errors.append(f"instance {name}: {type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=load, args=(name, proxy)) for name, proxy in zip("ab", proxies)]
+        threads = [threading.Thread(target=load, args=(name, proxy)) for name, proxy in zip("ab", proxies, strict=False)]
         for thread in threads:
             thread.start()
         for thread in threads:

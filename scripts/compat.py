@@ -143,8 +143,11 @@ def render_table(rows: list[dict]) -> str:
     for row in rows:
         works = [area for area, counts in row["areas"].items() if counts["failed"] == 0]
         broken = [area for area, counts in row["areas"].items() if counts["failed"]]
-        result = (f"pass ({row['passed']}/{row['total']} tests)" if row["ok"]
-                  else f"**FAIL** ({row['total'] - row['passed']} of {row['total']} tests failed: {', '.join(broken) or 'see log'})")
+        result = (
+            f"pass ({row['passed']}/{row['total']} tests)"
+            if row["ok"]
+            else f"**FAIL** ({row['total'] - row['passed']} of {row['total']} tests failed: {', '.join(broken) or 'see log'})"
+        )
         degrades = "; ".join(row["degraded"]) or "nothing"
         lines.append(f"| `{row['litellm']}` | {result} | {', '.join(works) or 'nothing'} | {degrades} | {row['tested']} |")
     return "\n".join(lines) + "\n"

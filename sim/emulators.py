@@ -700,7 +700,7 @@ class Emulator:
             self._loop = loop
             try:
                 loop.run_until_complete(self.start())
-            except BaseException as exc:  # report start-up errors to the caller
+            except BaseException as exc:  # noqa: BLE001 - report start-up errors to the caller
                 failure.append(exc)
                 ready.set()
                 return

@@ -216,11 +216,11 @@ def first_difference(sent: Any, recorded: Any, path: str = "body") -> str:
             if sent.get(key, "<missing>") != recorded.get(key, "<missing>"):
                 return first_difference(sent.get(key, "<missing>"), recorded.get(key, "<missing>"), f"{path}.{key}")
     if isinstance(sent, list) and isinstance(recorded, list) and len(sent) == len(recorded):
-        for index, (one, two) in enumerate(zip(sent, recorded)):
+        for index, (one, two) in enumerate(zip(sent, recorded, strict=False)):
             if one != two:
                 return first_difference(one, two, f"{path}[{index}]")
     if isinstance(sent, str) and isinstance(recorded, str):
-        at = next((i for i, (a, b) in enumerate(zip(sent, recorded)) if a != b), min(len(sent), len(recorded)))
+        at = next((i for i, (a, b) in enumerate(zip(sent, recorded, strict=False)) if a != b), min(len(sent), len(recorded)))
         return f"{path} differs at character {at}: sent {sent[max(at - 30, 0):at + 50]!r}, " \
                f"recorded {recorded[max(at - 30, 0):at + 50]!r}"
     return f"{path}: sent {str(sent)[:200]!r}, recorded {str(recorded)[:200]!r}"
@@ -612,7 +612,8 @@ class StreamRun:
 
 
 async def run_stream(provider: Provider) -> StreamRun:
-    """A streamed answer straight from litellm: the call the relay makes when a streaming client's final answer comes from the secondary."""
+    """A streamed answer straight from litellm: the call the relay makes when a streaming client's final
+    answer comes from the secondary."""
     import litellm
     import relay_plugin
 

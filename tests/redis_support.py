@@ -138,8 +138,13 @@ class RedisClusterNodes:
         for i in range(2 * masters):
             port = stack.free_port()
             bus = stack.free_port()  # by default port + 10000, which may not exist
-            self.servers.append(RedisServer(self.directory / f"node-{i}", port,
-                                            (*cluster, "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf")))
+            self.servers.append(
+                RedisServer(
+                    self.directory / f"node-{i}",
+                    port,
+                    (*cluster, "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"),
+                )
+            )
 
     def __repr__(self) -> str:
         return f"<RedisClusterNodes {self.nodes_setting}>"

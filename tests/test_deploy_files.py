@@ -120,7 +120,11 @@ def test_all_instances_of_a_profile_share_one_redis_and_one_prefix_as_the_two_in
 
 def test_the_cluster_profile_is_a_redis_cluster_of_three_masters_with_a_replica_each(compose, instances):
     services = compose["services"]
-    nodes = {name: s for name, s in services.items() if s.get("profiles") == ["cluster"] and "--cluster-enabled" in s.get("command", [])}
+    nodes = {
+        name: s
+        for name, s in services.items()
+        if s.get("profiles") == ["cluster"] and "--cluster-enabled" in s.get("command", [])
+    }
     assert len(nodes) == 6
     for node in nodes.values():
         command = node["command"]

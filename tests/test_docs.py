@@ -96,7 +96,7 @@ def test_make_run_serves_the_relay_and_the_readme_curl_line_shows_modified(tmp_p
         assert scrape, output
         metrics = httpx.get(scrape.group(1), headers={"Authorization": f"Bearer {scrape.group(2)}"}, timeout=30).text
         assert re.search(r'^relay_requests_total\{.*outcome="modified".*\} 1\.0$', metrics, re.M), metrics[-3000:]
-        assert "x-relay-outcome: modified" in README and f"127.0.0.1:4000" in README
+        assert "x-relay-outcome: modified" in README and "127.0.0.1:4000" in README
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -76,7 +76,9 @@ class BooksProxy:
     def rows(self, token: str) -> list[dict]:
         """Spend rows of the calls whose prompt carried ``token`` (a secondary's prompt quotes the
         conversation). Rows keep no prompt, so they are matched to logged payloads by call id."""
-        calls = {p["payload"].get("litellm_call_id") for p in self.payloads() if token in json.dumps(p["payload"].get("messages"))}
+        calls = {
+            p["payload"].get("litellm_call_id") for p in self.payloads() if token in json.dumps(p["payload"].get("messages"))
+        }
         return [r for r in _jsonl(self.rows_path) if r.get("litellm_call_id") in calls]
 
     def payloads(self) -> list[dict]:
@@ -193,7 +195,9 @@ def test_streamed_and_shadow_secondary_calls_are_booked_too(caller_books, sim, t
         model="llama", messages=[{"role": "user", "content": f"Stream {token}"}], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     caller_books.chat(RICH_KEY, "llama-shadow", f"Shadow {token}")
-    rows = wait_for_at_least(2, lambda: [x for x in caller_books.rows(token) if metadata_of(x).get("internal_call_origin") == "relay"])
+    rows = wait_for_at_least(
+        2, lambda: [x for x in caller_books.rows(token) if metadata_of(x).get("internal_call_origin") == "relay"]
+    )
     assert rows and len(rows) == 2, rows
     assert {r["model_group"] for r in rows} == {"sec"} and {r["team_id"] for r in rows} == {TEAM}
 

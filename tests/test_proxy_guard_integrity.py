@@ -260,7 +260,9 @@ def test_the_guard_judges_tool_calls_and_the_text_beside_them(guarded, canned, t
 
 
 def test_an_allowed_tool_call_is_judged_and_passes_untouched(guarded, canned, token):
-    word = canned.script(f"CANNED:tool-ok-{token}", Canned(body=chat_json({"content": None, "tool_calls": tool_call({"q": "weather"})})))
+    word = canned.script(
+        f"CANNED:tool-ok-{token}", Canned(body=chat_json({"content": None, "tool_calls": tool_call({"q": "weather"})}))
+    )
     raw = guarded.chat("c-openai", word, tools=TOOLS)
     assert raw.headers["x-relay-outcome"] == "relayed"
     assert json.loads(raw.parse().choices[0].message.tool_calls[0].function.arguments) == {"q": "weather"}
@@ -297,7 +299,9 @@ def tool_stream(text: str, arguments: str) -> bytes:
     ("Harmless text that is long enough to fill one window of the guard.", '{"q": "SIM:BLOCK"}'),
     ("SIM:BLOCK text beside a call.", '{"q": "weather"}')], ids=["in the arguments", "in the text"])
 def test_a_streamed_tool_call_is_judged_with_its_text(guarded, canned, token, model, text, arguments):
-    word = canned.script(f"CANNED:tool-stream-{model}-{token}", Canned(200, None, *pieces(tool_stream(text, arguments), "events")))
+    word = canned.script(
+        f"CANNED:tool-stream-{model}-{token}", Canned(200, None, *pieces(tool_stream(text, arguments), "events"))
+    )
     _, received, chunks = chat_stream(guarded, model, word, tools=TOOLS)
     assert relay_of(chunks)["outcome"] == "blocked"
     assert "SIM:BLOCK" not in all_stream_text(chunks)

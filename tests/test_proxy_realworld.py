@@ -224,7 +224,7 @@ def test_a_messages_error_from_the_relay_carries_the_relay_headers(realworld, to
 def test_a_client_leaving_a_stream_mid_relay_leaves_no_pending_task(realworld, token):
     body = {"model": "llama", "stream": True, "messages": [{"role": "user", "content": f"Leave {token}"}],
             "metadata": relay_block(secondary_model="sec-slow")}
-    for i in range(3):
+    for _i in range(3):
         with httpx.stream("POST", realworld.url + "/v1/chat/completions", json=body, timeout=30,
                           headers={"Authorization": f"Bearer {realworld.key}"}) as response:
             for _ in response.iter_bytes():

@@ -118,7 +118,7 @@ def test_concurrent_load_on_two_instances_stops_at_the_shared_call_cap(pair, sim
     assert calls == outcomes.count("modified") == MAX_CALLS
     assert outcomes.count("skipped:budget") == 3 * MAX_CALLS
     assert spent <= BUDGET_USD
-    for (headers, content), i in zip(results, range(len(results))):
+    for (headers, content), i in zip(results, range(len(results)), strict=False):
         if headers["x-relay-outcome"] == "skipped:budget":
             assert content == primary_answer(f"Short question {i} {token}")
     window = next(iter(shared.keys(f"{PREFIX}:{{budget:*}}:calls:*")))
@@ -209,7 +209,7 @@ def test_redis_stopped_mid_run_loses_no_request_and_shared_state_resumes_when_it
         after = [relay(handle, f"After {token} {i}") for i, handle in enumerate(pair)]
         time.sleep(0.3)
 
-    for ((raw, content), text), handle in zip(outage, [a, b] * 3):
+    for ((raw, content), text), handle in zip(outage, [a, b] * 3, strict=False):
         assert raw.status_code == 200
         if handle is a:  # closed: no relay without a guaranteed cap; the primary answer goes out
             assert raw.headers["x-relay-outcome"] == "skipped:state_unavailable"

@@ -168,10 +168,12 @@ BAD_CONFIGS = {
     "unknown mode": ({"RELAY_MODE": "telepathy"}, "RELAY_MODE='telepathy' is invalid: allowed: refine | guard"),
     "negative timeout": ({"RELAY_TIMEOUT_S": "-1"}, "RELAY_TIMEOUT_S='-1' is invalid: allowed: a number >= 0.01 and <= 3600"),
     "malformed glob": ({"RELAY_APPLY_TO": "llama-[ab"}, "RELAY_APPLY_TO='llama-[ab' is invalid: allowed: globs with balanced"),
-    "consensus without models": ({"RELAY_MODE": "consensus", "RELAY_CONSENSUS_MODELS": ""},
-                                 "RELAY_CONSENSUS_MODELS is missing"),
+    "consensus without models": ({"RELAY_MODE": "consensus", "RELAY_CONSENSUS_MODELS": ""}, "RELAY_CONSENSUS_MODELS is missing"),
     # accepted once, broken at run time (every request a 500); the other ranges: test_unit_config.py
-    "infinite budget window": ({"RELAY_BUDGET_WINDOW_S": "inf"}, "RELAY_BUDGET_WINDOW_S='inf' is invalid: allowed: a number >= 1"),
+    "infinite budget window": (
+        {"RELAY_BUDGET_WINDOW_S": "inf"},
+        "RELAY_BUDGET_WINDOW_S='inf' is invalid: allowed: a number >= 1",
+    ),
     # a typo would leave the call cap off, silently
     "misspelt variable": ({"RELAY_MAXCALLS": "1"}, "RELAY_MAXCALLS is not a relay variable: did you mean RELAY_MAX_CALLS?"),
     # found while building the store, not while parsing the variables

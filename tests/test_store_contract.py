@@ -345,7 +345,7 @@ async def test_a_cancelled_probe_gives_its_permit_back(store):
     clock = clock_of(store)
     await trip(store, clock)
     clock.advance(30)
-    first, second = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
+    first, _second = await store.breaker_acquire(MODEL, clock()), await store.breaker_acquire(MODEL, clock())
     assert await store.breaker_acquire(MODEL, clock()) is None
     await store.breaker_record(MODEL, first, None, clock())
     assert await store.breaker_state(MODEL, clock()) == HALF_OPEN
@@ -790,7 +790,9 @@ def test_the_plugin_imports_redis_only_when_redis_state_is_enabled():
 def test_importing_with_redis_state_but_no_redis_exits_2_with_one_line():
     done = run_import({"RELAY_STATE": "redis"})
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and done.stderr.startswith("relay_plugin: invalid configuration: RELAY_REDIS_URL is missing")
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(
+        "relay_plugin: invalid configuration: RELAY_REDIS_URL is missing"
+    )
 
 
 # ----- configuration: Redis Cluster and Sentinel ----------------------------------------------------------
@@ -894,4 +896,6 @@ def test_make_store_builds_a_cluster_or_sentinel_client_bounded_by_the_timeout()
 def test_the_plugin_imports_redis_only_when_a_cluster_or_sentinel_is_named():
     assert run_import({"RELAY_REDIS_CLUSTER_NODES": "127.0.0.1:1"}).stdout.split() == ["FailoverStore", "True"]
     done = run_import({"RELAY_REDIS_SENTINELS": "127.0.0.1:1"})
-    assert done.returncode == 2 and done.stderr.startswith("relay_plugin: invalid configuration: RELAY_REDIS_SENTINEL_SERVICE is missing")
+    assert done.returncode == 2 and done.stderr.startswith(
+        "relay_plugin: invalid configuration: RELAY_REDIS_SENTINEL_SERVICE is missing"
+    )

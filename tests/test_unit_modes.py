@@ -614,12 +614,22 @@ async def test_a_failed_refine_fails_closed_with_http_503_naming_the_reason():
 @pytest.mark.parametrize(
     ("env", "replies", "detail"),
     [
-        ({"MODE": "annotate"}, {SEC: SecondaryError("provider_rejected", "400")},
-         "relay annotate failed (failed:provider_rejected): 400; fail-closed"),
-        ({"MODE": "escalate", "ESCALATE_MODEL": PREMIUM}, {SEC: "not json", PREMIUM: "p"},
-         "relay escalate failed (failed:bad_verdict): the judge reply is not JSON; fail-closed"),
-        ({"MODE": "consensus", "CONSENSUS_MODELS": C1}, {C1: SecondaryError("provider_rejected", "400"), SEC: "m"},
-         f"relay consensus failed (failed:consensus_members): every consensus member failed: {C1}: provider_rejected; fail-closed"),
+        (
+            {"MODE": "annotate"},
+            {SEC: SecondaryError("provider_rejected", "400")},
+            "relay annotate failed (failed:provider_rejected): 400; fail-closed",
+        ),
+        (
+            {"MODE": "escalate", "ESCALATE_MODEL": PREMIUM},
+            {SEC: "not json", PREMIUM: "p"},
+            "relay escalate failed (failed:bad_verdict): the judge reply is not JSON; fail-closed",
+        ),
+        (
+            {"MODE": "consensus", "CONSENSUS_MODELS": C1},
+            {C1: SecondaryError("provider_rejected", "400"), SEC: "m"},
+            "relay consensus failed (failed:consensus_members): every consensus member failed: "
+            f"{C1}: provider_rejected; fail-closed",
+        ),
     ],
     ids=["annotate", "escalate", "consensus"],
 )
@@ -646,7 +656,10 @@ async def test_a_secondary_slower_than_the_deadline_fails_closed_with_503():
     fake = secondary({SEC: HANG})
     error = await rejected(make_handler(fake, DEADLINE_S="0.05", TIMEOUT_S="0.05", FAIL_MODE="closed"),
                            chat_data(), chat_response())
-    assert (error.status_code, error.detail) == (503, "relay refine failed (failed:timeout): relay deadline of 0.05s passed; fail-closed")
+    assert (error.status_code, error.detail) == (
+        503,
+        "relay refine failed (failed:timeout): relay deadline of 0.05s passed; fail-closed",
+    )
 
 
 # ----- skips -----------------------------------------------------------------------------------------

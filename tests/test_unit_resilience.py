@@ -530,7 +530,10 @@ async def test_per_key_caps_isolate_the_keys(monkeypatch):
     assert response.choices[0].message.content == "primary"
     assert first_b.result == "modified"
     assert len(fake.calls) == 2
-    key_a, key_b = relay_plugin._key_id(SimpleNamespace(api_key="sk-key-a")), relay_plugin._key_id(SimpleNamespace(api_key="sk-key-b"))
+    key_a, key_b = (
+        relay_plugin._key_id(SimpleNamespace(api_key="sk-key-a")),
+        relay_plugin._key_id(SimpleNamespace(api_key="sk-key-b")),
+    )
     assert handler.store.counters == {f"spend:key:{key_a}:0": ACTUAL, f"spend:key:{key_b}:0": ACTUAL}
 
 
@@ -789,7 +792,7 @@ async def test_backoff_delays_are_full_jitter_under_the_exponential_cap(sleeps):
     caps = [min(1.0, 0.25 * 2 ** n) for n in range(5)]
     assert caps == [0.25, 0.5, 1.0, 1.0, 1.0]
     assert len(sleeps.delays) == 5
-    assert all(0 <= delay <= cap for delay, cap in zip(sleeps.delays, caps))
+    assert all(0 <= delay <= cap for delay, cap in zip(sleeps.delays, caps, strict=False))
     same_seed = random.Random(0)
     assert sleeps.delays == [cap * same_seed.random() for cap in caps]
 

@@ -36,7 +36,7 @@ async def run(handler, stream, call_id="call-1"):
             "litellm_call_id": call_id, "metadata": {}}
     chunks = [c async for c in handler.async_post_call_streaming_iterator_hook(None, stream, data)]
     text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
-    relay = [getattr(c, "relay") for c in chunks if hasattr(c, "relay")]
+    relay = [c.relay for c in chunks if hasattr(c, "relay")]
     return chunks, text, relay[-1] if relay else None
 
 

@@ -211,7 +211,9 @@ def test_prepared_redacts_both_the_turns_and_the_answer():
 
 def test_prepared_leaves_text_alone_without_redaction():
     turns = [{"role": "user", "content": "mail me at bob@example.com"}]
-    assert Prepared.build(turns, "ok bob@example.com", redact_pii=False, max_chars=10_000) == Prepared(turns, "ok bob@example.com")
+    assert Prepared.build(turns, "ok bob@example.com", redact_pii=False, max_chars=10_000) == Prepared(
+        turns, "ok bob@example.com"
+    )
 
 
 def test_prepared_does_not_change_the_callers_turns():
