@@ -22,7 +22,7 @@ import pytest
 import relay_plugin
 from relay_plugin import SecondaryError
 from tests import cassette_support as cs
-from tests.conftest import FAKE_PROVIDER_KEY
+from tests.proxy_support import FAKE_PROVIDER_KEY
 from tests.test_cassettes import no_network, replaying  # noqa: F401 - the cassette tests' network guard
 
 #: the providers the fast path covers, by cassette provider name

@@ -23,7 +23,8 @@ import pytest
 import yaml
 
 from sim import stack
-from tests.conftest import FAKE_PROVIDER_KEY, model_entry
+from sim.stack import model_entry
+from tests.proxy_support import FAKE_PROVIDER_KEY
 
 pytestmark = pytest.mark.proxy
 

@@ -225,7 +225,7 @@ def test_an_invalid_variable_stops_the_proxy_with_one_line_naming_it(bad_starts,
 
 
 def test_the_relays_lines_follow_the_proxys_json_logs_setting(workdir, sim):
-    from tests.conftest import relay_test_models, write_config
+    from sim.stack import write_config
 
     directory = workdir / "json-logs"
     config = write_config(directory, relay_test_models(sim.url))
