@@ -22,7 +22,7 @@ import pytest
 import relay_plugin
 from relay_plugin import SecondaryError
 from tests import cassette_support as cs
-from tests.conftest import FAKE_PROVIDER_KEY
+from tests.proxy_support import FAKE_PROVIDER_KEY
 from tests.test_cassettes import no_network, replaying  # noqa: F401 - the cassette tests' network guard
 
 #: the providers the fast path covers, by cassette provider name
@@ -30,6 +30,16 @@ FAST = [name for name, p in cs.PROVIDERS.items() if p.model.split("/", 1)[0] in 
 #: those it leaves to litellm's full call
 FULL = [name for name in cs.PROVIDERS if name not in FAST]
 QUESTION = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(autouse=True)
+async def close_the_relays_http_session():
+    """The fast path keeps one aiohttp session per event loop and never closes it (a proxy has one loop); each
+    test has a loop of its own, so its session is closed with it. FIXME(relay_plugin.py): close it with its loop."""
+    yield
+    for loop, session in relay_plugin._SESSION:
+        if loop is asyncio.get_running_loop() and not session.closed:
+            await session.close()
 
 
 def test_the_fast_path_covers_the_common_providers():
@@ -119,7 +129,7 @@ async def test_a_provider_error_on_the_fast_path_is_typed_and_retried_like_litel
 
     wanted = "failed:rate_limited" if provider.error_status == 429 else "failed:provider_error"
     assert run.headers["x-relay-outcome"] == wanted
-    assert run.text == cs.scenario(provider, "error").primary_answer
+    assert run.text == cs.relay_case(provider, "error").primary_answer
     assert run.cost == 0.0
     assert paths == {"fast": 2, "full": 0}  # the first attempt and the relay's one retry
 
