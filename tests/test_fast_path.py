@@ -32,16 +32,6 @@ FULL = [name for name in cs.PROVIDERS if name not in FAST]
 QUESTION = [{"role": "user", "content": "Say hello."}]
 
 
-@pytest.fixture(autouse=True)
-async def close_the_relays_http_session():
-    """The fast path keeps one aiohttp session per event loop and never closes it (a proxy has one loop); each
-    test has a loop of its own, so its session is closed with it. FIXME(relay_plugin.py): close it with its loop."""
-    yield
-    for loop, session in relay_plugin._SESSION:
-        if loop is asyncio.get_running_loop() and not session.closed:
-            await session.close()
-
-
 def test_the_fast_path_covers_the_common_providers():
     assert set(FAST) >= {"openai", "anthropic", "ollama", "mistral"}
     assert set(FULL) >= {"gemini", "bedrock"}
