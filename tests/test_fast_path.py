@@ -119,7 +119,7 @@ async def test_a_provider_error_on_the_fast_path_is_typed_and_retried_like_litel
 
     wanted = "failed:rate_limited" if provider.error_status == 429 else "failed:provider_error"
     assert run.headers["x-relay-outcome"] == wanted
-    assert run.text == cs.scenario(provider, "error").primary_answer
+    assert run.text == cs.relay_case(provider, "error").primary_answer
     assert run.cost == 0.0
     assert paths == {"fast": 2, "full": 0}  # the first attempt and the relay's one retry
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
 from sim import stack
 from sim.stack import model_entry
@@ -72,14 +71,9 @@ def audited(workdir, sim):
     for module in ("net_audit.py", "litellm_books.py"):
         shutil.copy(CALLBACKS / module, directory / module)
     audit_log = directory / "outbound.jsonl"
-    (directory / "config.yaml").write_text(yaml.safe_dump({
-        "model_list": _models(sim.url),
-        "litellm_settings": {"callbacks": ["net_audit.instance", "litellm_books.instance",
-                                           "relay_plugin.proxy_handler_instance"],
-                             "drop_params": True, "num_retries": 0},
-        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
-    }, sort_keys=False))
-    proxy = stack.start_proxy(directory / "config.yaml", timeout=240, workdir=directory, env={
+    config = stack.write_config(directory, _models(sim.url), callbacks=("net_audit.instance", "litellm_books.instance"),
+                                litellm_settings={"num_retries": 0})
+    proxy = stack.start_proxy(config, timeout=240, workdir=directory, env={
         "NET_AUDIT_LOG": str(audit_log), "BOOKS_ROWS": str(directory / "rows.jsonl"),
         "BOOKS_KEYS": json.dumps([{"key": KEY, "max_budget": 100.0}]),
         "RELAY_SECONDARY_MODEL": SECONDARIES[0][0], "RELAY_APPLY_TO": "p-*", "RELAY_BUDGET_USD": "100",

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from sim.providers import count_tokens, messages_text
+from sim.markers import count_tokens
+from sim.providers import messages_text
 from sim.stack import model_entry
 from tests.proxy_support import BASE_RELAY_ENV, FAKE_PROVIDER_KEY, relay_test_models, start_test_proxy
 

@@ -225,10 +225,8 @@ def test_an_invalid_variable_stops_the_proxy_with_one_line_naming_it(bad_starts,
 
 
 def test_the_relays_lines_follow_the_proxys_json_logs_setting(workdir, sim):
-    from sim.stack import write_config
-
     directory = workdir / "json-logs"
-    config = write_config(directory, relay_test_models(sim.url))
+    config = stack.write_config(directory, relay_test_models(sim.url))
     settings = yaml.safe_load(config.read_text())
     settings["litellm_settings"]["json_logs"] = True
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
