@@ -2167,7 +2167,10 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
-        "timeout": timeout,
+        # the provider's own timeout ends a call that hangs a little before ``timeout`` (which bounds the
+        # whole call) does: a timeout the HTTP client raises is a failure the router hears of and cools
+        # the deployment down for; a task cancelled at ``timeout`` is not
+        "timeout": timeout - min(TIMEOUT_MARGIN_S, timeout * 0.2),
         "num_retries": 0,  # the relay owns the retry policy of its secondary calls
         "no-log": True,
     }
@@ -2218,6 +2221,8 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
                  **_tokens_of(response))
 
 
+#: how much sooner than a secondary call's own timeout its HTTP exchange gives up (see _litellm_complete)
+TIMEOUT_MARGIN_S: Final = 0.25
 #: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
 TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
 
@@ -2687,15 +2692,33 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
         raise exception_type(model=wire.backend, custom_llm_provider=wire.provider, original_exception=exc,
                              completion_kwargs={}, extra_kwargs={}) from exc
     tokens = usage if isinstance(usage, Mapping) else (usage.model_dump() if hasattr(usage, "model_dump") else {})
+    text = "".join(parts)
+    prompt, output = _counted_usage(wire, messages, text, tokens)
     response = ModelResponse(model=wire.backend, choices=[{"index": 0, "finish_reason": finish or "stop", "message": {
-        "role": "assistant", "content": "".join(parts)}}], usage=Usage(
-        prompt_tokens=int(tokens.get("prompt_tokens") or 0),
-        completion_tokens=int(tokens.get("completion_tokens") or 0),
-        total_tokens=int(tokens.get("total_tokens") or 0) or None))
+        "role": "assistant", "content": text}}], usage=Usage(
+        prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
     model_info = wire.deployment.get("model_info") or {}
     response._hidden_params.update(model_id=model_info.get("id"), api_base=wire.params.get("api_base"),
                                    custom_llm_provider=wire.provider, response_cost=_fast_cost(response, wire))
     return response
+
+
+def _counted_usage(wire: _Wire, messages: list[dict], text: str, tokens: Mapping[str, Any]) -> tuple[int, int]:
+    """A stream's (prompt, completion) tokens: as the provider reported them, else counted the way
+    litellm's ``stream_chunk_builder`` counts them on the full call (``token_counter``), so a provider
+    that ignores ``include_usage`` costs what it costs there, not 0."""
+    prompt, output = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
+    if not prompt:
+        try:
+            prompt = litellm.token_counter(model=wire.backend, messages=messages)
+        except Exception:  # noqa: BLE001 - as litellm's builder: a prompt it cannot count is 0
+            prompt = 0
+    if not output and text:
+        try:
+            output = litellm.token_counter(model=wire.backend, text=text, count_response_tokens=True)
+        except Exception:  # noqa: BLE001
+            output = 0
+    return int(prompt or 0), int(output or 0)
 
 
 def _fast_cost(response: Any, wire: _Wire) -> float | None:
