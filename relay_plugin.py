@@ -148,7 +148,7 @@ __all__ = [
     # 12. the operator's books
     "INTERNAL_CALL_ORIGIN_KEY", "INTERNAL_CALL_ORIGIN", "CallerBooks", "RelayMetrics",
     # 13. reaching a secondary
-    "TRUNCATED_FINISH", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_OVERHEAD",
+    "TRUNCATED_FINISH", "TIMEOUT_MARGIN_S", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_OVERHEAD",
     "PROMPT_TOKENS_PER_MESSAGE", "LOOP_BOUND_MAX_CHARS", "prompt_token_bound", "prompt_tokens_off_loop",
     "FastProvider", "FAST_PROVIDERS", "FAST_PARAMS", "FAST_MAX_RESPONSE_BYTES", "fast_path_ready",
     # 14. relay work
