@@ -2167,10 +2167,12 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
-        # the provider's own timeout ends a call that hangs a little before ``timeout`` (which bounds the
-        # whole call) does: a timeout the HTTP client raises is a failure the router hears of and cools
-        # the deployment down for; a task cancelled at ``timeout`` is not
-        "timeout": timeout - min(TIMEOUT_MARGIN_S, timeout * 0.2),
+        # ``timeout`` bounds the whole call. When it is the call's own limit, the provider's timeout ends
+        # a call that hangs a little sooner: a timeout the HTTP client raises is a failure the router
+        # hears of and cools the deployment down for (a cancelled task is not). When the request's
+        # deadline cut it short, the provider's timeout comes a little later: the cut cancels the call,
+        # and the router does not cool a deployment down for a cut a client's slow request made
+        "timeout": timeout + (TIMEOUT_MARGIN_S if _DEADLINE_CUT.get() else -min(TIMEOUT_MARGIN_S, timeout * 0.2)),
         "num_retries": 0,  # the relay owns the retry policy of its secondary calls
         "no-log": True,
     }
@@ -2223,6 +2225,8 @@ async def _litellm_complete(model: str, messages: list[dict], *, max_tokens: int
 
 #: how much sooner than a secondary call's own timeout its HTTP exchange gives up (see _litellm_complete)
 TIMEOUT_MARGIN_S: Final = 0.25
+#: set while a secondary call runs with a timeout the request's deadline cut below RELAY_TIMEOUT_S
+_DEADLINE_CUT: Final = contextvars.ContextVar("relay_deadline_cut", default=False)
 #: finish reasons that say an answer was cut by its output limit (litellm maps Anthropic's max_tokens)
 TRUNCATED_FINISH: Final = frozenset({"length", "max_tokens"})
 
@@ -2704,20 +2708,17 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
 
 
 def _counted_usage(wire: _Wire, messages: list[dict], text: str, tokens: Mapping[str, Any]) -> tuple[int, int]:
-    """A stream's (prompt, completion) tokens: as the provider reported them, else counted the way
-    litellm's ``stream_chunk_builder`` counts them on the full call (``token_counter``), so a provider
-    that ignores ``include_usage`` costs what it costs there, not 0."""
+    """A stream's (prompt, completion) tokens: as the provider reported them, else at most what it can
+    bill, offline (``prompt_token_bound``; the answer's UTF-8 size, at most its output limit), so a
+    provider that ignores ``include_usage`` is not free. Not litellm's ``token_counter``: it may fetch
+    a tokenizer over the network, blocking the event loop (and without network counts 0)."""
     prompt, output = tokens.get("prompt_tokens"), tokens.get("completion_tokens")
     if not prompt:
-        try:
-            prompt = litellm.token_counter(model=wire.backend, messages=messages)
-        except Exception:  # noqa: BLE001 - as litellm's builder: a prompt it cannot count is 0
-            prompt = 0
+        prompt = prompt_token_bound(messages)
     if not output and text:
-        try:
-            output = litellm.token_counter(model=wire.backend, text=text, count_response_tokens=True)
-        except Exception:  # noqa: BLE001
-            output = 0
+        limit = wire.optional.get("max_tokens") or wire.optional.get("max_completion_tokens")
+        output = _utf8_bound(text) + 1
+        output = min(output, int(limit)) if isinstance(limit, int) and limit > 0 else output
     return int(prompt or 0), int(output or 0)
 
 
@@ -3294,9 +3295,14 @@ class RelayRun:
                 streaming["response_format"] = response_format
             if any(fnmatchcase(model, glob) for glob in config.full_path_models):  # the operator's choice
                 streaming["fast"] = False
-            reply = await handler.complete(
-                model, messages, max_tokens=config.secondary_max_tokens,
-                timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
+            # the deadline cuts this call when it leaves it less than its own limit (less the margin)
+            cut = _DEADLINE_CUT.set(remaining + min(TIMEOUT_MARGIN_S, config.timeout_s * 0.2) < config.timeout_s)
+            try:
+                reply = await handler.complete(
+                    model, messages, max_tokens=config.secondary_max_tokens,
+                    timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
+            finally:
+                _DEADLINE_CUT.reset(cut)
             if not reply.cost_usd and handler.price(model) is None:  # litellm's 0 for an unpriced model is a placeholder
                 reply = replace(reply, priced=False)
                 if model not in self.outcome.unpriced:

@@ -36,25 +36,22 @@ async def no_usage_stream(request):
     return response
 
 
-async def test_a_stream_without_usage_costs_what_litellms_full_call_books(proxy_router, serve):
+async def test_a_stream_without_usage_costs_its_tokens(proxy_router, serve):
     """A provider ignoring `include_usage` must not make fast-path streams free (it booked $0 and 0
-    tokens: spend attribution and the USD cap's settle lost the call); the full call counts them."""
+    tokens: spend attribution and the USD cap's settle lost the call). Unreported, they are booked at
+    most at what the provider can bill: the prompt's offline bound, the answer's bytes within its limit."""
     proxy_router([deployment("nousage", await serve(no_usage_stream), **PRICED)])
-    replies = {}
-    for fast in (True, False):
-        deltas = []
+    deltas = []
 
-        async def on_delta(text):
-            deltas.append(text)
+    async def on_delta(text):
+        deltas.append(text)
 
-        replies[fast] = await relay_plugin._litellm_complete("nousage", QUESTION, max_tokens=200, timeout=5, depth=1,
-                                                             on_delta=on_delta, fast=fast)
-        assert "".join(deltas) == replies[fast].text
-    fast, full = replies[True], replies[False]
-    assert full.output_tokens > 0 and full.cost_usd > 0  # the reference: litellm's stream_chunk_builder counts
-    assert (fast.text, fast.output_tokens) == (full.text, full.output_tokens)
-    assert abs(fast.prompt_tokens - full.prompt_tokens) <= 0.1 * full.prompt_tokens  # token_counter, same prompt
-    assert fast.cost_usd == pytest.approx(full.cost_usd, rel=0.05)
+    reply = await relay_plugin._litellm_complete("nousage", QUESTION, max_tokens=200, timeout=5, depth=1,
+                                                 on_delta=on_delta)
+    assert "".join(deltas) == reply.text and reply.text.startswith("Hello there")
+    assert reply.prompt_tokens >= relay_plugin.prompt_token_bound(QUESTION)  # what was sent: the relay marks its calls
+    assert reply.output_tokens == 200  # 420 bytes of text, at most the 200 tokens it was allowed
+    assert reply.cost_usd == pytest.approx(reply.prompt_tokens * 1e-6 + 200 * 2e-6)
 
 async def hanging(request):
     from aiohttp import web
@@ -78,3 +75,42 @@ async def test_a_hanging_deployment_is_cooled_down_like_a_failing_one(proxy_rout
         except SecondaryError as exc:
             failures.append(exc.reason)
     assert len(failures) <= 2, failures
+
+
+async def slow(request):
+    from aiohttp import web
+
+    await request.read()
+    await asyncio.sleep(1.5)
+    return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": "Fine."}}],
+                              "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+
+
+@pytest.mark.parametrize("full_path", ["", "*"], ids=["fast", "full"])
+async def test_a_deadline_a_client_runs_down_does_not_cool_a_healthy_deployment_down(proxy_router, serve, full_path,
+                                                                                     monkeypatch):
+    """A request whose deadline is nearly spent (a slow primary, a long prompt) leaves its secondary
+    call a sliver of RELAY_TIMEOUT_S. That cut is the request's, not the deployment's: the router must
+    not cool a healthy (if slow) deployment down for it, or any client could take it out of rotation
+    for everyone, primaries included."""
+    import time
+
+    from tests.test_unit_resilience import MODEL, config, relay
+
+    proxy_router([deployment(MODEL, await serve(slow))], allowed_fails=0, cooldown_time=120)
+    handler = relay_plugin.RelayHandler(config(DEADLINE_S="5", TIMEOUT_S="5", FULL_PATH_MODELS=full_path),
+                                        clock=time.monotonic)
+    call = relay_plugin.RelayRun.call
+
+    async def late(run, *args, **kwargs):  # the secondary call starts with 0.4 s of the deadline left
+        run.deadline_at = min(run.deadline_at, time.monotonic() + 0.4)
+        return await call(run, *args, **kwargs)
+
+    monkeypatch.setattr(relay_plugin.RelayRun, "call", late)
+    for _ in range(3):
+        outcome, _response = await relay(handler)
+        assert outcome.result == "failed:timeout", outcome
+    reply = await relay_plugin._litellm_complete(MODEL, QUESTION, max_tokens=16, timeout=5, depth=1)
+    assert reply.text == "Fine."  # not "every deployment is cooling down"
