@@ -2643,6 +2643,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
     import aiohttp
     import httpx
 
+    from aiohttp.http_exceptions import LineTooLong
     from litellm.litellm_core_utils.exception_mapping_utils import exception_type
     from litellm.types.utils import ModelResponse, Usage
 
@@ -2660,13 +2661,16 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
 
                 async def lines() -> Any:
                     nonlocal size
-                    async for line in answer.content:
-                        size += len(line)
-                        if size > FAST_MAX_RESPONSE_BYTES:
-                            raise _oversized(wire)
-                        text = line.decode("utf-8", "replace").strip()
-                        if text:
-                            yield text
+                    try:
+                        async for line in answer.content:
+                            size += len(line)
+                            if size > FAST_MAX_RESPONSE_BYTES:
+                                raise _oversized(wire)
+                            text = line.decode("utf-8", "replace").strip()
+                            if text:
+                                yield text
+                    except (ValueError, LineTooLong) as exc:  # a line longer than aiohttp reads: so on any retry
+                        raise _oversized(wire) from exc
 
                 iterator = wire.config.get_model_response_iterator(streaming_response=lines(), sync_stream=False,
                                                                    json_mode=wire.json_mode)

@@ -114,3 +114,34 @@ async def test_a_deadline_a_client_runs_down_does_not_cool_a_healthy_deployment_
         assert outcome.result == "failed:timeout", outcome
     reply = await relay_plugin._litellm_complete(MODEL, QUESTION, max_tokens=16, timeout=5, depth=1)
     assert reply.text == "Fine."  # not "every deployment is cooling down"
+
+
+async def endless_line(request, bomb=False):
+    """A stream whose one line never ends (no newline), plain or as a gzip bomb."""
+    from aiohttp import web
+
+    await request.read()
+    response = web.StreamResponse(headers={"content-type": "text/event-stream",
+                                           **({"content-encoding": "gzip"} if bomb else {})})
+    await response.prepare(request)
+    if bomb:
+        await response.write(gzip.compress(b"x" * (64 * 1024 * 1024), 9))
+    else:
+        for _ in range(64):
+            await response.write(b"x" * 65536)
+    return response
+
+
+@pytest.mark.parametrize("bomb", [False, True], ids=["plain", "gzip"])
+async def test_a_stream_line_without_end_is_a_bad_response_not_retried(proxy_router, serve, bomb):
+    """An answer too long to read is the provider's fault on every try (a retry bills it again): a
+    stream's endless line is a bad_response, as an oversized whole answer is, not a retryable
+    connection failure."""
+    proxy_router([deployment("long", await serve(lambda request: endless_line(request, bomb)))])
+
+    async def on_delta(text):
+        pass
+
+    with pytest.raises(SecondaryError) as failed:
+        await relay_plugin._litellm_complete("long", QUESTION, max_tokens=16, timeout=10, depth=1, on_delta=on_delta)
+    assert failed.value.reason == "bad_response" and not failed.value.retryable
