@@ -5,13 +5,15 @@ import asyncio
 import gzip
 import json
 
-import litellm
 import pytest
 
 import relay_plugin
 from relay_plugin import SecondaryError
-from tests.conftest import FAKE_PROVIDER_KEY
-from tests.test_fast_path import deployment, paths, proxy_router, serve  # noqa: F401 - fixtures
+from tests import test_fast_path
+from tests.test_fast_path import deployment
+
+# the fast-path tests' fixtures: the proxy's router, a one-handler provider
+proxy_router, serve = test_fast_path.proxy_router, test_fast_path.serve
 
 QUESTION = [{"role": "user", "content": "Say hello in a long answer, please."}]
 PRICED = {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}
