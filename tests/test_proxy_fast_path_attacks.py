@@ -139,7 +139,10 @@ async def test_a_stream_line_without_end_is_a_bad_response_not_retried(proxy_rou
     """An answer too long to read is the provider's fault on every try (a retry bills it again): a
     stream's endless line is a bad_response, as an oversized whole answer is, not a retryable
     connection failure."""
-    proxy_router([deployment("long", await serve(lambda request: endless_line(request, bomb)))])
+    async def handler(request):
+        return await endless_line(request, bomb)
+
+    proxy_router([deployment("long", await serve(handler))])
 
     async def on_delta(text):
         pass
