@@ -99,8 +99,8 @@ def test_make_run_serves_the_relay_and_the_readme_curl_line_shows_modified(tmp_p
         assert "x-relay-outcome: modified" in README and "127.0.0.1:4000" in README
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(20)
+        try:  # make run stops the proxy, then the simulator, each given 10 s before SIGKILL: wait for both
+            proc.wait(45)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
