@@ -83,8 +83,10 @@ to share budgets, breakers and the cache across workers and instances (see docs/
 import asyncio
 import contextlib
 import contextvars
+import datetime
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -95,10 +97,12 @@ import secrets
 import sys
 import threading
 import time
+import traceback
 import unicodedata
 import uuid
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Mapping, Protocol, runtime_checkable
 
@@ -1805,7 +1809,6 @@ def usd(amount: float) -> str:
     """A cost as decimal text with 12 significant digits and never in exponent notation: 3.1e-08 is
     ``0.000000031`` (not ``0.00000003``), within 1e-12 of what litellm computed, without the float
     noise of a sum (``0.00003``, not ``0.000029999999999999997``)."""
-    from decimal import Decimal
 
     text = format(Decimal(f"{float(amount):.12g}"), "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
@@ -2502,7 +2505,6 @@ _CONFIG_CHECKED: Final[dict] = {}
 def _takes_our_arguments(config_type: type) -> bool:
     """True when every method the fast path calls on this provider config takes the arguments it passes."""
     if config_type not in _CONFIG_CHECKED:
-        import inspect
 
         def takes(method: str, names: tuple[str, ...]) -> bool:
             try:
@@ -2754,7 +2756,6 @@ async def _tell_router(router: Any, deployment: Mapping[str, Any], model_group: 
     """Tell the router how an attempt on ``deployment`` went, as litellm's logging tells it of any call:
     successes and failures per minute, the cooldown of a failing deployment, rpm/tpm usage, and the
     routing strategy's own counters (usage-based, latency-based, least-busy)."""
-    import datetime
 
     params = deployment.get("litellm_params") or {}
     model_info = dict(deployment.get("model_info") or {})
@@ -2821,7 +2822,6 @@ def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kw
     callback (OTel span, Prometheus, Langfuse...), the router's callbacks. None: it could not be made
     (the call goes ahead, unbooked, and the operator hears of it)."""
     try:
-        import datetime
 
         from litellm.litellm_core_utils.get_litellm_params import get_litellm_params
         from litellm.litellm_core_utils.litellm_logging import Logging
@@ -2857,8 +2857,6 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
     if logging_obj is None:
         return
     try:
-        import datetime
-        import traceback
 
         start, end = logging_obj.start_time, datetime.datetime.now()
         if error is None:
