@@ -2335,7 +2335,8 @@ def _retry_after(exc: Exception) -> float | None:
 # error class), litellm's exception mapping and cost calculation, and one shared aiohttp session.
 # After each attempt the router hears of it as of any call (`_tell_router`: cooldown, usage counters,
 # the routing strategy's own counters). With RELAY_SPEND_ATTRIBUTION=caller, litellm's Logging object
-# books the call (`_open_booking`: spend row, key and team spend, every logging callback, the router).
+# books the call (`_book`: spend row, key and team spend, every logging callback, the router). A
+# successful call is booked after its answer, off the request's path, as litellm books its own.
 # Any other provider, a deployment setting the fast path does not know, and anything that raises
 # while the request is built take litellm's full call; RELAY_FULL_PATH_MODELS forces it per model.
 
@@ -2815,12 +2816,14 @@ def _tracks_usage(router: Any, deployment: Mapping[str, Any], model_group: str) 
     return tracked
 
 
-def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any]) -> Any:
-    """litellm's own Logging object for one fast-path call, as its full call makes it, with the call's
-    pre-call logged (RELAY_SPEND_ATTRIBUTION=caller). Closed by :func:`_close_booking`, it books the
-    call: the proxy's cost tracker (spend row, key/team spend and budget counters), every logging
-    callback (OTel span, Prometheus, Langfuse...), the router's callbacks. None: it could not be made
-    (the call goes ahead, unbooked, and the operator hears of it)."""
+def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any],
+                  started: float) -> Any:
+    """litellm's own Logging object for one fast-path call that began at ``started`` (epoch seconds),
+    as its full call makes it, with the call's pre-call logged (RELAY_SPEND_ATTRIBUTION=caller).
+    Closed by :func:`_close_booking`, it books the call: the proxy's cost tracker (spend row, key/team
+    spend and budget counters), every logging callback (OTel span, Prometheus, Langfuse...), the
+    router's callbacks. None: it could not be made (the call stands, unbooked, and the operator hears
+    of it)."""
     try:
 
         from litellm.litellm_core_utils.get_litellm_params import get_litellm_params
@@ -2829,10 +2832,11 @@ def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kw
         params = wire.deployment.get("litellm_params") or {}
         model_info = dict(wire.deployment.get("model_info") or {})
         call_id = str(uuid.uuid4())
+        began = datetime.datetime.fromtimestamp(started)
         metadata = {**(kwargs.get("metadata") or {}), "model_group": model_group, "deployment": params.get("model"),
                     "model_info": model_info, "api_base": wire.params.get("api_base")}
         logging_obj = Logging(model=wire.backend, messages=messages, stream=False,  # it is handed the whole answer
-                              call_type="acompletion", start_time=datetime.datetime.now(), litellm_call_id=call_id,
+                              call_type="acompletion", start_time=began, litellm_call_id=call_id,
                               function_id=call_id, litellm_trace_id=kwargs.get("litellm_trace_id"))
         litellm_params = get_litellm_params(
             api_base=wire.params.get("api_base"), custom_llm_provider=wire.provider, litellm_call_id=call_id,
@@ -2845,8 +2849,10 @@ def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kw
                                                  litellm_params=litellm_params, custom_llm_provider=wire.provider)
         logging_obj.pre_call(input=messages, api_key=wire.params.get("api_key"), additional_args={
             "complete_input_dict": wire.body, "api_base": wire.url, "headers": wire.headers})
+        details = logging_obj.model_call_details  # the provider was called when the call began, not now
+        details["api_call_start_time"] = details["first_api_call_start_time"] = began
         return logging_obj
-    except Exception as exc:  # noqa: BLE001 - the call itself can go ahead; only its booking cannot
+    except Exception as exc:  # noqa: BLE001 - the call itself stands; only its booking cannot be made
         _unbooked(model_group or wire.backend, exc)
         return None
 
@@ -2860,10 +2866,7 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
 
         start, end = logging_obj.start_time, datetime.datetime.now()
         if error is None:
-            task = asyncio.get_running_loop().create_task(
-                logging_obj.async_success_handler(result=response, start_time=start, end_time=end))
-            _BOOKING.add(task)
-            task.add_done_callback(_BOOKING.discard)
+            await logging_obj.async_success_handler(result=response, start_time=start, end_time=end)
             logging_obj.handle_sync_success_callbacks_for_async_calls(result=response, start_time=start, end_time=end)
         else:
             trace = "".join(traceback.format_exception_only(type(error), error))
@@ -2873,14 +2876,30 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
         _unbooked(model, exc)
 
 
+async def _book(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any],
+                started: float, response: Any = None, error: BaseException | None = None) -> None:
+    """Book one fast-path call (RELAY_SPEND_ATTRIBUTION=caller): its Logging object, made and closed."""
+    await _close_booking(_open_booking(wire, model_group, messages, kwargs, started), model_group or wire.backend,
+                         response=response, error=error)
+
+
 def _unbooked(model: str, exc: BaseException) -> None:
     log.warning("relay: litellm's logging could not book a secondary call to %s (%s: %s); "
                 "RELAY_FULL_PATH_MODELS=* books every call through litellm's full call",
                 model, type(exc).__name__, scrub_secrets(str(exc))[:200])
 
 
-#: bookings in flight (a task nobody holds may be collected before it ran)
+#: bookkeeping of answered calls in flight (a task nobody holds may be collected before it ran)
 _BOOKING: Final[set] = set()
+
+
+def _after_answer(bookkeeping: Any) -> None:
+    """Run a successful call's bookkeeping (its booking, or the router's health and usage) after the
+    answer, off the request's path, as litellm runs its own success logging (failures are told
+    before the router's next attempt, which must see the deployment's cooldown)."""
+    task = asyncio.get_running_loop().create_task(bookkeeping)
+    _BOOKING.add(task)
+    task.add_done_callback(_BOOKING.discard)
 
 
 async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:
@@ -2911,22 +2930,17 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
             log.debug("relay: a call to %s takes litellm's full call: %s", model, scrub_secrets(str(exc))[:200])
             return await _full_router_attempt(router, model, messages, call, booked)
         await router.async_routing_strategy_pre_call_checks(deployment=deployment, parent_otel_span=None)
-        booking = _open_booking(wire, model, messages, call) if booked else None
         started = time.time()
         try:
             timeout = float(call.get("timeout") or 600)
             response = await (_exchange(wire, messages, timeout) if on_delta is None
                               else _exchange_stream(wire, messages, timeout, emit))
         except Exception as exc:
-            if booked:
-                await _close_booking(booking, model, error=exc)
-            else:
-                await _tell_router(router, deployment, model, error=exc, started=started)
+            await (_book(wire, model, messages, call, started, error=exc) if booked
+                   else _tell_router(router, deployment, model, error=exc, started=started))
             raise
-        if booked:
-            await _close_booking(booking, model, response=response)
-        else:
-            await _tell_router(router, deployment, model, response=response, started=started)
+        _after_answer(_book(wire, model, messages, call, started, response=response) if booked
+                      else _tell_router(router, deployment, model, response=response, started=started))
         return response
 
     kwargs.setdefault("litellm_trace_id", str(uuid.uuid4()))
@@ -2948,15 +2962,17 @@ async def _direct_call(kwargs: dict[str, Any], on_delta: Callable[[str], Any] | 
     except Exception as exc:  # noqa: BLE001 - whatever the fast path cannot build takes litellm's full call
         log.debug("relay: a call to %s takes litellm's full call: %s", model, scrub_secrets(str(exc))[:200])
         return await litellm.acompletion(max_retries=0, **kwargs)
-    booking = _open_booking(wire, None, messages, kwargs) if "no-log" not in kwargs else None
+    booked, started = "no-log" not in kwargs, time.time()
     try:
         timeout = float(kwargs.get("timeout") or 600)
         response = await (_exchange(wire, messages, timeout) if on_delta is None
                           else _exchange_stream(wire, messages, timeout, on_delta))
     except Exception as exc:
-        await _close_booking(booking, model, error=exc)
+        if booked:
+            await _book(wire, None, messages, kwargs, started, error=exc)
         raise
-    await _close_booking(booking, model, response=response)
+    if booked:
+        _after_answer(_book(wire, None, messages, kwargs, started, response=response))
     return response
 
 

@@ -25,6 +25,12 @@ from tests import cassette_support as cs
 from tests.proxy_support import FAKE_PROVIDER_KEY
 from tests.test_cassettes import no_network, replaying  # noqa: F401 - the cassette tests' network guard
 
+
+async def bookkeeping_done() -> None:
+    """Wait for the bookkeeping the relay runs after a call's answer (its booking, the router's counters)."""
+    while relay_plugin._BOOKING:
+        await asyncio.gather(*list(relay_plugin._BOOKING))
+
 #: the providers the fast path covers, by cassette provider name
 FAST = [name for name, p in cs.PROVIDERS.items() if p.model.split("/", 1)[0] in relay_plugin.FAST_PROVIDERS]
 #: those it leaves to litellm's full call
@@ -383,6 +389,7 @@ async def test_the_router_usage_counters_count_fast_path_calls(proxy_router, sim
     router = proxy_router([deployment("limited", sim.url + "/v1", rpm=1000, tpm=10**6)])
     for _ in range(3):
         await relay_plugin._litellm_complete("limited", QUESTION, max_tokens=16, timeout=5, depth=1)
+    await bookkeeping_done()  # a success is told to the router after the answer, as litellm's own logging does
     model_id = router.get_model_list(model_name="limited")[0]["model_info"]["id"]
     rpm = [v for k, v in router.cache.in_memory_cache.cache_dict.items() if model_id in k and ":rpm:" in k]
     tpm = [v for k, v in router.cache.in_memory_cache.cache_dict.items() if model_id in k and ":tpm:" in k]
