@@ -1041,7 +1041,7 @@ class Surface:
             r["stop_reason"] = "refusal"
         else:
             r.status = "incomplete"
-            r.incomplete_details = {"reason": "content_filter"}
+            r.incomplete_details = _filtered_details()
 
     def readable(self) -> list[str] | None:
         """What a user will read, one text per answer (choice), for a guard to judge: the text, the text
@@ -1088,7 +1088,7 @@ class Surface:
                 item = ResponseOutputMessage.model_validate(item)
             r.output = [item]
             r.status = "incomplete"
-            r.incomplete_details = {"reason": "content_filter"}
+            r.incomplete_details = _filtered_details()
 
     def attach(self, relay: dict) -> None:
         """Add the top-level ``relay`` object to the JSON body."""
@@ -1096,6 +1096,17 @@ class Surface:
             self.response["relay"] = relay
         else:
             self.response.relay = relay
+
+
+def _filtered_details() -> Any:
+    """A Responses answer's ``incomplete_details`` for a withheld answer: the openai SDK's typed model,
+    which litellm's response holds (a plain dict there makes pydantic warn when it serializes)."""
+    try:
+        from openai.types.responses.response import IncompleteDetails
+
+        return IncompleteDetails(reason="content_filter")
+    except (ImportError, ValueError):  # an SDK without it: the same JSON
+        return {"reason": "content_filter"}
 
 
 def _plain_message_blocks(message: dict) -> None:
@@ -4377,7 +4388,7 @@ class _ResponsesChunks(ChunkFormat):
                     _set_parts_text(_field(item, "content"), final_text)
                 if filtered:
                     response.status = "incomplete"
-                    response.incomplete_details = {"reason": "content_filter"}
+                    response.incomplete_details = _filtered_details()
                 response.relay = relay
         return tail
 

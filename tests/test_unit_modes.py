@@ -310,7 +310,7 @@ async def test_guard_block_on_a_responses_answer_marks_it_incomplete_by_content_
     headers = await relay(make_handler(fake, MODE="guard", GUARD_MESSAGE="Withheld."), responses_data(), response)
     assert output_texts(response) == ["Withheld."]
     assert response.status == "incomplete"
-    assert response.incomplete_details == {"reason": "content_filter"}
+    assert response.incomplete_details.reason == "content_filter"
     assert headers["x-relay-outcome"] == "blocked"
 
 
