@@ -33,13 +33,17 @@ one has as many chunks), and the figures compare like with like.
 Throughput: 16 Locust users (FastHttpUser) back to back; CPU per request is taken from the proxy's
 own CPU time over the step (robust to neighbours taking the CPU, unlike wall-clock req/s, which is
 printed beside it). Latency: one user sending 8 requests/s (one request at a time, the proxy idle in
-between), so the p50 difference is the latency the relay itself adds, not queueing.
+between), so the p50 difference is the latency the relay itself adds, not queueing. L in "L + 3 ms"
+is the secondary's latency as a client sees it: the same client calls the simulated secondary
+directly in the same round (``secondary-alone``: the simulator's sleep of L ms plus its own handling).
 
 The measurements run in rounds. A round is one Locust process that walks a timed plan (see
-``LOADTEST_PLAN`` in locustfile.py): every variant once, in an order rotated from round to round,
-with a pause between steps so nothing of one step spills into the next. Each figure is taken within
-a round (variant against the same round's baseline); the median over rounds is reported with the
-spread. The plugin's own work is measured in process (``loadtest/inproc.py``).
+``LOADTEST_PLAN`` in locustfile.py): each variant once, right between two runs of its base (B v1 B
+v2 B ... vn B; the variants in an order rotated from round to round), with a pause between steps so
+nothing of one step spills into the next. Each figure is taken within a round, the variant against
+the mean of the two base runs around it: a drift of the machine during the round (other virtual
+machines on the host, caches) weighs on both sides alike. The median over rounds is reported with
+the spread. The plugin's own work is measured in process (``loadtest/inproc.py``).
 
 A figure that misses its target gets a profile when py-spy is installed (``.venv/bin/pip install
 py-spy``; not a project dependency): py-spy samples the proxy (``--gil``) while that variant and its
@@ -112,31 +116,69 @@ class Variant:
     load: str  #: throughput | latency
     expect: str | None  #: the relay outcome every answer must carry (a stream's: its relay object's; None: no header)
     kind: str = "chat"  #: chat | chat-stream (locustfile KINDS)
-    runs: list[Measure] = field(default_factory=list)  #: one per round
+    base: str | None = None  #: the base measured right before and right after this variant (None: a base)
+    runs: list[Measure] = field(default_factory=list)  #: one per round (a base: one per step it ran)
+    brackets: list[Measure] = field(default_factory=list)  #: per round, the base steps around this variant's
+
+
+#: the simulator itself as a step's target (the ``secondary-alone`` step calls the secondary directly)
+SIM = "sim"
 
 
 def variants() -> list[Variant]:
-    stream = {"kind": "chat-stream"}
+    plain, stream, light = {"base": "baseline"}, {"kind": "chat-stream", "base": "baseline-stream"}, {"base": "baseline-light"}
     return [
         Variant("baseline", "baseline", "mock-primary", "throughput", None),
-        Variant("baseline-stream", "baseline", "mock-primary", "throughput", None, **stream),
-        Variant("disabled", "disabled", "mock-primary", "throughput", None),
-        Variant("breaker-open", "caller", "p-breaker", "throughput", "skipped:breaker_open"),
-        Variant("budget-refused", "budget", "mock-primary", "throughput", "skipped:budget"),
-        Variant("refine", "caller", "p-refine", "throughput", "modified"),
-        Variant("refine-none", "none", "p-refine", "throughput", "modified"),
-        Variant("consensus", "caller", "p-consensus", "throughput", "modified"),
-        Variant("consensus-none", "none", "p-consensus", "throughput", "modified"),
+        Variant("baseline-stream", "baseline", "mock-primary", "throughput", None, kind="chat-stream"),
+        Variant("disabled", "disabled", "mock-primary", "throughput", None, **plain),
+        Variant("breaker-open", "caller", "p-breaker", "throughput", "skipped:breaker_open", **plain),
+        Variant("budget-refused", "budget", "mock-primary", "throughput", "skipped:budget", **plain),
+        Variant("refine", "caller", "p-refine", "throughput", "modified", **plain),
+        Variant("refine-none", "none", "p-refine", "throughput", "modified", **plain),
+        Variant("consensus", "caller", "p-consensus", "throughput", "modified", **plain),
+        Variant("consensus-none", "none", "p-consensus", "throughput", "modified", **plain),
         Variant("refine-stream", "caller", "p-refine", "throughput", "modified", **stream),
         Variant("refine-stream-none", "none", "p-refine", "throughput", "modified", **stream),
         Variant("consensus-stream", "caller", "p-consensus", "throughput", "modified", **stream),
         Variant("consensus-stream-none", "none", "p-consensus", "throughput", "modified", **stream),
         Variant("baseline-light", "baseline", "mock-primary", "latency", None),
-        Variant("refine-L", "caller", "p-refine", "latency", "modified"),
-        Variant("refine-L-none", "none", "p-refine", "latency", "modified"),
-        Variant("consensus-L", "caller", "p-consensus", "latency", "modified"),
-        Variant("shadow-L", "caller", "p-shadow", "latency", "relayed"),
+        # L as a client sees it: the simulated secondary called directly, the same way (its sleep of L ms
+        # plus the simulator's own handling)
+        Variant("secondary-alone", SIM, "bench-sec", "latency", None, **light),
+        Variant("refine-L", "caller", "p-refine", "latency", "modified", **light),
+        Variant("refine-L-none", "none", "p-refine", "latency", "modified", **light),
+        Variant("consensus-L", "caller", "p-consensus", "latency", "modified", **light),
+        Variant("shadow-L", "caller", "p-shadow", "latency", "relayed", **light),
     ]
+
+
+def round_order(all_variants: list[Variant], rnd: int) -> list[Variant]:
+    """One round's steps: per base, the base, then each of its variants followed by the base again
+    (B v1 B v2 B ... vn B), the variants in an order rotated from round to round. Each variant is
+    judged against the mean of the two base steps around it, so a drift of the machine during the
+    round (other virtual machines on the host, caches, clocks) weighs on both sides alike."""
+    order = []
+    for base in (v for v in all_variants if v.base is None):
+        family = [v for v in all_variants if v.base == base.name]
+        shift = rnd % len(family) if family else 0
+        order.append(base)
+        for v in family[shift:] + family[:shift]:
+            order += [v, base]
+    return order
+
+
+def rescaled(m: Measure, around: Measure, to: Measure) -> Measure:
+    """``m`` (measured between the base runs ``around``) as if measured between the base runs ``to``:
+    its CPU per request and req/s scaled by the bases' ratio, so two variants of one base compare
+    each against its own neighbours."""
+    scale = to.cpu_ms / around.cpu_ms
+    return Measure(m.variant, m.records, m.seconds * scale, m.cpu_ms * scale, m.cpu)
+
+
+def bracket(before: Measure, after: Measure) -> Measure:
+    """The base as measured around a variant: both steps' answers, the mean of their CPU per request."""
+    return Measure(before.variant, before.records + after.records, before.seconds + after.seconds,
+                   (before.cpu_ms + after.cpu_ms) / 2, {k: max(before.cpu[k], after.cpu[k]) for k in before.cpu})
 
 
 #: what the simulated models cost (gpt-4o-mini's prices): every call is priced, so the books hold real costs
@@ -200,7 +242,7 @@ def booked_models(directory: Path) -> Counter:
 def warm_up(proxies: dict, notes: list[str]) -> None:
     """Every path warm (first calls build clients and caches), and the dead secondary's breaker open."""
     for v in variants():
-        for _ in range(20):
+        for _ in range(20 if v.proxy != SIM else 0):
             h.send(proxies[v.proxy], v.kind, v.model)
     for attempt in range(100):
         _, headers = h.send(proxies["caller"], "chat", "p-breaker")
@@ -218,7 +260,8 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     steps, at = [], LEAD_S
     for i, v in enumerate(order):
         users, rate = (THROUGHPUT_USERS, 0.0) if v.load == "throughput" else (LATENCY_USERS, LATENCY_RATE)
-        steps.append({"id": i, "name": v.name, "host": proxies[v.proxy].url, "model": v.model, "kind": v.kind,
+        host = sim.url if v.proxy == SIM else proxies[v.proxy].url
+        steps.append({"id": i, "name": v.name, "host": host, "model": v.model, "kind": v.kind,
                       "users": users, "rate": rate, "start": at, "end": at + lengths[v.load]})
         at += lengths[v.load] + GAP_S
     directory.mkdir(parents=True, exist_ok=True)
@@ -300,14 +343,16 @@ class Figure:
 
     - ``cpu``: proxy CPU per request of the variant as a multiple of the base's (``<= target``);
     - ``capacity``: requests per proxy CPU-second against the base's (``>= target``), the inverse;
-    - ``added``: client-side p50 of the variant minus the base's, in ms (``<= target``).
+    - ``added``: client-side p50 of the variant minus the base's, in ms (``<= target``);
+    - ``over-L``: the same minus L, the p50 of the secondary called directly in the same round (the
+      simulator's sleep plus its own handling: the secondary's latency as a client sees it) (``<= target``).
 
     Throughput figures show the wall-clock req/s ratio beside; latency figures the added CPU per request."""
 
     name: str
     variant: str
     base: str
-    kind: str  #: cpu | capacity | added
+    kind: str  #: cpu | capacity | added | over-L
     target: float
     source: str = "issue 13"  #: where the target comes from
     attribution: str = "-"  #: RELAY_SPEND_ATTRIBUTION of the variant's proxy (caller | none), "-" when no call is made
@@ -315,7 +360,8 @@ class Figure:
     rounds: str = ""  #: which rounds the value comes from
     values: list[float] = field(default_factory=list)  #: the judged figure, per round
     also: list[float] = field(default_factory=list)  #: the other view, per round
-    raw: list[tuple[float, ...]] = field(default_factory=list)  #: (v, base, v cpu ms, base cpu ms, relay p50 ms)
+    #: (v, base, v cpu ms, base cpu ms, relay p50 ms, L ms): req/s or p50 ms of the variant and the base
+    raw: list[tuple[float, ...]] = field(default_factory=list)
 
     @property
     def value(self) -> float:
@@ -327,7 +373,7 @@ class Figure:
 
     @property
     def throughput(self) -> bool:
-        return self.kind != "added"
+        return self.kind in ("cpu", "capacity")
 
 
 def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float) -> list[Figure]:
@@ -352,27 +398,33 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
         # secondary call, and the key's budget check
         Figure("capacity: refine, attribution caller / none", "refine", "refine-none", "capacity", 0.95,
                source="earlier", attribution="caller"),
-        *(Figure(f"added p50: refine, secondary of latency {L}", variant, "baseline-light", "added", latency_ms + 3,
-                 attribution=attribution)
+        *(Figure(f"added p50: refine, secondary of latency L ({L} simulated)", variant, "baseline-light", "over-L",
+                 3.0, attribution=attribution)
           for variant, attribution in (("refine-L", "caller"), ("refine-L-none", "none"))),
         Figure(f"added p50: consensus, 3 members of {L} + aggregator {A}", "consensus-L", "baseline-light", "added",
                latency_ms + aggregator_ms + 5, source="earlier", attribution="caller"),
         Figure(f"added p50: shadow, secondary of latency {L}", "shadow-L", "baseline-light", "added", 1.0,
                source="earlier", attribution="caller"),
     ]
+    alone = by_name["secondary-alone"].runs
     for f in found:
-        pairs = list(zip(by_name[f.variant].runs, by_name[f.base].runs, strict=False))
-        quiet = [(m, b) for m, b in pairs if m.cpu["other"] < NOISY_OTHER_PCT and b.cpu["other"] < NOISY_OTHER_PCT]
+        variant, other = by_name[f.variant], by_name[f.base]
+        if variant.base == f.base:  # against the base steps right around the variant
+            bases = variant.brackets
+        else:  # two variants of one base (caller / none): each as a multiple of the base runs around it
+            bases = [rescaled(o, ob, vb) for o, ob, vb in zip(other.runs, other.brackets, variant.brackets, strict=False)]
+        pairs = list(zip(variant.runs, bases, alone, strict=False))
+        quiet = [(m, b, a) for m, b, a in pairs if m.cpu["other"] < NOISY_OTHER_PCT and b.cpu["other"] < NOISY_OTHER_PCT]
         use = quiet if len(quiet) >= MIN_QUIET_ROUNDS else pairs
         f.rounds = f"{len(use)} of {len(pairs)}" + ("" if use is quiet else ", noisy")
-        for m, base in use:
+        for m, base, direct in use:
             if f.throughput:
-                f.raw.append((m.rps, base.rps, m.cpu_ms, base.cpu_ms, float("nan")))
+                f.raw.append((m.rps, base.rps, m.cpu_ms, base.cpu_ms, float("nan"), float("nan")))
                 f.values.append(m.cpu_ms / base.cpu_ms if f.kind == "cpu" else base.cpu_ms / m.cpu_ms)
                 f.also.append(m.rps / base.rps)
             else:
-                f.raw.append((m.p50, base.p50, m.cpu_ms, base.cpu_ms, m.relay_p50))
-                f.values.append(m.p50 - base.p50)
+                f.raw.append((m.p50, base.p50, m.cpu_ms, base.cpu_ms, m.relay_p50, direct.p50))
+                f.values.append(m.p50 - base.p50 - (direct.p50 if f.kind == "over-L" else 0.0))
                 f.also.append(m.cpu_ms - base.cpu_ms)
     return found
 
@@ -383,23 +435,26 @@ FIGURE_ALIGN = "llrrllrrr"
 
 
 def _target(f: Figure) -> str:
-    shown = {"cpu": f"<= {f.target:g}x", "capacity": f">= {f.target:g}", "added": f"<= {f.target:g} ms"}[f.kind]
+    shown = {"cpu": f"<= {f.target:g}x", "capacity": f">= {f.target:g}", "added": f"<= {f.target:g} ms",
+             "over-L": f"<= L + {f.target:g} ms"}[f.kind]
     return shown + ("" if f.source == "issue 13" else f" ({f.source})")
 
 
 def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
     rows = []
     for f in found:
-        med = [statistics.median(x[i] for x in f.raw) for i in range(5)] if f.raw else [float("nan")] * 5
+        med = [statistics.median(x[i] for x in f.raw) for i in range(6)] if f.raw else [float("nan")] * 6
         if f.throughput:
             raw = f"CPU/req {med[2]:.2f} vs {med[3]:.2f} ms; {med[0]:.1f} vs {med[1]:.1f} req/s"
             value = f"{f.value:.2f}x" if f.kind == "cpu" else f"{f.value:.3f}"
             spread = _spread(f.values, "{:.2f}" if f.kind == "cpu" else "{:.3f}")
             also = f"req/s ratio {statistics.median(f.also):.3f}" if f.also else "-"
         else:
-            raw = (f"p50 {med[0]:.1f} vs {med[1]:.1f} ms (in the relay's hook {med[4]:.1f}); "
-                   f"CPU/req {med[2]:.2f} vs {med[3]:.2f} ms")
-            value, spread = f"{f.value:+.1f} ms", _spread(f.values, "{:+.1f}")
+            raw = (f"p50 {med[0]:.1f} vs {med[1]:.1f} ms (in the relay's hook {med[4]:.1f}"
+                   + (f"; L, the secondary alone: {med[5]:.1f}" if f.kind == "over-L" else "")
+                   + f"); CPU/req {med[2]:.2f} vs {med[3]:.2f} ms")
+            value = f"L {f.value:+.1f} ms" if f.kind == "over-L" else f"{f.value:+.1f} ms"
+            spread = _spread(f.values, "{:+.1f}")
             also = f"CPU/req {statistics.median(f.also):+.2f} ms" if f.also else "-"
         rows.append([f.name, f.attribution, _target(f), value, "PASS" if f.passed else "MISS", raw, spread, f.rounds,
                      also])
@@ -511,7 +566,7 @@ def explain(f: Figure, variant: "Profile | str", base: "Profile | str") -> str:
     sv, sb = variant.self_ms(), base.self_ms()
     grew = sorted(((sv[k] - sb.get(k, 0.0), k) for k in sv), reverse=True)[:6]
     parts.append("largest self-time increases: " + ", ".join(f"{name} {d:+.2f} ms" for d, name in grew if d > 0))
-    if f.kind == "added" and variant.measure.relay_p50 == variant.measure.relay_p50:
+    if not f.throughput and variant.measure.relay_p50 == variant.measure.relay_p50:
         parts.append(f"time inside the relay's hook (x-relay-latency-ms) p50 {variant.measure.relay_p50:.1f} ms, "
                      "the secondary's simulated latency included")
     return "; ".join(parts)
@@ -574,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     all_variants = variants()
     by_name = {v.name: v for v in all_variants}
-    print(f"relay bench: {args.rounds} rounds of {len(all_variants)} steps ({lengths['throughput']:g}s throughput, "
+    steps = len(round_order(all_variants, 0))
+    print(f"relay bench: {args.rounds} rounds of {steps} steps ({lengths['throughput']:g}s throughput, "
           f"{lengths['latency']:g}s latency); results in {root}/", flush=True)
 
     print("  in process: the plugin's own work per relayed request ...", end=" ", flush=True)
@@ -608,19 +664,17 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 print(f"  another round: fewer than {MIN_QUIET_ROUNDS} rounds with the machine quiet for "
                       f"{len(short)} figure(s)", flush=True)
-            order = []
-            for load in ("throughput", "latency"):
-                group = [v for v in all_variants if v.load == load]
-                shift = rnd % len(group)
-                order += group[shift:] + group[:shift]
+            order = round_order(all_variants, rnd)
             measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim)
             shown = []
-            for v, m in zip(order, measures, strict=False):
+            for i, (v, m) in enumerate(zip(order, measures, strict=True)):
                 v.runs.append(m)
                 problem = valid(v, m)
                 if problem:
                     notes.append(f"{v.name} round {rnd + 1} INVALID: {problem}")
-                shown.append(f"{v.name} {m.rps:.0f}/s" if v.load == "throughput" else f"{v.name} p50 {m.p50:.1f}ms")
+                if v.base is not None:  # round_order puts the variant's base right before and right after it
+                    v.brackets.append(bracket(measures[i - 1], measures[i + 1]))
+                    shown.append(f"{v.name} {m.rps:.0f}/s" if v.load == "throughput" else f"{v.name} p50 {m.p50:.1f}ms")
             other = statistics.median(m.cpu["other"] for m in measures)
             print(f"  round {rnd + 1}: {', '.join(shown)} (other load {other:.0f}%)", flush=True)
             rnd += 1
@@ -663,15 +717,21 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on a mock_response "
         f"primary, with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
         f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). {args.rounds} rounds; a round "
-        f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), one "
-        f"after another, in an order rotated from round to round. value = median over rounds of the per-round figure "
-        f"(variant against the same round's base), from the rounds in which other processes used less than "
+        f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), "
+        f"each right between two runs of its base (B v1 B v2 B ...; the variants in an order rotated from round to "
+        f"round), one after another. value = median over rounds of the per-round figure (variant against the mean of "
+        f"the two base runs around it, so the machine's drift during a round weighs on both alike; the two "
+        f"attributions of refine against each other in the same round), from the rounds in which other processes "
+        f"used less than "
         f"{NOISY_OTHER_PCT:g}% of a core during both steps when there were at least {MIN_QUIET_ROUNDS} such rounds "
         f"(column rounds; up to {args.extra_rounds} extra rounds are run to get them); spread = min .. max over "
         f"those rounds. CPU/request is the proxy's own CPU time per answered request over the step (robust to "
         f"neighbours taking the CPU, unlike req/s); `Nx` = the variant's CPU/request as a multiple of the base's "
         f"(a plain request to the plugin-free proxy; streamed figures against a plain streamed request); capacity = "
-        f"the inverse (requests per proxy CPU-second, variant / base). Targets from issue 13 unless marked. "
+        f"the inverse (requests per proxy CPU-second, variant / base). Added latency: client p50 against a plain "
+        f"request's, one request at a time; `L + x` = the part of it beyond L, the p50 of the secondary called "
+        f"directly by the same client in the same round (the simulated sleep of L ms plus the simulator's own "
+        f"handling: the secondary's latency as any client sees it). Targets from issue 13 unless marked. "
         f"Bench time {elapsed / 60:.1f} min.",
         "",
         h.table(FIGURE_HEADERS, rows, align=FIGURE_ALIGN),
@@ -709,8 +769,9 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         lines.append(f"- the machine was shared: other processes used a median {other:.0f}% of a core (of "
                      f"{info['cpus']} cores) during the measurements; wall-clock req/s and latencies carry that noise")
     for f in misses:
-        shown = {"cpu": f"{f.value:.2f}x", "capacity": f"{f.value:.3f}"}.get(f.kind, f"{f.value:+.1f} ms")
-        lines.append(f"- MISS {f.name} (attribution {f.attribution}): {shown} against {f.target:g}. "
+        shown = {"cpu": f"{f.value:.2f}x", "capacity": f"{f.value:.3f}", "over-L": f"L {f.value:+.1f} ms"}.get(
+            f.kind, f"{f.value:+.1f} ms")
+        lines.append(f"- MISS {f.name} (attribution {f.attribution}): {shown} against {_target(f)}. "
                      f"Profile of {f.variant} against {f.base}: "
                      f"{f.why or 'not profiled (--no-profile)'}")
     if in_miss:
