@@ -2764,16 +2764,17 @@ def _router_kwargs(model: str, messages: list[dict], kwargs: Mapping[str, Any]) 
 
 
 async def _tell_router(router: Any, deployment: Mapping[str, Any], model_group: str, response: Any = None,
-                       error: BaseException | None = None, started: float = 0.0) -> None:
+                       error: BaseException | None = None, started: float = 0.0, ended: float = 0.0) -> None:
     """Tell the router how an attempt on ``deployment`` went, as litellm's logging tells it of any call:
     successes and failures per minute, the cooldown of a failing deployment, rpm/tpm usage, and the
-    routing strategy's own counters (usage-based, latency-based, least-busy)."""
+    routing strategy's own counters (usage-based, latency-based, least-busy). ``started``/``ended``:
+    when the attempt began and ended (epoch seconds; told after the answer, it is not over now)."""
 
     params = deployment.get("litellm_params") or {}
     model_info = dict(deployment.get("model_info") or {})
     total = int(getattr(getattr(response, "usage", None), "total_tokens", 0) or 0)
     start = datetime.datetime.fromtimestamp(started or time.time())
-    end = datetime.datetime.now()
+    end = datetime.datetime.fromtimestamp(ended) if ended else datetime.datetime.now()
     metadata = {"model_group": model_group, "deployment": params.get("model"), "model_info": model_info,
                 "api_base": params.get("api_base")}
     call_params = {k: v for k, v in params.items() if not _SECRET_PARAM.search(k)}  # cooldown_time, limits, ...
@@ -2869,13 +2870,15 @@ def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kw
 
 
 async def _close_booking(logging_obj: Any, model: str, response: Any = None,
-                         error: BaseException | None = None) -> None:
-    """Book the call's outcome through its Logging object, as litellm's own wrapper does."""
+                         error: BaseException | None = None, ended: float = 0.0) -> None:
+    """Book the call's outcome through its Logging object, as litellm's own wrapper does; ``ended``:
+    when the call ended (epoch seconds; booked after the answer, it is not over now)."""
     if logging_obj is None:
         return
     try:
 
-        start, end = logging_obj.start_time, datetime.datetime.now()
+        start = logging_obj.start_time
+        end = datetime.datetime.fromtimestamp(ended) if ended else datetime.datetime.now()
         if error is None:
             await logging_obj.async_success_handler(result=response, start_time=start, end_time=end)
             logging_obj.handle_sync_success_callbacks_for_async_calls(result=response, start_time=start, end_time=end)
@@ -2888,10 +2891,11 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
 
 
 async def _book(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any],
-                started: float, response: Any = None, error: BaseException | None = None) -> None:
-    """Book one fast-path call (RELAY_SPEND_ATTRIBUTION=caller): its Logging object, made and closed."""
+                started: float, ended: float, response: Any = None, error: BaseException | None = None) -> None:
+    """Book one fast-path call (RELAY_SPEND_ATTRIBUTION=caller) that ran from ``started`` to ``ended``
+    (epoch seconds): its Logging object, made and closed."""
     await _close_booking(_open_booking(wire, model_group, messages, kwargs, started), model_group or wire.backend,
-                         response=response, error=error)
+                         response=response, error=error, ended=ended)
 
 
 def _unbooked(model: str, exc: BaseException) -> None:
@@ -2947,11 +2951,13 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
             response = await (_exchange(wire, messages, timeout) if on_delta is None
                               else _exchange_stream(wire, messages, timeout, emit))
         except Exception as exc:
-            await (_book(wire, model, messages, call, started, error=exc) if booked
-                   else _tell_router(router, deployment, model, error=exc, started=started))
+            ended = time.time()
+            await (_book(wire, model, messages, call, started, ended, error=exc) if booked
+                   else _tell_router(router, deployment, model, error=exc, started=started, ended=ended))
             raise
-        _after_answer(_book(wire, model, messages, call, started, response=response) if booked
-                      else _tell_router(router, deployment, model, response=response, started=started))
+        ended = time.time()  # the bookkeeping runs later: the call's latency is what it took, not that
+        _after_answer(_book(wire, model, messages, call, started, ended, response=response) if booked
+                      else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
         return response
 
     kwargs.setdefault("litellm_trace_id", str(uuid.uuid4()))
@@ -2980,10 +2986,10 @@ async def _direct_call(kwargs: dict[str, Any], on_delta: Callable[[str], Any] | 
                           else _exchange_stream(wire, messages, timeout, on_delta))
     except Exception as exc:
         if booked:
-            await _book(wire, None, messages, kwargs, started, error=exc)
+            await _book(wire, None, messages, kwargs, started, time.time(), error=exc)
         raise
-    if booked:
-        _after_answer(_book(wire, None, messages, kwargs, started, response=response))
+    if booked:  # the booking runs later: the call's latency is what it took, not that
+        _after_answer(_book(wire, None, messages, kwargs, started, time.time(), response=response))
     return response
 
 

@@ -396,6 +396,62 @@ async def test_the_router_usage_counters_count_fast_path_calls(proxy_router, sim
     assert rpm == [3] and tpm and tpm[0] > 0
 
 
+
+async def test_the_latency_told_of_a_call_is_its_own_not_the_wait_for_its_bookkeeping(proxy_router, sim, attribution,
+                                                                                       monkeypatch):
+    """The bookkeeping of an answered call runs after the request's own work (its booking, or the router's
+    counters): the latency it tells the router (lowest-latency routing) and the books (spend row, span) must
+    be the call's, not the call's plus however long the request kept the event loop busy afterwards."""
+    import time
+
+    monkeypatch.setattr(litellm, "callbacks", list(litellm.callbacks))  # the router's selector is registered there
+    router = proxy_router([deployment("timed", sim.url + "/v1")], routing_strategy="latency-based-routing")
+    # where litellm's logging finds it once any full call ran (function_setup), as on a proxy after its first request
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, router.lowestlatency_logger])
+    took = time.monotonic()
+    reply = await relay_plugin._litellm_complete("timed", QUESTION, max_tokens=16, timeout=5, depth=1)
+    took = time.monotonic() - took
+    time.sleep(1.0)  # the request's own work after the answer (a big answer, a busy proxy) holds the loop
+    await bookkeeping_done()
+    model_id = router.get_model_list(model_name="timed")[0]["model_info"]["id"]
+    latencies = (await router.cache.async_get_cache(key="timed_map", local_only=True) or {}).get(model_id, {})
+    assert latencies.get("latency"), latencies  # the router heard of the call
+    told = latencies["latency"][0] * (reply.output_tokens or 1)  # seconds per output token, as litellm records it
+    assert told <= took + 0.2, (told, took)
+
+
+
+async def test_a_provider_string_call_is_booked_with_its_own_end_not_its_bookings(sim, monkeypatch):
+    """The same for a ``provider/model`` secondary (no router): its booking (spend row, span) ends when
+    its answer came, however long the request held the event loop before the booking ran."""
+    import time
+
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Recorder(CustomLogger):
+        def __init__(self):
+            super().__init__()
+            self.spans = []
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.spans.append((end_time - start_time).total_seconds())
+
+    recorder = Recorder()
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    token = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", FAKE_PROVIDER_KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", sim.url + "/v1")
+        took = time.monotonic()
+        await relay_plugin._litellm_complete("openai/gpt-4o-mini", QUESTION, max_tokens=16, timeout=5, depth=1)
+        took = time.monotonic() - took
+    finally:
+        relay_plugin._BOOKS.reset(token)
+    time.sleep(1.0)  # the request's own work after the answer holds the loop
+    await bookkeeping_done()
+    assert recorder.spans and recorder.spans[0] <= took + 0.2, (recorder.spans, took)
+
+
 # =================================================================================================
 # What a broken or hostile provider can do
 # =================================================================================================
