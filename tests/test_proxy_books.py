@@ -202,6 +202,31 @@ def test_streamed_and_shadow_secondary_calls_are_booked_too(caller_books, sim, t
     assert {r["model_group"] for r in rows} == {"sec"} and {r["team_id"] for r in rows} == {TEAM}
 
 
+def test_a_client_that_leaves_a_stream_mid_secondary_answer_has_not_had_it_for_free(caller_books, sim, token):
+    """Refine streams the secondary's answer as it arrives. A client that reads most of it, then leaves,
+    has had the text, and the provider bills what it generated: the secondary call must be booked to the
+    calling key, not dropped with the cancelled call (repeated, every refined answer would be free)."""
+    answer = " ".join(f"word{i}" for i in range(40))
+    sim.configure(model_config={"gpt-4o-mini": {"tokens_per_s": 20}})  # the secondary (sec) streams for 2 s
+    received = ""
+    try:
+        with caller_books.client(RICH_KEY).chat.completions.create(
+                model="llama", messages=[{"role": "user", "content": f"Leave {token} SIM:ANSWER={answer}"}],
+                stream=True) as stream:
+            for chunk in stream:
+                received += "".join(c.delta.content or "" for c in chunk.choices)
+                if len(received.split()) >= 20:
+                    break  # half the refined answer read: the client leaves
+    finally:
+        sim.configure(model_config={})
+    assert received.split()[:20] == answer.split()[:20]  # the secondary's text reached the client
+    secondary = wait_for(lambda: [r for r in sim.requests(token) if r["model"] == "gpt-4o-mini" and r["cancelled"]])
+    assert len(secondary) == 1  # the provider was cut off mid-answer (it bills what it generated)
+    relay_rows = wait_for(lambda: [r for r in caller_books.rows(token)
+                                   if metadata_of(r).get("internal_call_origin") == "relay"])
+    assert len(relay_rows) == 1 and relay_rows[0]["spend"] > 0, relay_rows
+
+
 def test_no_spend_row_and_no_payload_for_a_secondary_call_with_attribution_none(none_books, sim, token):
     raw = none_books.chat(RICH_KEY, PRIMARY, f"Question {token}")
     assert raw.headers["x-relay-outcome"] == "modified"
