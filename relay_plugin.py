@@ -2650,16 +2650,18 @@ async def _exchange(wire: _Wire, messages: list[dict], timeout: float) -> Any:
     return response
 
 
-async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on_delta: Callable[[str], Any]) -> Any:
+async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on_delta: Callable[[str], Any],
+                           cut_off: list | None = None) -> Any:
     """POST a streamed call, read it with the provider config's own stream iterator, hand each text
     delta to ``on_delta`` as it arrives, and return the whole answer as one priced ModelResponse (what
-    ``stream_chunk_builder`` makes of litellm's chunks), or litellm's mapped exception."""
+    ``stream_chunk_builder`` makes of litellm's chunks), or litellm's mapped exception. Cancelled once
+    the request is sent (the client left), the answer so far goes into ``cut_off``, priced as a
+    stream without usage is: the provider bills what it generated."""
     import aiohttp
     import httpx
 
     from aiohttp.http_exceptions import LineTooLong
     from litellm.litellm_core_utils.exception_mapping_utils import exception_type
-    from litellm.types.utils import ModelResponse, Usage
 
     parts: list[str] = []
     finish, usage, size = None, None, 0
@@ -2710,9 +2712,20 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                                              llm_provider=wire.provider) from None
     except (litellm.Timeout, litellm.APIConnectionError):
         raise
+    except asyncio.CancelledError:
+        if cut_off is not None:
+            cut_off.append(_streamed_answer(wire, messages, parts, finish, usage))
+        raise
     except Exception as exc:  # mapped to litellm's exception classes, as its full call does
         raise exception_type(model=wire.backend, custom_llm_provider=wire.provider, original_exception=exc,
                              completion_kwargs={}, extra_kwargs={}) from exc
+    return _streamed_answer(wire, messages, parts, finish, usage)
+
+
+def _streamed_answer(wire: _Wire, messages: list[dict], parts: list[str], finish: str | None, usage: Any) -> Any:
+    """A streamed answer as one priced ModelResponse: its text, its usage (or its offline bound)."""
+    from litellm.types.utils import ModelResponse, Usage
+
     tokens = usage if isinstance(usage, Mapping) else (usage.model_dump() if hasattr(usage, "model_dump") else {})
     text = "".join(parts)
     prompt, output = _counted_usage(wire, messages, text, tokens)
@@ -2945,11 +2958,15 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
             log.debug("relay: a call to %s takes litellm's full call: %s", model, scrub_secrets(str(exc))[:200])
             return await _full_router_attempt(router, model, messages, call, booked)
         await router.async_routing_strategy_pre_call_checks(deployment=deployment, parent_otel_span=None)
-        started = time.time()
+        started, cut_off = time.time(), []
         try:
             timeout = float(call.get("timeout") or 600)
             response = await (_exchange(wire, messages, timeout) if on_delta is None
-                              else _exchange_stream(wire, messages, timeout, emit))
+                              else _exchange_stream(wire, messages, timeout, emit, cut_off))
+        except asyncio.CancelledError:  # the client left mid-answer: the provider bills what it generated
+            if booked and cut_off:
+                _after_answer(_book(wire, model, messages, call, started, time.time(), response=cut_off[0]))
+            raise
         except Exception as exc:
             ended = time.time()
             await (_book(wire, model, messages, call, started, ended, error=exc) if booked
@@ -2979,11 +2996,15 @@ async def _direct_call(kwargs: dict[str, Any], on_delta: Callable[[str], Any] | 
     except Exception as exc:  # noqa: BLE001 - whatever the fast path cannot build takes litellm's full call
         log.debug("relay: a call to %s takes litellm's full call: %s", model, scrub_secrets(str(exc))[:200])
         return await litellm.acompletion(max_retries=0, **kwargs)
-    booked, started = "no-log" not in kwargs, time.time()
+    booked, started, cut_off = "no-log" not in kwargs, time.time(), []
     try:
         timeout = float(kwargs.get("timeout") or 600)
         response = await (_exchange(wire, messages, timeout) if on_delta is None
-                          else _exchange_stream(wire, messages, timeout, on_delta))
+                          else _exchange_stream(wire, messages, timeout, on_delta, cut_off))
+    except asyncio.CancelledError:  # the client left mid-answer: the provider bills what it generated
+        if booked and cut_off:
+            _after_answer(_book(wire, None, messages, kwargs, started, time.time(), response=cut_off[0]))
+        raise
     except Exception as exc:
         if booked:
             await _book(wire, None, messages, kwargs, started, time.time(), error=exc)
@@ -3336,6 +3357,13 @@ class RelayRun:
                 reply = await handler.complete(
                     model, messages, max_tokens=config.secondary_max_tokens,
                     timeout=max(min(config.timeout_s, remaining), 0.001), depth=self.depth + 1, **streaming)
+            except asyncio.CancelledError:
+                # the request left while the provider was answering: the provider bills what it
+                # generated, which nobody will learn, so the call keeps its worst case on the caps
+                if reservation is not None:
+                    await store.settle(reservation, {})
+                    reservation = None
+                raise
             finally:
                 _DEADLINE_CUT.reset(cut)
             if not reply.cost_usd and handler.price(model) is None:  # litellm's 0 for an unpriced model is a placeholder

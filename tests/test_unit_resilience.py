@@ -598,7 +598,10 @@ async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a
     assert failed.cost_usd == 0.0
 
 
-async def test_a_cancelled_call_gives_its_whole_reservation_back(monkeypatch):
+async def test_a_call_cancelled_mid_answer_keeps_its_worst_case_on_the_caps(monkeypatch):
+    """The request left (a client that read part of a streamed answer and hung up) while the provider
+    was answering: the provider bills what it generated, which nobody learns, so the call keeps the
+    worst case it held (giving it back made every abandoned answer free to the caps)."""
     gate = asyncio.Event()
     fake = FakeSecondary(cost=ACTUAL, gate=gate)
     handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS))
@@ -617,10 +620,10 @@ async def test_a_cancelled_call_gives_its_whole_reservation_back(monkeypatch):
         await task
 
     assert fake.cancelled == [MODEL]
-    assert handler.store.counters == before
+    assert handler.store.counters == {"spend:0": ACTUAL + WORST, "calls:0": 2.0}
 
 
-async def test_a_call_cut_by_the_deadline_gives_its_reservation_and_probe_permit_back(monkeypatch):
+async def test_a_call_cut_by_the_deadline_keeps_its_worst_case_and_gives_its_probe_permit_back(monkeypatch):
     clock = FakeClock()
     fake = FakeSecondary(HANG, cost=ACTUAL)
     handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS,
@@ -632,7 +635,7 @@ async def test_a_call_cut_by_the_deadline_gives_its_reservation_and_probe_permit
     outcome, _ = await relay(handler)
 
     assert outcome.result == "failed:timeout"
-    assert handler.store.counters == {"spend:0": 0.0, "calls:0": 0.0}
+    assert handler.store.counters == {"spend:0": WORST, "calls:0": 1.0}  # cut while the provider worked on it
     assert handler.store.breakers[MODEL].probes_in_flight == 0
 
 
