@@ -3377,7 +3377,12 @@ class RelayRun:
             return reply
         except SecondaryError as exc:
             if not exc.skipped:
-                spent, failed = 0.0, exc.reason in BREAKER_FAILURES
+                failed = exc.reason in BREAKER_FAILURES
+                # refused or never received: nothing billed; a timeout's provider may bill it all
+                spent = None if exc.reason == "timeout" else 0.0
+                if spent is None and reservation is not None:
+                    await store.settle(reservation, {})
+                    reservation = None
             raise
         finally:
             if reservation is not None:

@@ -598,6 +598,21 @@ async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a
     assert failed.cost_usd == 0.0
 
 
+async def test_a_timed_out_call_keeps_its_worst_case_on_the_caps(monkeypatch):
+    """A provider that did not answer in time may still bill the whole answer (it went on generating):
+    the call keeps the worst case it held; a call the provider refused settles at 0."""
+    fake = FakeSecondary([failing("timeout"), failing("provider_error")], cost=ACTUAL)
+    handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS))
+    priced(monkeypatch, handler)
+
+    timed_out, _ = await relay(handler)
+    assert timed_out.result == "failed:timeout"
+    assert handler.store.counters == {"spend:0": WORST, "calls:0": 1.0}
+    refused, _ = await relay(handler)
+    assert refused.result == "failed:provider_error"
+    assert handler.store.counters == {"spend:0": WORST, "calls:0": 2.0}
+
+
 async def test_a_call_cancelled_mid_answer_keeps_its_worst_case_on_the_caps(monkeypatch):
     """The request left (a client that read part of a streamed answer and hung up) while the provider
     was answering: the provider bills what it generated, which nobody learns, so the call keeps the
