@@ -143,8 +143,8 @@ __all__ = [
     # 8. structured output for the judges (RELAY_JUDGE_FORMAT)
     "VERDICT_SCHEMA", "SCORE_SCHEMA", "JUDGE_STYLES", "JUDGE_STYLE_KEY", "judge_response_format", "judge_style",
     # 9. primitives
-    "STATE_CLOSED", "STATE_OPEN", "STATE_HALF_OPEN", "BREAKER_FAILURES", "Breaker", "REFUSED_COUNTERS_MAX",
-    "Reservation", "Permit", "Store", "LocalStore",
+    "STATE_CLOSED", "STATE_OPEN", "STATE_HALF_OPEN", "BREAKER_FAILURES", "UNKNOWN_COST_FAILURES", "Breaker",
+    "REFUSED_COUNTERS_MAX", "Reservation", "Permit", "Store", "LocalStore",
     # 10. the relay's result for one request
     "Outcome", "usd", "Reply",
     # 11. LiteLLM features
@@ -1528,6 +1528,10 @@ STATE_HALF_OPEN: Final = "half_open"
 #: are the caller's or the prompt's problem and do not count against the model
 BREAKER_FAILURES: Final = frozenset({"timeout", "rate_limited", "connection", "provider_error", "empty_response",
                                     "bad_response"})
+#: failure reasons after which the provider may have billed an answer nobody read (it went on
+#: generating past the timeout; it sent one the relay could not read or refused to read): such a call
+#: keeps its worst case on the caps. After the others (refused, never received) it settles at 0.
+UNKNOWN_COST_FAILURES: Final = frozenset({"timeout", "bad_response"})
 
 
 class Breaker:
@@ -3378,8 +3382,7 @@ class RelayRun:
         except SecondaryError as exc:
             if not exc.skipped:
                 failed = exc.reason in BREAKER_FAILURES
-                # refused or never received: nothing billed; a timeout's provider may bill it all
-                spent = None if exc.reason == "timeout" else 0.0
+                spent = None if exc.reason in UNKNOWN_COST_FAILURES else 0.0
                 if spent is None and reservation is not None:
                     await store.settle(reservation, {})
                     reservation = None

@@ -598,19 +598,18 @@ async def test_a_failed_call_gives_its_reserved_spend_back_but_still_counts_as_a
     assert failed.cost_usd == 0.0
 
 
-async def test_a_timed_out_call_keeps_its_worst_case_on_the_caps(monkeypatch):
-    """A provider that did not answer in time may still bill the whole answer (it went on generating):
-    the call keeps the worst case it held; a call the provider refused settles at 0."""
-    fake = FakeSecondary([failing("timeout"), failing("provider_error")], cost=ACTUAL)
+async def test_a_call_whose_answer_nobody_read_keeps_its_worst_case_on_the_caps(monkeypatch):
+    """A provider that did not answer in time may still bill the whole answer (it went on generating),
+    and one whose answer could not be read billed it: the call keeps the worst case it held; a call the
+    provider refused settles at 0 (it still counts as a call)."""
+    fake = FakeSecondary([failing("timeout"), failing("bad_response"), failing("provider_error")], cost=ACTUAL)
     handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS))
     priced(monkeypatch, handler)
 
-    timed_out, _ = await relay(handler)
-    assert timed_out.result == "failed:timeout"
-    assert handler.store.counters == {"spend:0": WORST, "calls:0": 1.0}
-    refused, _ = await relay(handler)
-    assert refused.result == "failed:provider_error"
-    assert handler.store.counters == {"spend:0": WORST, "calls:0": 2.0}
+    outcomes = [(await relay(handler))[0].result for _ in range(3)]
+
+    assert outcomes == ["failed:timeout", "failed:bad_response", "failed:provider_error"]
+    assert handler.store.counters == {"spend:0": 2 * WORST, "calls:0": 3.0}
 
 
 async def test_a_call_cancelled_mid_answer_keeps_its_worst_case_on_the_caps(monkeypatch):
