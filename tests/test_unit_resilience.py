@@ -1009,3 +1009,17 @@ def test_a_router_with_every_deployment_cooling_down_is_named_as_such_not_as_an_
         model="sec", cooldown_time=5, enable_pre_call_checks=False, cooldown_list=["a1b2"]))
     assert (error.reason, error.retryable) == ("cooldown", False)
     assert error.public == "every deployment of the secondary model is cooling down after failures"
+
+
+async def test_a_call_answered_without_text_keeps_its_worst_case_on_the_caps(monkeypatch):
+    """A provider that answered with no text (a reasoning model that spent its whole output limit on
+    hidden reasoning, an output content filter) billed the call: it was neither refused nor unreceived,
+    so it must not settle at 0 (repeated, every such call would be free to the caps)."""
+    fake = FakeSecondary(failing("empty_response"), cost=ACTUAL)
+    handler = make_handler(fake, config(BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS=MAX_TOKENS))
+    priced(monkeypatch, handler)
+
+    outcome, _ = await relay(handler)
+
+    assert outcome.result == "failed:empty_response"
+    assert handler.store.counters == {"spend:0": WORST, "calls:0": 1.0}

@@ -218,3 +218,19 @@ async def test_text_a_provider_sends_after_the_end_of_its_stream_is_judged_too(g
     chunks, text, relay = await run(handler, stream())
     assert "FORBIDDEN" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert relay["outcome"] == "blocked"
+
+
+async def test_a_secondary_that_breaks_off_after_its_text_went_out_keeps_its_worst_case_on_the_caps(monkeypatch):
+    """The provider received the call and generated the text the client read before the stream broke
+    off (a dropped connection, a provider error mid-stream): it bills that text, so the call is not
+    'refused or never received' and must not settle at 0 on the relay's caps."""
+    fake = FakeSecondary(("Half an answer the client read", SecondaryError("connection", "dropped")), cost=0.04)
+    handler = stream_handler(fake, BUDGET_USD="1", MAX_CALLS="10", SECONDARY_MAX_TOKENS="38")
+    monkeypatch.setattr(handler, "price", lambda model: (2.0 ** -10, 2.0 ** -10))
+    monkeypatch.setattr(relay_plugin, "prompt_token_bound", lambda messages: 26)  # worst case: 64 / 1024
+
+    _, text, relay = await run(handler, chat_stream("the ", "primary"))
+
+    assert text.startswith("Half an answer the client read" + INTERRUPTED_NOTE)
+    assert relay["outcome"] == "failed:connection"
+    assert handler.store.counters == {"spend:0": 0.0625, "calls:0": 1.0}
