@@ -1529,9 +1529,10 @@ STATE_HALF_OPEN: Final = "half_open"
 BREAKER_FAILURES: Final = frozenset({"timeout", "rate_limited", "connection", "provider_error", "empty_response",
                                     "bad_response"})
 #: failure reasons after which the provider may have billed an answer nobody read (it went on
-#: generating past the timeout; it sent one the relay could not read or refused to read): such a call
-#: keeps its worst case on the caps. After the others (refused, never received) it settles at 0.
-UNKNOWN_COST_FAILURES: Final = frozenset({"timeout", "bad_response"})
+#: generating past the timeout; it sent one the relay could not read or refused to read; it spent the
+#: output on hidden reasoning or filtered it away): such a call keeps its worst case on the caps.
+#: After the others (refused, never reached) it settles at 0, unless its text had begun to stream.
+UNKNOWN_COST_FAILURES: Final = frozenset({"timeout", "bad_response", "empty_response"})
 
 
 class Breaker:
@@ -2626,6 +2627,9 @@ async def _exchange(wire: _Wire, messages: list[dict], timeout: float) -> Any:
                         raise _oversized(wire)
                     chunks.append(chunk)
                 status, headers = answer.status, dict(answer.headers)
+        except aiohttp.ConnectionTimeoutError as exc:  # it never reached the provider: nothing billed
+            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
+                                             llm_provider=wire.provider) from None
         except (TimeoutError, asyncio.TimeoutError):
             raise litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
                                   llm_provider=wire.provider) from None
@@ -2659,8 +2663,8 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
     """POST a streamed call, read it with the provider config's own stream iterator, hand each text
     delta to ``on_delta`` as it arrives, and return the whole answer as one priced ModelResponse (what
     ``stream_chunk_builder`` makes of litellm's chunks), or litellm's mapped exception. Cancelled once
-    the request is sent (the client left), the answer so far goes into ``cut_off``, priced as a
-    stream without usage is: the provider bills what it generated."""
+    the provider took the call (the client left), the answer so far goes into ``cut_off``, priced as
+    a stream without usage is: the provider bills what it generated."""
     import aiohttp
     import httpx
 
@@ -2668,7 +2672,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
     from litellm.litellm_core_utils.exception_mapping_utils import exception_type
 
     parts: list[str] = []
-    finish, usage, size = None, None, 0
+    finish, usage, size, taken = None, None, 0, False
     try:
         try:
             async with _post(wire, timeout) as answer:
@@ -2678,6 +2682,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                                          request=httpx.Request("POST", wire.url))
                     raise wire.config.get_error_class(error_message=raw.text, status_code=raw.status_code,
                                                       headers=raw.headers)
+                taken = True  # the provider took the call: it bills what it generates from here
 
                 async def lines() -> Any:
                     nonlocal size
@@ -2708,6 +2713,9 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                     if delta:
                         parts.append(delta)
                         await on_delta(delta)
+        except aiohttp.ConnectionTimeoutError as exc:  # it never reached the provider: nothing billed
+            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
+                                             llm_provider=wire.provider) from None
         except (TimeoutError, asyncio.TimeoutError):
             raise litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
                                   llm_provider=wire.provider) from None
@@ -2717,7 +2725,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
     except (litellm.Timeout, litellm.APIConnectionError):
         raise
     except asyncio.CancelledError:
-        if cut_off is not None:
+        if cut_off is not None and taken:
             cut_off.append(_streamed_answer(wire, messages, parts, finish, usage))
         raise
     except Exception as exc:  # mapped to litellm's exception classes, as its full call does
@@ -3345,6 +3353,7 @@ class RelayRun:
         failed: bool | None = None  # None: no outcome to record, the permit goes back
         spent: float | None = None  # None: the call never reached the provider, the reservation goes back
         reservation = None
+        streamed_before = len(self.streamed)  # text of this call that reached the client was generated (billed)
         try:
             if config.budgeted:
                 reservation = await self._reserve(model, messages)
@@ -3364,9 +3373,7 @@ class RelayRun:
             except asyncio.CancelledError:
                 # the request left while the provider was answering: the provider bills what it
                 # generated, which nobody will learn, so the call keeps its worst case on the caps
-                if reservation is not None:
-                    await store.settle(reservation, {})
-                    reservation = None
+                reservation = None
                 raise
             finally:
                 _DEADLINE_CUT.reset(cut)
@@ -3382,10 +3389,10 @@ class RelayRun:
         except SecondaryError as exc:
             if not exc.skipped:
                 failed = exc.reason in BREAKER_FAILURES
-                spent = None if exc.reason in UNKNOWN_COST_FAILURES else 0.0
-                if spent is None and reservation is not None:
-                    await store.settle(reservation, {})
-                    reservation = None
+                if exc.reason in UNKNOWN_COST_FAILURES or len(self.streamed) > streamed_before:
+                    reservation = None  # billed, at a cost nobody learns: it keeps its worst case
+                else:
+                    spent = 0.0  # refused or never reached
             raise
         finally:
             if reservation is not None:

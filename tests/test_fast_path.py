@@ -457,6 +457,29 @@ async def test_a_provider_string_call_is_booked_with_its_own_end_not_its_booking
 # =================================================================================================
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_connection_that_times_out_never_reached_the_provider_and_is_a_connection_failure(
+        proxy_router, monkeypatch, stream):
+    """aiohttp's ConnectionTimeoutError (the connect itself ran out of time, a blackholed host) is a
+    connection failure, which nothing billed, not a timeout, whose provider may bill the answer: the
+    relay's caps give a connection failure's reservation back and keep a timeout's."""
+    import aiohttp
+
+    class NoConnection:
+        async def __aenter__(self):
+            raise aiohttp.ConnectionTimeoutError("Connection timeout to host http://10.255.255.1/v1")
+
+        async def __aexit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(relay_plugin, "_post", lambda wire, timeout: NoConnection())
+    proxy_router([deployment("blackholed", "http://10.255.255.1/v1")])
+    with pytest.raises(SecondaryError) as failed:
+        await relay_plugin._litellm_complete("blackholed", QUESTION, max_tokens=16, timeout=5, depth=1,
+                                             **({"on_delta": lambda text: None} if stream else {}))
+    assert failed.value.reason == "connection"
+
+
 async def test_an_unreachable_provider_is_a_connection_failure_that_names_no_key(proxy_router):
     key = "sk-relay-secret-DO-NOT-LEAK-0123456789"
     proxy_router([{"model_name": "gone", "litellm_params": {
