@@ -2627,7 +2627,7 @@ async def _exchange(wire: _Wire, messages: list[dict], timeout: float) -> Any:
                         raise _oversized(wire)
                     chunks.append(chunk)
                 status, headers = answer.status, dict(answer.headers)
-        except aiohttp.ConnectionTimeoutError as exc:  # it never reached the provider: nothing billed
+        except getattr(aiohttp, "ConnectionTimeoutError", ()) as exc:  # it never reached the provider: nothing billed
             raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
                                              llm_provider=wire.provider) from None
         except (TimeoutError, asyncio.TimeoutError):
@@ -2713,7 +2713,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                     if delta:
                         parts.append(delta)
                         await on_delta(delta)
-        except aiohttp.ConnectionTimeoutError as exc:  # it never reached the provider: nothing billed
+        except getattr(aiohttp, "ConnectionTimeoutError", ()) as exc:  # it never reached the provider: nothing billed
             raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
                                              llm_provider=wire.provider) from None
         except (TimeoutError, asyncio.TimeoutError):
