@@ -2627,15 +2627,8 @@ async def _exchange(wire: _Wire, messages: list[dict], timeout: float) -> Any:
                         raise _oversized(wire)
                     chunks.append(chunk)
                 status, headers = answer.status, dict(answer.headers)
-        except getattr(aiohttp, "ConnectionTimeoutError", ()) as exc:  # it never reached the provider: nothing billed
-            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
-                                             llm_provider=wire.provider) from None
-        except (TimeoutError, asyncio.TimeoutError):
-            raise litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
-                                  llm_provider=wire.provider) from None
-        except aiohttp.ClientError as exc:
-            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
-                                             llm_provider=wire.provider) from None
+        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_failure(wire, timeout, exc) from None
         raw = httpx.Response(status, headers=headers, content=b"".join(chunks), request=httpx.Request("POST", wire.url))
         if status >= 300:
             raise wire.config.get_error_class(error_message=raw.text, status_code=status, headers=raw.headers)
@@ -2648,14 +2641,7 @@ async def _exchange(wire: _Wire, messages: list[dict], timeout: float) -> Any:
     except Exception as exc:  # mapped to litellm's exception classes, as its full call does
         raise exception_type(model=wire.backend, custom_llm_provider=wire.provider, original_exception=exc,
                              completion_kwargs={}, extra_kwargs={}) from exc
-    hidden = getattr(response, "_hidden_params", None)
-    if not isinstance(hidden, dict):
-        hidden = {}
-        response._hidden_params = hidden
-    model_info = wire.deployment.get("model_info") or {}
-    hidden.update(model_id=model_info.get("id"), api_base=wire.params.get("api_base"),
-                  custom_llm_provider=wire.provider, response_cost=_fast_cost(response, wire))
-    return response
+    return _stamped(response, wire)
 
 
 async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on_delta: Callable[[str], Any],
@@ -2713,15 +2699,8 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                     if delta:
                         parts.append(delta)
                         await on_delta(delta)
-        except getattr(aiohttp, "ConnectionTimeoutError", ()) as exc:  # it never reached the provider: nothing billed
-            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
-                                             llm_provider=wire.provider) from None
-        except (TimeoutError, asyncio.TimeoutError):
-            raise litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
-                                  llm_provider=wire.provider) from None
-        except aiohttp.ClientError as exc:
-            raise litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
-                                             llm_provider=wire.provider) from None
+        except (TimeoutError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_failure(wire, timeout, exc) from None
     except (litellm.Timeout, litellm.APIConnectionError):
         raise
     except asyncio.CancelledError:
@@ -2744,10 +2723,34 @@ def _streamed_answer(wire: _Wire, messages: list[dict], parts: list[str], finish
     response = ModelResponse(model=wire.backend, choices=[{"index": 0, "finish_reason": finish or "stop", "message": {
         "role": "assistant", "content": text}}], usage=Usage(
         prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
+    return _stamped(response, wire)
+
+
+def _stamped(response: Any, wire: _Wire) -> Any:
+    """``response`` with the hidden params litellm's own call leaves on it: the deployment, the api
+    base, the provider and the call's cost (what the router, the books and the relay read)."""
+    hidden = getattr(response, "_hidden_params", None)
+    if not isinstance(hidden, dict):
+        hidden = {}
+        response._hidden_params = hidden
     model_info = wire.deployment.get("model_info") or {}
-    response._hidden_params.update(model_id=model_info.get("id"), api_base=wire.params.get("api_base"),
-                                   custom_llm_provider=wire.provider, response_cost=_fast_cost(response, wire))
+    hidden.update(model_id=model_info.get("id"), api_base=wire.params.get("api_base"),
+                  custom_llm_provider=wire.provider, response_cost=_fast_cost(response, wire))
     return response
+
+
+def _transport_failure(wire: _Wire, timeout: float, exc: BaseException) -> Exception:
+    """litellm's exception for an HTTP exchange that failed in transport: a timeout while the
+    provider had the call is a Timeout (it may bill the answer); a connect timeout (it never reached
+    the provider: nothing billed) or any other client error is a connection failure."""
+    import aiohttp
+
+    connect_timeout = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(exc, connect_timeout):
+        return litellm.Timeout(message=f"the provider did not answer within {timeout:g}s", model=wire.backend,
+                               llm_provider=wire.provider)
+    return litellm.APIConnectionError(message=f"{type(exc).__name__}: {exc}", model=wire.backend,
+                                      llm_provider=wire.provider)
 
 
 def _counted_usage(wire: _Wire, messages: list[dict], text: str, tokens: Mapping[str, Any]) -> tuple[int, int]:
