@@ -118,7 +118,7 @@ class Variant:
     kind: str = "chat"  #: chat | chat-stream (locustfile KINDS)
     base: str | None = None  #: the base measured right before and right after this variant (None: a base)
     runs: list[Measure] = field(default_factory=list)  #: one per round (a base: one per step it ran)
-    brackets: list[Measure] = field(default_factory=list)  #: per round, the base steps around this variant's
+    brackets: list[Measure] = field(default_factory=list)  #: per round, the base as measured around this variant
 
 
 #: the simulator itself as a step's target (the ``secondary-alone`` step calls the secondary directly)
