@@ -26,9 +26,12 @@ budget, so "attribution caller" really books each secondary call to the key and 
     none       the same with RELAY_SPEND_ATTRIBUTION=none (secondary calls `no-log`, no key budget check)
     budget     refine with RELAY_BUDGET_USD=0: every relay is refused before any call (`skipped:budget`)
 
-The primary is a mock_response model whose answer carries ``SIM:ANSWER=``, so every simulated
-secondary answers the primary's own text: a relayed answer is as long as a plain one (and a streamed
-one has as many chunks), and the figures compare like with like.
+The primary is, as in issue 13's own measurement, a real HTTP model: the simulator's OpenAI API at
+~0 ms latency (``--primary mock``: a mock_response model litellm answers itself, a cheaper plain
+request, so every ratio is stricter). Its answer carries ``SIM:ANSWER=`` (the client's prompt makes
+the simulated primary answer it), so every simulated secondary answers the primary's own text: a
+relayed answer is as long as a plain one (and a streamed one has as many chunks), and the figures
+compare like with like.
 
 Throughput: 16 Locust users (FastHttpUser) back to back; CPU per request is taken from the proxy's
 own CPU time over the step (robust to neighbours taking the CPU, unlike wall-clock req/s, which is
@@ -72,6 +75,9 @@ from loadtest import harness as h
 #: the primary's answer; the marker makes every simulated secondary answer the same text (a relayed
 #: answer is as long as a plain one) while the relayed answer still differs from the primary's (modified)
 ANSWER = "SIM:ANSWER=Paris is the capital of France. It lies on the Seine."
+#: what the client asks: the simulated HTTP primary answers the text after the first marker (ANSWER itself)
+PROMPT = f"What is the capital of France? SIM:ANSWER={ANSWER}"
+PRIMARY = "primary"  #: the plain model every proxy serves (a base's model, and the disabled and budget variants')
 THROUGHPUT_USERS = 16
 LATENCY_USERS, LATENCY_RATE = 1, 8.0  #: one request at a time: the relay's own added latency, no queueing
 LEAD_S, GAP_S, SETTLE_S = 2.0, 1.0, 0.5  #: before the first step (users spawn), between steps, unmeasured step start
@@ -128,11 +134,11 @@ SIM = "sim"
 def variants() -> list[Variant]:
     plain, stream, light = {"base": "baseline"}, {"kind": "chat-stream", "base": "baseline-stream"}, {"base": "baseline-light"}
     return [
-        Variant("baseline", "baseline", "mock-primary", "throughput", None),
-        Variant("baseline-stream", "baseline", "mock-primary", "throughput", None, kind="chat-stream"),
-        Variant("disabled", "disabled", "mock-primary", "throughput", None, **plain),
+        Variant("baseline", "baseline", PRIMARY, "throughput", None),
+        Variant("baseline-stream", "baseline", PRIMARY, "throughput", None, kind="chat-stream"),
+        Variant("disabled", "disabled", PRIMARY, "throughput", None, **plain),
         Variant("breaker-open", "caller", "p-breaker", "throughput", "skipped:breaker_open", **plain),
-        Variant("budget-refused", "budget", "mock-primary", "throughput", "skipped:budget", **plain),
+        Variant("budget-refused", "budget", PRIMARY, "throughput", "skipped:budget", **plain),
         Variant("refine", "caller", "p-refine", "throughput", "modified", **plain),
         Variant("refine-none", "none", "p-refine", "throughput", "modified", **plain),
         Variant("consensus", "caller", "p-consensus", "throughput", "modified", **plain),
@@ -141,7 +147,7 @@ def variants() -> list[Variant]:
         Variant("refine-stream-none", "none", "p-refine", "throughput", "modified", **stream),
         Variant("consensus-stream", "caller", "p-consensus", "throughput", "modified", **stream),
         Variant("consensus-stream-none", "none", "p-consensus", "throughput", "modified", **stream),
-        Variant("baseline-light", "baseline", "mock-primary", "latency", None),
+        Variant("baseline-light", "baseline", PRIMARY, "latency", None),
         # L as a client sees it: the simulated secondary called directly, the same way (its sleep of L ms
         # plus the simulator's own handling)
         Variant("secondary-alone", SIM, "bench-sec", "latency", None, **light),
@@ -186,19 +192,25 @@ PRICE = {"input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07}
 SECONDARY_MODELS = ("bench-sec", "bench-member-1", "bench-member-2", "bench-member-3", "bench-aggregator")
 
 
-def model_list(sim_url: str) -> list[dict]:
-    primary = "openai/mock-primary"
+def model_list(sim_url: str, primary: str = "http") -> list[dict]:
+    """The models of every proxy; ``primary``: http (the simulator's OpenAI API, latency ~0) or mock
+    (mock_response: litellm answers itself, no network)."""
+    if primary == "http":
+        def entry(name: str, relay: dict | None = None) -> dict:
+            return h.simulated(name, "openai/bench-primary", sim_url, relay, **PRICE)
+    else:
+        def entry(name: str, relay: dict | None = None) -> dict:
+            return h.mock(name, ANSWER, relay, model="openai/mock-primary", **PRICE)
     return [
-        h.mock("mock-primary", ANSWER, model=primary, **PRICE),
+        entry(PRIMARY),
         h.simulated("sec-http", "openai/bench-sec", sim_url, **PRICE),
         *(h.simulated(f"m{i}", f"openai/bench-member-{i}", sim_url, **PRICE) for i in (1, 2, 3)),
         h.simulated("agg", "openai/bench-aggregator", sim_url, **PRICE),
         h.simulated("sec-dead", "openai/bench-dead", sim_url, **PRICE),
-        h.mock("p-refine", ANSWER, {"mode": "refine", "secondary_model": "sec-http"}, model=primary, **PRICE),
-        h.mock("p-consensus", ANSWER, {"mode": "consensus", "consensus_models": ["m1", "m2", "m3"],
-                                       "secondary_model": "agg"}, model=primary, **PRICE),
-        h.mock("p-shadow", ANSWER, {"mode": "shadow", "secondary_model": "sec-http"}, model=primary, **PRICE),
-        h.mock("p-breaker", ANSWER, {"mode": "refine", "secondary_model": "sec-dead"}, model=primary, **PRICE),
+        entry("p-refine", {"mode": "refine", "secondary_model": "sec-http"}),
+        entry("p-consensus", {"mode": "consensus", "consensus_models": ["m1", "m2", "m3"], "secondary_model": "agg"}),
+        entry("p-shadow", {"mode": "shadow", "secondary_model": "sec-http"}),
+        entry("p-breaker", {"mode": "refine", "secondary_model": "sec-dead"}),
     ]
 
 
@@ -243,9 +255,9 @@ def warm_up(proxies: dict, notes: list[str]) -> None:
     """Every path warm (first calls build clients and caches), and the dead secondary's breaker open."""
     for v in variants():
         for _ in range(20 if v.proxy != SIM else 0):
-            h.send(proxies[v.proxy], v.kind, v.model)
+            h.send(proxies[v.proxy], v.kind, v.model, PROMPT)
     for attempt in range(100):
-        _, headers = h.send(proxies["caller"], "chat", "p-breaker")
+        _, headers = h.send(proxies["caller"], "chat", "p-breaker", PROMPT)
         if headers.get("x-relay-outcome") == "skipped:breaker_open":
             notes.append(f"the breaker of sec-dead opened after {attempt + 1} warm-up requests")
             return
@@ -261,7 +273,7 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     for i, v in enumerate(order):
         users, rate = (THROUGHPUT_USERS, 0.0) if v.load == "throughput" else (LATENCY_USERS, LATENCY_RATE)
         host = sim.url if v.proxy == SIM else proxies[v.proxy].url
-        steps.append({"id": i, "name": v.name, "host": host, "model": v.model, "kind": v.kind,
+        steps.append({"id": i, "name": v.name, "host": host, "model": v.model, "kind": v.kind, "prompt": PROMPT,
                       "users": users, "rate": rate, "start": at, "end": at + lengths[v.load]})
         at += lengths[v.load] + GAP_S
     directory.mkdir(parents=True, exist_ok=True)
@@ -276,7 +288,7 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     for thread in threads:
         thread.start()
     run = h.run_locust(proxies["baseline"], directory, users=THROUGHPUT_USERS, duration=at, mix=("chat",),
-                       models=("mock-primary",), extra_env={"LOADTEST_PLAN": str(plan), "LOADTEST_KEY": BENCH_KEY},
+                       models=(PRIMARY,), extra_env={"LOADTEST_PLAN": str(plan), "LOADTEST_KEY": BENCH_KEY},
                        extra_groups=groups,
                        sample_every=0.1)
     for thread in threads:
@@ -617,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregator-ms", type=float, default=20.0, help="A: latency of the consensus aggregator")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help=f"at most this many more rounds while a figure has fewer than {MIN_QUIET_ROUNDS} quiet ones")
+    parser.add_argument("--primary", choices=("http", "mock"), default="http",
+                        help="the primary: http (default, issue 13's setup: the simulator's OpenAI API at ~0 ms) or "
+                             "mock (mock_response: litellm answers itself; a cheaper plain request, stricter ratios)")
     parser.add_argument("--no-profile", action="store_true", help="do not profile the misses")
     parser.add_argument("--results", type=Path, default=h.RESULTS / "bench")
     args = parser.parse_args(argv)
@@ -637,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     inproc = run_inproc(root)
     print(f"refine p50 {inproc['refine']['p50_ms'] * 1000:.0f} us", flush=True)
 
-    model_config = {"bench-sec": {"latency_ms": args.latency_ms},
+    model_config = {"bench-primary": {"latency_ms": 0.0}, "bench-sec": {"latency_ms": args.latency_ms},
                     **{f"bench-member-{i}": {"latency_ms": args.latency_ms} for i in (1, 2, 3)},
                     "bench-aggregator": {"latency_ms": args.aggregator_ms}}
     sim = h.start_simulator(root, model_config, force_markers={"bench-dead": "SIM:HTTP500"})
@@ -645,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}) ...", end=" ", flush=True)
         with ThreadPoolExecutor(len(PROXIES)) as pool:
-            futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim.url), plugin,
+            futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim.url, args.primary), plugin,
                                          {**env, **books_env(root / f"proxy-{name}")}, BOOKS)
                        for name, (plugin, env) in PROXIES.items()}
             for name, future in futures.items():
@@ -714,8 +729,9 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
     lines = [
         f"Machine: {h.machine_line(info)}.",
         f"Load: throughput {THROUGHPUT_USERS} users back to back, latency {LATENCY_USERS} user at "
-        f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on a mock_response "
-        f"primary, with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
+        f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on "
+        + ("an HTTP primary (the simulator's OpenAI API, latency ~0)" if args.primary == "http" else
+           "a mock_response primary (no network)") + f", with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
         f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). {args.rounds} rounds; a round "
         f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), "
         f"each right between two runs of its base (B v1 B v2 B ...; the variants in an order rotated from round to "

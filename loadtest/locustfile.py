@@ -8,9 +8,10 @@ Run by ``loadtest/run.py`` and ``loadtest/bench.py`` (``locust --headless``), wh
     LOADTEST_RATE     requests per second per user (0: back to back, as fast as the proxy answers)
     LOADTEST_OUT      where to write every request's record (JSON) when the test stops
     LOADTEST_TIMEOUT  client timeout in seconds (default 60)
-    LOADTEST_PLAN     (make bench) a JSON file of timed steps, each {id, name, host, model, kind, users,
-                      rate, start, end} (seconds after the test started): during a step its first
-                      `users` users send `kind` requests for `model` to `host`, the others wait; between
+    LOADTEST_PLAN     (make bench) a JSON file of timed steps, each {id, name, host, model, kind, prompt,
+                      users, rate, start, end} (seconds after the test started): during a step its first
+                      `users` users send `kind` requests for `model` to `host` (with `prompt`, else the
+                      cycled prompts), the others wait; between
                       steps everyone waits, so one Locust process measures many proxies one after another
 
 A response counts as a failure (``resp.failure``) when its status is not 200 or its body is not a
@@ -201,14 +202,15 @@ class RelayUser(FastHttpUser):
             gevent.sleep(0.02)  # not this user's turn: between steps, or a step with fewer users
             return
         began = time.perf_counter()
-        self.send(step["kind"], step["model"], host=step["host"], step=step["id"],
+        self.send(step["kind"], step["model"], host=step["host"], step=step["id"], prompt=step.get("prompt"),
                   name=f"{step['name']} {step['kind']} {step['model']}")
         if step["rate"] > 0:  # constant throughput per user, as Locust's constant_throughput
             gevent.sleep(max(0.0, 1 / step["rate"] - (time.perf_counter() - began)))
 
-    def send(self, kind: str, model: str, host: str = "", step: int | None = None, name: str = "") -> None:
+    def send(self, kind: str, model: str, host: str = "", step: int | None = None, name: str = "",
+             prompt: str | None = None) -> None:
         path, stream, check = KINDS[kind]
-        body = {"model": model, "messages": [{"role": "user", "content": next(self.prompts)}], "stream": stream}
+        body = {"model": model, "messages": [{"role": "user", "content": prompt or next(self.prompts)}], "stream": stream}
         if path == "/v1/messages":
             body["max_tokens"] = 256
         headers = {"Authorization": f"Bearer {KEY}", "anthropic-version": "2023-06-01"}
