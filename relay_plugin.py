@@ -2934,15 +2934,26 @@ def _unbooked(model: str, exc: BaseException) -> None:
 
 #: bookkeeping of answered calls in flight (a task nobody holds may be collected before it ran)
 _BOOKING: Final[set] = set()
+#: how long a successful call's bookkeeping waits: the relay's answer leaves the proxy first. Run at
+#: once, the booking (about 3 ms of CPU for litellm's logging of one call) ran on the event loop while
+#: the proxy was still writing the answer: measured, a refine answered 1.9 ms later (1.7 with
+#: attribution none) than with the booking 20 ms after it; 5 ms recovered 0.7 ms of that
+BOOKKEEPING_DELAY_S: Final = 0.02
 
 
 def _after_answer(bookkeeping: Any) -> None:
     """Run a successful call's bookkeeping (its booking, or the router's health and usage) after the
     answer, off the request's path, as litellm runs its own success logging (failures are told
     before the router's next attempt, which must see the deployment's cooldown)."""
-    task = asyncio.get_running_loop().create_task(bookkeeping)
+
+    async def later() -> None:
+        await asyncio.sleep(BOOKKEEPING_DELAY_S)
+        await bookkeeping
+
+    task = asyncio.get_running_loop().create_task(later())
     _BOOKING.add(task)
     task.add_done_callback(_BOOKING.discard)
+    task.add_done_callback(lambda _: bookkeeping.close())  # cancelled before it began (shutdown): not "never awaited"
 
 
 async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:

@@ -452,6 +452,54 @@ async def test_a_provider_string_call_is_booked_with_its_own_end_not_its_booking
     assert recorder.spans and recorder.spans[0] <= took + 0.2, (recorder.spans, took)
 
 
+async def test_an_answered_calls_bookkeeping_waits_until_the_answer_has_left(proxy_router, sim, monkeypatch):
+    """The booking of an answered call (litellm's logging: ~3 ms of CPU) must not run on the event loop
+    while the proxy is still writing the relay's answer: it waits BOOKKEEPING_DELAY_S, then books."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Recorder(CustomLogger):
+        def __init__(self):
+            super().__init__()
+            self.booked = 0
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.booked += 1
+
+    recorder = Recorder()
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    proxy_router([deployment("booked", sim.url + "/v1")])
+    token = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
+    try:
+        await relay_plugin._litellm_complete("booked", QUESTION, max_tokens=16, timeout=5, depth=1)
+    finally:
+        relay_plugin._BOOKS.reset(token)
+    for _ in range(50):  # the proxy writing the answer: its awaits give the loop many turns
+        await asyncio.sleep(0)
+    assert recorder.booked == 0 and relay_plugin._BOOKING
+    await bookkeeping_done()
+    assert recorder.booked == 1
+
+
+async def test_bookkeeping_still_waiting_when_the_loop_stops_is_dropped_cleanly():
+    """A proxy shutting down cancels bookkeeping that has not started: it is closed, never run, and
+    not left behind as a coroutine "never awaited" (a warning in the operator's log)."""
+    import inspect
+
+    ran = []
+
+    async def bookkeeping():
+        ran.append(True)
+
+    coro = bookkeeping()
+    relay_plugin._after_answer(coro)
+    pending = list(relay_plugin._BOOKING)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    assert not ran and not relay_plugin._BOOKING
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
 # =================================================================================================
 # What a broken or hostile provider can do
 # =================================================================================================
