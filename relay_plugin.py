@@ -2939,21 +2939,29 @@ _BOOKING: Final[set] = set()
 #: the proxy was still writing the answer: measured, a refine answered 1.9 ms later (1.7 with
 #: attribution none) than with the booking 20 ms after it; 5 ms recovered 0.7 ms of that
 BOOKKEEPING_DELAY_S: Final = 0.02
+#: how long bookkeeping still waiting when the event loop ends (the proxy stops) may take to run then
+BOOKKEEPING_AT_EXIT_S: Final = 5.0
 
 
 def _after_answer(bookkeeping: Any) -> None:
     """Run a successful call's bookkeeping (its booking, or the router's health and usage) after the
     answer, off the request's path, as litellm runs its own success logging (failures are told
-    before the router's next attempt, which must see the deployment's cooldown)."""
+    before the router's next attempt, which must see the deployment's cooldown). Still waiting when
+    the event loop ends (a graceful stop cancels every task left), it runs then: the call was billed."""
 
     async def later() -> None:
-        await asyncio.sleep(BOOKKEEPING_DELAY_S)
+        try:
+            await asyncio.sleep(BOOKKEEPING_DELAY_S)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # bounded: a stopping proxy must not hang on its books
+                await asyncio.wait_for(bookkeeping, BOOKKEEPING_AT_EXIT_S)
+            raise
         await bookkeeping
 
     task = asyncio.get_running_loop().create_task(later())
     _BOOKING.add(task)
     task.add_done_callback(_BOOKING.discard)
-    task.add_done_callback(lambda _: bookkeeping.close())  # cancelled before it began (shutdown): not "never awaited"
+    task.add_done_callback(lambda _: bookkeeping.close())  # cancelled before it began: not "never awaited"
 
 
 async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:

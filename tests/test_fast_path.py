@@ -480,6 +480,59 @@ async def test_an_answered_calls_bookkeeping_waits_until_the_answer_has_left(pro
     assert recorder.booked == 1
 
 
+def test_a_call_answered_just_before_the_event_loop_ends_is_still_booked(proxy_router, sim, monkeypatch):
+    """A proxy stopped gracefully (SIGTERM: a deploy, a scale-down) lets the requests in flight finish, then
+    its event loop ends: uvicorn's asyncio.run cancels every task left. A secondary call answered in the
+    last BOOKKEEPING_DELAY_S before that was billed by its provider and its text went to the client: its
+    booking (spend row, key spend, every logging callback) must run, not be cancelled in its wait
+    (litellm's own logging of a call answered then still runs: its queue is flushed at exit)."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Recorder(CustomLogger):
+        def __init__(self):
+            super().__init__()
+            self.booked = 0
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.booked += 1
+
+    recorder = Recorder()
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    proxy_router([deployment("booked", sim.url + "/v1")])
+
+    async def answer_then_stop():
+        books = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
+        try:
+            await relay_plugin._litellm_complete("booked", QUESTION, max_tokens=16, timeout=5, depth=1)
+        finally:
+            relay_plugin._BOOKS.reset(books)
+        for loop, session in relay_plugin._SESSION:  # this loop's connections close with it, as a proxy's do
+            if loop is asyncio.get_running_loop():
+                await session.close()
+        # the answer has left: the server finds no request left and returns
+
+    asyncio.run(answer_then_stop())  # as uvicorn runs the proxy: the loop's end cancels what is left
+    assert recorder.booked == 1
+    assert not relay_plugin._BOOKING
+
+
+def test_bookkeeping_that_hangs_as_the_event_loop_ends_does_not_hold_the_proxy_up(monkeypatch):
+    """Booking at the loop's end is bounded (BOOKKEEPING_AT_EXIT_S): a logging callback that never returns
+    (a dead exporter) must not keep a stopping proxy from exiting."""
+    import time
+
+    monkeypatch.setattr(relay_plugin, "BOOKKEEPING_AT_EXIT_S", 0.2)
+
+    async def answer_then_stop():
+        relay_plugin._after_answer(asyncio.Event().wait())  # bookkeeping that never ends
+        await asyncio.sleep(0)  # it began its wait
+
+    took = time.monotonic()
+    asyncio.run(answer_then_stop())
+    assert time.monotonic() - took < 3.0
+    assert not relay_plugin._BOOKING
+
+
 async def test_bookkeeping_still_waiting_when_the_loop_stops_is_dropped_cleanly():
     """A proxy shutting down cancels bookkeeping that has not started: it is closed, never run, and
     not left behind as a coroutine "never awaited" (a warning in the operator's log)."""
