@@ -154,7 +154,8 @@ __all__ = [
     # 13. reaching a secondary
     "TRUNCATED_FINISH", "TIMEOUT_MARGIN_S", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_OVERHEAD",
     "PROMPT_TOKENS_PER_MESSAGE", "LOOP_BOUND_MAX_CHARS", "prompt_token_bound", "prompt_tokens_off_loop",
-    "FastProvider", "FAST_PROVIDERS", "FAST_PARAMS", "FAST_MAX_RESPONSE_BYTES", "fast_path_ready",
+    "FastProvider", "FAST_PROVIDERS", "FAST_PARAMS", "FAST_MAX_RESPONSE_BYTES", "fast_path_ready", "BOOKKEEPING_DELAY_S",
+    "BOOKKEEPING_AT_EXIT_S",
     # 14. relay work
     "RelayRun", "replace_skip", "guard_windows", "Mode", "MODES", "PlanResolver",
     # 16. streams
