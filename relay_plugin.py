@@ -2353,7 +2353,8 @@ def _retry_after(exc: Exception) -> float | None:
 # After each attempt the router hears of it as of any call (`_tell_router`: cooldown, usage counters,
 # the routing strategy's own counters). With RELAY_SPEND_ATTRIBUTION=caller, litellm's Logging object
 # books the call (`_book`: spend row, key and team spend, every logging callback, the router). A
-# successful call is booked after its answer, off the request's path, as litellm books its own.
+# successful call is booked after its answer, off the request's path, as litellm books its own
+# (on a deployment with rpm/tpm limits, before the router's next pick, which must see its usage).
 # Any other provider, a deployment setting the fast path does not know, and anything that raises
 # while the request is built take litellm's full call; RELAY_FULL_PATH_MODELS forces it per model.
 
@@ -3008,8 +3009,12 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
                    else _tell_router(router, deployment, model, error=exc, started=started, ended=ended))
             raise
         ended = time.time()  # the bookkeeping runs later: the call's latency is what it took, not that
-        _after_answer(_book(wire, model, messages, call, started, ended, response=response) if booked
-                      else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
+        bookkeeping = (_book(wire, model, messages, call, started, ended, response=response) if booked
+                       else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
+        if _tracks_usage(router, deployment, model):
+            await bookkeeping  # rpm/tpm limits: counted before the router's next pick, as litellm counts its own call
+        else:
+            _after_answer(bookkeeping)
         return response
 
     kwargs.setdefault("litellm_trace_id", str(uuid.uuid4()))

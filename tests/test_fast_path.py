@@ -397,6 +397,38 @@ async def test_the_router_usage_counters_count_fast_path_calls(proxy_router, sim
 
 
 
+async def test_a_deployments_rpm_limit_counts_a_relay_call_before_the_routers_next_pick(proxy_router, serve, attribution,
+                                                                                        monkeypatch):
+    """Usage-based routing keeps a deployment under its rpm limit only if each call is counted before the
+    router picks a deployment for the next one, as litellm's own call is. Counted BOOKKEEPING_DELAY_S
+    after the answer, 40 relay calls in a row put 6 to 21 on a deployment allowed 3 a minute (either attribution)."""
+    from aiohttp import web
+
+    hits = {"limited": 0, "roomy": 0}
+
+    def answering(name):
+        async def answer(request):
+            await request.read()
+            hits[name] += 1
+            return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": "Paris."}}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+        return answer
+
+    monkeypatch.setattr(litellm, "callbacks", list(litellm.callbacks))  # the router's strategy is registered there
+    router = proxy_router([deployment("pair", await serve(answering("limited")), rpm=3),
+                           deployment("pair", await serve(answering("roomy")), rpm=1000)],
+                          routing_strategy="usage-based-routing")
+    # where litellm's logging finds the strategy once any full call ran, as on a proxy after its first request
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, router.lowesttpm_logger])
+    for i in range(40):
+        await relay_plugin._litellm_complete("pair", [{"role": "user", "content": f"Question {i}"}], max_tokens=16,
+                                             timeout=5, depth=1)
+    await bookkeeping_done()
+    assert hits["limited"] <= 3 and hits["roomy"] >= 37, hits
+
+
 async def test_the_latency_told_of_a_call_is_its_own_not_the_wait_for_its_bookkeeping(proxy_router, sim, attribution,
                                                                                        monkeypatch):
     """The bookkeeping of an answered call runs after the request's own work (its booking, or the router's
