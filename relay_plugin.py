@@ -2945,15 +2945,16 @@ BOOKKEEPING_DELAY_S: Final = 0.02
 BOOKKEEPING_AT_EXIT_S: Final = 5.0
 
 
-def _after_answer(bookkeeping: Any) -> None:
+def _after_answer(bookkeeping: Any, wait: bool = True) -> asyncio.Task:
     """Run a successful call's bookkeeping (its booking, or the router's health and usage) after the
     answer, off the request's path, as litellm runs its own success logging (failures are told
     before the router's next attempt, which must see the deployment's cooldown). Still waiting when
-    the event loop ends (a graceful stop cancels every task left), it runs then: the call was billed."""
+    the event loop ends (a graceful stop cancels every task left), it runs then: the call was billed.
+    ``wait=False``: at once, in a task of its own, which the request leaving does not cancel."""
 
     async def later() -> None:
         try:
-            await asyncio.sleep(BOOKKEEPING_DELAY_S)
+            await asyncio.sleep(BOOKKEEPING_DELAY_S if wait else 0)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # bounded: a stopping proxy must not hang on its books
                 await asyncio.wait_for(bookkeeping, BOOKKEEPING_AT_EXIT_S)
@@ -2964,6 +2965,7 @@ def _after_answer(bookkeeping: Any) -> None:
     _BOOKING.add(task)
     task.add_done_callback(_BOOKING.discard)
     task.add_done_callback(lambda _: bookkeeping.close())  # cancelled before it began: not "never awaited"
+    return task
 
 
 async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:
@@ -3012,7 +3014,9 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
         bookkeeping = (_book(wire, model, messages, call, started, ended, response=response) if booked
                        else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
         if _tracks_usage(router, deployment, model):
-            await bookkeeping  # rpm/tpm limits: counted before the router's next pick, as litellm counts its own call
+            # rpm/tpm limits: counted before the router's next pick, as litellm counts its own call; in a
+            # task of its own (shielded), so a client leaving now does not cancel the booking
+            await asyncio.shield(_after_answer(bookkeeping, wait=False))
         else:
             _after_answer(bookkeeping)
         return response

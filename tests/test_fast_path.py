@@ -429,6 +429,40 @@ async def test_a_deployments_rpm_limit_counts_a_relay_call_before_the_routers_ne
     assert hits["limited"] <= 3 and hits["roomy"] >= 37, hits
 
 
+async def test_a_client_leaving_while_a_rate_limited_deployments_call_is_booked_leaves_it_booked(proxy_router, sim,
+                                                                                                 monkeypatch):
+    """A call on a deployment with rpm/tpm limits is booked before the call returns; a client that leaves
+    then (a stream's last delta read, the connection closed) cancels the request, not the booking of a call
+    its provider billed."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class SlowRecorder(CustomLogger):  # a logging callback that takes its time (a database, an exporter)
+        def __init__(self):
+            super().__init__()
+            self.started, self.booked = asyncio.Event(), 0
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.started.set()
+            await asyncio.sleep(0.2)
+            self.booked += 1
+
+    recorder = SlowRecorder()
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    proxy_router([deployment("limited", sim.url + "/v1", rpm=1000)])
+    books = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
+    try:
+        request = asyncio.ensure_future(relay_plugin._litellm_complete("limited", QUESTION, max_tokens=16, timeout=5,
+                                                                       depth=1))
+        await asyncio.wait_for(recorder.started.wait(), 5)  # answered, being booked
+        request.cancel()  # the client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    finally:
+        relay_plugin._BOOKS.reset(books)
+    await bookkeeping_done()
+    assert recorder.booked == 1
+
+
 async def test_the_latency_told_of_a_call_is_its_own_not_the_wait_for_its_bookkeeping(proxy_router, sim, attribution,
                                                                                        monkeypatch):
     """The bookkeeping of an answered call runs after the request's own work (its booking, or the router's
