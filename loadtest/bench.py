@@ -77,6 +77,9 @@ from loadtest import harness as h
 ANSWER = "SIM:ANSWER=Paris is the capital of France. It lies on the Seine."
 #: what the client asks: the simulated HTTP primary answers the text after the first marker (ANSWER itself)
 PROMPT = f"What is the capital of France? SIM:ANSWER={ANSWER}"
+#: ``--primary``: what the plain model is
+PRIMARIES = {"http": "an HTTP primary (the simulator's OpenAI API, latency ~0)",
+             "mock": "a mock_response primary (no network)"}
 PRIMARY = "primary"  #: the plain model every proxy serves (a base's model, and the disabled and budget variants')
 THROUGHPUT_USERS = 16
 LATENCY_USERS, LATENCY_RATE = 1, 8.0  #: one request at a time: the relay's own added latency, no queueing
@@ -629,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregator-ms", type=float, default=20.0, help="A: latency of the consensus aggregator")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help=f"at most this many more rounds while a figure has fewer than {MIN_QUIET_ROUNDS} quiet ones")
-    parser.add_argument("--primary", choices=("http", "mock"), default="http",
+    parser.add_argument("--primary", choices=tuple(PRIMARIES), default="http",
                         help="the primary: http (default, issue 13's setup: the simulator's OpenAI API at ~0 ms) or "
                              "mock (mock_response: litellm answers itself; a cheaper plain request, stricter ratios)")
     parser.add_argument("--no-profile", action="store_true", help="do not profile the misses")
@@ -729,9 +732,8 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
     lines = [
         f"Machine: {h.machine_line(info)}.",
         f"Load: throughput {THROUGHPUT_USERS} users back to back, latency {LATENCY_USERS} user at "
-        f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on "
-        + ("an HTTP primary (the simulator's OpenAI API, latency ~0)" if args.primary == "http" else
-           "a mock_response primary (no network)") + f", with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
+        f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on {PRIMARIES[args.primary]}, "
+        f"with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
         f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). {args.rounds} rounds; a round "
         f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), "
         f"each right between two runs of its base (B v1 B v2 B ...; the variants in an order rotated from round to "
