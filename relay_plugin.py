@@ -155,6 +155,7 @@ __all__ = [
     "TRUNCATED_FINISH", "TIMEOUT_MARGIN_S", "worst_case_usd", "PROVIDER_ERROR_PHRASES", "PROMPT_TOKEN_OVERHEAD",
     "PROMPT_TOKENS_PER_MESSAGE", "LOOP_BOUND_MAX_CHARS", "prompt_token_bound", "prompt_tokens_off_loop",
     "FastProvider", "FAST_PROVIDERS", "FAST_PARAMS", "FAST_MAX_RESPONSE_BYTES", "fast_path_ready", "BOOKKEEPING_DELAY_S",
+    "BOOKKEEPING_AT_EXIT_S",
     # 14. relay work
     "RelayRun", "replace_skip", "guard_windows", "Mode", "MODES", "PlanResolver",
     # 16. streams
@@ -2352,7 +2353,8 @@ def _retry_after(exc: Exception) -> float | None:
 # After each attempt the router hears of it as of any call (`_tell_router`: cooldown, usage counters,
 # the routing strategy's own counters). With RELAY_SPEND_ATTRIBUTION=caller, litellm's Logging object
 # books the call (`_book`: spend row, key and team spend, every logging callback, the router). A
-# successful call is booked after its answer, off the request's path, as litellm books its own.
+# successful call is booked after its answer, off the request's path, as litellm books its own
+# (on a deployment with rpm/tpm limits, before the router's next pick, which must see its usage).
 # Any other provider, a deployment setting the fast path does not know, and anything that raises
 # while the request is built take litellm's full call; RELAY_FULL_PATH_MODELS forces it per model.
 
@@ -2939,21 +2941,31 @@ _BOOKING: Final[set] = set()
 #: the proxy was still writing the answer: measured, a refine answered 1.9 ms later (1.7 with
 #: attribution none) than with the booking 20 ms after it; 5 ms recovered 0.7 ms of that
 BOOKKEEPING_DELAY_S: Final = 0.02
+#: how long bookkeeping still waiting when the event loop ends (the proxy stops) may take to run then
+BOOKKEEPING_AT_EXIT_S: Final = 5.0
 
 
-def _after_answer(bookkeeping: Any) -> None:
+def _after_answer(bookkeeping: Any, wait: bool = True) -> asyncio.Task:
     """Run a successful call's bookkeeping (its booking, or the router's health and usage) after the
     answer, off the request's path, as litellm runs its own success logging (failures are told
-    before the router's next attempt, which must see the deployment's cooldown)."""
+    before the router's next attempt, which must see the deployment's cooldown). Still waiting when
+    the event loop ends (a graceful stop cancels every task left), it runs then: the call was billed.
+    ``wait=False``: at once, in a task of its own, which the request leaving does not cancel."""
 
     async def later() -> None:
-        await asyncio.sleep(BOOKKEEPING_DELAY_S)
+        try:
+            await asyncio.sleep(BOOKKEEPING_DELAY_S if wait else 0)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # bounded: a stopping proxy must not hang on its books
+                await asyncio.wait_for(bookkeeping, BOOKKEEPING_AT_EXIT_S)
+            raise
         await bookkeeping
 
     task = asyncio.get_running_loop().create_task(later())
     _BOOKING.add(task)
     task.add_done_callback(_BOOKING.discard)
-    task.add_done_callback(lambda _: bookkeeping.close())  # cancelled before it began (shutdown): not "never awaited"
+    task.add_done_callback(lambda _: bookkeeping.close())  # cancelled before it began: not "never awaited"
+    return task
 
 
 async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[str], Any] | None = None) -> Any:
@@ -2999,8 +3011,14 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
                    else _tell_router(router, deployment, model, error=exc, started=started, ended=ended))
             raise
         ended = time.time()  # the bookkeeping runs later: the call's latency is what it took, not that
-        _after_answer(_book(wire, model, messages, call, started, ended, response=response) if booked
-                      else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
+        bookkeeping = (_book(wire, model, messages, call, started, ended, response=response) if booked
+                       else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
+        if _tracks_usage(router, deployment, model):
+            # rpm/tpm limits: counted before the router's next pick, as litellm counts its own call; in a
+            # task of its own (shielded), so a client leaving now does not cancel the booking
+            await asyncio.shield(_after_answer(bookkeeping, wait=False))
+        else:
+            _after_answer(bookkeeping)
         return response
 
     kwargs.setdefault("litellm_trace_id", str(uuid.uuid4()))

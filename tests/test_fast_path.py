@@ -397,6 +397,72 @@ async def test_the_router_usage_counters_count_fast_path_calls(proxy_router, sim
 
 
 
+async def test_a_deployments_rpm_limit_counts_a_relay_call_before_the_routers_next_pick(proxy_router, serve, attribution,
+                                                                                        monkeypatch):
+    """Usage-based routing keeps a deployment under its rpm limit only if each call is counted before the
+    router picks a deployment for the next one, as litellm's own call is. Counted BOOKKEEPING_DELAY_S
+    after the answer, 40 relay calls in a row put 6 to 21 on a deployment allowed 3 a minute (either attribution)."""
+    from aiohttp import web
+
+    hits = {"limited": 0, "roomy": 0}
+
+    def answering(name):
+        async def answer(request):
+            await request.read()
+            hits[name] += 1
+            return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": "Paris."}}],
+                                      "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+        return answer
+
+    monkeypatch.setattr(litellm, "callbacks", list(litellm.callbacks))  # the router's strategy is registered there
+    router = proxy_router([deployment("pair", await serve(answering("limited")), rpm=3),
+                           deployment("pair", await serve(answering("roomy")), rpm=1000)],
+                          routing_strategy="usage-based-routing")
+    # where litellm's logging finds the strategy once any full call ran, as on a proxy after its first request
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, router.lowesttpm_logger])
+    for i in range(40):
+        await relay_plugin._litellm_complete("pair", [{"role": "user", "content": f"Question {i}"}], max_tokens=16,
+                                             timeout=5, depth=1)
+    await bookkeeping_done()
+    assert hits["limited"] <= 3 and hits["roomy"] >= 37, hits
+
+
+async def test_a_client_leaving_while_a_rate_limited_deployments_call_is_booked_leaves_it_booked(proxy_router, sim,
+                                                                                                 monkeypatch):
+    """A call on a deployment with rpm/tpm limits is booked before the call returns; a client that leaves
+    then (a stream's last delta read, the connection closed) cancels the request, not the booking of a call
+    its provider billed."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class SlowRecorder(CustomLogger):  # a logging callback that takes its time (a database, an exporter)
+        def __init__(self):
+            super().__init__()
+            self.started, self.booked = asyncio.Event(), 0
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.started.set()
+            await asyncio.sleep(0.2)
+            self.booked += 1
+
+    recorder = SlowRecorder()
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    proxy_router([deployment("limited", sim.url + "/v1", rpm=1000)])
+    books = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
+    try:
+        request = asyncio.ensure_future(relay_plugin._litellm_complete("limited", QUESTION, max_tokens=16, timeout=5,
+                                                                       depth=1))
+        await asyncio.wait_for(recorder.started.wait(), 5)  # answered, being booked
+        request.cancel()  # the client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    finally:
+        relay_plugin._BOOKS.reset(books)
+    await bookkeeping_done()
+    assert recorder.booked == 1
+
+
 async def test_the_latency_told_of_a_call_is_its_own_not_the_wait_for_its_bookkeeping(proxy_router, sim, attribution,
                                                                                        monkeypatch):
     """The bookkeeping of an answered call runs after the request's own work (its booking, or the router's
@@ -478,6 +544,59 @@ async def test_an_answered_calls_bookkeeping_waits_until_the_answer_has_left(pro
     assert recorder.booked == 0 and relay_plugin._BOOKING
     await bookkeeping_done()
     assert recorder.booked == 1
+
+
+def test_a_call_answered_just_before_the_event_loop_ends_is_still_booked(proxy_router, sim, monkeypatch):
+    """A proxy stopped gracefully (SIGTERM: a deploy, a scale-down) lets the requests in flight finish, then
+    its event loop ends: uvicorn's asyncio.run cancels every task left. A secondary call answered in the
+    last BOOKKEEPING_DELAY_S before that was billed by its provider and its text went to the client: its
+    booking (spend row, key spend, every logging callback) must run, not be cancelled in its wait
+    (litellm's own logging of a call answered then still runs: its queue is flushed at exit)."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class Recorder(CustomLogger):
+        def __init__(self):
+            super().__init__()
+            self.booked = 0
+
+        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+            self.booked += 1
+
+    recorder = Recorder()
+    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    proxy_router([deployment("booked", sim.url + "/v1")])
+
+    async def answer_then_stop():
+        books = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
+        try:
+            await relay_plugin._litellm_complete("booked", QUESTION, max_tokens=16, timeout=5, depth=1)
+        finally:
+            relay_plugin._BOOKS.reset(books)
+        for loop, session in relay_plugin._SESSION:  # this loop's connections close with it, as a proxy's do
+            if loop is asyncio.get_running_loop():
+                await session.close()
+        # the answer has left: the server finds no request left and returns
+
+    asyncio.run(answer_then_stop())  # as uvicorn runs the proxy: the loop's end cancels what is left
+    assert recorder.booked == 1
+    assert not relay_plugin._BOOKING
+
+
+def test_bookkeeping_that_hangs_as_the_event_loop_ends_does_not_hold_the_proxy_up(monkeypatch):
+    """Booking at the loop's end is bounded (BOOKKEEPING_AT_EXIT_S): a logging callback that never returns
+    (a dead exporter) must not keep a stopping proxy from exiting."""
+    import time
+
+    monkeypatch.setattr(relay_plugin, "BOOKKEEPING_AT_EXIT_S", 0.2)
+
+    async def answer_then_stop():
+        relay_plugin._after_answer(asyncio.Event().wait())  # bookkeeping that never ends
+        await asyncio.sleep(0)  # it began its wait
+
+    took = time.monotonic()
+    asyncio.run(answer_then_stop())
+    assert time.monotonic() - took < 3.0
+    assert not relay_plugin._BOOKING
 
 
 async def test_bookkeeping_still_waiting_when_the_loop_stops_is_dropped_cleanly():
