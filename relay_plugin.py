@@ -2844,7 +2844,11 @@ def _tracks_usage(router: Any, deployment: Mapping[str, Any], model_group: str) 
     if model_id in _USAGE_TRACKED:
         return _USAGE_TRACKED[model_id]
     try:
-        from litellm.router_utils.pre_call_checks.io_token_rate_limit_check import deployment_has_io_token_limits
+        try:
+            from litellm.router_utils.pre_call_checks.io_token_rate_limit_check import deployment_has_io_token_limits
+        except ImportError:  # a litellm before input/output token limits (1.80, 1.90): there are none
+            def deployment_has_io_token_limits(_: dict) -> bool:
+                return False
 
         info = router.get_router_model_info(deployment=deployment, received_model_name=model_group)
         params, model_info = deployment.get("litellm_params") or {}, deployment.get("model_info") or {}
