@@ -422,11 +422,16 @@ async def test_a_deployments_rpm_limit_counts_a_relay_call_before_the_routers_ne
                           routing_strategy="usage-based-routing")
     # where litellm's logging finds the strategy once any full call ran, as on a proxy after its first request
     monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, router.lowesttpm_logger])
+    import time
+
+    minutes = {time.strftime("%H-%M")}  # the router counts usage per wall-clock minute
     for i in range(40):
         await relay_plugin._litellm_complete("pair", [{"role": "user", "content": f"Question {i}"}], max_tokens=16,
                                              timeout=5, depth=1)
     await bookkeeping_done()
-    assert hits["limited"] <= 3 and hits["roomy"] >= 37, hits
+    minutes.add(time.strftime("%H-%M"))
+    allowed = 3 * len(minutes)  # 3 a minute: 6 when the calls straddled a minute's end
+    assert hits["limited"] <= allowed and hits["roomy"] >= 40 - allowed, hits
 
 
 async def test_a_client_leaving_while_a_rate_limited_deployments_call_is_booked_leaves_it_booked(proxy_router, sim,
