@@ -145,6 +145,15 @@ class FaultReport:
                 f"(first lasted {closing[0][1]:.1f} s, began {closing[0][0] - closing[0][1] - self.fault_wall:+.1f} s "
                 f"from the fault), {len(stray)} belonging to no outage")
 
+    def resumed_at(self, name: str) -> float | None:
+        """Seconds since the run began when instance ``name`` used the shared state again: its last
+        "is back" line since the fault, or the topology's heal if it saw no outage; None while an outage
+        is open (instance B answers from its own caps meanwhile: its refusals then are not the shared cap's)."""
+        errors, backs = self.outage_records(name)
+        if len(backs) < len(errors):
+            return None
+        return self.fault_at + backs[-1][0] - self.fault_wall if backs else self.healed_at
+
     def back_after(self, name: str, since_fault: bool = True) -> list[float]:
         return [float(m.group(1)) for line in self.outage_lines(name, since_fault)[1]
                 for m in [re.search(r"back after ([\d.]+)s", line)] if m]
@@ -153,6 +162,12 @@ class FaultReport:
         """Seconds from the fault to the end of the last ``skipped:state_unavailable`` answer of A."""
         ends = [s.started + s.seconds for s in self.samples if s.outcome == "skipped:state_unavailable"]
         return max(ends) - self.fault_at if ends else 0.0
+
+    def refused_after_resuming(self, name: str) -> bool:
+        """Did a request to ``name`` that began after it used the shared state again get ``skipped:budget``?"""
+        at = self.resumed_at(name)
+        return at is not None and any(s.instance == name and s.outcome == "skipped:budget" and s.started > at
+                                      for s in self.samples)
 
     def latency(self, during: bool) -> tuple[float, float]:
         """p50 and max seconds of requests started before the fault (False) or in the 5 s after it (True)."""
@@ -175,9 +190,8 @@ class FaultReport:
             ("shared spend <= RELAY_BUDGET_USD", self.shared_spend <= self.budget_usd + 1e-12,
              f"{self.shared_spend:.6f} of {self.budget_usd:.6f}"),
             ("spend beyond the shared counter <= one cap", local_spend <= self.budget_usd + 1e-12, f"{local_spend:.6f}"),
-            ("shared state resumed: both instances refused by the shared cap after the fault",
-             all(any(s.outcome == "skipped:budget" and s.started > self.fault_at for s in self.samples if s.instance == i)
-                 for i in "ab"), str({i: c["skipped:budget"] for i, c in self.outcomes.items()})),
+            ("shared state resumed: both instances refused by the shared cap once Redis was back",
+             all(self.refused_after_resuming(i) for i in "ab"), str({i: c["skipped:budget"] for i, c in self.outcomes.items()})),
         ]
         for name in "ab":
             ok, detail = self.fault_outage(name)
@@ -245,10 +259,12 @@ class Load:
                     self.report.errors.append(f"{type(exc).__name__}: {exc}")
             n += 1
 
-    def refused_after(self, at: float) -> bool:
+    def refused_by_the_shared_cap(self) -> bool:
+        """Was each instance refused once it used the shared state again? (Reads the proxies' logs.)"""
         with self.lock:
-            return all(any(s.instance == i and s.outcome == "skipped:budget" and s.started > at for s in self.report.samples)
-                       for i in self.proxies)
+            for name, proxy in self.proxies.items():
+                self.report.logs[name] = proxy.log_text()
+            return all(self.report.refused_after_resuming(i) for i in self.proxies)
 
 
 def _slot_server(topology, key: str):
@@ -307,10 +323,10 @@ def run_fault(fault: str, directory: Path, *, threads: int = 4, max_calls: int =
             time.sleep(stall_s if fault.endswith("stall") else 0.0)
             topology.wait_healthy(timeout=60)
             report.healed_at = time.monotonic() - started
-            while not load.refused_after(report.healed_at):
+            while not load.refused_by_the_shared_cap():
                 if time.monotonic() > deadline:
                     break
-                time.sleep(0.1)
+                time.sleep(0.25)
         finally:
             load.stopping.set()
             for t in load.threads:
