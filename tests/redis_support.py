@@ -114,6 +114,23 @@ class RedisServer:
             os.killpg(self.proc.pid, signal.SIGCONT)
 
 
+#: tries to start a topology, each on newly picked ports: a port that was free when it was picked may be
+#: taken by another process (a test's proxy, another suite on the machine) before redis-server binds it
+START_ATTEMPTS = 3
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held together while they are picked, so none repeats)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def wait_until(check, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -131,20 +148,18 @@ class RedisClusterNodes:
 
     def __init__(self, directory: Path, masters: int = 3, node_timeout_ms: int = 1000):
         self.directory = Path(directory)
-        self.masters = masters
-        cluster = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms),
+        self.masters, self.node_timeout_ms = masters, node_timeout_ms
+        self.servers = self._servers()
+
+    def _servers(self) -> list[RedisServer]:
+        """A server per node, each on two free ports of its own: clients', and the cluster bus's (by
+        default port + 10000, which may not exist)."""
+        cluster = ("--cluster-enabled", "yes", "--cluster-node-timeout", str(self.node_timeout_ms),
                    "--cluster-replica-validity-factor", "0")
-        self.servers = []
-        for i in range(2 * masters):
-            port = stack.free_port()
-            bus = stack.free_port()  # by default port + 10000, which may not exist
-            self.servers.append(
-                RedisServer(
-                    self.directory / f"node-{i}",
-                    port,
-                    (*cluster, "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"),
-                )
-            )
+        ports = free_ports(4 * self.masters)
+        return [RedisServer(self.directory / f"node-{i}", port,
+                            (*cluster, "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf"))
+                for i, (port, bus) in enumerate(zip(ports[0::2], ports[1::2], strict=True))]
 
     def __repr__(self) -> str:
         return f"<RedisClusterNodes {self.nodes_setting}>"
@@ -159,8 +174,16 @@ class RedisClusterNodes:
         return [s for s in self.servers if s.running]
 
     def start(self) -> "RedisClusterNodes":
-        for server in self.servers:
-            server.start()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                for server in self.servers:
+                    server.start()
+                break
+            except RuntimeError:  # a port taken by another process since it was picked
+                self.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+                self.servers = self._servers()
         done = subprocess.run([redis_cli_binary(), "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in self.servers],
                                "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -212,11 +235,14 @@ class RedisSentinelSet:
 
     def __init__(self, directory: Path, service: str = "relay-primary", sentinels: int = 3, down_after_ms: int = 1000):
         self.directory = Path(directory)
-        self.service, self.down_after_ms = service, down_after_ms
-        self.primary = RedisServer(self.directory / "primary")
-        self.replica = RedisServer(self.directory / "replica", extra=("--replicaof", "127.0.0.1", str(self.primary.port)))
-        self.sentinel_ports = [stack.free_port() for _ in range(sentinels)]
+        self.service, self.down_after_ms, self.sentinel_count = service, down_after_ms, sentinels
         self.sentinel_procs: list[subprocess.Popen] = []
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        primary, replica, *self.sentinel_ports = free_ports(2 + self.sentinel_count)
+        self.primary = RedisServer(self.directory / "primary", primary)
+        self.replica = RedisServer(self.directory / "replica", replica, ("--replicaof", "127.0.0.1", str(primary)))
 
     def __repr__(self) -> str:
         return f"<RedisSentinelSet {self.sentinels_setting} service={self.service}>"
@@ -231,8 +257,16 @@ class RedisSentinelSet:
         return [self.primary, self.replica]
 
     def start(self) -> "RedisSentinelSet":
-        self.primary.start()
-        self.replica.start()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self.primary.start()
+                self.replica.start()
+                break
+            except RuntimeError:  # as in RedisClusterNodes.start
+                self.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+                self._pick_ports()
         quorum = len(self.sentinel_ports) // 2 + 1
         for port in self.sentinel_ports:
             directory = self.directory / f"sentinel-{port}"
