@@ -60,6 +60,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,8 @@ LEAD_S, GAP_S, SETTLE_S = 2.0, 1.0, 0.5  #: before the first step (users spawn),
 #: slows the proxy's own core too (shared caches, hyperthread siblings), so even its CPU time per request inflates
 NOISY_OTHER_PCT = 25.0
 MIN_QUIET_ROUNDS = 3
+#: rounds run again because a proxy stopped answering, before the bench gives up
+MAX_DISCARDED_ROUNDS = 3
 
 
 @dataclass
@@ -252,6 +255,32 @@ def booked_models(directory: Path) -> Counter:
 # =================================================================================================
 # Measuring: one Locust process per round walks a timed plan of steps
 # =================================================================================================
+
+
+def start_proxies(which: dict, root: Path, sim_url: str, primary: str) -> dict:
+    """The proxies of ``which`` (names and settings of PROXIES), started together. Python's fault
+    handler is on: a proxy that crashes (a segfault in the interpreter was seen under this load, in
+    the plugin-free proxy too) leaves its Python stack in its log."""
+    with ThreadPoolExecutor(max(len(which), 1)) as pool:
+        futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim_url, primary), plugin,
+                                     {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1"}, BOOKS)
+                   for name, (plugin, env) in which.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def lost_steps(proxies: dict, order: list[Variant], measures: list["Measure"]) -> str:
+    """'' when every step of a round got answers and every proxy still runs; else what was lost (a
+    proxy that exited, with its exit status; the steps that got no answer at all)."""
+    lost = []
+    for name, proxy in proxies.items():
+        code = proxy.proc.poll()
+        if code is not None:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            lost.append(f"the {name} proxy exited ({how}; its log: {proxy.log_path})")
+    silent = [v.name for v, m in zip(order, measures, strict=True) if not m.records]
+    if silent:
+        lost.append(f"{len(silent)} step(s) got no answer ({', '.join(dict.fromkeys(silent))})")
+    return "; ".join(lost)
 
 
 def warm_up(proxies: dict, notes: list[str]) -> None:
@@ -662,19 +691,14 @@ def main(argv: list[str] | None = None) -> int:
     proxies: dict = {}
     try:
         print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}) ...", end=" ", flush=True)
-        with ThreadPoolExecutor(len(PROXIES)) as pool:
-            futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim.url, args.primary), plugin,
-                                         {**env, **books_env(root / f"proxy-{name}")}, BOOKS)
-                       for name, (plugin, env) in PROXIES.items()}
-            for name, future in futures.items():
-                proxies[name] = future.result()
+        proxies.update(start_proxies(PROXIES, root, sim.url, args.primary))
         print("warming up ...", end=" ", flush=True)
         warm_up(proxies, notes)
         # a whole round under load, not counted: litellm imports modules lazily on paths it meets for the first time
         run_plan(all_variants, proxies, root / "round-0-warm-up", {"throughput": 2.0, "latency": 2.0}, sim=sim)
         print("done", flush=True)
         dead_before = h.sim_get(sim.url, "/_sim/stats")["by_model"].get("bench-dead", 0)
-        rnd = 0
+        rnd = discarded = 0
         while True:
             if rnd >= args.rounds:
                 short = [f.name for f in figures(by_name, args.latency_ms, args.aggregator_ms) if "noisy" in f.rounds]
@@ -684,6 +708,21 @@ def main(argv: list[str] | None = None) -> int:
                       f"{len(short)} figure(s)", flush=True)
             order = round_order(all_variants, rnd)
             measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim)
+            lost = lost_steps(proxies, order, measures)
+            if lost:  # a round with a step nobody answered measures nothing: run it again, on live proxies
+                discarded += 1
+                (root / f"round-{rnd + 1}").rename(root / f"round-{rnd + 1}-discarded-{discarded}")
+                notes.append(f"round {rnd + 1} discarded and run again: {lost}")
+                print(f"  round {rnd + 1} discarded: {lost}", flush=True)
+                if discarded > MAX_DISCARDED_ROUNDS:
+                    raise SystemExit(f"bench: {discarded} rounds lost to proxies that stopped answering; "
+                                     f"see {root}/proxy-*/ and round-*-discarded-*/")
+                gone = {name: PROXIES[name] for name, p in proxies.items() if p.proc.poll() is not None}
+                for name in gone:
+                    proxies[name].stop()
+                proxies.update(start_proxies(gone, root, sim.url, args.primary))
+                warm_up(proxies, notes)
+                continue
             shown = []
             for i, (v, m) in enumerate(zip(order, measures, strict=True)):
                 v.runs.append(m)
