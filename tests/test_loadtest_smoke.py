@@ -71,3 +71,27 @@ def test_calls_to_the_secondary_while_the_breaker_is_open_break_the_breaker_inva
 
     assert verdict(1) is True  # one half-open probe is allowed
     assert verdict(5) is False
+
+
+def test_a_bench_round_with_a_crashed_proxy_or_a_step_nobody_answered_is_lost():
+    """make bench throws away (and runs again) a round whose proxy died: its later base steps got no
+    answer and CPU 0, which once ended an 8-round run in a ZeroDivisionError after 35 minutes."""
+    from types import SimpleNamespace
+
+    from loadtest import bench
+
+    def proxy(exit_code):
+        return SimpleNamespace(proc=SimpleNamespace(poll=lambda: exit_code), log_path=Path("proxy-1.log"))
+
+    order = [SimpleNamespace(name="baseline"), SimpleNamespace(name="refine"), SimpleNamespace(name="baseline")]
+    answered = [SimpleNamespace(records=[{"ok": True}])] * 3
+    assert bench.lost_steps({"baseline": proxy(None), "caller": proxy(None)}, order, answered) == ""
+
+    lost = bench.lost_steps({"baseline": proxy(-11), "caller": proxy(None)}, order,
+                            [answered[0], answered[1], SimpleNamespace(records=[])])
+    assert "the baseline proxy exited (signal SIGSEGV" in lost and "caller" not in lost
+    assert "1 step(s) got no answer (baseline)" in lost
+
+    hung = bench.lost_steps({"caller": proxy(None)}, order, [answered[0], SimpleNamespace(records=[]), answered[2]])
+    assert hung == "1 step(s) got no answer (refine)"
+    assert "exit status 1" in bench.lost_steps({"budget": proxy(1)}, order, answered)
