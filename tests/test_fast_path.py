@@ -523,9 +523,9 @@ async def test_a_provider_string_call_is_booked_with_its_own_end_not_its_booking
     assert recorder.spans and recorder.spans[0] <= took + 0.2, (recorder.spans, took)
 
 
-async def test_an_answered_calls_bookkeeping_waits_until_the_answer_has_left(proxy_router, sim, monkeypatch):
-    """The booking of an answered call (litellm's logging: ~3 ms of CPU) must not run on the event loop
-    while the proxy is still writing the relay's answer: it waits BOOKKEEPING_DELAY_S, then books."""
+def _success_counter(monkeypatch):
+    """A logging callback that counts the successes litellm's logging books (as the proxy's callbacks are
+    reached: litellm's async success callbacks)."""
     from litellm.integrations.custom_logger import CustomLogger
 
     class Recorder(CustomLogger):
@@ -538,6 +538,13 @@ async def test_an_answered_calls_bookkeeping_waits_until_the_answer_has_left(pro
 
     recorder = Recorder()
     monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    return recorder
+
+
+async def test_an_answered_calls_bookkeeping_waits_until_the_answer_has_left(proxy_router, sim, monkeypatch):
+    """The booking of an answered call (litellm's logging: ~3 ms of CPU) must not run on the event loop
+    while the proxy is still writing the relay's answer: it waits BOOKKEEPING_DELAY_S, then books."""
+    recorder = _success_counter(monkeypatch)
     proxy_router([deployment("booked", sim.url + "/v1")])
     token = relay_plugin._BOOKS.set(relay_plugin.CallerBooks("refine", True, {"user_api_key_hash": "hash-of-a-key"}, {}))
     try:
@@ -557,18 +564,7 @@ def test_a_call_answered_just_before_the_event_loop_ends_is_still_booked(proxy_r
     last BOOKKEEPING_DELAY_S before that was billed by its provider and its text went to the client: its
     booking (spend row, key spend, every logging callback) must run, not be cancelled in its wait
     (litellm's own logging of a call answered then still runs: its queue is flushed at exit)."""
-    from litellm.integrations.custom_logger import CustomLogger
-
-    class Recorder(CustomLogger):
-        def __init__(self):
-            super().__init__()
-            self.booked = 0
-
-        async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
-            self.booked += 1
-
-    recorder = Recorder()
-    monkeypatch.setattr(litellm, "_async_success_callback", [*litellm._async_success_callback, recorder])
+    recorder = _success_counter(monkeypatch)
     proxy_router([deployment("booked", sim.url + "/v1")])
 
     async def answer_then_stop():
