@@ -275,7 +275,10 @@ def lost_steps(proxies: dict, order: list[Variant], measures: list["Measure"]) -
     for name, proxy in proxies.items():
         code = proxy.proc.poll()
         if code is not None:
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            how = f"exit status {code}"
+            if code < 0:
+                with contextlib.suppress(ValueError):  # a number no signal of this system has stays a number
+                    how = f"signal {signal.Signals(-code).name}"
             lost.append(f"the {name} proxy exited ({how}; its log: {proxy.log_path})")
     silent = [v.name for v, m in zip(order, measures, strict=True) if not m.records]
     if silent:
