@@ -259,8 +259,8 @@ def booked_models(directory: Path) -> Counter:
 
 def start_proxies(which: dict, root: Path, sim_url: str, primary: str) -> dict:
     """The proxies of ``which`` (names and settings of PROXIES), started together. Python's fault
-    handler is on: a proxy that crashes (a segfault in the interpreter was seen under this load, in
-    the plugin-free proxy too) leaves its Python stack in its log."""
+    handler is on: a proxy that crashes leaves its Python stack in its log (the plugin-free proxy once
+    died of a segfault inside the interpreter under this load)."""
     with ThreadPoolExecutor(max(len(which), 1)) as pool:
         futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim_url, primary), plugin,
                                      {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1"}, BOOKS)
