@@ -53,7 +53,15 @@ py-spy``; not a project dependency): py-spy samples the proxy (``--gil``) while 
 baseline run again, and the note splits the extra CPU per request into the plugin's own code,
 litellm's work for the secondary call under the hooks, litellm's worker threads and the rest of the
 proxy, and names the functions whose self time grew most. The in-process figure is profiled with
-cProfile. Results: ``loadtest/results/bench/`` and the ``bench`` section of ``loadtest/RESULTS.md``.
+cProfile.
+
+Every proxy, the plugin-free one included, imports ``loadtest/gc_probe/sitecustomize.py`` at startup
+(on its PYTHONPATH): it writes what Python's garbage collector did, so each figure shows the
+collector's share beside it. A full collection of a LiteLLM proxy's ~800,000 objects takes ~0.45 s of
+CPU and came every 10 to 20 s under this load: whether one falls inside a 7 s step or just outside it
+moves that step by about 1 ms per request, a large part of the round-to-round spread. Each figure is
+also given pooled over the rounds (all answers together), which such a pause skews less than it
+skews one round. Results: ``loadtest/results/bench/`` and the ``bench`` section of ``loadtest/RESULTS.md``.
 """
 
 import argparse
@@ -102,6 +110,9 @@ class Measure:
     seconds: float  #: length of the measured window
     cpu_ms: float  #: the variant's proxy: CPU milliseconds per request
     cpu: dict[str, float]  #: % of one core: proxy (this variant's), locust, other
+    #: of cpu_ms, what Python's garbage collector took (ms per request; nan: the proxy's collector was not watched)
+    gc_ms: float = float("nan")
+    full: float = float("nan")  #: full (generation 2) collections during the step (a bracket: per step, the mean)
 
     @property
     def rps(self) -> float:
@@ -184,13 +195,14 @@ def rescaled(m: Measure, around: Measure, to: Measure) -> Measure:
     its CPU per request and req/s scaled by the bases' ratio, so two variants of one base compare
     each against its own neighbours."""
     scale = to.cpu_ms / around.cpu_ms
-    return Measure(m.variant, m.records, m.seconds * scale, m.cpu_ms * scale, m.cpu)
+    return Measure(m.variant, m.records, m.seconds * scale, m.cpu_ms * scale, m.cpu, m.gc_ms * scale, m.full)
 
 
 def bracket(before: Measure, after: Measure) -> Measure:
     """The base as measured around a variant: both steps' answers, the mean of their CPU per request."""
     return Measure(before.variant, before.records + after.records, before.seconds + after.seconds,
-                   (before.cpu_ms + after.cpu_ms) / 2, {k: max(before.cpu[k], after.cpu[k]) for k in before.cpu})
+                   (before.cpu_ms + after.cpu_ms) / 2, {k: max(before.cpu[k], after.cpu[k]) for k in before.cpu},
+                   (before.gc_ms + after.gc_ms) / 2, (before.full + after.full) / 2)
 
 
 #: what the simulated models cost (gpt-4o-mini's prices): every call is priced, so the books hold real costs
@@ -260,12 +272,42 @@ def booked_models(directory: Path) -> Counter:
 def start_proxies(which: dict, root: Path, sim_url: str, primary: str) -> dict:
     """The proxies of ``which`` (names and settings of PROXIES), started together. Python's fault
     handler is on: a proxy that crashes leaves its Python stack in its log (the plugin-free proxy once
-    died of a segfault inside the interpreter under this load)."""
+    died of a segfault inside the interpreter under this load). Each proxy's garbage collector is
+    watched (``loadtest/gc_probe``), the plugin-free one's too."""
+    for name in which:
+        (root / f"proxy-{name}").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(len(which), 1)) as pool:
         futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim_url, primary), plugin,
-                                     {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1"}, BOOKS)
+                                     {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1",
+                                      "PYTHONPATH": str(GC_PROBE), "BENCH_GC_STATS": str(root / f"proxy-{name}")},
+                                     BOOKS)
                    for name, (plugin, env) in which.items()}
         return {name: future.result() for name, future in futures.items()}
+
+
+#: a ``sitecustomize`` the proxies import at startup: their garbage collector's work, written to a file
+GC_PROBE = h.HERE / "gc_probe"
+
+
+def collector_between(path: Path, t0: float, t1: float) -> tuple[float, int] | None:
+    """What a proxy's garbage collector did from ``t0`` to ``t1`` (epoch seconds), from its probe's
+    file (lines ``time n0 n1 n2 s0 s1 s2``, cumulative, every quarter second): CPU seconds of every
+    collection, and the number of full (generation 2) ones. None: no line at or before each end."""
+    if not path.exists():
+        return None
+    at_start = at_end = None
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) != 7:  # a line still being written when the file was read
+            continue
+        if float(fields[0]) <= t0:
+            at_start = fields
+        if float(fields[0]) <= t1:
+            at_end = fields
+    if at_start is None or at_end is None:
+        return None
+    seconds = sum(float(at_end[i]) - float(at_start[i]) for i in (4, 5, 6))
+    return seconds, int(at_end[3]) - int(at_start[3])
 
 
 def lost_steps(proxies: dict, order: list[Variant], measures: list["Measure"]) -> str:
@@ -342,8 +384,11 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
         proxy_cpu = used.get(f"proxy:{v.proxy}", float("nan"))
         cpu = {"proxy": 100 * proxy_cpu / seconds, "locust": 100 * used.get("locust", 0) / seconds,
                "other": 100 * used.get("other", 0) / seconds}
+        collected = None if v.proxy == SIM else collector_between(
+            proxies[v.proxy].workdir / f"gc-{proxies[v.proxy].proc.pid}.txt", t0, t1)
+        gc_ms, full = (1000 * collected[0] / max(len(counted), 1), collected[1]) if collected else (float("nan"),) * 2
         measures.append(Measure(v.name, counted, seconds if v.load == "throughput" else end - start,
-                                1000 * proxy_cpu / max(len(counted), 1), cpu))
+                                1000 * proxy_cpu / max(len(counted), 1), cpu, gc_ms, full))
     return measures, spies
 
 
@@ -409,6 +454,8 @@ class Figure:
     also: list[float] = field(default_factory=list)  #: the other view, per round
     #: (v, base, v cpu ms, base cpu ms, relay p50 ms, L ms): req/s or p50 ms of the variant and the base
     raw: list[tuple[float, ...]] = field(default_factory=list)
+    #: per round, variant and base: (answers, CPU ms per request, of it the garbage collector's, full collections)
+    steps: list[tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=list)
 
     @property
     def value(self) -> float:
@@ -421,6 +468,18 @@ class Figure:
     @property
     def throughput(self) -> bool:
         return self.kind in ("cpu", "capacity")
+
+    def pooled(self, without_collector: bool = False) -> float:
+        """The figure from every round's answers together (CPU per request over all of the variant's
+        answers against the same over the base's), not the median of per-round figures; with
+        ``without_collector``: the garbage collector's CPU taken out of both sides."""
+        def per_request(side: int) -> float:
+            answers = sum(step[side][0] for step in self.steps)
+            used = sum(step[side][0] * (step[side][1] - (step[side][2] if without_collector else 0.0))
+                       for step in self.steps)
+            return used / answers if answers else float("nan")
+        variant, base = per_request(0), per_request(1)
+        return variant / base if self.kind == "cpu" else base / variant
 
 
 def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float) -> list[Figure]:
@@ -465,6 +524,7 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
         use = quiet if len(quiet) >= MIN_QUIET_ROUNDS else pairs
         f.rounds = f"{len(use)} of {len(pairs)}" + ("" if use is quiet else ", noisy")
         for m, base, direct in use:
+            f.steps.append(((len(m.records), m.cpu_ms, m.gc_ms, m.full), (len(base.records), base.cpu_ms, base.gc_ms, base.full)))
             if f.throughput:
                 f.raw.append((m.rps, base.rps, m.cpu_ms, base.cpu_ms, float("nan"), float("nan")))
                 f.values.append(m.cpu_ms / base.cpu_ms if f.kind == "cpu" else base.cpu_ms / m.cpu_ms)
@@ -477,8 +537,8 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
 
 
 FIGURE_HEADERS = ["figure", "attribution", "target", "value", "", "raw: variant vs base (medians)", "spread", "rounds",
-                  "beside it"]
-FIGURE_ALIGN = "llrrllrrr"
+                  "beside it", "pooled", "garbage collector: variant vs base"]
+FIGURE_ALIGN = "llrrllrrrrl"
 
 
 def _target(f: Figure) -> str:
@@ -496,6 +556,7 @@ def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
             value = f"{f.value:.2f}x" if f.kind == "cpu" else f"{f.value:.3f}"
             spread = _spread(f.values, "{:.2f}" if f.kind == "cpu" else "{:.3f}")
             also = f"req/s ratio {statistics.median(f.also):.3f}" if f.also else "-"
+            pooled, collector = _pooled(f), _collector(f)
         else:
             raw = (f"p50 {med[0]:.1f} vs {med[1]:.1f} ms (in the relay's hook {med[4]:.1f}"
                    + (f"; L, the secondary alone: {med[5]:.1f}" if f.kind == "over-L" else "")
@@ -503,14 +564,35 @@ def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
             value = f"L {f.value:+.1f} ms" if f.kind == "over-L" else f"{f.value:+.1f} ms"
             spread = _spread(f.values, "{:+.1f}")
             also = f"CPU/req {statistics.median(f.also):+.2f} ms" if f.also else "-"
+            pooled, collector = "-", "-"
         rows.append([f.name, f.attribution, _target(f), value, "PASS" if f.passed else "MISS", raw, spread, f.rounds,
-                     also])
+                     also, pooled, collector])
     if inproc:
         r = inproc["refine"]
         rows.append(["plugin's own work per relayed request (refine, in process)", "-", "< 500 us (earlier)",
                      f"p50 {r['p50_ms'] * 1000:.0f} us", "PASS" if r["p50_ms"] < 0.5 else "MISS",
-                     f"p99 {r['p99_ms'] * 1000:.0f} us", "-", "-", "-"])
+                     f"p99 {r['p99_ms'] * 1000:.0f} us", "-", "-", "-", "-", "-"])
     return rows
+
+
+def _pooled(f: Figure) -> str:
+    fmt = "{:.2f}x" if f.kind == "cpu" else "{:.3f}"
+    return fmt.format(f.pooled()) if f.steps else "-"
+
+
+def _collector(f: Figure) -> str:
+    """The garbage collector's share: its CPU per request (medians), the full collections per step
+    (each ~0.45 s of a LiteLLM proxy's CPU, one more or fewer in a step moves that step by ~1 ms per
+    request), and the pooled figure without the collector on either side."""
+    watched = [step for step in f.steps if step[0][2] == step[0][2] and step[1][2] == step[1][2]]
+    if not watched:
+        return "not watched"
+    median = lambda side, i: statistics.median(step[side][i] for step in watched)  # noqa: E731
+    fmt = "{:.2f}x" if f.kind == "cpu" else "{:.3f}"
+    without = Figure(f.name, f.variant, f.base, f.kind, f.target, steps=watched).pooled(without_collector=True)
+    return (f"{median(0, 2):.2f} vs {median(1, 2):.2f} ms/req; full collections per step "
+            f"{statistics.mean(step[0][3] for step in watched):.1f} vs {statistics.mean(step[1][3] for step in watched):.1f}"
+            f"; pooled without it {fmt.format(without)}")
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -791,7 +873,13 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         f"the inverse (requests per proxy CPU-second, variant / base). Added latency: client p50 against a plain "
         f"request's, one request at a time; `L + x` = the part of it beyond L, the p50 of the secondary called "
         f"directly by the same client in the same round (the simulated sleep of L ms plus the simulator's own "
-        f"handling: the secondary's latency as any client sees it). Targets from issue 13 unless marked. "
+        f"handling: the secondary's latency as any client sees it). pooled = the figure from all those rounds' "
+        f"answers together (CPU per request over every answer of the variant against the same over its bases'), "
+        f"beside the median. Garbage collector: of the CPU per request, what Python's collector took in the "
+        f"variant's and the base's proxy (medians over rounds; loadtest/gc_probe), the full collections per step "
+        f"(each about 0.45 s of CPU in a LiteLLM proxy: one more or fewer in a step moves its CPU per request by "
+        f"about a millisecond), and the pooled figure with the collector's CPU left out of both sides. "
+        f"Targets from issue 13 unless marked. "
         f"Bench time {elapsed / 60:.1f} min.",
         "",
         h.table(FIGURE_HEADERS, rows, align=FIGURE_ALIGN),

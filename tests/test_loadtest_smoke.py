@@ -95,3 +95,37 @@ def test_a_bench_round_with_a_crashed_proxy_or_a_step_nobody_answered_is_lost():
     hung = bench.lost_steps({"caller": proxy(None)}, order, [answered[0], SimpleNamespace(records=[]), answered[2]])
     assert hung == "1 step(s) got no answer (refine)"
     assert "exit status 1" in bench.lost_steps({"budget": proxy(1)}, order, answered)
+
+
+def test_the_bench_sees_each_collection_of_a_watched_process_and_only_in_its_window(tmp_path):
+    """The bench's garbage-collector probe, imported by a real interpreter as the proxies import it:
+    a full collection forced in the child shows up in the window that holds it, not in one before."""
+    from loadtest import bench
+
+    child = ("import gc, time; time.sleep(0.6); t = time.time(); gc.collect(); gc.collect(); "
+             "print(t, flush=True); time.sleep(0.6)")
+    env = {"PYTHONPATH": str(bench.GC_PROBE), "BENCH_GC_STATS": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    forced = float(proc.stdout.split()[0])
+    (stats,) = tmp_path.glob("gc-*.txt")
+
+    seconds, full = bench.collector_between(stats, forced - 0.3, forced + 0.5)
+    assert full >= 2 and seconds > 0
+    assert bench.collector_between(stats, forced - 0.55, forced - 0.3)[1] == 0
+    assert bench.collector_between(stats, forced - 3600, forced - 3599) is None  # before the probe's first line
+
+
+def test_a_figure_pooled_over_rounds_weighs_each_answer_once_and_can_leave_the_collector_out():
+    """The pooled figure is CPU per request over all answers, not a mean of per-round ratios: a round
+    with few answers weighs little, and taking the collector out changes only the collector's part."""
+    from loadtest import bench
+
+    f = bench.Figure("refine", "refine", "baseline", "cpu", 1.25)
+    f.steps = [((100, 20.0, 2.0, 1), (100, 10.0, 1.0, 0)), ((300, 12.0, 0.0, 0), (100, 10.0, 0.0, 0))]
+    assert f.pooled() == pytest.approx((100 * 20 + 300 * 12) / 400 / 10)
+    assert f.pooled(without_collector=True) == pytest.approx((100 * 18 + 300 * 12) / 400 / ((100 * 9 + 100 * 10) / 200))
+    capacity = bench.Figure("disabled", "disabled", "baseline", "capacity", 0.97, steps=f.steps)
+    assert capacity.pooled() == pytest.approx(1 / f.pooled())
+    shown = bench._collector(f)
+    assert "1.00 vs 0.50 ms/req" in shown and "per step 0.5 vs 0.0" in shown and "without it 1.42x" in shown
