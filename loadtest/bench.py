@@ -67,6 +67,7 @@ skews one round. Results: ``loadtest/results/bench/`` and the ``bench`` section 
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -195,7 +196,10 @@ def rescaled(m: Measure, around: Measure, to: Measure) -> Measure:
     its CPU per request and req/s scaled by the bases' ratio, so two variants of one base compare
     each against its own neighbours."""
     scale = to.cpu_ms / around.cpu_ms
-    return Measure(m.variant, m.records, m.seconds * scale, m.cpu_ms * scale, m.cpu, m.gc_ms * scale, m.full)
+    # the collector's share rescaled apart: the rest of m's CPU by the rest of the bases', so a collection
+    # inside one base's steps does not leak into the figure without the collector
+    rest = (m.cpu_ms - m.gc_ms) * (to.cpu_ms - to.gc_ms) / (around.cpu_ms - around.gc_ms)
+    return Measure(m.variant, m.records, m.seconds * scale, m.cpu_ms * scale, m.cpu, m.cpu_ms * scale - rest, m.full)
 
 
 def bracket(before: Measure, after: Measure) -> Measure:
@@ -279,7 +283,8 @@ def start_proxies(which: dict, root: Path, sim_url: str, primary: str) -> dict:
     with ThreadPoolExecutor(max(len(which), 1)) as pool:
         futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim_url, primary), plugin,
                                      {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1",
-                                      "PYTHONPATH": str(GC_PROBE), "BENCH_GC_STATS": str(root / f"proxy-{name}")},
+                                      "PYTHONPATH": os.pathsep.join(filter(None, (str(GC_PROBE), os.environ.get("PYTHONPATH")))),
+                                      "BENCH_GC_STATS": str((root / f"proxy-{name}").resolve())},
                                      BOOKS)
                    for name, (plugin, env) in which.items()}
         return {name: future.result() for name, future in futures.items()}
@@ -292,10 +297,16 @@ GC_PROBE = h.HERE / "gc_probe"
 def collector_between(path: Path, t0: float, t1: float) -> tuple[float, int] | None:
     """What a proxy's garbage collector did from ``t0`` to ``t1`` (epoch seconds), from its probe's
     file (lines ``time n0 n1 n2 s0 s1 s2``, cumulative, every quarter second): CPU seconds of every
-    collection, and the number of full (generation 2) ones. None: no line at or before each end."""
+    collection, and the number of full (generation 2) ones. None: no line at or before ``t0``, or
+    none after ``t1`` (the probe had stopped writing: nothing it says covers the window).
+
+    A collection is counted whole in the line written after it ended, so one that straddles an end
+    of the window (a full one takes ~0.45 s) is counted on one side of it only: noise of up to ~1 ms
+    per request in a 7 s step either way, which cancels on average, not a bias."""
     if not path.exists():
         return None
     at_start = at_end = None
+    after = False
     for line in path.read_text().splitlines():
         fields = line.split()
         if len(fields) != 7:  # a line still being written when the file was read
@@ -304,7 +315,9 @@ def collector_between(path: Path, t0: float, t1: float) -> tuple[float, int] | N
             at_start = fields
         if float(fields[0]) <= t1:
             at_end = fields
-    if at_start is None or at_end is None:
+        else:
+            after = True
+    if at_start is None or at_end is None or not after:
         return None
     seconds = sum(float(at_end[i]) - float(at_start[i]) for i in (4, 5, 6))
     return seconds, int(at_end[3]) - int(at_start[3])
@@ -471,8 +484,9 @@ class Figure:
 
     def pooled(self, without_collector: bool = False) -> float:
         """The figure from every round's answers together (CPU per request over all of the variant's
-        answers against the same over the base's), not the median of per-round figures; with
-        ``without_collector``: the garbage collector's CPU taken out of both sides."""
+        answers against the same over the bases', a round's base being the mean of the two steps
+        around the variant), not the median of per-round figures; with ``without_collector``: the
+        garbage collector's CPU taken out of both sides."""
         def per_request(side: int) -> float:
             answers = sum(step[side][0] for step in self.steps)
             used = sum(step[side][0] * (step[side][1] - (step[side][2] if without_collector else 0.0))
@@ -592,7 +606,8 @@ def _collector(f: Figure) -> str:
     without = Figure(f.name, f.variant, f.base, f.kind, f.target, steps=watched).pooled(without_collector=True)
     return (f"{median(0, 2):.2f} vs {median(1, 2):.2f} ms/req; full collections per step "
             f"{statistics.mean(step[0][3] for step in watched):.1f} vs {statistics.mean(step[1][3] for step in watched):.1f}"
-            f"; pooled without it {fmt.format(without)}")
+            f"; pooled without it {fmt.format(without)}" + ("" if len(watched) == len(f.steps) else
+                                                             f" ({len(watched)} watched rounds)"))
 
 
 def _spread(values: list[float], fmt: str) -> str:

@@ -6,6 +6,7 @@ The full suite (every mode, streaming, breaker, budget) stays in `make loadtest`
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,26 +100,33 @@ def test_a_bench_round_with_a_crashed_proxy_or_a_step_nobody_answered_is_lost():
 
 def test_the_bench_sees_each_collection_of_a_watched_process_and_only_in_its_window(tmp_path):
     """The bench's garbage-collector probe, imported by a real interpreter as the proxies import it:
-    a full collection forced in the child shows up in the window that holds it, not in one before."""
+    two full collections forced in the child show up, with the CPU they took, in the window that
+    holds them, and neither a collection before the window nor one after it is counted."""
     from loadtest import bench
 
-    child = ("import gc, time; time.sleep(0.6); t = time.time(); gc.collect(); gc.collect(); "
-             "print(t, flush=True); time.sleep(0.6)")
+    child = ("import gc, time\n"
+             "time.sleep(0.6); gc.collect()\n"  # before the window
+             "time.sleep(0.6); t = time.time(); c = time.thread_time(); gc.collect(); gc.collect()\n"
+             "c = time.thread_time() - c; time.sleep(0.6); u = time.time(); gc.collect()\n"  # after it
+             "print(t, c, u, flush=True); time.sleep(0.6)")
     env = {"PYTHONPATH": str(bench.GC_PROBE), "BENCH_GC_STATS": str(tmp_path), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    forced = float(proc.stdout.split()[0])
+    forced, took, later = map(float, proc.stdout.split())
     (stats,) = tmp_path.glob("gc-*.txt")
 
     seconds, full = bench.collector_between(stats, forced - 0.3, forced + 0.5)
-    assert full >= 2 and seconds > 0
-    assert bench.collector_between(stats, forced - 0.55, forced - 0.3)[1] == 0
+    assert full == 2
+    assert took * 0.5 <= seconds <= took * 1.5 + 0.002
+    assert bench.collector_between(stats, forced - 0.3, later - 0.05)[1] == 2
     assert bench.collector_between(stats, forced - 3600, forced - 3599) is None  # before the probe's first line
+    assert bench.collector_between(stats, forced, time.time() + 60) is None  # the probe wrote nothing after it
 
 
 def test_a_figure_pooled_over_rounds_weighs_each_answer_once_and_can_leave_the_collector_out():
     """The pooled figure is CPU per request over all answers, not a mean of per-round ratios: a round
-    with few answers weighs little, and taking the collector out changes only the collector's part."""
+    with few answers weighs little, and taking the collector out changes only the collector's part;
+    a round whose proxy was not watched is left out of the collector's column, not counted as 0."""
     from loadtest import bench
 
     f = bench.Figure("refine", "refine", "baseline", "cpu", 1.25)
@@ -129,3 +137,23 @@ def test_a_figure_pooled_over_rounds_weighs_each_answer_once_and_can_leave_the_c
     assert capacity.pooled() == pytest.approx(1 / f.pooled())
     shown = bench._collector(f)
     assert "1.00 vs 0.50 ms/req" in shown and "per step 0.5 vs 0.0" in shown and "without it 1.42x" in shown
+
+    nan = float("nan")
+    f.steps.append(((100, 30.0, nan, nan), (100, 10.0, nan, nan)))
+    assert "1.00 vs 0.50 ms/req" in bench._collector(f) and "(2 watched rounds)" in bench._collector(f)
+    f.steps = [f.steps[2]]
+    assert bench._collector(f) == "not watched"
+
+
+def test_a_variant_judged_against_another_base_keeps_the_collector_out_of_the_rescaling():
+    """refine caller / none compares two variants each against its own bases: the rescaled measure's
+    CPU without the collector must follow the bases' CPU without it, so a full collection inside one
+    base's steps does not leak into the figure without the collector."""
+    from loadtest import bench
+
+    def measure(cpu, gc):
+        return bench.Measure("x", [{}] * 100, 1.0, cpu, {}, gc, 0)
+
+    moved = bench.rescaled(measure(14.0, 0.0), around=measure(14.0, 0.0), to=measure(15.0, 1.0))
+    assert moved.cpu_ms == pytest.approx(15.0)
+    assert moved.cpu_ms - moved.gc_ms == pytest.approx(14.0)
