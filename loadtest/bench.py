@@ -57,7 +57,7 @@ cProfile.
 
 Every proxy, the plugin-free one included, imports ``loadtest/gc_probe/sitecustomize.py`` at startup
 (on its PYTHONPATH): it writes what Python's garbage collector did, so each figure shows the
-collector's share beside it. A full collection of a LiteLLM proxy's ~800,000 objects takes ~0.45 s of
+collector's share beside it. A full collection of a LiteLLM proxy's ~820,000 objects takes ~0.45 s of
 CPU and came every 10 to 20 s under this load: whether one falls inside a 7 s step or just outside it
 moves that step by about 1 ms per request, a large part of the round-to-round spread. Each figure is
 also given pooled over the rounds (all answers together), which such a pause skews less than it
@@ -278,8 +278,6 @@ def start_proxies(which: dict, root: Path, sim_url: str, primary: str) -> dict:
     handler is on: a proxy that crashes leaves its Python stack in its log (the plugin-free proxy once
     died of a segfault inside the interpreter under this load). Each proxy's garbage collector is
     watched (``loadtest/gc_probe``), the plugin-free one's too."""
-    for name in which:
-        (root / f"proxy-{name}").mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(len(which), 1)) as pool:
         futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim_url, primary), plugin,
                                      {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1",
@@ -487,13 +485,17 @@ class Figure:
         answers against the same over the bases', a round's base being the mean of the two steps
         around the variant), not the median of per-round figures; with ``without_collector``: the
         garbage collector's CPU taken out of both sides."""
-        def per_request(side: int) -> float:
-            answers = sum(step[side][0] for step in self.steps)
-            used = sum(step[side][0] * (step[side][1] - (step[side][2] if without_collector else 0.0))
-                       for step in self.steps)
-            return used / answers if answers else float("nan")
-        variant, base = per_request(0), per_request(1)
-        return variant / base if self.kind == "cpu" else base / variant
+        return pooled(self.kind, self.steps, without_collector)
+
+
+def pooled(kind: str, steps: list, without_collector: bool = False) -> float:
+    """:meth:`Figure.pooled` over ``steps`` (a figure's, or some of them)."""
+    def per_request(side: int) -> float:
+        answers = sum(step[side][0] for step in steps)
+        used = sum(step[side][0] * (step[side][1] - (step[side][2] if without_collector else 0.0)) for step in steps)
+        return used / answers if answers else float("nan")
+    variant, base = per_request(0), per_request(1)
+    return variant / base if kind == "cpu" else base / variant
 
 
 def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float) -> list[Figure]:
@@ -603,7 +605,7 @@ def _collector(f: Figure) -> str:
         return "not watched"
     median = lambda side, i: statistics.median(step[side][i] for step in watched)  # noqa: E731
     fmt = "{:.2f}x" if f.kind == "cpu" else "{:.3f}"
-    without = Figure(f.name, f.variant, f.base, f.kind, f.target, steps=watched).pooled(without_collector=True)
+    without = pooled(f.kind, watched, without_collector=True)
     return (f"{median(0, 2):.2f} vs {median(1, 2):.2f} ms/req; full collections per step "
             f"{statistics.mean(step[0][3] for step in watched):.1f} vs {statistics.mean(step[1][3] for step in watched):.1f}"
             f"; pooled without it {fmt.format(without)}" + ("" if len(watched) == len(f.steps) else

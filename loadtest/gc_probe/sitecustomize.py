@@ -4,7 +4,7 @@
 included) with ``BENCH_GC_STATS`` naming a directory: Python imports ``sitecustomize`` at startup, and this one
 appends to ``gc-<pid>.txt`` there, every quarter second, the collections run so far and the CPU seconds they took, per
 generation (``time epoch n0 n1 n2 s0 s1 s2``). A full collection of a LiteLLM proxy's heap (about
-800,000 objects) was measured at ~0.45 s of CPU, every 10 to 20 s under the bench's load: one more or
+820,000 objects) was measured at ~0.45 s of CPU, every 10 to 20 s under the bench's load: one more or
 one fewer inside a 7 s step moves that step's CPU per request by about 1 ms, so the bench reports
 the collector's share beside each figure. Nothing happens without ``BENCH_GC_STATS``.
 
