@@ -102,6 +102,27 @@ def test_scrub_secrets_keeps_urls_without_credentials():
     assert relay_plugin.scrub_secrets(text) == text
 
 
+def test_scrub_secrets_masks_a_secret_registered_after_the_text_was_seen_clean():
+    # the proxy's secrets are learnt on its first request: a message scrubbed (and found clean) before
+    # then must not pass unmasked afterwards, however often it was seen
+    secret = "opaque-gateway-credential-7Qm2"  # no known key shape: only its registration masks it
+    text = f"upstream said: credential {secret} refused"  # no credential field name either
+    for _ in range(3):
+        assert relay_plugin.scrub_secrets(text) == text
+    relay_plugin.register_secrets([secret])
+    assert relay_plugin.scrub_secrets(text) == "upstream said: credential [REDACTED_KEY] refused"
+
+
+def test_scrub_secrets_masks_a_repeated_secret_every_time_and_keeps_no_text_that_held_one():
+    text = f"provider rejected {OPENAI_KEY} (401); url https://u:{AWS_KEY}@h.example/v1"
+    first = relay_plugin.scrub_secrets(text)
+    assert OPENAI_KEY not in first and AWS_KEY not in first
+    for _ in range(3):
+        assert relay_plugin.scrub_secrets(text) == first
+        assert relay_plugin.scrub_secrets(first) == first  # a scrubbed text scrubbed again: unchanged
+    assert not any(OPENAI_KEY in kept or AWS_KEY in kept for kept in relay_plugin._clean_texts)
+
+
 # ----- parse_verdict ----------------------------------------------------------------------------
 
 
