@@ -811,14 +811,14 @@ _SECRET_IN_URLS: Final = re.compile(
     r"|([?&;](?:key|api[-_]?key|apikey|token|access[-_]?token|auth|sig|signature|password|secret)=)[^&\s\"'#]+"
     r"|((?:subscription[-_]?key|apikey)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]{4,}")
 _known_secrets: set[str] = set()
-_known_pattern: list[re.Pattern] = []
-#: texts found to scrub to themselves, so scrubbing them again is a lookup: the relay's own messages
-#: and header values recur on every request (a breaker's reason scrubbed three times per request cost
-#: ~0.17 ms of its ~20: the scans take ~0.6 us a character). Only a text no scan changed is kept, so
-#: no secret the scrubber knows is ever held here; replaced, not cleared, when a secret is registered
-_clean_texts: dict[str, None] = {}
-_CLEAN_TEXTS_MAX: Final = 1024  #: texts kept at most (then the set starts again)
-_CLEAN_TEXT_CHARS_MAX: Final = 2000  #: longer texts are scrubbed each time, never kept
+#: ``(pattern of every registered secret or None, texts found clean under it)``, replaced as one when a
+#: secret is registered, so a text is never taken as clean under patterns it was not scanned with.
+#: The texts are those no scan changed (so no secret the scrubber knows is held there): scrubbing one
+#: again is a lookup. The relay's own messages and header values recur on every request (a breaker's
+#: reason scrubbed three times per request took 0.1 to 0.2 ms of its ~20: the scans take ~0.6 us a character)
+_scrubbing: tuple[re.Pattern | None, dict[str, None]] = (None, {})
+_CLEAN_TEXTS_MAX: Final = 512  #: texts kept at most (then the set starts again)
+_CLEAN_TEXT_CHARS_MAX: Final = 400  #: longer texts (log lines, tracebacks) are scrubbed each time, never kept
 #: environment variables whose values are secrets: masked wherever they appear
 _SECRET_ENV_NAMES: Final = re.compile(r"(?i)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(?:_[A-Z0-9]+)?$")
 
@@ -826,13 +826,12 @@ _SECRET_ENV_NAMES: Final = re.compile(r"(?i)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|
 def register_secrets(values: Any) -> None:
     """Remember secrets the proxy holds (api keys of deployments, key variables), so that no text the
     relay writes ever carries one, whatever its format."""
-    global _clean_texts
+    global _scrubbing
     new = {v.strip() for v in values if isinstance(v, str) and len(v.strip()) >= 8} - _known_secrets
     if new:
         _known_secrets.update(new)
         alternatives = "|".join(re.escape(v) for v in sorted(_known_secrets, key=len, reverse=True))
-        _known_pattern[:] = [re.compile(alternatives)]
-        _clean_texts = {}  # a text clean until now may hold a new secret (after the pattern: see scrub_secrets)
+        _scrubbing = (re.compile(alternatives), {})  # a text clean until now may hold a new secret
 
 
 def register_env_secrets(env: Mapping[str, str] = os.environ) -> None:
@@ -866,18 +865,15 @@ def scrub_secrets(text: str) -> str:
     """Mask every secret the proxy holds, every key-shaped token and every credential field: applied to
     every error text before it is logged or returned."""
     text = str(text)
-    # taken before the scans: a secret registered during them replaces the set, so a text the old
-    # patterns passed goes into a set nobody reads any more (and a later scan uses the new pattern)
-    clean = _clean_texts
-    if text in clean:
+    known, clean = _scrubbing  # one snapshot: a secret registered meanwhile replaces both together
+    keep = type(text) is str and len(text) <= _CLEAN_TEXT_CHARS_MAX  # a str subclass may redefine equality
+    if keep and text in clean:
         return text
-    scrubbed = text
-    for pattern in _known_pattern:
-        scrubbed = pattern.sub("[REDACTED_KEY]", scrubbed)
+    scrubbed = known.sub("[REDACTED_KEY]", text) if known is not None else text
     scrubbed = _SECRET_SHAPES.sub("[REDACTED_KEY]", scrubbed)
     scrubbed = _SECRET_IN_URLS.sub(lambda m: "".join(g for g in m.groups() if g) + "[REDACTED_KEY]", scrubbed)
     scrubbed = _SECRET_FIELDS.sub(r"\1[REDACTED_KEY]", scrubbed)
-    if scrubbed == text and len(text) <= _CLEAN_TEXT_CHARS_MAX:
+    if keep and scrubbed == text:
         if len(clean) >= _CLEAN_TEXTS_MAX:
             clean.clear()
         clean[text] = None
