@@ -1,6 +1,6 @@
 """``make bench``: what the relay costs, against a proxy without the plugin, measured side by side.
 
-    python -m loadtest.bench [--rounds 3] [--duration 7s] [--latency-duration 4s] [--latency-ms 50] [--no-profile]
+    python -m loadtest.bench [--rounds 4] [--instances 2] [--duration 7s] [--latency-duration 4s] [--latency-ms 50] [--no-profile]
 
 The figures are issue 13's goals: proxy CPU per request of a relayed request as a multiple of a
 plain one (refine with one HTTP secondary <= 1.25x, consensus with 3 members + merge <= 2.0x, the
@@ -10,8 +10,11 @@ p50 <= L + 3 ms for a secondary of latency L); and the capacity of a proxy whose
 (breaker open, budget refused, plugin disabled) >= 0.97 of a plugin-free proxy. Each figure is
 printed with its raw values (CPU ms per request, variant and base) beside the ratio and its target.
 
-One simulator and five proxies on the same model list, started together, then measured one at a
-time while the others sit idle. Every proxy runs LiteLLM's spend tracking without a database
+One simulator and five proxies on the same model list, each proxy as two processes (``--instances``),
+all started together, then measured one at a time while the others sit idle. Two identical proxy
+processes can differ in CPU per request by a fifth for minutes on end, so the rounds rotate which
+process of each proxy they measure (INSTANCES): every figure is spread over every pairing of a
+variant's process with a plain one. Every proxy runs LiteLLM's spend tracking without a database
 (``tests/proxy_callbacks/litellm_books.py``: the real cost tracker, key auth and budget counters,
 only the final database write replaced by a recorder), and the load uses a virtual key with a
 budget, so "attribution caller" really books each secondary call to the key and checks its budget:
@@ -79,6 +82,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loadtest import harness as h
 
@@ -100,6 +104,14 @@ NOISY_OTHER_PCT = 25.0
 MIN_QUIET_ROUNDS = 3
 #: rounds run again because a proxy stopped answering, before the bench gives up
 MAX_DISCARDED_ROUNDS = 3
+#: processes per proxy (``--instances``). Two identical proxy processes, measured one after the other
+#: under the same load, differed in CPU per request by up to a fifth for minutes on end (2026-12-03:
+#: two plugin-free proxies 17.8 and 14.9 ms, two `caller` proxies 19.5 and 22.1 ms, in one round;
+#: refine `caller` against the plain proxy 1.07x to 1.10x on one pair of processes, 1.43x to 1.49x on
+#: the other, in the same rounds). A figure from one pair of processes carries that pair's bias
+#: however many rounds it runs, so round r measures the variants on instance r % n and the plain
+#: proxy on instance (r // n) % n: n * n rounds pair every variant's process with every plain one.
+INSTANCES = 2
 
 
 @dataclass
@@ -273,19 +285,36 @@ def booked_models(directory: Path) -> Counter:
 # =================================================================================================
 
 
-def start_proxies(which: dict, root: Path, sim_url: str, primary: str) -> dict:
-    """The proxies of ``which`` (names and settings of PROXIES), started together. Python's fault
-    handler is on: a proxy that crashes leaves its Python stack in its log (the plugin-free proxy once
-    died of a segfault inside the interpreter under this load). Each proxy's garbage collector is
-    watched (``loadtest/gc_probe``), the plugin-free one's too."""
-    with ThreadPoolExecutor(max(len(which), 1)) as pool:
-        futures = {name: pool.submit(h.start_proxy, root / f"proxy-{name}", model_list(sim_url, primary), plugin,
-                                     {**env, **books_env(root / f"proxy-{name}"), "PYTHONFAULTHANDLER": "1",
-                                      "PYTHONPATH": os.pathsep.join(filter(None, (str(GC_PROBE), os.environ.get("PYTHONPATH")))),
-                                      "BENCH_GC_STATS": str((root / f"proxy-{name}").resolve())},
-                                     BOOKS)
-                   for name, (plugin, env) in which.items()}
-        return {name: future.result() for name, future in futures.items()}
+def proxy_dir(root: Path, name: str, instance: int = 0) -> Path:
+    """Where one process of a proxy works: ``proxy-caller``, ``proxy-caller-2``, ..."""
+    return root / (f"proxy-{name}" + (f"-{instance + 1}" if instance else ""))
+
+
+def start_proxies(which: dict, root: Path, sim_url: str, primary: str, instances: tuple[int, ...] = (0,)) -> list[dict]:
+    """The proxies of ``which`` (names and settings of PROXIES), each instance of ``instances`` a
+    process of its own, all started together: per instance, a dict of its proxies by name. Python's
+    fault handler is on: a proxy that crashes leaves its Python stack in its log (the plugin-free
+    proxy once died of a segfault inside the interpreter under this load). Each proxy's garbage
+    collector is watched (``loadtest/gc_probe``), the plugin-free one's too."""
+    def start(name: str, plugin: bool, env: dict, directory: Path) -> Any:
+        return h.start_proxy(directory, model_list(sim_url, primary), plugin,
+                             {**env, **books_env(directory), "PYTHONFAULTHANDLER": "1",
+                              "PYTHONPATH": os.pathsep.join(filter(None, (str(GC_PROBE), os.environ.get("PYTHONPATH")))),
+                              "BENCH_GC_STATS": str(directory.resolve())},
+                             BOOKS)
+
+    with ThreadPoolExecutor(max(len(which) * len(instances), 1)) as pool:
+        futures = [{name: pool.submit(start, name, plugin, env, proxy_dir(root, name, i))
+                    for name, (plugin, env) in which.items()} for i in instances]
+        return [{name: future.result() for name, future in started.items()} for started in futures]
+
+
+def pairing(sets: list[dict], rnd: int) -> dict:
+    """The processes round ``rnd`` measures: every variant's proxy from instance ``rnd % n``, the
+    plain proxy from instance ``(rnd // n) % n`` (see INSTANCES)."""
+    chosen = dict(sets[rnd % len(sets)])
+    chosen["baseline"] = sets[(rnd // len(sets)) % len(sets)]["baseline"]
+    return chosen
 
 
 #: a ``sitecustomize`` the proxies import at startup: their garbage collector's work, written to a file
@@ -732,7 +761,11 @@ def _short(frame: str) -> str:
 def books_note(root: Path) -> str:
     """What LiteLLM's books held for the secondaries: attribution caller books them, none does not (else
     the caller/none figures would not measure attribution)."""
-    caller, none = booked_models(root / "proxy-caller"), booked_models(root / "proxy-none")
+    caller, none = Counter(), Counter()
+    for directory in root.glob("proxy-*"):
+        name = directory.name.removeprefix("proxy-").split("-")[0]
+        if name in ("caller", "none"):
+            (caller if name == "caller" else none).update(booked_models(directory))
     secondary = lambda rows: sum(c for m, c in rows.items() if m.split("/")[-1] in SECONDARY_MODELS)  # noqa: E731
     booked, unbooked = secondary(caller), secondary(none)
     note = (f"LiteLLM's spend rows of secondary calls: {booked} with attribution caller, {unbooked} with none "
@@ -754,7 +787,11 @@ def run_inproc(directory: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=INSTANCES ** 2,
+                        help=f"rounds (default {INSTANCES ** 2}: every pairing of processes once, see --instances)")
+    parser.add_argument("--instances", type=int, default=INSTANCES,
+                        help=f"processes per proxy (default {INSTANCES}): round r measures the variants on process "
+                             f"r %% n and the plain proxy on process (r // n) %% n")
     parser.add_argument("--duration", default="7s", help="each throughput measurement (default 7s: 13 throughput "
                         "variants; 10 s windows swing by about 3%% here, shorter ones more, the median over "
                         "rounds helps)")
@@ -790,14 +827,16 @@ def main(argv: list[str] | None = None) -> int:
                     **{f"bench-member-{i}": {"latency_ms": args.latency_ms} for i in (1, 2, 3)},
                     "bench-aggregator": {"latency_ms": args.aggregator_ms}}
     sim = h.start_simulator(root, model_config, force_markers={"bench-dead": "SIM:HTTP500"})
-    proxies: dict = {}
+    sets: list[dict] = []
     try:
-        print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}) ...", end=" ", flush=True)
-        proxies.update(start_proxies(PROXIES, root, sim.url, args.primary))
+        print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}), {args.instances} processes each ...",
+              end=" ", flush=True)
+        sets += start_proxies(PROXIES, root, sim.url, args.primary, tuple(range(args.instances)))
         print("warming up ...", end=" ", flush=True)
-        warm_up(proxies, notes)
-        # a whole round under load, not counted: litellm imports modules lazily on paths it meets for the first time
-        run_plan(all_variants, proxies, root / "round-0-warm-up", {"throughput": 2.0, "latency": 2.0}, sim=sim)
+        for i, proxies in enumerate(sets):
+            warm_up(proxies, notes)
+            # a whole round under load, not counted: litellm imports modules lazily on paths it meets for the first time
+            run_plan(all_variants, proxies, root / f"round-0-warm-up-{i + 1}", {"throughput": 2.0, "latency": 2.0}, sim=sim)
         print("done", flush=True)
         dead_before = h.sim_get(sim.url, "/_sim/stats")["by_model"].get("bench-dead", 0)
         rnd = discarded = 0
@@ -808,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 print(f"  another round: fewer than {MIN_QUIET_ROUNDS} rounds with the machine quiet for "
                       f"{len(short)} figure(s)", flush=True)
-            order = round_order(all_variants, rnd)
+            order, proxies = round_order(all_variants, rnd), pairing(sets, rnd)
             measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim)
             lost = lost_steps(proxies, order, measures)
             if lost:  # a round with a step nobody answered measures nothing: run it again, on live proxies
@@ -819,11 +858,13 @@ def main(argv: list[str] | None = None) -> int:
                 if discarded > MAX_DISCARDED_ROUNDS:
                     raise SystemExit(f"bench: {discarded} rounds lost to proxies that stopped answering; "
                                      f"see {root}/proxy-*/ and round-*-discarded-*/")
-                gone = {name: PROXIES[name] for name, p in proxies.items() if p.proc.poll() is not None}
-                for name in gone:
-                    proxies[name].stop()
-                proxies.update(start_proxies(gone, root, sim.url, args.primary))
-                warm_up(proxies, notes)
+                for i, instance in enumerate(sets):
+                    gone = {name: PROXIES[name] for name, p in instance.items() if p.proc.poll() is not None}
+                    for name in gone:
+                        instance[name].stop()
+                    if gone:
+                        instance.update(start_proxies(gone, root, sim.url, args.primary, (i,))[0])
+                        warm_up(instance, notes)
                 continue
             shown = []
             for i, (v, m) in enumerate(zip(order, measures, strict=True)):
@@ -835,7 +876,9 @@ def main(argv: list[str] | None = None) -> int:
                     v.brackets.append(bracket(measures[i - 1], measures[i + 1]))
                     shown.append(f"{v.name} {m.rps:.0f}/s" if v.load == "throughput" else f"{v.name} p50 {m.p50:.1f}ms")
             other = statistics.median(m.cpu["other"] for m in measures)
-            print(f"  round {rnd + 1}: {', '.join(shown)} (other load {other:.0f}%)", flush=True)
+            processes = (f"; variants on processes {rnd % len(sets) + 1}, plain on {(rnd // len(sets)) % len(sets) + 1}"
+                         if len(sets) > 1 else "")
+            print(f"  round {rnd + 1}: {', '.join(shown)} (other load {other:.0f}%{processes})", flush=True)
             rnd += 1
         dead_after = h.sim_get(sim.url, "/_sim/stats")["by_model"].get("bench-dead", 0)
         notes.append(f"calls that reached the dead secondary while its breaker was open (all rounds): "
@@ -846,12 +889,12 @@ def main(argv: list[str] | None = None) -> int:
         if misses and not args.no_profile:
             names = list(dict.fromkeys(n for f in misses for n in (f.base, f.variant)))
             print(f"  profiling {', '.join(names)} ...", end=" ", flush=True)
-            profiles = profile(names, by_name, proxies, root / "profiles", {"throughput": 10.0, "latency": 8.0}, sim)
+            profiles = profile(names, by_name, sets[0], root / "profiles", {"throughput": 10.0, "latency": 8.0}, sim)
             print("done", flush=True)
             for f in misses:
                 f.why = explain(f, profiles[f.variant], profiles[f.base])
     finally:
-        for proxy in proxies.values():
+        for proxy in (p for instance in sets for p in instance.values()):
             proxy.stop()
         sim.stop()
 
@@ -875,7 +918,10 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         f"Load: throughput {THROUGHPUT_USERS} users back to back, latency {LATENCY_USERS} user at "
         f"{LATENCY_RATE:g} req/s; chat completions (streamed ones where the figure says so) on {PRIMARIES[args.primary]}, "
         f"with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
-        f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). {args.rounds} rounds; a round "
+        f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). Each proxy runs as "
+        f"{args.instances} processes; round r measures the variants on process r % {args.instances} and the plain proxy "
+        f"on process (r // {args.instances}) % {args.instances}, so the figures are spread over every pairing of "
+        f"processes (two identical processes can differ by a fifth in CPU per request). {args.rounds} rounds; a round "
         f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), "
         f"each right between two runs of its base (B v1 B v2 B ...; the variants in an order rotated from round to "
         f"round), one after another. value = median over rounds of the per-round figure (variant against the mean of "

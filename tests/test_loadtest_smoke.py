@@ -98,6 +98,37 @@ def test_a_bench_round_with_a_crashed_proxy_or_a_step_nobody_answered_is_lost():
     assert "exit status 1" in bench.lost_steps({"budget": proxy(1)}, order, answered)
 
 
+def test_the_bench_pairs_every_process_of_a_variant_with_every_plain_process_and_books_them_all(tmp_path):
+    """Two identical proxy processes can differ in CPU per request by a fifth for minutes: make bench
+    rotates which process of each proxy a round measures, so n * n rounds pair every variant's
+    process with every plain one; the check that caller books secondary calls (and none does not)
+    reads every process's books, not only the first's."""
+    import itertools
+    import json
+
+    from loadtest import bench
+
+    for n in (1, 2, 3):
+        sets = [{name: (name, i) for name in bench.PROXIES} for i in range(n)]
+        rounds = [bench.pairing(sets, r) for r in range(n * n)]
+        assert {(chosen["caller"][1], chosen["baseline"][1]) for chosen in rounds} == set(itertools.product(range(n), repeat=2))
+        for chosen in rounds:  # every variant of a round from one process set, the plain proxy from one
+            assert len({chosen[name][1] for name in bench.PROXIES if name != "baseline"}) == 1
+
+    def rows(directory, models):
+        directory.mkdir()
+        (directory / "spend-rows.jsonl").write_text("".join(json.dumps({"model": m}) + "\n" for m in models))
+
+    rows(bench.proxy_dir(tmp_path, "caller"), ["openai/bench-primary", "openai/bench-sec"])
+    rows(bench.proxy_dir(tmp_path, "caller", 1), ["openai/bench-sec", "openai/bench-member-1"])
+    rows(bench.proxy_dir(tmp_path, "none"), ["openai/bench-primary"])
+    rows(bench.proxy_dir(tmp_path, "none", 1), ["openai/bench-primary"])
+    note = bench.books_note(tmp_path)
+    assert note.startswith("LiteLLM's spend rows of secondary calls: 3 with attribution caller, 0 with none"), note
+    rows(bench.proxy_dir(tmp_path, "none", 2), ["openai/bench-sec"])  # a later process of none booked one
+    assert bench.books_note(tmp_path).startswith("INVALID books")
+
+
 def test_the_bench_sees_each_collection_of_a_watched_process_and_only_in_its_window(tmp_path):
     """The bench's garbage-collector probe, imported by a real interpreter as the proxies import it:
     two full collections forced in the child show up, with the CPU they took, in the window that
