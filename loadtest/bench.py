@@ -13,8 +13,8 @@ printed with its raw values (CPU ms per request, variant and base) beside the ra
 One simulator and five proxies on the same model list, each proxy as two processes (``--instances``),
 all started together, then measured one at a time while the others sit idle. Two identical proxy
 processes can differ in CPU per request by a fifth for minutes on end, so the rounds rotate which
-process of each proxy they measure (INSTANCES): every figure is spread over every pairing of a
-variant's process with a plain one. Every proxy runs LiteLLM's spend tracking without a database
+process of each proxy they measure (INSTANCES): n * n rounds pair every variant's process with
+every plain one. Every proxy runs LiteLLM's spend tracking without a database
 (``tests/proxy_callbacks/litellm_books.py``: the real cost tracker, key auth and budget counters,
 only the final database write replaced by a recorder), and the load uses a virtual key with a
 budget, so "attribution caller" really books each secondary call to the key and checks its budget:
@@ -306,7 +306,25 @@ def start_proxies(which: dict, root: Path, sim_url: str, primary: str, instances
     with ThreadPoolExecutor(max(len(which) * len(instances), 1)) as pool:
         futures = [{name: pool.submit(start, name, plugin, env, proxy_dir(root, name, i))
                     for name, (plugin, env) in which.items()} for i in instances]
+    try:
         return [{name: future.result() for name, future in started.items()} for started in futures]
+    except BaseException:  # one did not start: stop the ones that did (they run in sessions of their own)
+        for future in (f for started in futures for f in started.values()):
+            if future.exception() is None:
+                future.result().stop()
+        raise
+
+
+def restart_exited(sets: list[dict], root: Path, sim_url: str, primary: str, notes: list[str]) -> None:
+    """Every proxy process that exited, in any set, started again and warmed up (a dead process of
+    the set a round does not measure would otherwise lose the round that next measures it)."""
+    for i, instance in enumerate(sets):
+        gone = {name: PROXIES[name] for name, p in instance.items() if p.proc.poll() is not None}
+        for name in gone:
+            instance[name].stop()
+        if gone:
+            instance.update(start_proxies(gone, root, sim_url, primary, (i,))[0])
+            warm_up(instance, notes)
 
 
 def pairing(sets: list[dict], rnd: int) -> dict:
@@ -382,10 +400,12 @@ def warm_up(proxies: dict, notes: list[str]) -> None:
 
 
 def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict[str, float],
-             spy: set[str] = frozenset(), sim=None) -> tuple[list[Measure], dict[str, Path]]:
+             spy: set[str] = frozenset(), sim=None, idle: tuple = ()) -> tuple[list[Measure], dict[str, Path]]:
     """One Locust process: each variant of ``order`` for ``lengths[v.load]`` seconds, one after another.
 
-    Variants named in ``spy`` are sampled by py-spy during their step (profiles of the misses)."""
+    Variants named in ``spy`` are sampled by py-spy during their step (profiles of the misses).
+    ``idle``: the proxy processes this plan does not measure (the other instances): their CPU is
+    counted apart, not as other load on the machine."""
     steps, at = [], LEAD_S
     for i, v in enumerate(order):
         users, rate = (THROUGHPUT_USERS, 0.0) if v.load == "throughput" else (LATENCY_USERS, LATENCY_RATE)
@@ -397,6 +417,7 @@ def run_plan(order: list[Variant], proxies: dict, directory: Path, lengths: dict
     plan = directory / "plan.json"
     plan.write_text(json.dumps({"steps": steps}, indent=1))
     groups = {f"proxy:{name}": p.proc.pid for name, p in proxies.items()}
+    groups.update({f"idle:{i}": p.proc.pid for i, p in enumerate(idle)})
     if sim is not None:
         groups["sim"] = sim.proc.pid
     spies = {s["name"]: directory / f"py-spy-{s['name']}.txt" for s in steps if s["name"] in spy}
@@ -761,17 +782,21 @@ def _short(frame: str) -> str:
 def books_note(root: Path) -> str:
     """What LiteLLM's books held for the secondaries: attribution caller books them, none does not (else
     the caller/none figures would not measure attribution)."""
-    caller, none = Counter(), Counter()
-    for directory in root.glob("proxy-*"):
+    secondary = lambda rows: sum(c for m, c in rows.items() if m.split("/")[-1] in SECONDARY_MODELS)  # noqa: E731
+    caller, none, wrong = Counter(), Counter(), []
+    for directory in sorted(root.glob("proxy-*")):  # every process of each proxy on its own
         name = directory.name.removeprefix("proxy-").split("-")[0]
         if name in ("caller", "none"):
-            (caller if name == "caller" else none).update(booked_models(directory))
-    secondary = lambda rows: sum(c for m, c in rows.items() if m.split("/")[-1] in SECONDARY_MODELS)  # noqa: E731
+            rows = booked_models(directory)
+            (caller if name == "caller" else none).update(rows)
+            if (secondary(rows) > 0) != (name == "caller"):
+                wrong.append(directory.name)
     booked, unbooked = secondary(caller), secondary(none)
     note = (f"LiteLLM's spend rows of secondary calls: {booked} with attribution caller, {unbooked} with none "
             f"(primary rows: {sum(caller.values()) - booked} and {sum(none.values()) - unbooked})")
-    if not booked or unbooked:
-        note = "INVALID books: " + note + ": caller must book secondary calls, none must not"
+    if wrong or not booked:
+        note = ("INVALID books: " + note + ": caller must book secondary calls, none must not"
+                + (f" (not so in {', '.join(wrong)})" if wrong else ""))
     return note
 
 
@@ -787,8 +812,8 @@ def run_inproc(directory: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=INSTANCES ** 2,
-                        help=f"rounds (default {INSTANCES ** 2}: every pairing of processes once, see --instances)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds (default: instances squared, every pairing of processes once)")
     parser.add_argument("--instances", type=int, default=INSTANCES,
                         help=f"processes per proxy (default {INSTANCES}): round r measures the variants on process "
                              f"r %% n and the plain proxy on process (r // n) %% n")
@@ -806,6 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="do not profile the misses")
     parser.add_argument("--results", type=Path, default=h.RESULTS / "bench")
     args = parser.parse_args(argv)
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
+    if args.rounds is None:
+        args.rounds = args.instances ** 2
     lengths = {"throughput": h.parse_duration(args.duration), "latency": h.parse_duration(args.latency_duration)}
     root = args.results
     shutil.rmtree(root, ignore_errors=True)
@@ -847,8 +876,10 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 print(f"  another round: fewer than {MIN_QUIET_ROUNDS} rounds with the machine quiet for "
                       f"{len(short)} figure(s)", flush=True)
+            restart_exited(sets, root, sim.url, args.primary, notes)
             order, proxies = round_order(all_variants, rnd), pairing(sets, rnd)
-            measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim)
+            idle = tuple(p for instance in sets for p in instance.values() if p not in proxies.values())
+            measures, _ = run_plan(order, proxies, root / f"round-{rnd + 1}", lengths, sim=sim, idle=idle)
             lost = lost_steps(proxies, order, measures)
             if lost:  # a round with a step nobody answered measures nothing: run it again, on live proxies
                 discarded += 1
@@ -858,14 +889,7 @@ def main(argv: list[str] | None = None) -> int:
                 if discarded > MAX_DISCARDED_ROUNDS:
                     raise SystemExit(f"bench: {discarded} rounds lost to proxies that stopped answering; "
                                      f"see {root}/proxy-*/ and round-*-discarded-*/")
-                for i, instance in enumerate(sets):
-                    gone = {name: PROXIES[name] for name, p in instance.items() if p.proc.poll() is not None}
-                    for name in gone:
-                        instance[name].stop()
-                    if gone:
-                        instance.update(start_proxies(gone, root, sim.url, args.primary, (i,))[0])
-                        warm_up(instance, notes)
-                continue
+                continue  # the next round begins by restarting what exited
             shown = []
             for i, (v, m) in enumerate(zip(order, measures, strict=True)):
                 v.runs.append(m)
@@ -920,8 +944,9 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         f"with a virtual key that has a budget; every proxy, the plugin-free one included, runs LiteLLM's "
         f"spend tracking (the books stub of tests/proxy_callbacks/litellm_books.py). Each proxy runs as "
         f"{args.instances} processes; round r measures the variants on process r % {args.instances} and the plain proxy "
-        f"on process (r // {args.instances}) % {args.instances}, so the figures are spread over every pairing of "
-        f"processes (two identical processes can differ by a fifth in CPU per request). {args.rounds} rounds; a round "
+        f"on process (r // {args.instances}) % {args.instances}, so {args.instances ** 2} rounds pair each variant's "
+        f"process with each plain one (two identical processes can differ by a fifth in CPU per request; rounds left "
+        f"out as noisy leave their pairing out). {args.rounds} rounds; a round "
         f"measures every variant once ({lengths['throughput']:g} s throughput, {lengths['latency']:g} s latency), "
         f"each right between two runs of its base (B v1 B v2 B ...; the variants in an order rotated from round to "
         f"round), one after another. value = median over rounds of the per-round figure (variant against the mean of "
