@@ -74,7 +74,7 @@ loadtest: $(STAMP) redis-tools
 	$(PY) -m loadtest.two_instances
 	$(PY) -m loadtest.failover
 
-## bench: issue 13's goal figures (proxy CPU per relayed request against a plain one, caller and none attribution, streamed too; added latency; the no-call paths), raw figures beside ratios, PASS/MISS (~17 min; table in loadtest/RESULTS.md)
+## bench: issue 13's goal figures (proxy CPU per relayed request against a plain one, caller and none attribution, streamed too; added latency; the no-call paths), raw figures beside ratios, PASS/MISS (4 rounds, two processes per proxy, ~23 min; table in loadtest/RESULTS.md)
 bench: $(STAMP)
 	$(PY) -m loadtest.bench
 
