@@ -131,6 +131,27 @@ def test_the_bench_pairs_every_process_of_a_variant_with_every_plain_process_and
     assert "proxy-none-3" in bench.books_note(tmp_path)
 
 
+def test_the_bench_stops_the_proxies_it_started_when_another_fails_to_start(tmp_path, monkeypatch):
+    """Ten proxy processes start at once, each in a session of its own: when one cannot start, the
+    ones that did are stopped before the error goes up (nothing else would ever stop them)."""
+    from types import SimpleNamespace
+
+    from loadtest import bench
+
+    stopped = []
+
+    def start_proxy(directory, *args, **kwargs):
+        if directory.name == "proxy-none-2":
+            raise RuntimeError("the proxy did not answer its health check")
+        return SimpleNamespace(stop=lambda: stopped.append(directory.name))
+
+    monkeypatch.setattr(bench.h, "start_proxy", start_proxy)
+    with pytest.raises(RuntimeError, match="health check"):
+        bench.start_proxies(bench.PROXIES, tmp_path, "http://127.0.0.1:9", "http", (0, 1))
+    assert sorted(stopped) == sorted(bench.proxy_dir(tmp_path, name, i).name
+                                     for name in bench.PROXIES for i in (0, 1) if (name, i) != ("none", 1))
+
+
 def test_the_bench_sees_each_collection_of_a_watched_process_and_only_in_its_window(tmp_path):
     """The bench's garbage-collector probe, imported by a real interpreter as the proxies import it:
     two full collections forced in the child show up, with the CPU they took, in the window that
