@@ -4764,39 +4764,50 @@ class StreamRelay:
 
     async def _execute(self, surface: StreamSurface, template: Any, stream_final: bool = False) -> Any:
         """Run the mode as for a non-streaming response, yielding heartbeats while it works and, with
-        ``stream_final``, the text of the secondary call that makes the final answer as it arrives.
+        ``stream_final``, the text of the secondary call that makes the final answer as it arrives:
+        what arrived while the last chunk was being written goes out as one chunk (under load, a
+        proxy pays its per-chunk work once for several deltas; idle, every delta leaves on its own).
         When the client goes away (this generator is closed), the work is cancelled with it."""
-        deltas: asyncio.Queue[str] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        arrived: list[str] = []
+        wake: list[asyncio.Future] = [loop.create_future()]
+
+        def stir(_: Any = None) -> None:
+            if not wake[0].done():
+                wake[0].set_result(None)
+
+        async def sink(text: str) -> None:
+            arrived.append(text)
+            stir()
+
         if stream_final:
-            self.run.sink = deltas.put
+            self.run.sink = sink
         work = asyncio.ensure_future(self._mode(surface))
-        getter: asyncio.Future | None = None
+        work.add_done_callback(stir)
         try:
-            while True:
-                getter = asyncio.ensure_future(deltas.get())
-                done, _ = await asyncio.wait({work, getter}, timeout=self.handler.config.stream_heartbeat_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield [self.fmt.text_chunk(template, getter.result())]
-                    continue
-                getter.cancel()
-                if work.done():
-                    break
-                beat = self.fmt.heartbeat(template)
-                if beat is not None:
-                    yield [beat]
-            while not deltas.empty():
-                yield [self.fmt.text_chunk(template, deltas.get_nowait())]
+            while arrived or not work.done():
+                if not arrived:
+                    wake[0] = loop.create_future()
+                    beat = loop.call_later(self.handler.config.stream_heartbeat_s, stir)
+                    try:
+                        await wake[0]
+                    finally:
+                        beat.cancel()
+                if arrived:
+                    text = "".join(arrived)
+                    arrived.clear()
+                    yield [self.fmt.text_chunk(template, text)]
+                elif not work.done() and (heartbeat := self.fmt.heartbeat(template)) is not None:
+                    yield [heartbeat]
             work.result()
         finally:
             self.run.sink = None
-            # the client may leave while both wait: cancel and await each, so neither is left pending
+            # the client may leave while the work runs: cancel and await it, so it is not left pending
             # ("Task was destroyed but it is pending")
-            for task in (getter, work):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
 
     async def _mode(self, surface: StreamSurface) -> None:
         """The mode itself; errors a stream cannot answer with (its status is sent) become refusals."""

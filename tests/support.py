@@ -57,7 +57,8 @@ class FakeSecondary:
     ``replies`` is one script for every model, or a dict of scripts by model. A script is
 
     - a text: the answer (sent as one delta when the relay streams it);
-    - a tuple of texts: the answer, streamed in those deltas; an exception in it breaks the stream off there;
+    - a tuple of texts: the answer, streamed in those deltas; an exception in it breaks the stream off there,
+      an ``asyncio.Event`` holds the rest of the answer until it is set;
     - an exception: raised;
     - a :class:`Reply`: returned as it is;
     - :data:`HANG`: no answer until the call is cancelled;
@@ -101,10 +102,12 @@ class FakeSecondary:
         for piece in pieces:
             if isinstance(piece, BaseException):
                 raise piece
-            if on_delta is not None:
+            if isinstance(piece, asyncio.Event):
+                await piece.wait()
+            elif on_delta is not None:
                 await on_delta(piece)
         cost = self.cost[model] if isinstance(self.cost, dict) else self.cost
-        return Reply(model=model, text="".join(pieces), cost_usd=cost)
+        return Reply(model=model, text="".join(p for p in pieces if isinstance(p, str)), cost_usd=cost)
 
     def _script(self, model: str, messages: list) -> Any:
         script = self.replies[model] if isinstance(self.replies, dict) else self.replies

@@ -40,14 +40,37 @@ async def run(handler, stream, call_id="call-1"):
     return chunks, text, relay[-1] if relay else None
 
 
-async def test_a_streaming_secondary_reaches_the_client_delta_by_delta():
-    fake = FakeSecondary(("Better ", "answer."), cost=0.001)
+async def test_a_streaming_secondary_reaches_the_client_as_it_arrives():
+    rest = asyncio.Event()  # the secondary sends the rest of its answer only when this is set
+    fake = FakeSecondary(("Better ", rest, "answer."), cost=0.001)
+    data = {"model": "llama", "stream": True, "messages": [{"role": "user", "content": "q"}],
+            "litellm_call_id": "call-1", "metadata": {}}
 
-    chunks, text, relay = await run(stream_handler(fake), chat_stream("pri", "mary"))
+    texts, relays = [], []
+
+    async def read() -> None:
+        async for chunk in stream_handler(fake).async_post_call_streaming_iterator_hook(None, chat_stream("pri", "mary"), data):
+            if chunk.choices and chunk.choices[0].delta.content:
+                texts.append(chunk.choices[0].delta.content)
+                if texts == ["Better "]:  # the client has the first delta while the secondary is still at work
+                    rest.set()
+            relays.extend([chunk.relay] if hasattr(chunk, "relay") else [])
+
+    await asyncio.wait_for(read(), 5)  # a relay that held the text until the answer ended would wait forever
+    relay = relays[-1]
     assert [call.streamed for call in fake.calls] == [True]
-    assert text == "Better answer."
-    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["Better ", "answer."]
+    assert texts == ["Better ", "answer."]
     assert relay["outcome"] == "modified" and relay["cost_usd"] == 0.001
+
+
+async def test_deltas_that_arrive_together_leave_as_one_chunk():
+    """Text that arrived while the relay was writing the last chunk goes out in one chunk: the proxy's work
+    per chunk is paid once for them (a loaded proxy, or a network read carrying several events)."""
+    fake = FakeSecondary(("Better ", "answer", "."))
+
+    chunks, text, _ = await run(stream_handler(fake), chat_stream("pri", "mary"))
+    assert text == "Better answer."
+    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["Better answer."]
 
 
 async def test_a_secondary_that_breaks_off_mid_answer_is_followed_by_the_primary_answer():
