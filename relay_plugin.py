@@ -2920,9 +2920,11 @@ def _open_booking(wire: _Wire, model_group: str | None, messages: list[dict], kw
 
 
 async def _close_booking(logging_obj: Any, model: str, response: Any = None,
-                         error: BaseException | None = None, ended: float = 0.0) -> None:
+                         error: BaseException | None = None, ended: float = 0.0, untracked_router: Any = None) -> None:
     """Book the call's outcome through its Logging object, as litellm's own wrapper does; ``ended``:
-    when the call ended (epoch seconds; booked after the answer, it is not over now)."""
+    when the call ended (epoch seconds; booked after the answer, it is not over now).
+    ``untracked_router``: the router, when the call's deployment has no rpm/tpm usage to count: its
+    success is then told to the router the short way (:func:`_router_told_apart`)."""
     if logging_obj is None:
         return
     try:
@@ -2930,8 +2932,11 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
         start = logging_obj.start_time
         end = datetime.datetime.fromtimestamp(ended) if ended else datetime.datetime.now()
         if error is None:
+            passed_over = _router_told_apart(logging_obj, untracked_router)
             await logging_obj.async_success_handler(result=response, start_time=start, end_time=end)
             logging_obj.handle_sync_success_callbacks_for_async_calls(result=response, start_time=start, end_time=end)
+            if passed_over:
+                untracked_router.sync_deployment_callback_on_success(logging_obj.model_call_details, response, start, end)
         else:
             trace = "".join(traceback.format_exception_only(type(error), error))
             logging_obj.failure_handler(error, trace, start, end)
@@ -2940,12 +2945,38 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
         _unbooked(model, exc)
 
 
+def _router_told_apart(logging_obj: Any, router: Any) -> list:
+    """Have litellm's logging of one call pass over the router's success callback, which for a
+    deployment without rpm/tpm limits counts the success of the minute (the deployment's health) after
+    working out again, on every call, that there is no usage to count: about a quarter of the logging's
+    work. The caller tells the router with ``sync_deployment_callback_on_success``, which counts that
+    success alone, if the returned list is not empty: the logging passed over the callback (a litellm
+    that does not ask ``should_run_callback`` runs it itself, and the list stays empty)."""
+    passed_over: list = []
+    if router is None:
+        return passed_over
+    own, ask = router.deployment_callback_on_success, logging_obj.should_run_callback
+
+    def should_run_callback(callback: Any, litellm_params: dict, event_hook: str) -> bool:
+        if event_hook == "async_success_handler" and callback == own:
+            passed_over.append(callback)
+            return False
+        return ask(callback=callback, litellm_params=litellm_params, event_hook=event_hook)
+
+    logging_obj.should_run_callback = should_run_callback
+    return passed_over
+
+
 async def _book(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any],
-                started: float, ended: float, response: Any = None, error: BaseException | None = None) -> None:
+                started: float, ended: float, response: Any = None, error: BaseException | None = None,
+                router: Any = None) -> None:
     """Book one fast-path call (RELAY_SPEND_ATTRIBUTION=caller) that ran from ``started`` to ``ended``
-    (epoch seconds): its Logging object, made and closed."""
+    (epoch seconds): its Logging object, made and closed. ``router``: the router that chose the
+    call's deployment."""
+    untracked = router if router is not None and model_group and not _tracks_usage(router, wire.deployment, model_group) \
+        else None
     await _close_booking(_open_booking(wire, model_group, messages, kwargs, started), model_group or wire.backend,
-                         response=response, error=error, ended=ended)
+                         response=response, error=error, ended=ended, untracked_router=untracked)
 
 
 def _unbooked(model: str, exc: BaseException) -> None:
@@ -3031,7 +3062,7 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
                    else _tell_router(router, deployment, model, error=exc, started=started, ended=ended))
             raise
         ended = time.time()  # the bookkeeping runs later: the call's latency is what it took, not that
-        bookkeeping = (_book(wire, model, messages, call, started, ended, response=response) if booked
+        bookkeeping = (_book(wire, model, messages, call, started, ended, response=response, router=router) if booked
                        else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
         if _tracks_usage(router, deployment, model):
             # rpm/tpm limits: counted before the router's next pick, as litellm counts its own call; in a

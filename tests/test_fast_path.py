@@ -397,6 +397,18 @@ async def test_the_router_usage_counters_count_fast_path_calls(proxy_router, sim
 
 
 
+async def test_each_relay_call_counts_once_among_its_deployments_successes(proxy_router, sim, attribution):
+    """The router's successes of the minute (what its cooldown weighs failures against) count every relay
+    call once, booked or not, on a deployment without rpm/tpm limits, where a booked call's success is
+    told to the router apart from litellm's logging of it."""
+    router = proxy_router([deployment("plain", sim.url + "/v1")])
+    for _ in range(3):
+        await relay_plugin._litellm_complete("plain", QUESTION, max_tokens=16, timeout=5, depth=1)
+    await bookkeeping_done()
+    model_id = router.get_model_list(model_name="plain")[0]["model_info"]["id"]
+    assert router.cache.get_cache(key=f"{model_id}:successes", local_only=True) == 3
+
+
 async def test_a_deployments_rpm_limit_counts_a_relay_call_before_the_routers_next_pick(proxy_router, serve, attribution,
                                                                                         monkeypatch):
     """Usage-based routing keeps a deployment under its rpm limit only if each call is counted before the
