@@ -2849,16 +2849,21 @@ async def _tell_router(router: Any, deployment: Mapping[str, Any], model_group: 
         log.debug("relay: the router's bookkeeping of a call failed: %s", scrub_secrets(str(exc))[:200])
 
 
-#: deployment id -> whether the router counts its rpm/tpm usage (it has limits), as the router decides it
+#: (deployment id, the limits set on it) -> whether the router counts its rpm/tpm usage, as the router decides it
 _USAGE_TRACKED: Final[OrderedDict] = OrderedDict()
 
 
 def _tracks_usage(router: Any, deployment: Mapping[str, Any], model_group: str) -> bool:
     """True when the router counts this deployment's rpm/tpm usage (limits on the deployment, its
-    params, its model info or litellm's cost-map entry, or input/output token limits); looked up once."""
-    model_id = (deployment.get("model_info") or {}).get("id")
-    if model_id in _USAGE_TRACKED:
-        return _USAGE_TRACKED[model_id]
+    params, its model info or litellm's cost-map entry, or input/output token limits); looked up once
+    per deployment id and limits set on it (a deployment updated under its id to take a limit is
+    looked up again)."""
+    params, model_info = deployment.get("litellm_params") or {}, deployment.get("model_info") or {}
+    known = (model_info.get("id"), *sorted((where, key, repr(value))
+                                           for where, source in (("", deployment), ("params", params), ("info", model_info))
+                                           for key, value in source.items() if "tpm" in key or "rpm" in key))
+    if known in _USAGE_TRACKED:
+        return _USAGE_TRACKED[known]
     try:
         try:
             from litellm.router_utils.pre_call_checks.io_token_rate_limit_check import deployment_has_io_token_limits
@@ -2867,12 +2872,11 @@ def _tracks_usage(router: Any, deployment: Mapping[str, Any], model_group: str) 
                 return False
 
         info = router.get_router_model_info(deployment=deployment, received_model_name=model_group)
-        params, model_info = deployment.get("litellm_params") or {}, deployment.get("model_info") or {}
         limits = [source.get(k) for source in (deployment, params, model_info, info) for k in ("tpm", "rpm")]
         tracked = any(v is not None for v in limits) or deployment_has_io_token_limits(dict(deployment))
     except Exception:  # noqa: BLE001 - unsure: let the router decide on every call
         tracked = True
-    _USAGE_TRACKED[model_id] = tracked
+    _USAGE_TRACKED[known] = tracked
     while len(_USAGE_TRACKED) > MODELS_MAX:
         _USAGE_TRACKED.popitem(last=False)
     return tracked
@@ -2934,9 +2938,9 @@ async def _close_booking(logging_obj: Any, model: str, response: Any = None,
         if error is None:
             passed_over = _router_told_apart(logging_obj, untracked_router)
             await logging_obj.async_success_handler(result=response, start_time=start, end_time=end)
-            logging_obj.handle_sync_success_callbacks_for_async_calls(result=response, start_time=start, end_time=end)
             if passed_over:
                 untracked_router.sync_deployment_callback_on_success(logging_obj.model_call_details, response, start, end)
+            logging_obj.handle_sync_success_callbacks_for_async_calls(result=response, start_time=start, end_time=end)
         else:
             trace = "".join(traceback.format_exception_only(type(error), error))
             logging_obj.failure_handler(error, trace, start, end)
@@ -2957,11 +2961,12 @@ def _router_told_apart(logging_obj: Any, router: Any) -> list:
         return passed_over
     own, ask = router.deployment_callback_on_success, logging_obj.should_run_callback
 
-    def should_run_callback(callback: Any, litellm_params: dict, event_hook: str) -> bool:
-        if event_hook == "async_success_handler" and callback == own:
-            passed_over.append(callback)
+    def should_run_callback(*args: Any, **kwargs: Any) -> bool:
+        named = dict(zip(("callback", "litellm_params", "event_hook"), args, strict=False)) | kwargs
+        if named.get("event_hook") == "async_success_handler" and named.get("callback") == own:
+            passed_over.append(own)
             return False
-        return ask(callback=callback, litellm_params=litellm_params, event_hook=event_hook)
+        return ask(*args, **kwargs)
 
     logging_obj.should_run_callback = should_run_callback
     return passed_over

@@ -409,6 +409,24 @@ async def test_each_relay_call_counts_once_among_its_deployments_successes(proxy
     assert router.cache.get_cache(key=f"{model_id}:successes", local_only=True) == 3
 
 
+async def test_a_deployment_updated_under_its_id_to_take_an_rpm_limit_has_its_relay_calls_counted(proxy_router, sim,
+                                                                                                   attribution):
+    """A model edited in place (`/model/update`, an explicit `model_info.id`) keeps its id: the relay's
+    memory of "no limits, nothing to count" must not outlive the limit it gains."""
+    from litellm.types.router import Deployment
+
+    plain = {**deployment("edited", sim.url + "/v1"), "model_info": {"id": "edited-1"}}
+    router = proxy_router([plain])
+    await relay_plugin._litellm_complete("edited", QUESTION, max_tokens=16, timeout=5, depth=1)
+    await bookkeeping_done()
+    limited = {**plain, "litellm_params": {**plain["litellm_params"], "rpm": 1000}}
+    router.upsert_deployment(Deployment(**limited))
+    for _ in range(2):
+        await relay_plugin._litellm_complete("edited", QUESTION, max_tokens=16, timeout=5, depth=1)
+    await bookkeeping_done()
+    assert [v for k, v in router.cache.in_memory_cache.cache_dict.items() if "edited-1" in k and ":rpm:" in k] == [2]
+
+
 async def test_a_deployments_rpm_limit_counts_a_relay_call_before_the_routers_next_pick(proxy_router, serve, attribution,
                                                                                         monkeypatch):
     """Usage-based routing keeps a deployment under its rpm limit only if each call is counted before the

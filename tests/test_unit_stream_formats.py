@@ -27,7 +27,8 @@ REFUSAL = DEFAULT_GUARD_MESSAGE
 
 class Secondary:
     """A scripted secondary: ``reply(answer)`` is its text for the answer it is shown (or raises);
-    ``answers`` records what it was shown, in order. With ``on_delta`` it streams its text in two halves."""
+    ``answers`` records what it was shown, in order. With ``on_delta`` it streams its text in two halves,
+    10 ms apart (the relay sends together what arrives while it writes)."""
 
     def __init__(self, reply):
         self.reply, self.answers = reply, []
@@ -38,7 +39,9 @@ class Secondary:
         self.answers.append(shown.group(2) if shown else content)
         text = self.reply(self.answers[-1])
         if on_delta is not None:
-            for half in halves(text):
+            for i, half in enumerate(halves(text)):
+                if i:
+                    await asyncio.sleep(0.01)
                 await on_delta(half)
         return Reply(model, text, 0.0)
 
