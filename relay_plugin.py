@@ -101,10 +101,11 @@ import traceback
 import unicodedata
 import uuid
 from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping  # typing's alias makes every isinstance() a slow subclass check
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Final, Protocol, runtime_checkable
 
 if __name__ != "__main__":  # `python relay_plugin.py --env-table` needs no litellm
     import litellm
@@ -1850,7 +1851,8 @@ def usd(amount: float) -> str:
 def _header_safe(text: str) -> str:
     """One line of printable ASCII, at most 200 characters, no edge whitespace: a legal header value."""
     text = scrub_secrets(" ".join(str(text)[:2000].split()))  # bounded work: only 200 characters are kept
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    if not (text.isascii() and text.isprintable()):  # printable ASCII is " " to "~": most values already are
+        text = "".join(c if " " <= c <= "~" else "?" for c in text)
     return text[:200].strip()
 
 
