@@ -78,6 +78,16 @@ loadtest: $(STAMP) redis-tools
 bench: $(STAMP)
 	$(PY) -m loadtest.bench
 
+.PHONY: bench-exact valgrind
+
+## bench-exact: the same throughput figures counted in instructions per request (valgrind's callgrind, one request at a time): no noise from the machine's load (~20 min; loadtest/results/exact/summary.md)
+bench-exact: $(STAMP) valgrind
+	$(PY) -m loadtest.exact
+
+# valgrind (callgrind and callgrind_control), from Debian, when missing
+valgrind:
+	command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null)
+
 .PHONY: bench-stream
 
 ## bench-stream: time to first token and total time of streamed answers per mode, against no plugin

@@ -262,6 +262,18 @@ PROXIES = {  # name: (plugin loaded, env)
 }
 
 
+def simulated_models(latency_ms: float, aggregator_ms: float) -> dict[str, dict]:
+    """The simulator's models: a primary that answers at once, secondaries and members of latency L, the
+    aggregator's A."""
+    return {"bench-primary": {"latency_ms": 0.0}, "bench-sec": {"latency_ms": latency_ms},
+            **{f"bench-member-{i}": {"latency_ms": latency_ms} for i in (1, 2, 3)},
+            "bench-aggregator": {"latency_ms": aggregator_ms}}
+
+
+#: the simulator's answer to every call of the dead secondary (``p-breaker``'s)
+DEAD = {"bench-dead": "SIM:HTTP500"}
+
+
 def books_env(directory: Path) -> dict[str, str]:
     """The books stub's settings for one proxy: where its spend rows go, and the seeded key."""
     return {"BOOKS_ROWS": str(directory / "spend-rows.jsonl"),
@@ -290,18 +302,21 @@ def proxy_dir(root: Path, name: str, instance: int = 0) -> Path:
     return root / (f"proxy-{name}" + (f"-{instance + 1}" if instance else ""))
 
 
-def start_proxies(which: dict, root: Path, sim_url: str, primary: str, instances: tuple[int, ...] = (0,)) -> list[dict]:
+def start_proxies(which: dict, root: Path, sim_url: str, primary: str, instances: tuple[int, ...] = (0,),
+                  launcher: tuple[str, ...] = ()) -> list[dict]:
     """The proxies of ``which`` (names and settings of PROXIES), each instance of ``instances`` a
     process of its own, all started together: per instance, a dict of its proxies by name. Python's
     fault handler is on: a proxy that crashes leaves its Python stack in its log (the plugin-free
     proxy once died of a segfault inside the interpreter under this load). Each proxy's garbage
-    collector is watched (``loadtest/gc_probe``), the plugin-free one's too."""
+    collector is watched (``loadtest/gc_probe``), the plugin-free one's too, unless a ``launcher``
+    (valgrind: loadtest/exact.py) runs them: the watcher's thread would be counted."""
     def start(name: str, plugin: bool, env: dict, directory: Path) -> Any:
+        watch = {} if launcher else {
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(GC_PROBE), os.environ.get("PYTHONPATH")))),
+            "BENCH_GC_STATS": str(directory.resolve())}
         return h.start_proxy(directory, model_list(sim_url, primary), plugin,
-                             {**env, **books_env(directory), "PYTHONFAULTHANDLER": "1",
-                              "PYTHONPATH": os.pathsep.join(filter(None, (str(GC_PROBE), os.environ.get("PYTHONPATH")))),
-                              "BENCH_GC_STATS": str(directory.resolve())},
-                             BOOKS)
+                             {**env, **books_env(directory), "PYTHONFAULTHANDLER": "1", **watch}, BOOKS,
+                             launcher=launcher)
 
     with ThreadPoolExecutor(max(len(which) * len(instances), 1)) as pool:
         futures = [{name: pool.submit(start, name, plugin, env, proxy_dir(root, name, i))
@@ -852,10 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     inproc = run_inproc(root)
     print(f"refine p50 {inproc['refine']['p50_ms'] * 1000:.0f} us", flush=True)
 
-    model_config = {"bench-primary": {"latency_ms": 0.0}, "bench-sec": {"latency_ms": args.latency_ms},
-                    **{f"bench-member-{i}": {"latency_ms": args.latency_ms} for i in (1, 2, 3)},
-                    "bench-aggregator": {"latency_ms": args.aggregator_ms}}
-    sim = h.start_simulator(root, model_config, force_markers={"bench-dead": "SIM:HTTP500"})
+    sim = h.start_simulator(root, simulated_models(args.latency_ms, args.aggregator_ms), force_markers=DEAD)
     sets: list[dict] = []
     try:
         print(f"  starting {len(PROXIES)} proxies ({', '.join(PROXIES)}), {args.instances} processes each ...",

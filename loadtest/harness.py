@@ -76,9 +76,11 @@ def start_simulator(directory: Path, model_config: dict, force_markers: dict | N
 
 
 def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict[str, str],
-                callbacks: tuple[str, ...] = (), litellm_settings: dict | None = None) -> stack.Proxy:
+                callbacks: tuple[str, ...] = (), litellm_settings: dict | None = None,
+                launcher: tuple[str, ...] = ()) -> stack.Proxy:
     """A proxy on ``model_list``; ``callbacks`` are ``module.instance`` entries of test-only callback
-    modules (tests/proxy_callbacks/), copied next to the config and listed before the relay."""
+    modules (tests/proxy_callbacks/), copied next to the config and listed before the relay;
+    ``launcher``: what runs litellm (stack.start_proxy)."""
     for entry in callbacks:
         directory.mkdir(parents=True, exist_ok=True)
         module = entry.split(".", 1)[0] + ".py"
@@ -86,7 +88,8 @@ def start_proxy(directory: Path, model_list: list[dict], plugin: bool, env: dict
     config = stack.write_config(directory, model_list, plugin=plugin, callbacks=callbacks,
                                 litellm_settings=litellm_settings)
     env = {"RELAY_LOG_LEVEL": "warning", **env}
-    return stack.start_proxy(config, env, workdir=directory, timeout=300)  # six proxies start at once on a busy machine
+    # six proxies start at once on a busy machine (under valgrind, a few minutes)
+    return stack.start_proxy(config, env, workdir=directory, timeout=900 if launcher else 300, launcher=launcher)
 
 
 def sim_get(url: str, path: str) -> dict:

@@ -127,12 +127,13 @@ def proxy_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdir: Path | None = None,
-                log_dir: Path | None = None, timeout: float = 90, args: tuple[str, ...] = ()) -> Proxy:
+                log_dir: Path | None = None, timeout: float = 90, args: tuple[str, ...] = (),
+                launcher: tuple[str, ...] = ()) -> Proxy:
     """Run ``litellm --config`` with ``env`` (on top of a clean environment) and wait until it is live.
 
     With ``workdir`` the config and relay_plugin.py are copied there first, so the plugin is loaded
     from the config's directory exactly as an operator's drop-in is. ``args`` go to ``litellm`` as they
-    are (e.g. ``("--num_workers", "2")``).
+    are (e.g. ``("--num_workers", "2")``); ``launcher`` runs it (e.g. valgrind and a Python interpreter).
     """
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def start_proxy(config_path: Path, env: dict[str, str], *, port: int = 0, workdi
     log_path = (log_dir or config_path.parent) / f"proxy-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
+            [*launcher, str(LITELLM), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=config_path.parent, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"

@@ -212,3 +212,24 @@ def test_a_variant_judged_against_another_base_keeps_the_collector_out_of_the_re
     moved = bench.rescaled(measure(14.0, 0.0), around=measure(14.0, 0.0), to=measure(15.0, 1.0))
     assert moved.cpu_ms == pytest.approx(15.0)
     assert moved.cpu_ms - moved.gc_ms == pytest.approx(14.0)
+
+
+def test_the_instruction_count_takes_the_idle_work_off_and_judges_each_figure_its_way():
+    from types import SimpleNamespace
+
+    from loadtest import exact
+
+    # 20 requests in 10 s at 2 M instructions/s of idle work: 20 M of the 1,220 M were the proxy's timers
+    assert exact.Count(1_220_000_000, 10.0, 20, idle_per_s=2e6).per_request == 60e6
+    by_name = {v.name: v for v in exact.chosen(None)}
+    assert {"baseline", "refine", "refine-none", "consensus-stream", "breaker-open", "disabled"} <= set(by_name)
+    assert {v.name for v in exact.chosen("breaker")} == {"breaker-open", "baseline"}  # a figure's base comes with it
+    counts = {"baseline": 50e6, "refine": 65e6, "refine-none": 60e6, "breaker-open": 52e6}
+    for name, per_request in counts.items():
+        by_name[name].counts = [exact.Count(int(per_request * 10), 0.0, 10)]
+    rows = {line.split(" | ")[0].strip("| "): line for line in
+            exact.report([by_name[n] for n in counts], SimpleNamespace(requests=10, windows=1), 60, "idle").splitlines()}
+    assert "1.300x | MISS" in rows["instructions/req: refine"]  # 65 / 50 against <= 1.25
+    assert "1.200x | PASS" in rows["instructions/req: refine, attribution none"]
+    assert "0.962 | MISS" in rows["capacity: breaker open / no plugin"]  # 50 / 52 against >= 0.97
+    assert "instructions/req: consensus" not in rows  # not counted: no row
