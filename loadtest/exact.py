@@ -13,8 +13,8 @@ counters are zeroed, counting goes on, the same number of requests go one after 
 bookkeeping LiteLLM and the relay do after an answer is given time to finish, counting goes off and
 the counters are read. What the proxy runs while idle (its timers and background jobs: instructions per
 second, measured with counting on and no request, before and after the windows) is taken off for the
-window's length;
-under valgrind a request takes about a second, so idle work would otherwise add a few per cent.
+window's length: under valgrind a request takes about a second, so idle work would otherwise add a few
+per cent.
 
 What it does not show: instructions are not time (a cache miss costs more than an add; an interpreter's
 mix is much the same on every path, so the two track each other closely here), and one request at a time
