@@ -2976,14 +2976,12 @@ def _router_told_apart(logging_obj: Any, router: Any) -> list:
 
 async def _book(wire: _Wire, model_group: str | None, messages: list[dict], kwargs: Mapping[str, Any],
                 started: float, ended: float, response: Any = None, error: BaseException | None = None,
-                router: Any = None) -> None:
+                untracked_router: Any = None) -> None:
     """Book one fast-path call (RELAY_SPEND_ATTRIBUTION=caller) that ran from ``started`` to ``ended``
-    (epoch seconds): its Logging object, made and closed. ``router``: the router that chose the
-    call's deployment."""
-    untracked = router if router is not None and model_group and not _tracks_usage(router, wire.deployment, model_group) \
-        else None
+    (epoch seconds): its Logging object, made and closed. ``untracked_router``: the router that chose
+    the call's deployment, when that deployment has no rpm/tpm usage to count (:func:`_close_booking`)."""
     await _close_booking(_open_booking(wire, model_group, messages, kwargs, started), model_group or wire.backend,
-                         response=response, error=error, ended=ended, untracked_router=untracked)
+                         response=response, error=error, ended=ended, untracked_router=untracked_router)
 
 
 def _unbooked(model: str, exc: BaseException) -> None:
@@ -3069,9 +3067,11 @@ async def _router_call(router: Any, kwargs: dict[str, Any], on_delta: Callable[[
                    else _tell_router(router, deployment, model, error=exc, started=started, ended=ended))
             raise
         ended = time.time()  # the bookkeeping runs later: the call's latency is what it took, not that
-        bookkeeping = (_book(wire, model, messages, call, started, ended, response=response, router=router) if booked
+        tracked = _tracks_usage(router, deployment, model)
+        bookkeeping = (_book(wire, model, messages, call, started, ended, response=response,
+                             untracked_router=None if tracked else router) if booked
                        else _tell_router(router, deployment, model, response=response, started=started, ended=ended))
-        if _tracks_usage(router, deployment, model):
+        if tracked:
             # rpm/tpm limits: counted before the router's next pick, as litellm counts its own call; in a
             # task of its own (shielded), so a client leaving now does not cancel the booking
             await asyncio.shield(_after_answer(bookkeeping, wait=False))
