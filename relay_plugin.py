@@ -2468,7 +2468,7 @@ def _wire_call(deployment: Mapping[str, Any], messages: list[dict], kwargs: Mapp
         raise _NoFastPath("a secret reference litellm resolves at call time")
     if litellm.api_key or litellm.api_base or litellm.headers or getattr(litellm, "organization", None):
         raise _NoFastPath("litellm-wide api_key, api_base, headers or organization are set")
-    if _PROXY_ENV.intersection(os.environ):
+    if any(name in os.environ for name in _PROXY_ENV):  # not the whole environment, decoded, per call
         raise _NoFastPath("an HTTP proxy is set in the environment (litellm's own client honours it)")
     if params.get("mock_response") is not None or kwargs.get("mock_response") is not None:
         raise _NoFastPath("mock_response")
@@ -2790,19 +2790,95 @@ def _counted_usage(wire: _Wire, messages: list[dict], text: str, tokens: Mapping
 
 def _fast_cost(response: Any, wire: _Wire) -> float | None:
     """The call's cost as litellm's cost calculation gives it: the deployment's own prices first, then
-    the cost map under the deployment's base model or the provider's model. None: unpriced."""
+    the cost map under the deployment's base model or the provider's model. None: unpriced.
+
+    An answer whose usage is plain prompt and output tokens (:func:`_plain_tokens`) at flat prices is
+    priced here, tokens times prices, which is what litellm computes for it; anything else (cached or
+    cache-written tokens, reasoning, audio, a priced service tier, a price that changes above some
+    prompt length) is litellm's ``completion_cost``. That call costs a third of a millisecond or more
+    on the request's path (in the proxy it may rebuild litellm's lower-cased cost map first)."""
     info = wire.deployment.get("model_info") or {}
     params = wire.deployment.get("litellm_params") or {}
+    tokens = _plain_tokens(response)
     try:
         for source in (info, params):
             if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
+                prices = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
+                if tokens is not None:
+                    return tokens[0] * prices[0] + tokens[1] * prices[1]
                 return float(litellm.completion_cost(completion_response=response, custom_cost_per_token={
-                    "input_cost_per_token": float(source["input_cost_per_token"]),
-                    "output_cost_per_token": float(source["output_cost_per_token"])}))
-        return float(litellm.completion_cost(completion_response=response, model=info.get("base_model") or wire.backend,
-                                             custom_llm_provider=wire.provider))
+                    "input_cost_per_token": prices[0], "output_cost_per_token": prices[1]}))
+        model = info.get("base_model") or wire.backend
+        prices = _flat_prices(model, wire.provider) if tokens is not None else None
+        if prices is not None:
+            return tokens[0] * prices[0] + tokens[1] * prices[1]
+        return float(litellm.completion_cost(completion_response=response, model=model, custom_llm_provider=wire.provider))
     except Exception:  # noqa: BLE001 - an unpriced model: the relay's own price check decides what that means
         return None
+
+
+#: usage fields a flat price covers; any other count, flag or label must be empty (0, None, False)
+_PLAIN_USAGE_FIELDS: Final = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "text_tokens",
+                                        "prompt_tokens_details", "completion_tokens_details", "service_tier"})
+#: service tiers billed at the model's standard prices (OpenAI says "default", Anthropic "standard")
+_STANDARD_TIERS: Final = frozenset({None, "default", "standard"})
+
+
+def _plain_tokens(response: Any) -> tuple[int, int] | None:
+    """(prompt, output) tokens of an answer whose usage holds nothing else, at the standard service
+    tier; None when anything else is counted (cached, cache-written, reasoning, audio, image or
+    tool-use tokens, a geography, a speed...), or when a field is of a kind not known here."""
+    usage = getattr(response, "usage", None)
+    if usage is None or getattr(response, "service_tier", None) not in _STANDARD_TIERS:
+        return None
+    prompt, output = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+    if type(prompt) is not int or type(output) is not int or prompt < 0 or output < 0:
+        return None
+    for part in (usage, getattr(usage, "prompt_tokens_details", None), getattr(usage, "completion_tokens_details", None)):
+        if part is None:
+            continue
+        try:
+            found = {**vars(part), **(getattr(part, "__pydantic_extra__", None) or {}),
+                     **(getattr(part, "__pydantic_private__", None) or {})}
+        except TypeError:  # no __dict__: a kind of usage this does not know
+            return None
+        for name, value in found.items():
+            if name == "service_tier":
+                if value not in _STANDARD_TIERS:
+                    return None
+            elif name not in _PLAIN_USAGE_FIELDS and value is not None and value is not False and value != 0:
+                return None
+    return prompt, output
+
+
+#: litellm's cost-map key of each (model, provider) priced on the fast path: its own lookup, made once
+_COST_KEYS: Final[OrderedDict] = OrderedDict()
+
+
+def _flat_prices(model: str, provider: str) -> tuple[float, float] | None:
+    """The model's (input, output) prices per token in litellm's cost map when they are flat: None
+    when it has none, or prices that change above some prompt length. The entry is read on every call
+    (the proxy may update it); only where litellm finds it is remembered."""
+    known = (model, provider)
+    key = _COST_KEYS.get(known)
+    if key is None:
+        try:
+            key = litellm.get_model_info(model=model, custom_llm_provider=provider).get("key")
+        except Exception:  # noqa: BLE001 - not in the cost map: litellm's cost calculation decides
+            return None
+        if not key:
+            return None
+        _COST_KEYS[known] = key
+        while len(_COST_KEYS) > MODELS_MAX:
+            _COST_KEYS.popitem(last=False)
+    entry = litellm.model_cost.get(key)
+    # litellm fills the entries it reads with every price it knows of, empty: only a set one counts
+    if not isinstance(entry, Mapping) or any("above_" in name and value for name, value in entry.items()):
+        return None
+    prices = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
+    if not all(isinstance(price, (int, float)) and not isinstance(price, bool) for price in prices):
+        return None
+    return float(prices[0]), float(prices[1])
 
 
 def _router_kwargs(model: str, messages: list[dict], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -757,3 +757,110 @@ def test_the_fast_path_knows_what_it_sends(sim):
         asyncio.run(send())
     assert "x-injected" not in json.dumps([r.get("headers") for r in sim.requests()])
     assert refused.value is not None
+
+
+# =================================================================================================
+# The call's cost: tokens times flat prices where that is what litellm computes, litellm otherwise
+# =================================================================================================
+
+
+def _answer(prompt: int, output: int, **usage):
+    """A provider's answer as the fast path reads it, with ``usage`` beside its plain token counts."""
+    from litellm.types.utils import ModelResponse, Usage
+
+    tier = usage.pop("response_tier", None)
+    response = ModelResponse(model="m", choices=[{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "hi"}}], usage=Usage(prompt_tokens=prompt, completion_tokens=output,
+                                                               total_tokens=prompt + output, **usage))
+    if tier is not None:
+        response.service_tier = tier
+    return response
+
+
+def _wire_of(model: str, provider: str, **litellm_params) -> "relay_plugin._Wire":
+    deployment = {"litellm_params": {"model": f"{provider}/{model}", **litellm_params}, "model_info": {}}
+    return relay_plugin._Wire(deployment, provider, model, None, "", {}, {}, {}, {}, False, None)
+
+
+@pytest.fixture
+def litellm_costs(monkeypatch):
+    """Counts the calls of litellm's own cost calculation."""
+    counted = {"calls": 0}
+    original = litellm.completion_cost
+
+    def counting(*args, **kwargs):
+        counted["calls"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(litellm, "completion_cost", counting)
+    return counted
+
+
+#: usages litellm prices otherwise than tokens times prices: each must take litellm's calculation
+NOT_PLAIN = {
+    "cached tokens": {"prompt_tokens_details": {"cached_tokens": 900}},
+    "cache writes": {"cache_creation_input_tokens": 700},
+    "reasoning tokens": {"completion_tokens_details": {"reasoning_tokens": 400}},
+    "audio tokens": {"prompt_tokens_details": {"audio_tokens": 50}},
+    "a priority tier": {"response_tier": "priority"},
+    "an unknown count": {"frobnicated_tokens": 3},
+}
+
+
+def test_the_cost_of_every_fast_provider_model_in_litellms_cost_map_is_litellms(litellm_costs):
+    """Every chat model of the cost map the fast path can call, priced from the map: with plain usage
+    (below and above any long-prompt tier) and with every kind of usage litellm prices otherwise."""
+    models = [(name, entry["litellm_provider"]) for name, entry in litellm.model_cost.items()
+              if isinstance(entry, dict) and entry.get("litellm_provider") in relay_plugin.FAST_PROVIDERS
+              and entry.get("mode") in (None, "chat")]
+    assert len(models) > 50
+    flat = 0  # plain answers priced without litellm's calculation
+    for name, provider in models:
+        model = name.split("/", 1)[1] if name.startswith(provider + "/") else name
+        wire = _wire_of(model, provider)
+        for prompt, output, usage in [(1234, 567, {}), (300_000, 20, {}), (0, 0, {}),
+                                      *((1234, 567, dict(extra)) for extra in NOT_PLAIN.values())]:
+            answer = _answer(prompt, output, **usage)
+            before = litellm_costs["calls"]
+            ours = relay_plugin._fast_cost(answer, wire)
+            flat += not usage and litellm_costs["calls"] == before
+            theirs = litellm.completion_cost(completion_response=answer, model=model, custom_llm_provider=provider)
+            assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15), (name, prompt, output, usage)
+    assert flat >= 2 * len(models)  # plain answers are priced without litellm's calculation (not only tiered ones)
+
+
+@pytest.mark.parametrize("kind", NOT_PLAIN)
+def test_usage_that_litellm_prices_otherwise_is_never_priced_flat(kind, litellm_costs):
+    answer = _answer(1234, 567, **dict(NOT_PLAIN[kind]))
+    assert relay_plugin._plain_tokens(answer) is None
+    relay_plugin._fast_cost(answer, _wire_of("gpt-4o-mini", "openai"))
+    assert litellm_costs["calls"] == 1
+
+
+def test_a_long_prompt_tier_is_priced_by_litellm():
+    """A model whose prices change above some prompt length: never tokens times its base prices."""
+    tiered = [(name, e["litellm_provider"]) for name, e in litellm.model_cost.items() if isinstance(e, dict)
+              and e.get("litellm_provider") in relay_plugin.FAST_PROVIDERS and e.get("mode") in (None, "chat")
+              and any(k.startswith("input_cost_per_token_above_") and v for k, v in e.items())]
+    if not tiered:
+        pytest.skip("this litellm's cost map has no tiered model of a fast-path provider")
+    name, provider = tiered[0]
+    model = name.split("/", 1)[1] if name.startswith(provider + "/") else name
+    answer = _answer(400_000, 20)
+    theirs = litellm.completion_cost(completion_response=answer, model=model, custom_llm_provider=provider)
+    entry = litellm.model_cost[name]
+    assert theirs != pytest.approx(400_000 * entry["input_cost_per_token"] + 20 * entry["output_cost_per_token"])
+    assert relay_plugin._fast_cost(answer, _wire_of(model, provider)) == pytest.approx(theirs)
+
+
+@pytest.mark.parametrize("where", ["litellm_params", "model_info"])
+def test_the_deployments_own_prices_give_litellms_cost(where, litellm_costs):
+    prices = {"input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05}
+    wire = _wire_of("my-local-model", "hosted_vllm", **(prices if where == "litellm_params" else {}))
+    if where == "model_info":
+        wire.deployment["model_info"] = dict(prices)
+    plain, cached = _answer(1000, 300), _answer(1000, 300, prompt_tokens_details={"cached_tokens": 600})
+    assert relay_plugin._fast_cost(plain, wire) == pytest.approx(1000 * 2.5e-06 + 300 * 1e-05, rel=1e-12)
+    assert litellm_costs["calls"] == 0
+    theirs = litellm.completion_cost(completion_response=cached, custom_cost_per_token=prices)
+    assert relay_plugin._fast_cost(cached, wire) == pytest.approx(theirs, rel=1e-12)
