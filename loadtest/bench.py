@@ -532,6 +532,8 @@ class Figure:
     raw: list[tuple[float, ...]] = field(default_factory=list)
     #: per round, variant and base: (answers, CPU ms per request, of it the garbage collector's, full collections)
     steps: list[tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=list)
+    #: latency figures, per round: the client's ms of each answer of the variant, of the base, of the secondary alone
+    answers: list[tuple[list[float], list[float], list[float]]] = field(default_factory=list)
 
     @property
     def value(self) -> float:
@@ -612,6 +614,7 @@ def figures(by_name: dict[str, Variant], latency_ms: float, aggregator_ms: float
                 f.also.append(m.rps / base.rps)
             else:
                 f.raw.append((m.p50, base.p50, m.cpu_ms, base.cpu_ms, m.relay_p50, direct.p50))
+                f.answers.append(tuple([r["ms"] for r in x.records] for x in (m, base, direct)))
                 f.values.append(m.p50 - base.p50 - (direct.p50 if f.kind == "over-L" else 0.0))
                 f.also.append(m.cpu_ms - base.cpu_ms)
     return found
@@ -645,7 +648,7 @@ def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
             value = f"L {f.value:+.1f} ms" if f.kind == "over-L" else f"{f.value:+.1f} ms"
             spread = _spread(f.values, "{:+.1f}")
             also = f"CPU/req {statistics.median(f.also):+.2f} ms" if f.also else "-"
-            pooled, collector = "-", "-"
+            pooled, collector = _pooled_latency(f), "-"
         rows.append([f.name, f.attribution, _target(f), value, "PASS" if f.passed else "MISS", raw, spread, f.rounds,
                      also, pooled, collector])
     if inproc:
@@ -659,6 +662,19 @@ def figure_rows(found: list[Figure], inproc: dict | None) -> list[list]:
 def _pooled(f: Figure) -> str:
     fmt = "{:.2f}x" if f.kind == "cpu" else "{:.3f}"
     return fmt.format(f.pooled()) if f.steps else "-"
+
+
+def _pooled_latency(f: Figure) -> str:
+    """A latency figure from every round's answers together: the p50 of all the variant's answers less
+    the p50 of all the base's (less L's, the same way), not the median of per-round figures. A round
+    holds ~32 answers a step, and a plain request's p50 moves by a millisecond or two from step to step."""
+    every = [[ms for answers in f.answers for ms in answers[side]] for side in range(3)]
+    if not all(every):
+        return "-"
+    value = h.percentile(every[0], 50) - h.percentile(every[1], 50)
+    if f.kind == "over-L":
+        return f"L {value - h.percentile(every[2], 50):+.1f} ms"
+    return f"{value:+.1f} ms"
 
 
 def _collector(f: Figure) -> str:
@@ -974,7 +990,8 @@ def report(found: list[Figure], by_name: dict, inproc: dict, notes: list[str], i
         f"request's, one request at a time; `L + x` = the part of it beyond L, the p50 of the secondary called "
         f"directly by the same client in the same round (the simulated sleep of L ms plus the simulator's own "
         f"handling: the secondary's latency as any client sees it). pooled = the figure from all those rounds' "
-        f"answers together (CPU per request over every answer of the variant against the same over its bases'), "
+        f"answers together (CPU per request over every answer of the variant against the same over its bases'; "
+        f"for latency, the p50 of every answer of the variant against the p50 of every answer of its bases), "
         f"beside the median. Garbage collector: of the CPU per request, what Python's collector took in the "
         f"variant's and the base's proxy (medians over rounds; loadtest/gc_probe), the full collections per step "
         f"(each about 0.45 s of CPU in a LiteLLM proxy: one more or fewer in a step moves its CPU per request by "
