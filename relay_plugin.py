@@ -3512,7 +3512,7 @@ class RelayRun:
     async def _attempt(self, model: str, messages: list[dict], sink: Callable[[str], Any] | None = None,
                        response_format: dict | None = None) -> Reply:
         handler, config, store = self.handler, self.handler.config, self.handler.store
-        # the breaker first: an open one refuses at once, without counting the prompt or reading budgets
+        await _check_caller_budget(self, model, messages)
         permit = await store.breaker_acquire(model, handler.clock())
         if permit is None:
             raise SecondaryError("breaker_open", f"the circuit breaker of {model} is open", skipped=True)
@@ -3521,7 +3521,6 @@ class RelayRun:
         reservation = None
         streamed_before = len(self.streamed)  # text of this call that reached the client was generated (billed)
         try:
-            await _check_caller_budget(self, model, messages)
             if config.budgeted:
                 reservation = await self._reserve(model, messages)
             started = handler.clock()
