@@ -2799,7 +2799,9 @@ def _fast_cost(response: Any, wire: _Wire) -> float | None:
     on the request's path (in the proxy it may rebuild litellm's lower-cased cost map first)."""
     info = wire.deployment.get("model_info") or {}
     params = wire.deployment.get("litellm_params") or {}
-    tokens = _plain_tokens(response)
+    # the proxy's margins and discounts (litellm_settings, or changed at runtime) apply to every cost
+    adjusted = getattr(litellm, "cost_margin_config", None) or getattr(litellm, "cost_discount_config", None)
+    tokens = None if adjusted else _plain_tokens(response)
     try:
         for source in (info, params):
             if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
@@ -2809,7 +2811,11 @@ def _fast_cost(response: Any, wire: _Wire) -> float | None:
                 return float(litellm.completion_cost(completion_response=response, custom_cost_per_token={
                     "input_cost_per_token": prices[0], "output_cost_per_token": prices[1]}))
         model = info.get("base_model") or wire.backend
-        prices = _flat_prices(model, wire.provider) if tokens is not None else None
+        # litellm prices an answer by the model it says answered when its cost map knows that name
+        # (a gateway, or an alias answered by a dated model): only an answer naming none or this one is ours
+        named = getattr(response, "model", None)
+        ours = not named or named in (model, f"{wire.provider}/{model}")
+        prices = _flat_prices(model, wire.provider) if tokens is not None and ours else None
         if prices is not None:
             return tokens[0] * prices[0] + tokens[1] * prices[1]
         return float(litellm.completion_cost(completion_response=response, model=model, custom_llm_provider=wire.provider))
@@ -2817,8 +2823,9 @@ def _fast_cost(response: Any, wire: _Wire) -> float | None:
         return None
 
 
-#: usage fields a flat price covers; any other count, flag or label must be empty (0, None, False)
-_PLAIN_USAGE_FIELDS: Final = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "text_tokens",
+#: usage fields a flat price covers; any other count, flag or label must be empty (0, None, False), and
+#: a details' text_tokens (which litellm bills instead of the total when set) must be the total
+_PLAIN_USAGE_FIELDS: Final = frozenset({"prompt_tokens", "completion_tokens", "total_tokens",
                                         "prompt_tokens_details", "completion_tokens_details", "service_tier"})
 #: service tiers billed at the model's standard prices (OpenAI says "default", Anthropic "standard")
 _STANDARD_TIERS: Final = frozenset({None, "default", "standard"})
@@ -2826,17 +2833,24 @@ _STANDARD_TIERS: Final = frozenset({None, "default", "standard"})
 
 def _plain_tokens(response: Any) -> tuple[int, int] | None:
     """(prompt, output) tokens of an answer whose usage holds nothing else, at the standard service
-    tier; None when anything else is counted (cached, cache-written, reasoning, audio, image or
-    tool-use tokens, a geography, a speed...), or when a field is of a kind not known here."""
+    tier, that used no built-in tool (a web or file search leaves citations, which litellm prices);
+    None when anything else is counted (cached, cache-written, reasoning, audio, image or tool-use
+    tokens, a geography, a speed...), or when a field is of a kind not known here."""
     usage = getattr(response, "usage", None)
     if usage is None or getattr(response, "service_tier", None) not in _STANDARD_TIERS:
         return None
+    for choice in getattr(response, "choices", None) or ():
+        if getattr(getattr(choice, "message", None), "annotations", None):
+            return None
     prompt, output = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
     if type(prompt) is not int or type(output) is not int or prompt < 0 or output < 0:
         return None
-    for part in (usage, getattr(usage, "prompt_tokens_details", None), getattr(usage, "completion_tokens_details", None)):
+    for part, total in ((usage, None), (getattr(usage, "prompt_tokens_details", None), prompt),
+                        (getattr(usage, "completion_tokens_details", None), output)):
         if part is None:
             continue
+        if getattr(part, "text_tokens", None) not in (None, total):
+            return None
         try:
             found = {**vars(part), **(getattr(part, "__pydantic_extra__", None) or {}),
                      **(getattr(part, "__pydantic_private__", None) or {})}
@@ -2846,7 +2860,8 @@ def _plain_tokens(response: Any) -> tuple[int, int] | None:
             if name == "service_tier":
                 if value not in _STANDARD_TIERS:
                     return None
-            elif name not in _PLAIN_USAGE_FIELDS and value is not None and value is not False and value != 0:
+            elif (name not in _PLAIN_USAGE_FIELDS and value is not None and value is not False and value != 0
+                  and not (name == "text_tokens" and total is not None)):
                 return None
     return prompt, output
 
@@ -2872,8 +2887,10 @@ def _flat_prices(model: str, provider: str) -> tuple[float, float] | None:
         while len(_COST_KEYS) > MODELS_MAX:
             _COST_KEYS.popitem(last=False)
     entry = litellm.model_cost.get(key)
-    # litellm fills the entries it reads with every price it knows of, empty: only a set one counts
-    if not isinstance(entry, Mapping) or any("above_" in name and value for name, value in entry.items()):
+    # prices by prompt length ("..._above_128k_tokens", tiered_pricing ranges) are not flat; litellm
+    # fills the entries it reads with every price it knows of, empty: only a set one counts
+    if not isinstance(entry, Mapping) or any(("above_" in name or "tier" in name) and value
+                                             for name, value in entry.items()):
         return None
     prices = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
     if not all(isinstance(price, (int, float)) and not isinstance(price, bool) for price in prices):

@@ -764,12 +764,13 @@ def test_the_fast_path_knows_what_it_sends(sim):
 # =================================================================================================
 
 
-def _answer(prompt: int, output: int, **usage):
-    """A provider's answer as the fast path reads it, with ``usage`` beside its plain token counts."""
+def _answer(prompt: int, output: int, model: str = "m", **usage):
+    """A provider's answer as the fast path reads it, naming ``model`` as the one that answered, with
+    ``usage`` beside its plain token counts."""
     from litellm.types.utils import ModelResponse, Usage
 
     tier = usage.pop("response_tier", None)
-    response = ModelResponse(model="m", choices=[{"index": 0, "finish_reason": "stop", "message": {
+    response = ModelResponse(model=model, choices=[{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": "hi"}}], usage=Usage(prompt_tokens=prompt, completion_tokens=output,
                                                                total_tokens=prompt + output, **usage))
     if tier is not None:
@@ -820,7 +821,7 @@ def test_the_cost_of_every_fast_provider_model_in_litellms_cost_map_is_litellms(
         wire = _wire_of(model, provider)
         for prompt, output, usage in [(1234, 567, {}), (300_000, 20, {}), (0, 0, {}),
                                       *((1234, 567, dict(extra)) for extra in NOT_PLAIN.values())]:
-            answer = _answer(prompt, output, **usage)
+            answer = _answer(prompt, output, model, **usage)
             before = litellm_costs["calls"]
             ours = relay_plugin._fast_cost(answer, wire)
             flat += not usage and litellm_costs["calls"] == before
@@ -831,7 +832,7 @@ def test_the_cost_of_every_fast_provider_model_in_litellms_cost_map_is_litellms(
 
 @pytest.mark.parametrize("kind", NOT_PLAIN)
 def test_usage_that_litellm_prices_otherwise_is_never_priced_flat(kind, litellm_costs):
-    answer = _answer(1234, 567, **dict(NOT_PLAIN[kind]))
+    answer = _answer(1234, 567, "gpt-4o-mini", **dict(NOT_PLAIN[kind]))
     assert relay_plugin._plain_tokens(answer) is None
     relay_plugin._fast_cost(answer, _wire_of("gpt-4o-mini", "openai"))
     assert litellm_costs["calls"] == 1
@@ -846,7 +847,7 @@ def test_a_long_prompt_tier_is_priced_by_litellm():
         pytest.skip("this litellm's cost map has no tiered model of a fast-path provider")
     name, provider = tiered[0]
     model = name.split("/", 1)[1] if name.startswith(provider + "/") else name
-    answer = _answer(400_000, 20)
+    answer = _answer(400_000, 20, model)
     theirs = litellm.completion_cost(completion_response=answer, model=model, custom_llm_provider=provider)
     entry = litellm.model_cost[name]
     assert theirs != pytest.approx(400_000 * entry["input_cost_per_token"] + 20 * entry["output_cost_per_token"])
