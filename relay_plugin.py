@@ -2679,6 +2679,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
 
     parts: list[str] = []
     finish, usage, size, taken = None, None, 0, False
+    said: dict[str, str] = {}  #: what the chunks say of the answer beyond its text: the model, the service tier
     try:
         try:
             async with _post(wire, timeout) as answer:
@@ -2716,6 +2717,10 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                         delta = (getattr(choices[0].delta, "content", None) or "") if choices else ""
                         finish = finish or (getattr(choices[0], "finish_reason", None) if choices else None)
                         usage = getattr(chunk, "usage", None) or usage
+                        for name in ("model", "service_tier"):  # litellm prices the answer by both
+                            value = getattr(chunk, name, None)
+                            if isinstance(value, str) and value:
+                                said.setdefault(name, value)
                     if delta:
                         parts.append(delta)
                         await on_delta(delta)
@@ -2725,24 +2730,30 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
         raise
     except asyncio.CancelledError:
         if cut_off is not None and taken:
-            cut_off.append(_streamed_answer(wire, messages, parts, finish, usage))
+            cut_off.append(_streamed_answer(wire, messages, parts, finish, usage, said))
         raise
     except Exception as exc:  # mapped to litellm's exception classes, as its full call does
         raise exception_type(model=wire.backend, custom_llm_provider=wire.provider, original_exception=exc,
                              completion_kwargs={}, extra_kwargs={}) from exc
-    return _streamed_answer(wire, messages, parts, finish, usage)
+    return _streamed_answer(wire, messages, parts, finish, usage, said)
 
 
-def _streamed_answer(wire: _Wire, messages: list[dict], parts: list[str], finish: str | None, usage: Any) -> Any:
-    """A streamed answer as one priced ModelResponse: its text, its usage (or its offline bound)."""
+def _streamed_answer(wire: _Wire, messages: list[dict], parts: list[str], finish: str | None, usage: Any,
+                     said: Mapping[str, str] | None = None) -> Any:
+    """A streamed answer as one priced ModelResponse: its text, its usage (or its offline bound), and
+    the model and service tier its chunks named (litellm prices the answer by them, as the answer
+    litellm's own streaming call assembles)."""
     from litellm.types.utils import ModelResponse, Usage
 
+    said = said or {}
     tokens = usage if isinstance(usage, Mapping) else (usage.model_dump() if hasattr(usage, "model_dump") else {})
     text = "".join(parts)
     prompt, output = _counted_usage(wire, messages, text, tokens)
-    response = ModelResponse(model=wire.backend, choices=[{"index": 0, "finish_reason": finish or "stop", "message": {
-        "role": "assistant", "content": text}}], usage=Usage(
+    response = ModelResponse(model=said.get("model") or wire.backend, choices=[{
+        "index": 0, "finish_reason": finish or "stop", "message": {"role": "assistant", "content": text}}], usage=Usage(
         prompt_tokens=prompt, completion_tokens=output, total_tokens=prompt + output))
+    if "service_tier" in said:
+        response.service_tier = said["service_tier"]
     return _stamped(response, wire)
 
 
@@ -2803,10 +2814,20 @@ def _fast_cost(response: Any, wire: _Wire) -> float | None:
     adjusted = getattr(litellm, "cost_margin_config", None) or getattr(litellm, "cost_discount_config", None)
     tokens = None if adjusted else _plain_tokens(response)
     try:
+        # a deployment stating prices beyond an input and an output price (a tier, an off-peak block, one
+        # price alone): litellm's own call prices it by the entry the router registered under its id
+        own = [name for source in (info, params) for name, value in source.items()
+               if value is not None and ("cost" in name or "pric" in name)]
+        pair = any(source.get(_PRICE_PAIR[0]) is not None and source.get(_PRICE_PAIR[1]) is not None
+                   for source in (info, params))
+        if own and not (pair and set(own) <= set(_PRICE_PAIR)) and info.get("id") in litellm.model_cost:
+            return float(litellm.completion_cost(completion_response=response, model=wire.backend,
+                                                 custom_llm_provider=wire.provider, custom_pricing=True,
+                                                 router_model_id=info["id"]))
         for source in (info, params):
             if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
                 prices = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
-                if tokens is not None:
+                if tokens is not None and set(own) <= set(_PRICE_PAIR):
                     return tokens[0] * prices[0] + tokens[1] * prices[1]
                 return float(litellm.completion_cost(completion_response=response, custom_cost_per_token={
                     "input_cost_per_token": prices[0], "output_cost_per_token": prices[1]}))
@@ -2823,6 +2844,8 @@ def _fast_cost(response: Any, wire: _Wire) -> float | None:
         return None
 
 
+#: a deployment's own flat prices
+_PRICE_PAIR: Final = ("input_cost_per_token", "output_cost_per_token")
 #: usage fields a flat price covers; any other count, flag or label must be empty (0, None, False), and
 #: a details' text_tokens (which litellm bills instead of the total when set) must be the total
 _PLAIN_USAGE_FIELDS: Final = frozenset({"prompt_tokens", "completion_tokens", "total_tokens",
@@ -2866,6 +2889,27 @@ def _plain_tokens(response: Any) -> tuple[int, int] | None:
     return prompt, output
 
 
+#: the prices of a cost-map entry that leave a plain answer at tokens times its two prices: those of
+#: what a plain answer does not have (cached, cache-written, audio or reasoning tokens, a batch, a
+#: priority or flex tier, a cited search). Any other price (by prompt length, by time of day, per
+#: request or second...) sends the answer to litellm's calculation, a price litellm adds later too.
+_FLAT_PRICES: Final = frozenset({"input_cost_per_token", "output_cost_per_token", "input_cost_per_audio_token",
+                                 "output_cost_per_audio_token", "output_cost_per_reasoning_token",
+                                 "search_context_cost_per_query"})
+_FLAT_PRICE_PREFIXES: Final = ("cache_read_input_token_cost", "cache_creation_input_token_cost")
+_FLAT_PRICE_TIERS: Final = ("_batches", "_priority", "_flex")
+
+
+def _flat_price_key(name: str) -> bool:
+    """True for a cost-map entry's key that is no price, or a price :data:`_FLAT_PRICES` allows."""
+    if "cost" not in name and "pric" not in name:
+        return True  # max_tokens, mode, litellm_provider, supports_...
+    if "above" in name:
+        return False
+    base = next((name[: -len(tier)] for tier in _FLAT_PRICE_TIERS if name.endswith(tier)), name)
+    return base in _FLAT_PRICES or base.startswith(_FLAT_PRICE_PREFIXES)
+
+
 #: litellm's cost-map key of each (model, provider) priced on the fast path: its own lookup, made once
 _COST_KEYS: Final[OrderedDict] = OrderedDict()
 
@@ -2887,10 +2931,8 @@ def _flat_prices(model: str, provider: str) -> tuple[float, float] | None:
         while len(_COST_KEYS) > MODELS_MAX:
             _COST_KEYS.popitem(last=False)
     entry = litellm.model_cost.get(key)
-    # prices by prompt length ("..._above_128k_tokens", tiered_pricing ranges) are not flat; litellm
-    # fills the entries it reads with every price it knows of, empty: only a set one counts
-    if not isinstance(entry, Mapping) or any(("above_" in name or "tier" in name) and value
-                                             for name, value in entry.items()):
+    # litellm fills the entries it reads with every price it knows of, empty: only a set one counts
+    if not isinstance(entry, Mapping) or not all(_flat_price_key(name) for name, value in entry.items() if value):
         return None
     prices = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
     if not all(isinstance(price, (int, float)) and not isinstance(price, bool) for price in prices):
