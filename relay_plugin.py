@@ -2720,7 +2720,7 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                         for name in ("model", "service_tier"):  # litellm prices the answer by both
                             value = getattr(chunk, name, None)
                             if isinstance(value, str) and value:
-                                said.setdefault(name, value)
+                                said[name] = value  # the last chunk's, as litellm's stream_chunk_builder keeps
                     if delta:
                         parts.append(delta)
                         await on_delta(delta)
@@ -2800,48 +2800,71 @@ def _counted_usage(wire: _Wire, messages: list[dict], text: str, tokens: Mapping
 
 
 def _fast_cost(response: Any, wire: _Wire) -> float | None:
-    """The call's cost as litellm's cost calculation gives it: the deployment's own prices first, then
-    the cost map under the deployment's base model or the provider's model. None: unpriced.
+    """The call's cost as litellm's own call books it (``completion_cost`` with the arguments its
+    logging passes: the deployment's custom pricing, its id, its base model, the data residency its
+    api_base implies). None: unpriced.
 
-    An answer whose usage is plain prompt and output tokens (:func:`_plain_tokens`) at flat prices is
-    priced here, tokens times prices, which is what litellm computes for it; anything else (cached or
-    cache-written tokens, reasoning, audio, a priced service tier, a price that changes above some
-    prompt length) is litellm's ``completion_cost``. That call costs a third of a millisecond or more
-    on the request's path (in the proxy it may rebuild litellm's lower-cased cost map first)."""
+    An answer whose usage is plain prompt and output tokens (:func:`_plain_tokens`), priced by an entry
+    whose prices are flat (:func:`_entry_flat_prices`), is priced here, tokens times prices, which is
+    what litellm computes for it; anything else goes to ``completion_cost``. That call costs a third
+    of a millisecond or more on the request's path (in the proxy it may rebuild litellm's lower-cased
+    cost map first)."""
     info = wire.deployment.get("model_info") or {}
     params = wire.deployment.get("litellm_params") or {}
-    # the proxy's margins and discounts (litellm_settings, or changed at runtime) apply to every cost
+    custom, residency = _custom_pricing(params, info), _data_residency(wire)
+    # the proxy's margins and discounts (litellm_settings, or changed at runtime) apply to every cost,
+    # a regional host's uplift too
     adjusted = getattr(litellm, "cost_margin_config", None) or getattr(litellm, "cost_discount_config", None)
-    tokens = None if adjusted else _plain_tokens(response)
+    tokens = None if adjusted or residency else _plain_tokens(response)
+    model = info.get("base_model") or wire.backend
     try:
-        # a deployment stating prices beyond an input and an output price (a tier, an off-peak block, one
-        # price alone): litellm's own call prices it by the entry the router registered under its id
-        own = [name for source in (info, params) for name, value in source.items()
-               if value is not None and ("cost" in name or "pric" in name)]
-        pair = any(source.get(_PRICE_PAIR[0]) is not None and source.get(_PRICE_PAIR[1]) is not None
-                   for source in (info, params))
-        if own and not (pair and set(own) <= set(_PRICE_PAIR)) and info.get("id") in litellm.model_cost:
-            return float(litellm.completion_cost(completion_response=response, model=wire.backend,
-                                                 custom_llm_provider=wire.provider, custom_pricing=True,
-                                                 router_model_id=info["id"]))
-        for source in (info, params):
-            if source.get("input_cost_per_token") is not None and source.get("output_cost_per_token") is not None:
-                prices = (float(source["input_cost_per_token"]), float(source["output_cost_per_token"]))
-                if tokens is not None and set(own) <= set(_PRICE_PAIR):
-                    return tokens[0] * prices[0] + tokens[1] * prices[1]
-                return float(litellm.completion_cost(completion_response=response, custom_cost_per_token={
-                    "input_cost_per_token": prices[0], "output_cost_per_token": prices[1]}))
-        model = info.get("base_model") or wire.backend
-        # litellm prices an answer by the model it says answered when its cost map knows that name
-        # (a gateway, or an alias answered by a dated model): only an answer naming none or this one is ours
-        named = getattr(response, "model", None)
-        ours = not named or named in (model, f"{wire.provider}/{model}")
-        prices = _flat_prices(model, wire.provider) if tokens is not None and ours else None
+        prices = None
+        if tokens is not None and custom:
+            entry = litellm.model_cost.get(info.get("id")) if info.get("id") else None
+            if isinstance(entry, Mapping):  # what the router registered under the deployment's id
+                prices = _entry_flat_prices(entry)
+            else:  # no router: the deployment's own input and output prices, if they are all it states
+                own = next(((float(src[_PRICE_PAIR[0]]), float(src[_PRICE_PAIR[1]])) for src in (info, params)
+                            if src.get(_PRICE_PAIR[0]) is not None and src.get(_PRICE_PAIR[1]) is not None), None)
+                prices = own if own and _entry_flat_prices({**params, **info}) is not None else None
+        elif tokens is not None:
+            # litellm prices an answer by the model it says answered when its cost map knows that name
+            # (a gateway, or an alias answered by a dated model): only an answer naming none or this one
+            named = getattr(response, "model", None)
+            if not named or named in (model, f"{wire.provider}/{model}"):
+                prices = _flat_prices(model, wire.provider)
         if prices is not None:
             return tokens[0] * prices[0] + tokens[1] * prices[1]
-        return float(litellm.completion_cost(completion_response=response, model=model, custom_llm_provider=wire.provider))
+        return _litellm_cost(response, wire, model, custom, residency)
     except Exception:  # noqa: BLE001 - an unpriced model: the relay's own price check decides what that means
         return None
+
+
+def _litellm_cost(response: Any, wire: _Wire, model: str, custom: bool, residency: str | None) -> float:
+    """litellm's ``completion_cost`` of the answer, with the arguments litellm's own call passes it."""
+    info = wire.deployment.get("model_info") or {}
+    params = wire.deployment.get("litellm_params") or {}
+    if custom and not isinstance(litellm.model_cost.get(info.get("id") or ""), Mapping):
+        # no router registered the deployment: its own input and output prices
+        for source in (info, params):
+            if source.get(_PRICE_PAIR[0]) is not None and source.get(_PRICE_PAIR[1]) is not None:
+                return float(litellm.completion_cost(completion_response=response, custom_cost_per_token={
+                    "input_cost_per_token": float(source[_PRICE_PAIR[0]]),
+                    "output_cost_per_token": float(source[_PRICE_PAIR[1]])}))
+    extra = {"data_residency": residency} if residency else {}
+    return float(litellm.completion_cost(completion_response=response, model=wire.backend if custom else model,
+                                         custom_llm_provider=wire.provider, base_model=info.get("base_model"),
+                                         custom_pricing=custom or None, router_model_id=info.get("id"), **extra))
+
+
+def _data_residency(wire: _Wire) -> str | None:
+    """The data residency litellm's call infers from the deployment's api_base (a regional host is
+    billed with an uplift); None when this litellm infers none."""
+    try:
+        from litellm.llms.openai.data_residency import infer_openai_data_residency
+    except ImportError:
+        return None
+    return infer_openai_data_residency(wire.provider, (wire.deployment.get("litellm_params") or {}).get("api_base"))
 
 
 #: a deployment's own flat prices
@@ -2900,10 +2923,16 @@ _FLAT_PRICE_PREFIXES: Final = ("cache_read_input_token_cost", "cache_creation_in
 _FLAT_PRICE_TIERS: Final = ("_batches", "_priority", "_flex")
 
 
+#: what the name of anything that changes a price has in it (other than the prices themselves)
+_PRICE_WORDS: Final = ("uplift", "multiplier", "tier", "above", "peak", "per_", "discount", "margin", "surcharge",
+                       "fee")
+
+
 def _flat_price_key(name: str) -> bool:
-    """True for a cost-map entry's key that is no price, or a price :data:`_FLAT_PRICES` allows."""
+    """True for a cost-map entry's key that is a price :data:`_FLAT_PRICES` allows, or that reads like
+    no price at all (max_tokens, mode, litellm_provider, supports_..., a deployment's own labels)."""
     if "cost" not in name and "pric" not in name:
-        return True  # max_tokens, mode, litellm_provider, supports_...
+        return not any(word in name for word in _PRICE_WORDS)
     if "above" in name:
         return False
     base = next((name[: -len(tier)] for tier in _FLAT_PRICE_TIERS if name.endswith(tier)), name)
@@ -2912,6 +2941,16 @@ def _flat_price_key(name: str) -> bool:
 
 #: litellm's cost-map key of each (model, provider) priced on the fast path: its own lookup, made once
 _COST_KEYS: Final[OrderedDict] = OrderedDict()
+
+
+def _custom_pricing(params: Mapping[str, Any], info: Mapping[str, Any]) -> bool:
+    """Whether litellm's call prices this deployment by its own prices (litellm's own test of it)."""
+    try:
+        from litellm.litellm_core_utils.litellm_logging import use_custom_pricing_for_model
+    except ImportError:  # an older litellm: its own prices are an input and an output price
+        return any(source.get(_PRICE_PAIR[0]) is not None and source.get(_PRICE_PAIR[1]) is not None
+                   for source in (info, params))
+    return bool(use_custom_pricing_for_model({**params, "metadata": {"model_info": dict(info)}}))
 
 
 def _flat_prices(model: str, provider: str) -> tuple[float, float] | None:
@@ -2931,8 +2970,15 @@ def _flat_prices(model: str, provider: str) -> tuple[float, float] | None:
         while len(_COST_KEYS) > MODELS_MAX:
             _COST_KEYS.popitem(last=False)
     entry = litellm.model_cost.get(key)
-    # litellm fills the entries it reads with every price it knows of, empty: only a set one counts
-    if not isinstance(entry, Mapping) or not all(_flat_price_key(name) for name, value in entry.items() if value):
+    return _entry_flat_prices(entry) if isinstance(entry, Mapping) else None
+
+
+def _entry_flat_prices(entry: Mapping[str, Any]) -> tuple[float, float] | None:
+    """A cost-map entry's (input, output) prices per token when they are all a plain answer pays: every
+    price it sets is one :func:`_flat_price_key` allows, and it sets nothing that reads like a price
+    modifier (a regional uplift, a multiplier, a time of day). litellm fills the entries it reads with
+    every price it knows of, empty: only a set one counts."""
+    if not all(_flat_price_key(name) for name, value in entry.items() if value):
         return None
     prices = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
     if not all(isinstance(price, (int, float)) and not isinstance(price, bool) for price in prices):

@@ -43,8 +43,11 @@ def _openai(model: str, usage: dict | None = None, message: dict | None = None) 
 
 
 def _litellms(answer, wire) -> float:
-    model = (wire.deployment.get("model_info") or {}).get("base_model") or wire.backend
-    return litellm.completion_cost(completion_response=answer, model=model, custom_llm_provider=wire.provider)
+    """What litellm's own call books (its logging passes the deployment's base_model, which prices the
+    answer whatever model it names)."""
+    base_model = (wire.deployment.get("model_info") or {}).get("base_model")
+    return litellm.completion_cost(completion_response=answer, model=base_model or wire.backend,
+                                   custom_llm_provider=wire.provider, base_model=base_model)
 
 
 def test_an_answer_naming_a_dearer_model_than_the_deployment_costs_what_litellm_says(no_http_proxy):
