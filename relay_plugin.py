@@ -2717,10 +2717,20 @@ async def _exchange_stream(wire: _Wire, messages: list[dict], timeout: float, on
                         delta = (getattr(choices[0].delta, "content", None) or "") if choices else ""
                         finish = finish or (getattr(choices[0], "finish_reason", None) if choices else None)
                         usage = getattr(chunk, "usage", None) or usage
-                        for name in ("model", "service_tier"):  # litellm prices the answer by both
-                            value = getattr(chunk, name, None)
-                            if isinstance(value, str) and value:
-                                said[name] = value  # the last chunk's, as litellm's stream_chunk_builder keeps
+                        # litellm prices the answer by the model and the tier it assembles from the chunks
+                        # (stream_chunk_builder): the first model that differs from the first chunk's, else
+                        # the first chunk's; the last tier named
+                        named = getattr(chunk, "model", None)
+                        named = named if isinstance(named, str) and named else None
+                        if "first" not in said:
+                            said["first"] = named or ""
+                            if named:
+                                said["model"] = named
+                        elif named and named != said["first"] and not said.get("switched"):
+                            said.update(model=named, switched="yes")
+                        tier = getattr(chunk, "service_tier", None)
+                        if isinstance(tier, str) and tier:
+                            said["service_tier"] = tier
                     if delta:
                         parts.append(delta)
                         await on_delta(delta)
@@ -2852,7 +2862,7 @@ def _litellm_cost(response: Any, wire: _Wire, model: str, custom: bool, residenc
                     "input_cost_per_token": float(source[_PRICE_PAIR[0]]),
                     "output_cost_per_token": float(source[_PRICE_PAIR[1]])}))
     extra = {"data_residency": residency} if residency else {}
-    return float(litellm.completion_cost(completion_response=response, model=wire.backend if custom else model,
+    return float(litellm.completion_cost(completion_response=response, model=wire.backend,
                                          custom_llm_provider=wire.provider, base_model=info.get("base_model"),
                                          custom_pricing=custom or None, router_model_id=info.get("id"), **extra))
 
