@@ -2964,8 +2964,8 @@ def _custom_pricing(params: Mapping[str, Any], info: Mapping[str, Any]) -> bool:
 
 
 def _flat_prices(model: str, provider: str) -> tuple[float, float] | None:
-    """The model's (input, output) prices per token in litellm's cost map when they are flat: None
-    when it has none, or prices that change above some prompt length. The entry is read on every call
+    """The model's (input, output) prices per token in litellm's cost map when they are flat
+    (:func:`_entry_flat_prices`): None when it has none, or other prices. The entry is read on every call
     (the proxy may update it); only where litellm finds it is remembered."""
     known = (model, provider)
     key = _COST_KEYS.get(known)
