@@ -132,3 +132,25 @@ def redis_sentinel(workdir):
     sentinels = RedisSentinelSet(workdir / "redis-sentinel").start()
     yield sentinels
     sentinels.stop()
+
+
+@pytest.fixture
+def no_http_proxy(monkeypatch):
+    """No HTTP proxy in the environment (the fast path leaves a call to litellm when one is set)."""
+    import relay_plugin
+
+    for name in relay_plugin._PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def cost_map(monkeypatch, no_http_proxy):
+    """A private copy of litellm's cost map (registrations do not leak) and an empty key memo."""
+    import litellm
+
+    import relay_plugin
+
+    monkeypatch.setattr(litellm, "model_cost", dict(litellm.model_cost))
+    relay_plugin._COST_KEYS.clear()
+    yield litellm.model_cost
+    relay_plugin._COST_KEYS.clear()

@@ -15,12 +15,6 @@ import relay_plugin
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def no_http_proxy(monkeypatch):
-    for name in relay_plugin._PROXY_ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
 def _wire(model: str, provider: str = "openai", **model_info) -> "relay_plugin._Wire":
     deployment = {"litellm_params": {"model": f"{provider}/{model}", "api_key": "sk-test"}, "model_info": model_info}
     return relay_plugin._wire_call(deployment, MESSAGES, {})

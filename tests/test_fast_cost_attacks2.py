@@ -9,43 +9,18 @@ import asyncio
 import json
 import uuid
 
-import httpx
 import litellm
 import pytest
-from litellm.types.utils import ModelResponse
 
 import relay_plugin
+from tests.test_fast_cost_attacks import _read
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def no_http_proxy(monkeypatch):
-    for name in relay_plugin._PROXY_ENV:
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def cost_map(monkeypatch, no_http_proxy):
-    """A private copy of litellm's cost map (registrations here do not leak) and empty key memo."""
-    monkeypatch.setattr(litellm, "model_cost", dict(litellm.model_cost))
-    relay_plugin._COST_KEYS.clear()
-    yield litellm.model_cost
-    relay_plugin._COST_KEYS.clear()
 
 
 def _wire(model: str, provider: str = "openai", stream: bool = False, **model_info) -> "relay_plugin._Wire":
     deployment = {"litellm_params": {"model": f"{provider}/{model}", "api_key": "sk-test"}, "model_info": model_info}
     return relay_plugin._wire_call(deployment, MESSAGES, {}, stream=stream)
-
-
-def _read(wire, body: dict):
-    """The provider's JSON answer as the fast path's _exchange reads it (without the network)."""
-    raw = httpx.Response(200, json=body, request=httpx.Request("POST", wire.url))
-    return wire.config.transform_response(
-        model=wire.backend, raw_response=raw, model_response=ModelResponse(), logging_obj=relay_plugin._NoLogging(),
-        request_data=wire.body, messages=MESSAGES, optional_params=wire.optional, litellm_params=wire.params,
-        encoding=None, api_key="sk-test", json_mode=False)
 
 
 def _openai(model: str, usage: dict | None = None, **top) -> dict:

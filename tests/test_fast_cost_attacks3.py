@@ -8,26 +8,15 @@ from the deployment's id, data_residency from the api_base host)."""
 
 import uuid
 
-import httpx
 import litellm
 import pytest
 from litellm.litellm_core_utils.litellm_logging import use_custom_pricing_for_model
 from litellm.llms.openai.data_residency import infer_openai_data_residency
-from litellm.types.utils import ModelResponse
 
 import relay_plugin
+from tests.test_fast_cost_attacks import _read
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def cost_map(monkeypatch):
-    for name in relay_plugin._PROXY_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(litellm, "model_cost", dict(litellm.model_cost))
-    relay_plugin._COST_KEYS.clear()
-    yield litellm.model_cost
-    relay_plugin._COST_KEYS.clear()
 
 
 def _routed(model: str, model_info: dict | None = None, **params):
@@ -39,14 +28,6 @@ def _routed(model: str, model_info: dict | None = None, **params):
     deployment = {"litellm_params": deployment.litellm_params.model_dump(exclude_none=True),
                   "model_info": deployment.model_info.model_dump(exclude_none=True)}
     return deployment, relay_plugin._wire_call(deployment, MESSAGES, {})
-
-
-def _read(wire, body: dict):
-    raw = httpx.Response(200, json=body, request=httpx.Request("POST", wire.url))
-    return wire.config.transform_response(
-        model=wire.backend, raw_response=raw, model_response=ModelResponse(), logging_obj=relay_plugin._NoLogging(),
-        request_data=wire.body, messages=MESSAGES, optional_params=wire.optional, litellm_params=wire.params,
-        encoding=None, api_key="sk-test", json_mode=False)
 
 
 def _openai(model: str, **top) -> dict:

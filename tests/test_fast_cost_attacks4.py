@@ -4,22 +4,11 @@
 deployments, and ``_litellms_stream_cost`` (stream_chunk_builder over the config iterator's chunks)
 for streams."""
 
-import litellm
 import pytest
 
 import relay_plugin
-from tests.test_fast_cost_attacks3 import _books, _openai, _read, _routed
-
-
-@pytest.fixture
-def cost_map(monkeypatch):
-    """A private copy of litellm's cost map (registrations here do not leak) and an empty key memo."""
-    for name in relay_plugin._PROXY_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(litellm, "model_cost", dict(litellm.model_cost))
-    relay_plugin._COST_KEYS.clear()
-    yield litellm.model_cost
-    relay_plugin._COST_KEYS.clear()
+from tests.test_fast_cost_attacks import _read
+from tests.test_fast_cost_attacks3 import _books, _openai, _routed
 
 
 def test_an_unpriced_base_model_falls_back_as_litellm_does(cost_map):
